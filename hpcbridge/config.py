@@ -1,0 +1,192 @@
+"""Settings, resolved once per process: defaults < config file < ``HPCBRIDGE_*`` environment < flags.
+
+The config file is TOML with one table per profile::
+
+    default_profile = "artemis"
+
+    [profiles.artemis]
+    xnat = "https://xnat.example.org"
+    user = "alice"
+    scheduler = "pbs"
+
+``HPCBRIDGE_HOME`` moves all state (credentials, caches, the ledger, the sandbox's archive), which
+is also how tests isolate themselves. The profile ``sandbox`` is built in: it talks to the sandbox
+XNAT started by ``hpcbridge sandbox start`` and runs jobs with the local scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+ENV_PREFIX = "HPCBRIDGE_"
+
+#: The keys a profile may set, with their defaults. Secrets are not among them: passwords and
+#: tokens come from the credential store or the environment, never from a shared config file.
+DEFAULTS: dict[str, Any] = {
+    "xnat": None,
+    "user": None,
+    "scheduler": "local",
+    "timeout": 60.0,
+    "verify_tls": True,
+}
+
+BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
+    "sandbox": {"xnat": "sandbox", "scheduler": "local"},
+}
+
+_CONVERTERS = {"timeout": float, "verify_tls": "bool"}
+
+
+def default_home(environ: Mapping[str, str] | None = None) -> Path:
+    """Where state lives unless ``HPCBRIDGE_HOME`` says otherwise."""
+    env = os.environ if environ is None else environ
+    if env.get("HPCBRIDGE_HOME"):
+        return Path(env["HPCBRIDGE_HOME"]).expanduser()
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "hpcbridge"
+
+
+def default_config_path() -> Path:
+    """The config file used when ``--config`` and ``HPCBRIDGE_CONFIG`` are not given."""
+    env = os.environ.get("HPCBRIDGE_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    if os.environ.get("HPCBRIDGE_HOME"):
+        return default_home() / "config.toml"
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "hpcbridge" / "config.toml"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The effective settings of one invocation, with where each value came from."""
+
+    home: Path
+    config_path: Path
+    profile: str
+    xnat: str | None = None
+    user: str | None = None
+    scheduler: str = "local"
+    timeout: float = 60.0
+    verify_tls: bool = True
+    verbose: int = 0
+    quiet: bool = False
+    json: bool = False
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def describe(self) -> list[tuple[str, Any, str]]:
+        """(key, value, source) for every profile key, for ``config show``."""
+        return [(k, getattr(self, k), self.sources.get(k, "default")) for k in DEFAULTS]
+
+
+def _convert(key: str, value: Any, origin: str) -> Any:
+    kind = _CONVERTERS.get(key)
+    if value is None or kind is None:
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{origin}: {key} must be true or false, not {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {key} must be a number, not {value!r}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse the TOML config file; a missing file is an empty config."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    profiles = data.get("profiles", {})
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise ConfigError(f"{path}: [profiles.NAME] must be tables")
+    for name, table in profiles.items():
+        unknown = sorted(set(table) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(
+                f"{path}: profile {name!r} has unknown key(s) {', '.join(unknown)}",
+                hint=f"known keys: {', '.join(DEFAULTS)}",
+            )
+    return data
+
+
+def _profile_table(data: dict[str, Any], name: str, path: Path, explicit: bool) -> dict[str, Any]:
+    profiles = data.get("profiles", {})
+    if name in profiles:
+        return dict(BUILTIN_PROFILES.get(name, {}), **profiles[name])
+    if name in BUILTIN_PROFILES:
+        return dict(BUILTIN_PROFILES[name])
+    if explicit:
+        known = sorted(set(profiles) | set(BUILTIN_PROFILES))
+        raise ConfigError(
+            f"no profile named {name!r} in {path}",
+            hint=f"known profiles: {', '.join(known)}" if known else "run `hpcbridge config init`",
+        )
+    return {}
+
+
+def load_settings(
+    *,
+    profile: str | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    verbose: int = 0,
+    quiet: bool = False,
+    json: bool = False,
+) -> Settings:
+    """Resolve settings once: defaults < config file < environment < flags (None flags ignored)."""
+    env = os.environ if environ is None else environ
+    path = Path(config_path).expanduser() if config_path else default_config_path()
+    data = read_config_file(path)
+    explicit = profile is not None or "HPCBRIDGE_PROFILE" in env
+    name = profile or env.get("HPCBRIDGE_PROFILE") or data.get("default_profile") or "default"
+    values: dict[str, Any] = dict(DEFAULTS)
+    sources: dict[str, str] = {}
+    for key, value in _profile_table(data, name, path, explicit).items():
+        values[key] = _convert(key, value, f"{path} [profiles.{name}]")
+        sources[key] = "builtin profile" if name in BUILTIN_PROFILES else f"file {path}"
+    for key in DEFAULTS:
+        var = ENV_PREFIX + key.upper()
+        if env.get(var):
+            values[key] = _convert(key, env[var], f"environment {var}")
+            sources[key] = f"environment {var}"
+    for key, value in (flags or {}).items():
+        if value is not None and key in DEFAULTS:
+            values[key] = _convert(key, value, f"option --{key}")
+            sources[key] = "flag"
+    known = {f.name for f in fields(Settings)}
+    return Settings(
+        home=default_home(env),
+        config_path=path,
+        profile=name,
+        verbose=verbose,
+        quiet=quiet,
+        json=json,
+        sources=sources,
+        **{k: v for k, v in values.items() if k in known},
+    )
+

@@ -1,0 +1,94 @@
+"""The one exception hierarchy of hpcbridge.
+
+Library code raises these; only ``hpcbridge.cli`` turns them into a one-line message and an exit
+code. Every error a user can cause says what went wrong and, where there is one, what to do next
+(``hint``). Messages never contain secrets: callers pass addresses and URLs without credentials.
+"""
+
+from __future__ import annotations
+
+#: Exit codes of the command-line contract (CLI.md).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+
+
+class HpcBridgeError(Exception):
+    """Base of every error hpcbridge raises on purpose."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(HpcBridgeError):
+    """A setting, profile or config file is missing or malformed."""
+
+    exit_code = EXIT_USAGE
+
+
+class CredentialError(HpcBridgeError):
+    """Credentials are missing, unreadable, or stored with unsafe permissions."""
+
+
+class AddressError(HpcBridgeError):
+    """An XNAT address such as ``PROJECT/SUBJECT/EXPERIMENT/SCAN`` cannot be parsed."""
+
+    exit_code = EXIT_USAGE
+
+
+class XnatError(HpcBridgeError):
+    """Anything that went wrong talking to an XNAT server."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        status: int | None = None,
+        url: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.url = url
+
+
+class XnatConnectionError(XnatError):
+    """The server could not be reached or the connection broke."""
+
+
+class XnatAuthError(XnatError):
+    """Authentication failed, or the session or token has expired (401, login page)."""
+
+
+class XnatPermissionError(XnatError):
+    """The user is authenticated but not allowed to do this (403)."""
+
+
+class XnatNotFoundError(XnatError):
+    """The addressed project, subject, experiment, scan, resource or file does not exist (404)."""
+
+
+class XnatConflictError(XnatError):
+    """The object already exists or a label is taken (409)."""
+
+
+class XnatServerError(XnatError):
+    """Any other unexpected answer; carries the status and an excerpt of the body."""
+
+
+class SandboxError(HpcBridgeError):
+    """The sandbox XNAT server could not be started, found or stopped."""
+
+
+class PartialFailure(HpcBridgeError):
+    """Some items of a batch succeeded and some failed; details are in the output."""
+
+    exit_code = EXIT_PARTIAL

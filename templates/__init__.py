@@ -1,0 +1,1 @@
+"""Built-in job templates and recipes, shipped inside the wheel as ``hpcbridge.templates``."""

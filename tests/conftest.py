@@ -1,0 +1,79 @@
+"""Shared fixtures: an isolated HPCBRIDGE_HOME for every test, and sandbox servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from hpcbridge.sandbox import AuthSettings, SandboxServer
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(name: str) -> str:
+    """The path of a system tool; skip when absent, but fail under CI=true (CI must have it)."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed"
+        if IN_CI:
+            pytest.fail(f"{message}, but CI=true requires it (.ci/run installs it)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own state folder and no credentials from the environment."""
+    home = tmp_path / "hpcbridge-home"
+    monkeypatch.setenv("HPCBRIDGE_HOME", str(home))
+    for var in list(os.environ):
+        if var.startswith("HPCBRIDGE_") and var != "HPCBRIDGE_HOME" or var in (
+                "XNAT_HOST", "XNAT_USER", "XNAT_PASS"):
+            monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def demo_sandbox() -> Iterator[SandboxServer]:
+    """A seeded sandbox shared by read-only tests. Do not modify its archive."""
+    with SandboxServer(seed="demo") as server:
+        yield server
+
+
+@pytest.fixture()
+def sandbox(tmp_path: Path) -> Iterator[SandboxServer]:
+    """A fresh seeded sandbox of this test's own, free to modify."""
+    with SandboxServer(tmp_path / "sandbox-data", seed="demo") as server:
+        yield server
+
+
+@pytest.fixture()
+def make_sandbox(tmp_path: Path) -> Iterator:
+    """Factory for sandboxes with custom auth settings or faults; all stopped at teardown."""
+    servers: list[SandboxServer] = []
+
+    def make(*, seed: str | None = "demo", auth: AuthSettings | None = None, **kwargs) -> SandboxServer:
+        data = tmp_path / f"sandbox-{len(servers)}"
+        server = SandboxServer(data, seed=seed, auth=auth, **kwargs).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture()
+def admin(demo_sandbox: SandboxServer) -> Iterator[requests.Session]:
+    """A requests session logged in to the shared sandbox with one JSESSIONID."""
+    with requests.Session() as http:
+        resp = http.post(demo_sandbox.url + "/data/JSESSION",
+                         auth=(demo_sandbox.user, demo_sandbox.password), timeout=10)
+        assert resp.status_code == 200
+        yield http
+        http.delete(demo_sandbox.url + "/data/JSESSION", timeout=10)
