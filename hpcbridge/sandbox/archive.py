@@ -21,7 +21,7 @@ from typing import IO, Any, Callable, Iterator
 
 from .auth import Authority
 from .http import HttpError, Reply, Request
-from .listing import render_table
+from .listing import CONTROL_PARAMS, render_table
 from .store import VALID_LABEL, PathRefused, Store, StoredFile, safe_relpath
 from .streams import BodyError, ZipEntry, iter_multipart, write_zip
 
@@ -195,6 +195,12 @@ class Archive:
             subj = self.store.create_subject(ctx.project["id"], ident, req.user or "", gender)
             return Reply(201, subj["id"].encode())
         if subj is None:
+            if req.method in ("PUT", "POST") and len(rest) == 2 and rest[0] == "experiments":
+                # SubjAssessmentResource.handlePut creates a missing subject (label from the
+                # URL) together with the experiment, once the experiment itself is valid.
+                ctx.via_subject = True
+                ctx.extra["new_subject"] = ident
+                return self._experiment_put_or_get(req, ctx, rest[1], [])
             raise not_found(f"Unable to identify subject {ident}")
         ctx.subject = subj
         return self._subject(req, ctx, rest)
@@ -306,6 +312,11 @@ class Archive:
         if not VALID_LABEL.match(label):
             raise HttpError(417, "Invalid character in experiment label.")
         subj = ctx.subject
+        if subj is None and "new_subject" in ctx.extra:
+            new_label = ctx.extra["new_subject"]
+            if not VALID_LABEL.match(new_label):
+                raise HttpError(417, "Invalid character in subject label.")
+            subj = self.store.create_subject(ctx.project["id"], new_label, req.user or "")
         if subj is None:
             sref = req.query.get("subject_ID") or _qs(req, xsi, "subject_ID")
             subj = self.store.subject(sref, ctx.project["id"]) if sref else None
@@ -420,7 +431,9 @@ class Archive:
                              "note": s["note"], "series_description": s["series_description"],
                              "frames": s["frames"],
                              "URI": f"/data/experiments/{expt['id']}/scans/{s['scan_id']}"})
-            return self._table(req, rows, SCAN_COLUMNS, total_meta=True)
+            # ScanList overwrites the query's WHERE clause with the session id, so XNAT ignores
+            # filters here; applying them would let clients pass here and fail on a real XNAT.
+            return self._table(req, rows, SCAN_COLUMNS, total_meta=True, filters=False)
         spec, tail = rest[0], rest[1:]
         if not tail and req.method in ("PUT", "POST"):
             return self._put_scan(req, expt, spec)
@@ -753,25 +766,35 @@ class Archive:
                  attrs: dict[str, str]) -> list[str]:
         """Unpack an uploaded archive into the resource root; returns the kept duplicates."""
         duplicates = []
-        for member, opener in _archive_members(archive, name):
-            try:
-                rel = safe_relpath(member)
-            except PathRefused:
-                raise HttpError(400, f"Archive entry {member!r} escapes the resource.") from None
-            with opener() as fh:
-                spooled = self.store.spool(fh)
-            if not self.store.add_file(rid, rel, spooled, overwrite=overwrite, **attrs):
-                duplicates.append(rel)
+        # Spool every entry before storing any, so a refused entry (``..``, a link, a broken
+        # archive) leaves the resource as it was instead of half-extracted.
+        spooled: list[tuple[str, tuple[Path, int, str]]] = []
+        try:
+            for member, opener in _archive_members(archive, name):
+                try:
+                    rel = safe_relpath(member)
+                except PathRefused:
+                    raise HttpError(400, f"Archive entry {member!r} escapes the resource.") from None
+                with opener() as fh:
+                    spooled.append((rel, self.store.spool(fh)))
+            for rel, entry in spooled:
+                if not self.store.add_file(rid, rel, entry, overwrite=overwrite, **attrs):
+                    duplicates.append(rel)
+        finally:
+            for _, (tmp, _, _) in spooled:
+                tmp.unlink(missing_ok=True)
         return duplicates
 
     # -- shared representations ----------------------------------------------------------
     def _table(self, req: Request, rows: list[dict[str, Any]], defaults: list[str], *,
                meta: dict[str, str] | None = None, columns_meta: list[dict[str, str]] | None = None,
                total_meta: bool = True, available: list[str] | None = None,
-               fixed: bool = False) -> Reply:
+               fixed: bool = False, filters: bool = True) -> Reply:
         if req.method not in ("GET", "HEAD"):
             raise HttpError(405, "Method Not Allowed")
         query = req.query
+        if not filters:
+            query = {k: v for k, v in query.items() if k in CONTROL_PARAMS}
         if fixed:
             # Resource and file listings build their own fixed columns (CatalogUtils) and
             # ignore columns=, unlike the query-organizer listings above them.

@@ -173,10 +173,18 @@ class Faults:
                 "drop_every": self.drop_every, "drop_after": self.drop_after}
 
     def update(self, values: Mapping[str, Any]) -> None:
+        """Set the given faults; all or nothing (a bad key or value changes none of them)."""
+        if not isinstance(values, Mapping):
+            raise TypeError("faults must be a JSON object")
+        parsed: dict[str, Any] = {}
         for key, value in values.items():
             if key not in ("latency", "fail_every", "drop_every", "drop_after"):
                 raise ValueError(f"unknown fault {key!r}")
-            setattr(self, key, float(value) if key == "latency" else int(value))
+            parsed[key] = float(value) if key == "latency" else int(value)
+            if not parsed[key] >= 0:  # a negative fail_every would fail every request for good
+                raise ValueError(f"{key} must not be negative")
+        for key, value in parsed.items():
+            setattr(self, key, value)
 
     def cut_point(self) -> int | None:
         """For a body about to flow: the byte count at which to drop it, or None."""

@@ -12,6 +12,8 @@ Project ``PTV000`` has three subjects (``Haofei01`` .. ``Haofei03``), one MR ses
 
 from __future__ import annotations
 
+from functools import cache
+
 from ..errors import SandboxError
 from .dicomgen import SeriesSpec, make_uid, series_files
 from .store import Store
@@ -45,15 +47,23 @@ def seed_archive(store: Store, name: str, *, user: str = "admin") -> bool:
                                   type=spec.series_description,
                                   series_description=spec.series_description,
                                   frames=str(spec.n_slices))
-            files = series_files(spec, patient_id=subject["label"], patient_name=subject["label"],
-                                 study_uid=study_uid, study_date=f"2024010{n + 1}", seed="demo")
-            _add_resource(store, str(scan["pk"]), files)
+            files = _demo_series(spec, subject["label"], study_uid, f"2024010{n + 1}")
+            _add_resource(store, str(scan["pk"]), list(files))
         sid, kind = REPORT_SCAN
         scan = store.put_scan(session["id"], sid, "xnat:mrScanData", type=kind,
                               series_description=kind, quality="unusable")
         report = f"Phoenix protocol report for {label} (not an image)\n".encode()
         _add_resource(store, str(scan["pk"]), [("phoenix_report.txt", report)])
     return True
+
+
+@cache
+def _demo_series(spec: SeriesSpec, patient: str, study_uid: str,
+                 study_date: str) -> tuple[tuple[str, bytes], ...]:
+    """The seed's series, generated once per process: series_files is a pure function and
+    writing the DICOM dominates the cost of every fresh seeded sandbox a test suite starts."""
+    return tuple(series_files(spec, patient_id=patient, patient_name=patient,
+                              study_uid=study_uid, study_date=study_date, seed="demo"))
 
 
 def _add_resource(store: Store, scan_pk: str, files: list[tuple[str, bytes]]) -> None:

@@ -379,7 +379,9 @@ class _Handler(BaseHTTPRequestHandler):
             reply = app.route(req)
         except HttpError as err:
             render = tomcat_page if err.page == "tomcat" else restlet_page
-            reply = Reply(err.status, render(err.status, err.reason), "text/html", err.headers)
+            # The pages are UTF-8 (Tomcat's has an en dash); say so, as Tomcat does.
+            reply = Reply(err.status, render(err.status, err.reason), "text/html;charset=utf-8",
+                          err.headers)
         except ConnectionAbortedError:
             self.close_connection = True
             self._abort()

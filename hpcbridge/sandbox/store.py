@@ -111,6 +111,11 @@ class Store:
             str(self.data_dir / "sandbox.db"), check_same_thread=False, isolation_level=None
         )
         self._db.row_factory = sqlite3.Row
+        # One fsync per committed file made seeding and uploads disk-bound; WAL with
+        # synchronous=NORMAL still survives a killed process (only an OS crash may lose the
+        # last commits), which is all a test server needs.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
