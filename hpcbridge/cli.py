@@ -12,8 +12,9 @@ import logging
 import signal
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import click
 
@@ -53,8 +54,11 @@ def settings_of(ctx: click.Context) -> Settings:
     if "settings" not in root.meta:
         p = root.params
         root.meta["settings"] = load_settings(
-            profile=p.get("profile"), config_path=p.get("config"), verbose=p.get("verbose") or 0,
-            quiet=bool(p.get("quiet")), json=bool(p.get("json_output")),
+            profile=p.get("profile"),
+            config_path=p.get("config"),
+            verbose=p.get("verbose") or 0,
+            quiet=bool(p.get("quiet")),
+            json=bool(p.get("json_output")),
         )
     return root.meta["settings"]  # type: ignore[no-any-return]
 
@@ -69,9 +73,9 @@ def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]
         return
     cells = [[str(row.get(key, "")) for key, _ in columns] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
-    click.echo("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths)).rstrip())
+    click.echo("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True)).rstrip())
     for line in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -91,15 +95,24 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 @click.group(cls=BridgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--profile", metavar="NAME", help="Profile from the config file (built in: sandbox).")
-@click.option("--config", type=click.Path(dir_okay=False), metavar="PATH",
-              help="Config file [default: ~/.config/hpcbridge/config.toml].")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="Config file [default: ~/.config/hpcbridge/config.toml].",
+)
 @click.option("-v", "--verbose", count=True, help="More detail on stderr; -v shows tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
-@click.option("--json", "json_output", is_flag=True,
-              help="Machine-readable output on stdout (progress and logs stay on stderr).")
+@click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    help="Machine-readable output on stdout (progress and logs stay on stderr).",
+)
 @click.version_option(__version__, prog_name="hpcbridge")
-def main(profile: str | None, config: str | None, verbose: int, quiet: bool,
-         json_output: bool) -> None:
+def main(
+    profile: str | None, config: str | None, verbose: int, quiet: bool, json_output: bool
+) -> None:
     """Move imaging data between XNAT and an HPC scheduler, and run jobs in between.
 
     \b
@@ -115,8 +128,14 @@ LS_COLUMNS = {
     "projects": [("ID", "ID"), ("name", "NAME"), ("description", "DESCRIPTION")],
     "subjects": [("label", "LABEL"), ("ID", "ID")],
     "experiments": [("label", "LABEL"), ("ID", "ID"), ("date", "DATE"), ("xsiType", "TYPE")],
-    "scans": [("ID", "SCAN"), ("type", "TYPE"), ("series_description", "SERIES DESCRIPTION"),
-              ("quality", "QUALITY"), ("file_count", "FILES"), ("file_size", "BYTES")],
+    "scans": [
+        ("ID", "SCAN"),
+        ("type", "TYPE"),
+        ("series_description", "SERIES DESCRIPTION"),
+        ("quality", "QUALITY"),
+        ("file_count", "FILES"),
+        ("file_size", "BYTES"),
+    ],
 }
 
 
@@ -149,8 +168,10 @@ def ls_command(ctx: click.Context, address: str) -> None:
         return
     if listing.kind == "resources":
         for res in listing.rows:
-            click.echo(f"{res['label']}  format={res.get('format', '')}  "
-                       f"{res.get('file_count', 0)} files  {res.get('file_size', 0)} bytes")
+            click.echo(
+                f"{res['label']}  format={res.get('format', '')}  "
+                f"{res.get('file_count', 0)} files  {res.get('file_size', 0)} bytes"
+            )
             for f in res["files"]:
                 click.echo(f"  {f['Name']}  {f['Size']}  {f.get('digest', '')}".rstrip())
         return
@@ -171,38 +192,107 @@ def sandbox_group() -> None:
 
 @sandbox_group.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535),
-              help="Port to bind; 0 picks a free one.")
-@click.option("--data", type=click.Path(file_okay=False), metavar="DIR",
-              help="Archive folder, kept across restarts [default: a temporary folder].")
+@click.option(
+    "--port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to bind; 0 picks a free one.",
+)
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Archive folder, kept across restarts [default: a temporary folder].",
+)
 @click.option("--seed", type=click.Choice(["demo"]), help="Fill the archive with a seed project.")
 @click.option("--admin-user", default="admin", show_default=True)
-@click.option("--admin-password", default="admin", show_default=True,
-              help="Password of the sandbox admin (a throwaway test credential).")
-@click.option("--ready-file", type=click.Path(dir_okay=False), metavar="PATH",
-              help="Write JSON {url, user, password, pid} here (0600) once accepting connections.")
-@click.option("--max-sessions", default=1000, show_default=True, type=click.IntRange(1),
-              help="Live sessions a user may hold; further logins get 401.")
-@click.option("--session-timeout", default=900.0, show_default=True, type=click.FloatRange(0.1),
-              help="Seconds an idle session lives.")
-@click.option("--token-lifetime", default=172800.0, show_default=True,
-              type=click.FloatRange(0.1), help="Seconds an alias token lives.")
-@click.option("--max-failed-logins", default=20, show_default=True, type=click.IntRange(1),
-              help="Failed logins in a row that lock an account.")
-@click.option("--lockout", default=3600.0, show_default=True, type=click.FloatRange(0),
-              help="Seconds an account stays locked.")
-@click.option("--latency", default=0.0, type=click.FloatRange(0), help="Fault: seconds added to every answer.")
-@click.option("--fail-every", default=0, type=click.IntRange(0), help="Fault: every Nth request answers 503.")
-@click.option("--drop-every", default=0, type=click.IntRange(0),
-              help="Fault: every Nth body transfer is cut (see --drop-after).")
-@click.option("--drop-after", default=65536, show_default=True, type=click.IntRange(0),
-              help="Fault: bytes that pass before a cut.")
+@click.option(
+    "--admin-password",
+    default="admin",
+    show_default=True,
+    help="Password of the sandbox admin (a throwaway test credential).",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="Write JSON {url, user, password, pid} here (0600) once accepting connections.",
+)
+@click.option(
+    "--max-sessions",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Live sessions a user may hold; further logins get 401.",
+)
+@click.option(
+    "--session-timeout",
+    default=900.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds an idle session lives.",
+)
+@click.option(
+    "--token-lifetime",
+    default=172800.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds an alias token lives.",
+)
+@click.option(
+    "--max-failed-logins",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Failed logins in a row that lock an account.",
+)
+@click.option(
+    "--lockout",
+    default=3600.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds an account stays locked.",
+)
+@click.option(
+    "--latency", default=0.0, type=click.FloatRange(0), help="Fault: seconds added to every answer."
+)
+@click.option(
+    "--fail-every", default=0, type=click.IntRange(0), help="Fault: every Nth request answers 503."
+)
+@click.option(
+    "--drop-every",
+    default=0,
+    type=click.IntRange(0),
+    help="Fault: every Nth body transfer is cut (see --drop-after).",
+)
+@click.option(
+    "--drop-after",
+    default=65536,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Fault: bytes that pass before a cut.",
+)
 @click.pass_context
-def sandbox_serve(ctx: click.Context, host: str, port: int, data: str | None, seed: str | None,
-                  admin_user: str, admin_password: str, ready_file: str | None,
-                  max_sessions: int, session_timeout: float, token_lifetime: float,
-                  max_failed_logins: int, lockout: float, latency: float, fail_every: int,
-                  drop_every: int, drop_after: int) -> None:
+def sandbox_serve(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    data: str | None,
+    seed: str | None,
+    admin_user: str,
+    admin_password: str,
+    ready_file: str | None,
+    max_sessions: int,
+    session_timeout: float,
+    token_lifetime: float,
+    max_failed_logins: int,
+    lockout: float,
+    latency: float,
+    fail_every: int,
+    drop_every: int,
+    drop_after: int,
+) -> None:
     """Serve the sandbox XNAT in the foreground until Ctrl-C or SIGTERM.
 
     \b
@@ -212,14 +302,27 @@ def sandbox_serve(ctx: click.Context, host: str, port: int, data: str | None, se
     """
     from .sandbox import AuthSettings, Faults, SandboxServer
 
-    auth = AuthSettings(max_sessions=max_sessions, session_timeout=session_timeout,
-                        token_lifetime=token_lifetime, max_failed_logins=max_failed_logins,
-                        lockout_seconds=lockout)
-    faults = Faults(latency=latency, fail_every=fail_every, drop_every=drop_every,
-                    drop_after=drop_after)
+    auth = AuthSettings(
+        max_sessions=max_sessions,
+        session_timeout=session_timeout,
+        token_lifetime=token_lifetime,
+        max_failed_logins=max_failed_logins,
+        lockout_seconds=lockout,
+    )
+    faults = Faults(
+        latency=latency, fail_every=fail_every, drop_every=drop_every, drop_after=drop_after
+    )
     try:
-        server = SandboxServer(data, host=host, port=port, seed=seed, admin_user=admin_user,
-                               admin_password=admin_password, auth=auth, faults=faults)
+        server = SandboxServer(
+            data,
+            host=host,
+            port=port,
+            seed=seed,
+            admin_user=admin_user,
+            admin_password=admin_password,
+            auth=auth,
+            faults=faults,
+        )
     except OSError as exc:
         raise SandboxError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -232,8 +335,11 @@ def sandbox_serve(ctx: click.Context, host: str, port: int, data: str | None, se
     try:
         if ready_file:
             server.write_ready_file(ready_file)
-        click.echo(f"sandbox XNAT at {server.url}  (user {server.user}, password "
-                   f"{server.password}; data in {server.data_dir})", err=settings_of(ctx).json)
+        click.echo(
+            f"sandbox XNAT at {server.url}  (user {server.user}, password "
+            f"{server.password}; data in {server.data_dir})",
+            err=settings_of(ctx).json,
+        )
         if settings_of(ctx).json:
             emit_json(server.ready_info())
         sys.stdout.flush()
@@ -247,8 +353,13 @@ def sandbox_serve(ctx: click.Context, host: str, port: int, data: str | None, se
 
 
 @sandbox_group.command("start")
-@click.option("--seed", type=click.Choice(["demo", "none"]), default="demo", show_default=True,
-              help="Seed a new archive ('none' starts it empty).")
+@click.option(
+    "--seed",
+    type=click.Choice(["demo", "none"]),
+    default="demo",
+    show_default=True,
+    help="Seed a new archive ('none' starts it empty).",
+)
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535))
 @click.pass_context
 def sandbox_start(ctx: click.Context, seed: str, port: int) -> None:
@@ -263,15 +374,18 @@ def sandbox_start(ctx: click.Context, seed: str, port: int) -> None:
     from .sandbox.control import SandboxPaths, start
 
     settings = settings_of(ctx)
-    info, started = start(SandboxPaths.under(settings.home), seed=None if seed == "none" else seed,
-                          port=port)
-    public = {k: info[k] for k in ("url", "user", "pid", "data") if k in info}
+    info, started = start(
+        SandboxPaths.under(settings.home), seed=None if seed == "none" else seed, port=port
+    )
+    public: dict[str, Any] = {k: info[k] for k in ("url", "user", "pid", "data") if k in info}
     if settings.json:
         emit_json(dict(public, started=started))
         return
     verb = "started" if started else "already running"
-    click.echo(f"sandbox XNAT {verb} at {info['url']} (pid {info['pid']}); "
-               f"use it with: hpcbridge --profile sandbox ls")
+    click.echo(
+        f"sandbox XNAT {verb} at {info['url']} (pid {info['pid']}); "
+        f"use it with: hpcbridge --profile sandbox ls"
+    )
 
 
 @sandbox_group.command("stop")
@@ -293,8 +407,12 @@ def sandbox_status(ctx: click.Context) -> None:
     settings = settings_of(ctx)
     info = running(SandboxPaths.under(settings.home))
     if settings.json:
-        emit_json({"running": info is not None,
-                   **({k: info[k] for k in ("url", "pid", "data")} if info else {})})
+        emit_json(
+            {
+                "running": info is not None,
+                **({k: info[k] for k in ("url", "pid", "data")} if info else {}),
+            }
+        )
         return
     if info is None:
         click.echo("sandbox not running (start it with `hpcbridge sandbox start`)")

@@ -1,4 +1,6 @@
-"""Settings, resolved once per process: defaults < config file < ``HPCBRIDGE_*`` environment < flags.
+"""Settings, resolved once per process.
+
+Precedence: defaults < config file < ``HPCBRIDGE_*`` environment < flags.
 
 The config file is TOML with one table per profile::
 
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,8 +47,6 @@ DEFAULTS: dict[str, Any] = {
 BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     "sandbox": {"xnat": "sandbox", "scheduler": "local"},
 }
-
-_CONVERTERS = {"timeout": float, "verify_tls": "bool"}
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:
@@ -90,23 +91,32 @@ class Settings:
         return [(k, getattr(self, k), self.sources.get(k, "default")) for k in DEFAULTS]
 
 
-def _convert(key: str, value: Any, origin: str) -> Any:
-    kind = _CONVERTERS.get(key)
-    if value is None or kind is None:
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
         return value
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in {"1", "true", "yes", "on"}:
-            return True
-        if text in {"0", "false", "no", "off"}:
-            return False
-        raise ConfigError(f"{origin}: {key} must be true or false, not {value!r}")
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(value)
+
+
+# Each converter raises ValueError or TypeError on bad input; the message says what was wanted.
+_CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "timeout": (float, "a number"),
+    "verify_tls": (_to_bool, "true or false"),
+}
+
+
+def _convert(key: str, value: Any, origin: str) -> Any:
+    if value is None or key not in _CONVERTERS:
+        return value
+    convert, wanted = _CONVERTERS[key]
     try:
-        return kind(value)
+        return convert(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{origin}: {key} must be a number, not {value!r}") from None
+        raise ConfigError(f"{origin}: {key} must be {wanted}, not {value!r}") from None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -189,4 +199,3 @@ def load_settings(
         sources=sources,
         **{k: v for k, v in values.items() if k in known},
     )
-

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
@@ -32,8 +32,11 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "hpcbridge-home"
     monkeypatch.setenv("HPCBRIDGE_HOME", str(home))
     for var in list(os.environ):
-        if var.startswith("HPCBRIDGE_") and var != "HPCBRIDGE_HOME" or var in (
-                "XNAT_HOST", "XNAT_USER", "XNAT_PASS"):
+        if (
+            var.startswith("HPCBRIDGE_")
+            and var != "HPCBRIDGE_HOME"
+            or var in ("XNAT_HOST", "XNAT_USER", "XNAT_PASS")
+        ):
             monkeypatch.delenv(var, raising=False)
     return home
 
@@ -57,7 +60,9 @@ def make_sandbox(tmp_path: Path) -> Iterator:
     """Factory for sandboxes with custom auth settings or faults; all stopped at teardown."""
     servers: list[SandboxServer] = []
 
-    def make(*, seed: str | None = "demo", auth: AuthSettings | None = None, **kwargs) -> SandboxServer:
+    def make(
+        *, seed: str | None = "demo", auth: AuthSettings | None = None, **kwargs
+    ) -> SandboxServer:
         data = tmp_path / f"sandbox-{len(servers)}"
         server = SandboxServer(data, seed=seed, auth=auth, **kwargs).start()
         servers.append(server)
@@ -72,8 +77,11 @@ def make_sandbox(tmp_path: Path) -> Iterator:
 def admin(demo_sandbox: SandboxServer) -> Iterator[requests.Session]:
     """A requests session logged in to the shared sandbox with one JSESSIONID."""
     with requests.Session() as http:
-        resp = http.post(demo_sandbox.url + "/data/JSESSION",
-                         auth=(demo_sandbox.user, demo_sandbox.password), timeout=10)
+        resp = http.post(
+            demo_sandbox.url + "/data/JSESSION",
+            auth=(demo_sandbox.user, demo_sandbox.password),
+            timeout=10,
+        )
         assert resp.status_code == 200
         yield http
         http.delete(demo_sandbox.url + "/data/JSESSION", timeout=10)

@@ -14,10 +14,11 @@ import re
 import tarfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 from .auth import Authority
 from .http import HttpError, Reply, Request
@@ -27,22 +28,68 @@ from .streams import BodyError, ZipEntry, iter_multipart, write_zip
 
 # RequestUtil.supported_upload_types: raw bodies XNAT accepts without inbody=true.
 RAW_UPLOAD_TYPES = (
-    "application/octet-stream", "application/zip", "application/x-zip-compressed",
-    "application/x-tar", "application/x-gzip", "application/gzip", "application/dicom",
-    "text/plain", "text/xml", "application/xml", "application/pdf", "image/",
+    "application/octet-stream",
+    "application/zip",
+    "application/x-zip-compressed",
+    "application/x-tar",
+    "application/x-gzip",
+    "application/gzip",
+    "application/dicom",
+    "text/plain",
+    "text/xml",
+    "application/xml",
+    "application/pdf",
+    "image/",
 )
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 CONTENT_TYPES = {
-    ".txt": "text/plain", ".xml": "text/xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-    ".png": "image/png", ".gif": "image/gif", ".pdf": "application/pdf", ".html": "text/html",
-    ".svg": "image/svg+xml", ".tif": "image/tiff", ".tiff": "image/tiff", ".bmp": "image/bmp",
+    ".txt": "text/plain",
+    ".xml": "text/xml",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".gif": "image/gif",
+    ".pdf": "application/pdf",
+    ".html": "text/html",
+    ".svg": "image/svg+xml",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".bmp": "image/bmp",
 }
-SCAN_COLUMNS = ["xnat_imagescandata_id", "ID", "type", "quality", "xsiType", "note",
-                "series_description", "URI"]
-RESOURCE_COLUMNS = ["xnat_abstractresource_id", "label", "element_name", "category", "cat_id",
-                    "cat_desc", "file_count", "file_size", "tags", "content", "format"]
-FILE_COLUMNS = ["Name", "Size", "URI", "collection", "file_tags", "file_format", "file_content",
-                "cat_ID", "digest"]
+SCAN_COLUMNS = [
+    "xnat_imagescandata_id",
+    "ID",
+    "type",
+    "quality",
+    "xsiType",
+    "note",
+    "series_description",
+    "URI",
+]
+RESOURCE_COLUMNS = [
+    "xnat_abstractresource_id",
+    "label",
+    "element_name",
+    "category",
+    "cat_id",
+    "cat_desc",
+    "file_count",
+    "file_size",
+    "tags",
+    "content",
+    "format",
+]
+FILE_COLUMNS = [
+    "Name",
+    "Size",
+    "URI",
+    "collection",
+    "file_tags",
+    "file_format",
+    "file_content",
+    "cat_ID",
+    "digest",
+]
 EXPT_COLUMNS = ["ID", "project", "date", "xsiType", "label", "insert_date", "URI"]
 SCAN_XPATHS = ("xnat:imagescandata/", "xnat:imagesessiondata/scans/scan/")
 
@@ -76,8 +123,9 @@ def not_found(reason: str) -> HttpError:
 
 
 class Archive:
-    def __init__(self, store: Store, authority: Authority,
-                 cut_point: Callable[[], int | None]) -> None:
+    def __init__(
+        self, store: Store, authority: Authority, cut_point: Callable[[], int | None]
+    ) -> None:
         self.store = store
         self.auth = authority
         self.cut_point = cut_point
@@ -105,9 +153,12 @@ class Archive:
         raise not_found("The server has not found anything matching the request URI")
 
     def _ctx_for(self, expt: dict[str, Any], via_subject: bool) -> Ctx:
-        return Ctx(project=self.store.project(expt["project"]),
-                   subject=self.store.subject(expt["subject_id"]),
-                   experiment=expt, via_subject=via_subject)
+        return Ctx(
+            project=self.store.project(expt["project"]),
+            subject=self.store.subject(expt["subject_id"]),
+            experiment=expt,
+            via_subject=via_subject,
+        )
 
     # -- projects ------------------------------------------------------------------------
     def _projects(self, req: Request, segs: list[str]) -> Reply:
@@ -115,8 +166,11 @@ class Archive:
             if req.method != "GET":
                 raise HttpError(405, "Method Not Allowed")
             rows = [self._project_row(p) for p in self.store.projects()]
-            return self._table(req, rows, ["ID", "secondary_ID", "name", "description",
-                                          "pi_firstname", "pi_lastname", "URI"])
+            return self._table(
+                req,
+                rows,
+                ["ID", "secondary_ID", "name", "description", "pi_firstname", "pi_lastname", "URI"],
+            )
         pid = segs[0]
         proj = self.store.project(pid)
         rest = segs[1:]
@@ -134,15 +188,27 @@ class Archive:
             if len(rest) == 1:
                 return self._experiment_list(req, ctx)
             return self._experiment_put_or_get(req, ctx, rest[1], rest[2:])
-        owner = Owner("project", proj["id"], f"/data/projects/{proj['id']}",
-                      proj["id"], archive_name=proj["id"])
+        owner = Owner(
+            "project",
+            proj["id"],
+            f"/data/projects/{proj['id']}",
+            proj["id"],
+            archive_name=proj["id"],
+        )
         return self._owner_tail(req, owner, rest)
 
     def _project_row(self, p: dict[str, Any]) -> dict[str, Any]:
-        return {"ID": p["id"], "secondary_ID": p["secondary_id"], "name": p["name"],
-                "description": p["description"], "pi_firstname": p["pi_firstname"],
-                "pi_lastname": p["pi_lastname"], "URI": f"/data/projects/{p['id']}",
-                "insert_date": p["insert_date"], "insert_user": p["insert_user"]}
+        return {
+            "ID": p["id"],
+            "secondary_ID": p["secondary_id"],
+            "name": p["name"],
+            "description": p["description"],
+            "pi_firstname": p["pi_firstname"],
+            "pi_lastname": p["pi_lastname"],
+            "URI": f"/data/projects/{p['id']}",
+            "insert_date": p["insert_date"],
+            "insert_user": p["insert_user"],
+        }
 
     def _project_item(self, req: Request, pid: str, proj: dict[str, Any] | None) -> Reply:
         if req.method == "PUT" or req.method == "POST":
@@ -152,22 +218,27 @@ class Archive:
         if req.method == "DELETE":
             self.store.delete_owner("project", proj["id"])
             return Reply()
-        fields = {"ID": proj["id"], "secondary_ID": proj["secondary_id"], "name": proj["name"],
-                  "description": proj["description"]}
+        fields = {
+            "ID": proj["id"],
+            "secondary_ID": proj["secondary_id"],
+            "name": proj["name"],
+            "description": proj["description"],
+        }
         return self._item(req, "xnat:projectData", fields, [])
 
     def _put_project(self, req: Request, pid: str, proj: dict[str, Any] | None) -> Reply:
         if not self._is_admin(req):
-            raise HttpError(403, "Specified user account has insufficient create privileges for projects.")
+            raise HttpError(
+                403, "Specified user account has insufficient create privileges for projects."
+            )
         if not VALID_LABEL.match(pid):
             raise HttpError(417, "Invalid character in project ID.")
         if proj is None:
-            fields = {k: _qs(req, "xnat:projectData", k) for k in
-                      ("name", "secondary_ID", "description", "pi_firstname", "pi_lastname")}
-            fields = {k.lower() if k != "secondary_ID" else "secondary_id": v
-                      for k, v in fields.items() if v is not None}
-            fields.setdefault("name", pid)
-            fields.setdefault("secondary_id", pid)
+            fields = {"name": pid, "secondary_id": pid}
+            for name in ("name", "secondary_ID", "description", "pi_firstname", "pi_lastname"):
+                value = _qs(req, "xnat:projectData", name)
+                if value is not None:
+                    fields[name.lower()] = value
             self.store.create_project(pid, req.user or "", **fields)
         return Reply()
 
@@ -176,12 +247,20 @@ class Archive:
         if req.method != "GET":
             raise HttpError(405, "Method Not Allowed")
         rows = [
-            {"ID": s["id"], "project": s["project"], "label": s["label"],
-             "insert_date": s["insert_date"], "insert_user": s["insert_user"],
-             "URI": f"/data/subjects/{s['id']}", "gender": s["gender"]}
+            {
+                "ID": s["id"],
+                "project": s["project"],
+                "label": s["label"],
+                "insert_date": s["insert_date"],
+                "insert_user": s["insert_user"],
+                "URI": f"/data/subjects/{s['id']}",
+                "gender": s["gender"],
+            }
             for s in self.store.subjects(proj["id"] if proj else None)
         ]
-        return self._table(req, rows, ["ID", "project", "label", "insert_date", "insert_user", "URI"])
+        return self._table(
+            req, rows, ["ID", "project", "label", "insert_date", "insert_user", "URI"]
+        )
 
     def _subject_put_or_get(self, req: Request, ctx: Ctx, ident: str, rest: list[str]) -> Reply:
         assert ctx.project is not None
@@ -221,27 +300,43 @@ class Archive:
             if len(rest) == 1:
                 return self._experiment_list(req, ctx)
             return self._experiment_put_or_get(req, ctx, rest[1], rest[2:])
-        owner = Owner("subject", subj["id"], f"/data/projects/{proj['id']}/subjects/{subj['id']}",
-                      subj["label"], archive_name=subj["label"])
+        owner = Owner(
+            "subject",
+            subj["id"],
+            f"/data/projects/{proj['id']}/subjects/{subj['id']}",
+            subj["label"],
+            archive_name=subj["label"],
+        )
         return self._owner_tail(req, owner, rest)
 
     # -- experiments ---------------------------------------------------------------------
-    def _experiment_rows(self, ctx: Ctx, all_experiments: bool, req: Request) -> list[dict[str, Any]]:
+    def _experiment_rows(
+        self, ctx: Ctx, all_experiments: bool, req: Request
+    ) -> list[dict[str, Any]]:
         project = ctx.project["id"] if ctx.project else None
         subject = ctx.subject["id"] if ctx.subject else None
         if all_experiments and req.query.get("project"):
             project = None  # the project= filter below narrows the rows
         rows = []
         for e in self.store.experiments(project, subject):
-            rows.append({
-                "ID": e["id"], "project": e["project"], "date": e["date"],
-                "xsiType": e["xsi_type"], "label": e["label"], "insert_date": e["insert_date"],
-                "URI": f"/data/experiments/{e['id']}", "xnat:subjectassessordata/id": e["id"],
-                "subject_ID": e["subject_id"], "subject_label": e["subject_label"],
-                "xnat:imagesessiondata/subject_id": e["subject_id"],
-                "xnat:imagesessiondata/label": e["label"], "xnat:imagesessiondata/id": e["id"],
-                "insert_user": e["insert_user"],
-            })
+            rows.append(
+                {
+                    "ID": e["id"],
+                    "project": e["project"],
+                    "date": e["date"],
+                    "xsiType": e["xsi_type"],
+                    "label": e["label"],
+                    "insert_date": e["insert_date"],
+                    "URI": f"/data/experiments/{e['id']}",
+                    "xnat:subjectassessordata/id": e["id"],
+                    "subject_ID": e["subject_id"],
+                    "subject_label": e["subject_label"],
+                    "xnat:imagesessiondata/subject_id": e["subject_id"],
+                    "xnat:imagesessiondata/label": e["label"],
+                    "xnat:imagesessiondata/id": e["id"],
+                    "insert_user": e["insert_user"],
+                }
+            )
         wanted = req.query.get("xsiType")
         if wanted:
             rows = [r for r in rows if _type_matches(r["xsiType"], wanted)]
@@ -263,7 +358,9 @@ class Archive:
             defaults.append("xnat:subjectassessordata/id")
         return self._table(req, rows, defaults, meta=meta)
 
-    def _expand_scans(self, rows: list[dict[str, Any]], with_resources: bool) -> list[dict[str, Any]]:
+    def _expand_scans(
+        self, rows: list[dict[str, Any]], with_resources: bool
+    ) -> list[dict[str, Any]]:
         """One row per session and scan (and resource), as XNAT's join on scan xpaths gives."""
         out = []
         for row in rows:
@@ -282,8 +379,9 @@ class Archive:
 
     def _experiment_put_or_get(self, req: Request, ctx: Ctx, ident: str, rest: list[str]) -> Reply:
         assert ctx.project is not None
-        expt = self.store.experiment(ident, ctx.project["id"],
-                                     ctx.subject["id"] if ctx.subject else None)
+        expt = self.store.experiment(
+            ident, ctx.project["id"], ctx.subject["id"] if ctx.subject else None
+        )
         if not rest and req.method in ("PUT", "POST"):
             return self._put_experiment(req, ctx, ident, expt)
         if expt is None:
@@ -297,7 +395,9 @@ class Archive:
                 rest = []
         return self._experiment(req, ctx, rest)
 
-    def _put_experiment(self, req: Request, ctx: Ctx, label: str, expt: dict[str, Any] | None) -> Reply:
+    def _put_experiment(
+        self, req: Request, ctx: Ctx, label: str, expt: dict[str, Any] | None
+    ) -> Reply:
         assert ctx.project is not None
         xsi = req.query.get("xsiType", "")
         date = _qs(req, xsi, "date")
@@ -322,8 +422,9 @@ class Archive:
             subj = self.store.subject(sref, ctx.project["id"]) if sref else None
             if subj is None:
                 raise HttpError(400, "Unable to identify the subject for this experiment.")
-        expt = self.store.create_experiment(ctx.project["id"], subj["id"], label, xsi,
-                                            req.user or "", date or "")
+        expt = self.store.create_experiment(
+            ctx.project["id"], subj["id"], label, xsi, req.user or "", date or ""
+        )
         return Reply(201, expt["id"].encode())
 
     def _experiment(self, req: Request, ctx: Ctx, rest: list[str]) -> Reply:
@@ -349,30 +450,48 @@ class Archive:
         expt = ctx.experiment
         assert expt is not None
         if ctx.via_subject and ctx.project and ctx.subject:
-            return (f"/data/projects/{ctx.project['id']}/subjects/{ctx.subject['id']}"
-                    f"/experiments/{expt['id']}")
+            return (
+                f"/data/projects/{ctx.project['id']}/subjects/{ctx.subject['id']}"
+                f"/experiments/{expt['id']}"
+            )
         return f"/data/experiments/{expt['id']}"
 
     def _experiment_owner(self, ctx: Ctx) -> Owner:
         expt = ctx.experiment
         assert expt is not None
-        return Owner("experiment", expt["id"], self._exp_base(ctx), expt["label"],
-                     cat_id=expt["id"], archive_name=expt["label"])
+        return Owner(
+            "experiment",
+            expt["id"],
+            self._exp_base(ctx),
+            expt["label"],
+            cat_id=expt["id"],
+            archive_name=expt["label"],
+        )
 
     def _experiment_item(self, req: Request, expt: dict[str, Any]) -> Reply:
-        fields = {"ID": expt["id"], "label": expt["label"], "project": expt["project"],
-                  "subject_ID": expt["subject_id"], "date": expt["date"],
-                  "modality": _modality(expt["xsi_type"])}
+        fields = {
+            "ID": expt["id"],
+            "label": expt["label"],
+            "project": expt["project"],
+            "subject_ID": expt["subject_id"],
+            "date": expt["date"],
+            "modality": _modality(expt["xsi_type"]),
+        }
         scans = [self._scan_child(expt, s) for s in self.store.scans(expt["id"])]
         children = [{"field": "scans/scan", "items": scans}] if scans else []
         return self._item(req, expt["xsi_type"], fields, children)
 
     # -- scans ---------------------------------------------------------------------------
     def _scan_fields(self, expt: dict[str, Any], scan: dict[str, Any]) -> dict[str, Any]:
-        fields: dict[str, Any] = {"ID": scan["scan_id"], "type": scan["type"],
-                                  "series_description": scan["series_description"],
-                                  "quality": scan["quality"], "image_session_ID": expt["id"],
-                                  "xnat_imagescandata_id": scan["pk"], "project": expt["project"]}
+        fields: dict[str, Any] = {
+            "ID": scan["scan_id"],
+            "type": scan["type"],
+            "series_description": scan["series_description"],
+            "quality": scan["quality"],
+            "image_session_ID": expt["id"],
+            "xnat_imagescandata_id": scan["pk"],
+            "project": expt["project"],
+        }
         if scan["note"]:
             fields["note"] = scan["note"]
         if scan["frames"]:
@@ -383,18 +502,27 @@ class Archive:
         files = []
         for res in self.store.resources("scan", str(scan["pk"])):
             count, size = self.store.resource_stats(res["id"])
-            files.append({
-                "meta": {"isHistory": False, "xsi:type": "xnat:resourceCatalog"},
-                "data_fields": {"label": res["label"], "format": res["format"],
-                                "content": res["content"], "file_count": count,
-                                "file_size": size, "xnat_abstractresource_id": res["id"],
-                                "URI": f"/data/experiments/{expt['id']}/scans/{scan['scan_id']}"
-                                       f"/resources/{res['id']}"},
-                "children": [],
-            })
-        return {"meta": {"isHistory": False, "xsi:type": scan["xsi_type"]},
-                "data_fields": self._scan_fields(expt, scan),
-                "children": [{"field": "file", "items": files}] if files else []}
+            files.append(
+                {
+                    "meta": {"isHistory": False, "xsi:type": "xnat:resourceCatalog"},
+                    "data_fields": {
+                        "label": res["label"],
+                        "format": res["format"],
+                        "content": res["content"],
+                        "file_count": count,
+                        "file_size": size,
+                        "xnat_abstractresource_id": res["id"],
+                        "URI": f"/data/experiments/{expt['id']}/scans/{scan['scan_id']}"
+                        f"/resources/{res['id']}",
+                    },
+                    "children": [],
+                }
+            )
+        return {
+            "meta": {"isHistory": False, "xsi:type": scan["xsi_type"]},
+            "data_fields": self._scan_fields(expt, scan),
+            "children": [{"field": "file", "items": files}] if files else [],
+        }
 
     def _match_scans(self, expt: dict[str, Any], spec: str) -> list[dict[str, Any]]:
         scans = self.store.scans(expt["id"])
@@ -414,9 +542,16 @@ class Archive:
         assert expt is not None
         sid = scan["scan_id"]
         folder = f"{sid}-{re.sub(r'[^A-Za-z0-9_]', '_', scan['type'])}" if scan["type"] else sid
-        return Owner("scan", str(scan["pk"]), f"{self._exp_base(ctx)}/scans/{sid}",
-                     f"{expt['label']}/scans/{folder}", category="scans", cat_id=sid,
-                     cat_desc=scan["type"], archive_name=expt["label"])
+        return Owner(
+            "scan",
+            str(scan["pk"]),
+            f"{self._exp_base(ctx)}/scans/{sid}",
+            f"{expt['label']}/scans/{folder}",
+            category="scans",
+            cat_id=sid,
+            cat_desc=scan["type"],
+            archive_name=expt["label"],
+        )
 
     def _scans(self, req: Request, ctx: Ctx, rest: list[str]) -> Reply:
         expt = ctx.experiment
@@ -426,11 +561,19 @@ class Archive:
                 raise HttpError(405, "Method Not Allowed")
             rows = []
             for s in self.store.scans(expt["id"]):
-                rows.append({"xnat_imagescandata_id": s["pk"], "ID": s["scan_id"],
-                             "type": s["type"], "quality": s["quality"], "xsiType": s["xsi_type"],
-                             "note": s["note"], "series_description": s["series_description"],
-                             "frames": s["frames"],
-                             "URI": f"/data/experiments/{expt['id']}/scans/{s['scan_id']}"})
+                rows.append(
+                    {
+                        "xnat_imagescandata_id": s["pk"],
+                        "ID": s["scan_id"],
+                        "type": s["type"],
+                        "quality": s["quality"],
+                        "xsiType": s["xsi_type"],
+                        "note": s["note"],
+                        "series_description": s["series_description"],
+                        "frames": s["frames"],
+                        "URI": f"/data/experiments/{expt['id']}/scans/{s['scan_id']}",
+                    }
+                )
             # ScanList overwrites the query's WHERE clause with the session id, so XNAT ignores
             # filters here; applying them would let clients pass here and fail on a real XNAT.
             return self._table(req, rows, SCAN_COLUMNS, total_meta=True, filters=False)
@@ -445,8 +588,12 @@ class Archive:
                 for scan in scans:
                     self.store.delete_owner("scan", str(scan["pk"]))
                 return Reply()
-            return self._item(req, scans[0]["xsi_type"], self._scan_fields(expt, scans[0]),
-                              self._scan_child(expt, scans[0])["children"])
+            return self._item(
+                req,
+                scans[0]["xsi_type"],
+                self._scan_fields(expt, scans[0]),
+                self._scan_child(expt, scans[0])["children"],
+            )
         owners = [self._scan_owner(ctx, s) for s in scans]
         return self._owner_tail(req, owners, tail)
 
@@ -470,12 +617,22 @@ class Archive:
         expt = ctx.experiment
         assert expt is not None
         if not rest:
-            rows = [{"ID": a["id"], "label": a["label"], "xsiType": a["xsi_type"],
-                     "project": a["project"], "insert_date": a["insert_date"],
-                     "session_ID": expt["id"], "session_label": expt["label"],
-                     "URI": f"/data/experiments/{expt['id']}/assessors/{a['id']}"}
-                    for a in self.store.assessors(expt["id"])]
-            return self._table(req, rows, ["ID", "label", "xsiType", "project", "insert_date", "URI"])
+            rows = [
+                {
+                    "ID": a["id"],
+                    "label": a["label"],
+                    "xsiType": a["xsi_type"],
+                    "project": a["project"],
+                    "insert_date": a["insert_date"],
+                    "session_ID": expt["id"],
+                    "session_label": expt["label"],
+                    "URI": f"/data/experiments/{expt['id']}/assessors/{a['id']}",
+                }
+                for a in self.store.assessors(expt["id"])
+            ]
+            return self._table(
+                req, rows, ["ID", "label", "xsiType", "project", "insert_date", "URI"]
+            )
         ident, tail = rest[0], rest[1:]
         found = self.store.assessor(expt["id"], ident)
         if not tail and req.method in ("PUT", "POST"):
@@ -494,19 +651,28 @@ class Archive:
             if req.method == "DELETE":
                 self.store.delete_owner("assessor", found["id"])
                 return Reply()
-            fields = {"ID": found["id"], "label": found["label"], "project": found["project"],
-                      "imageSession_ID": expt["id"]}
+            fields = {
+                "ID": found["id"],
+                "label": found["label"],
+                "project": found["project"],
+                "imageSession_ID": expt["id"],
+            }
             return self._item(req, found["xsi_type"], fields, [])
         inout = "out"
         if tail[0] in ("in", "out"):
             inout, tail = tail[0], tail[1:]
         if not tail:
             raise not_found("The server has not found anything matching the request URI")
-        owner = Owner("assessor", found["id"],
-                      f"{self._exp_base(ctx)}/assessors/{found['id']}/{inout}",
-                      f"{expt['label']}/assessors/{found['label']}/{inout}",
-                      category="assessors", cat_id=found["id"], inout=inout,
-                      archive_name=expt["label"])
+        owner = Owner(
+            "assessor",
+            found["id"],
+            f"{self._exp_base(ctx)}/assessors/{found['id']}/{inout}",
+            f"{expt['label']}/assessors/{found['label']}/{inout}",
+            category="assessors",
+            cat_id=found["id"],
+            inout=inout,
+            archive_name=expt["label"],
+        )
         return self._owner_tail(req, owner, tail)
 
     # -- resources and files -------------------------------------------------------------
@@ -531,11 +697,21 @@ class Archive:
         for owner in owners:
             for res in self._resources_of(owner):
                 count, size = self.store.resource_stats(res["id"])
-                rows.append({"xnat_abstractresource_id": res["id"], "label": res["label"],
-                             "element_name": "xnat:resourceCatalog", "category": owner.category,
-                             "cat_id": owner.cat_id, "cat_desc": owner.cat_desc,
-                             "file_count": count, "file_size": size, "tags": res["tags"],
-                             "content": res["content"], "format": res["format"]})
+                rows.append(
+                    {
+                        "xnat_abstractresource_id": res["id"],
+                        "label": res["label"],
+                        "element_name": "xnat:resourceCatalog",
+                        "category": owner.category,
+                        "cat_id": owner.cat_id,
+                        "cat_desc": owner.cat_desc,
+                        "file_count": count,
+                        "file_size": size,
+                        "tags": res["tags"],
+                        "content": res["content"],
+                        "format": res["format"],
+                    }
+                )
         return self._table(req, rows, RESOURCE_COLUMNS, meta={"title": "Resources"}, fixed=True)
 
     def _find_resources(self, owners: list[Owner], spec: str) -> list[tuple[Owner, dict[str, Any]]]:
@@ -568,11 +744,11 @@ class Archive:
         path = "/".join(rest[1:])
         if req.method in ("PUT", "POST"):
             if found:
-                owner, res = found[0]
+                res = found[0][1]
             elif spec.isdigit():
                 raise not_found("Unable to find the specified catalog.")
             else:
-                owner, res = owners[0], self._create_resource(req, owners[0], spec)
+                res = self._create_resource(req, owners[0], spec)
             return self._upload(req, res, path)
         if not found:
             raise not_found("Unable to find the specified catalog.")
@@ -582,8 +758,15 @@ class Archive:
         if not label or label.isdigit():
             raise HttpError(400, "Resource labels made only of digits cannot be addressed.")
         return self.store.create_resource(
-            owner.kind, owner.id, label, owner.inout,
-            **{k: req.query[k] for k in ("format", "content", "tags", "description") if k in req.query},
+            owner.kind,
+            owner.id,
+            label,
+            owner.inout,
+            **{
+                k: req.query[k]
+                for k in ("format", "content", "tags", "description")
+                if k in req.query
+            },
         )
 
     def _catalog_xml(self, res: dict[str, Any]) -> Reply:
@@ -592,16 +775,19 @@ class Archive:
             f' format="{_xml(f.format)}" content="{_xml(f.content)}"/>\n'
             for f in self.store.files(res["id"])
         )
-        body = ('<?xml version="1.0" encoding="UTF-8"?>\n<cat:Catalog '
-                'xmlns:cat="http://nrg.wustl.edu/catalog" '
-                'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
-                f'ID="{res["id"]}" label="{_xml(res["label"])}" format="{_xml(res["format"])}" '
-                f'content="{_xml(res["content"])}">\n<cat:entries>\n{entries}</cat:entries>\n'
-                "</cat:Catalog>\n")
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<cat:Catalog '
+            'xmlns:cat="http://nrg.wustl.edu/catalog" '
+            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+            f'ID="{res["id"]}" label="{_xml(res["label"])}" format="{_xml(res["format"])}" '
+            f'content="{_xml(res["content"])}">\n<cat:entries>\n{entries}</cat:entries>\n'
+            "</cat:Catalog>\n"
+        )
         return Reply(200, body.encode(), "text/xml")
 
-    def _select_files(self, pairs: list[tuple[Owner, dict[str, Any]]], path: str
-                      ) -> tuple[list[tuple[Owner, dict[str, Any], StoredFile]], bool]:
+    def _select_files(
+        self, pairs: list[tuple[Owner, dict[str, Any]]], path: str
+    ) -> tuple[list[tuple[Owner, dict[str, Any], StoredFile]], bool]:
         """Files addressed by ``path`` (exact file, folder/, folder or prefix*); and whether the
         path named one file exactly."""
         selected = []
@@ -613,10 +799,16 @@ class Archive:
                     exact = exact or (f.path == path)
         return selected, exact and len(selected) == 1
 
-    def _files(self, req: Request, owners: list[Owner],
-               found: list[tuple[Owner, dict[str, Any]]] | None, path: str) -> Reply:
-        pairs = found if found is not None else [
-            (o, r) for o in owners for r in self._resources_of(o)]
+    def _files(
+        self,
+        req: Request,
+        owners: list[Owner],
+        found: list[tuple[Owner, dict[str, Any]]] | None,
+        path: str,
+    ) -> Reply:
+        pairs = (
+            found if found is not None else [(o, r) for o in owners for r in self._resources_of(o)]
+        )
         if req.method in ("PUT", "POST"):
             if not pairs:
                 raise not_found("Unable to find the specified catalog.")
@@ -626,7 +818,9 @@ class Archive:
             if not selected:
                 return self._missing(req, "No matched files")
             for res_id in {r["id"] for _, r, _ in selected}:
-                self.store.delete_files(res_id, [f.path for _, r, f in selected if r["id"] == res_id])
+                self.store.delete_files(
+                    res_id, [f.path for _, r, f in selected if r["id"] == res_id]
+                )
             return Reply()
         if exact and "format" not in req.query:
             return self._send_file(req, selected[0][2])
@@ -639,18 +833,32 @@ class Archive:
             raise HttpError(406, f"The sandbox serves zip downloads only, not {fmt}.")
         rows = []
         for owner, res, f in selected:
-            rows.append({"Name": f.name, "Size": f.size,
-                         "URI": f"{owner.base_uri}/resources/{res['id']}/files/{f.path}",
-                         "collection": res["label"], "file_tags": f.tags,
-                         "file_format": f.format, "file_content": f.content,
-                         "cat_ID": res["id"], "digest": f.digest})
+            rows.append(
+                {
+                    "Name": f.name,
+                    "Size": f.size,
+                    "URI": f"{owner.base_uri}/resources/{res['id']}/files/{f.path}",
+                    "collection": res["label"],
+                    "file_tags": f.tags,
+                    "file_format": f.format,
+                    "file_content": f.content,
+                    "cat_ID": res["id"],
+                    "digest": f.digest,
+                }
+            )
         for key, column in (("file_format", "file_format"), ("file_content", "file_content")):
             if key in req.query:
                 want = "" if req.query[key] == "NULL" else req.query[key]
                 rows = [r for r in rows if r[column] == want]
-        return self._table(req, rows, FILE_COLUMNS, meta={"title": "Files"},
-                           columns_meta=[{"key": "URI", "serverRoot": ""}], total_meta=False,
-                           fixed=True)
+        return self._table(
+            req,
+            rows,
+            FILE_COLUMNS,
+            meta={"title": "Files"},
+            columns_meta=[{"key": "URI", "serverRoot": ""}],
+            total_meta=False,
+            fixed=True,
+        )
 
     def _missing(self, req: Request, reason: str) -> Reply:
         if req.flag("accept-not-found"):
@@ -660,15 +868,25 @@ class Archive:
     def _send_file(self, req: Request, f: StoredFile) -> Reply:
         suffix = Path(f.path).suffix.lower()
         ctype = CONTENT_TYPES.get(suffix, "application/octet-stream")
-        headers = {"Last-Modified": formatdate(f.mtime, usegmt=True),
-                   "Cache-Control": "must-revalidate"}
+        headers = {
+            "Last-Modified": formatdate(f.mtime, usegmt=True),
+            "Cache-Control": "must-revalidate",
+        }
         if ctype.startswith("application/") or ctype == "text/html":
             headers["Content-Disposition"] = f'attachment; filename="{f.name}";'
-        return Reply(200, content_type=ctype, headers=headers,
-                     file=self.store.file_path(f.resource_id, f.path))
+        return Reply(
+            200,
+            content_type=ctype,
+            headers=headers,
+            file=self.store.file_path(f.resource_id, f.path),
+        )
 
-    def _zip(self, req: Request, selected: list[tuple[Owner, dict[str, Any], StoredFile]],
-             owners: list[Owner]) -> Reply:
+    def _zip(
+        self,
+        req: Request,
+        selected: list[tuple[Owner, dict[str, Any], StoredFile]],
+        owners: list[Owner],
+    ) -> Reply:
         if not selected:
             return self._missing(req, "No matching files found.")
         structure = req.query.get("structure", "default")
@@ -677,8 +895,12 @@ class Archive:
         if ctx_expt and req.flag("projectIncludedInPath"):
             prefix += self._project_of(owners[0]) + "/"
         entries = [
-            ZipEntry(prefix + _zip_path(owner, res, f, structure),
-                     self.store.file_path(res["id"], f.path), f.size, f.mtime)
+            ZipEntry(
+                prefix + _zip_path(owner, res, f, structure),
+                self.store.file_path(res["id"], f.path),
+                f.size,
+                f.mtime,
+            )
             for owner, res, f in selected
         ]
         name = owners[0].archive_name or "download"
@@ -690,12 +912,19 @@ class Archive:
         def stream(sink: IO[bytes]) -> None:
             write_zip(entries, sink, compression=level)
 
-        return Reply(200, content_type="application/zip", stream=stream,
-                     headers={"Content-Disposition": f'attachment; filename="{name}.zip";'})
+        return Reply(
+            200,
+            content_type="application/zip",
+            stream=stream,
+            headers={"Content-Disposition": f'attachment; filename="{name}.zip";'},
+        )
 
     def _project_of(self, owner: Owner) -> str:
-        return owner.base_uri.split("/")[3] if owner.base_uri.startswith("/data/projects/") else (
-            owner.zip_prefix.split("/")[0])
+        return (
+            owner.base_uri.split("/")[3]
+            if owner.base_uri.startswith("/data/projects/")
+            else (owner.zip_prefix.split("/")[0])
+        )
 
     # -- uploads -------------------------------------------------------------------------
     def _upload(self, req: Request, res: dict[str, Any], path: str) -> Reply:
@@ -712,22 +941,30 @@ class Archive:
                 uploads = self._multipart(req, ctype, path)
             else:
                 if not inbody and not ctype.lower().startswith(RAW_UPLOAD_TYPES):
-                    raise HttpError(400, "Unable to identify upload format: send inbody=true or a"
-                                         " multipart/form-data body.")
+                    raise HttpError(
+                        400,
+                        "Unable to identify upload format: send inbody=true or a"
+                        " multipart/form-data body.",
+                    )
                 if not path:
                     raise HttpError(400, "A raw upload needs the file path in the URL.")
                 spooled = self.store.spool(req.body.chunks())
                 uploads = [(path, spooled)]
             if not uploads or all(size == 0 for _, (_, size, _) in uploads):
-                raise HttpError(400, "You tried to PUT to this service, but didn't provide any"
-                                     " data (found 0 bytes). Please include the data.")
+                raise HttpError(
+                    400,
+                    "You tried to PUT to this service, but didn't provide any"
+                    " data (found 0 bytes). Please include the data.",
+                )
             duplicates: list[str] = []
             for name, spooled in uploads:
                 if extract and name.lower().endswith(ARCHIVE_SUFFIXES):
                     duplicates += self._extract(res["id"], spooled[0], name, overwrite, attrs)
                     continue
                 try:
-                    stored = self.store.add_file(res["id"], name, spooled, overwrite=overwrite, **attrs)
+                    stored = self.store.add_file(
+                        res["id"], name, spooled, overwrite=overwrite, **attrs
+                    )
                 except PathRefused:
                     raise HttpError(400, f"Invalid file path {name!r}.") from None
                 if not stored:
@@ -741,7 +978,9 @@ class Archive:
             return Reply(200, json.dumps({"duplicates": duplicates}).encode(), "text/html")
         return Reply(200)
 
-    def _multipart(self, req: Request, ctype: str, path: str) -> list[tuple[str, tuple[Path, int, str]]]:
+    def _multipart(
+        self, req: Request, ctype: str, path: str
+    ) -> list[tuple[str, tuple[Path, int, str]]]:
         match = re.search(r'boundary="?([^";]+)"?', ctype)
         if not match:
             raise HttpError(400, "multipart/form-data body without a boundary")
@@ -762,20 +1001,23 @@ class Archive:
             raise
         return uploads
 
-    def _extract(self, rid: int, archive: Path, name: str, overwrite: bool,
-                 attrs: dict[str, str]) -> list[str]:
+    def _extract(
+        self, rid: int, archive: Path, name: str, overwrite: bool, attrs: dict[str, str]
+    ) -> list[str]:
         """Unpack an uploaded archive into the resource root; returns the kept duplicates."""
         duplicates = []
         # Spool every entry before storing any, so a refused entry (``..``, a link, a broken
         # archive) leaves the resource as it was instead of half-extracted.
         spooled: list[tuple[str, tuple[Path, int, str]]] = []
         try:
-            for member, opener in _archive_members(archive, name):
+            for member, stream in _archive_members(archive, name):
                 try:
                     rel = safe_relpath(member)
                 except PathRefused:
-                    raise HttpError(400, f"Archive entry {member!r} escapes the resource.") from None
-                with opener() as fh:
+                    raise HttpError(
+                        400, f"Archive entry {member!r} escapes the resource."
+                    ) from None
+                with stream as fh:
                     spooled.append((rel, self.store.spool(fh)))
             for rel, entry in spooled:
                 if not self.store.add_file(rid, rel, entry, overwrite=overwrite, **attrs):
@@ -786,10 +1028,19 @@ class Archive:
         return duplicates
 
     # -- shared representations ----------------------------------------------------------
-    def _table(self, req: Request, rows: list[dict[str, Any]], defaults: list[str], *,
-               meta: dict[str, str] | None = None, columns_meta: list[dict[str, str]] | None = None,
-               total_meta: bool = True, available: list[str] | None = None,
-               fixed: bool = False, filters: bool = True) -> Reply:
+    def _table(
+        self,
+        req: Request,
+        rows: list[dict[str, Any]],
+        defaults: list[str],
+        *,
+        meta: dict[str, str] | None = None,
+        columns_meta: list[dict[str, str]] | None = None,
+        total_meta: bool = True,
+        available: list[str] | None = None,
+        fixed: bool = False,
+        filters: bool = True,
+    ) -> Reply:
         if req.method not in ("GET", "HEAD"):
             raise HttpError(405, "Method Not Allowed")
         query = req.query
@@ -799,26 +1050,44 @@ class Archive:
             # Resource and file listings build their own fixed columns (CatalogUtils) and
             # ignore columns=, unlike the query-organizer listings above them.
             query = {k: v for k, v in query.items() if k != "columns"}
-        body, ctype = render_table(rows, defaults=defaults, query=query, meta=meta,
-                                   columns_meta=columns_meta, total_meta=total_meta,
-                                   available=available)
+        body, ctype = render_table(
+            rows,
+            defaults=defaults,
+            query=query,
+            meta=meta,
+            columns_meta=columns_meta,
+            total_meta=total_meta,
+            available=available,
+        )
         return Reply(200, body, ctype)
 
-    def _item(self, req: Request, xsi: str, fields: dict[str, Any],
-              children: list[dict[str, Any]]) -> Reply:
+    def _item(
+        self, req: Request, xsi: str, fields: dict[str, Any], children: list[dict[str, Any]]
+    ) -> Reply:
         if req.method not in ("GET", "HEAD"):
             raise HttpError(405, "Method Not Allowed")
         fmt = req.query.get("format", "html").lower()
         if fmt == "json":
-            item = {"meta": {"isHistory": False, "xsi:type": xsi,
-                             "start_date": time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime())},
-                    "data_fields": fields, "children": children}
+            item = {
+                "meta": {
+                    "isHistory": False,
+                    "xsi:type": xsi,
+                    "start_date": time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime()),
+                },
+                "data_fields": fields,
+                "children": children,
+            }
             return Reply.json({"items": [item]})
         if fmt == "xml":
             return Reply(200, _item_xml(xsi, fields).encode(), "text/xml")
-        rows = "".join(f"<tr><th>{_xml(k)}</th><td>{_xml(str(v))}</td></tr>" for k, v in fields.items())
-        return Reply(200, f"<html><body><h2>{_xml(xsi)}</h2><table>{rows}</table></body></html>"
-                     .encode(), "text/html")
+        rows = "".join(
+            f"<tr><th>{_xml(k)}</th><td>{_xml(str(v))}</td></tr>" for k, v in fields.items()
+        )
+        return Reply(
+            200,
+            f"<html><body><h2>{_xml(xsi)}</h2><table>{rows}</table></body></html>".encode(),
+            "text/html",
+        )
 
     def _is_admin(self, req: Request) -> bool:
         user = self.auth.users.get(req.user or "")
@@ -882,28 +1151,31 @@ def _zip_path(owner: Owner, res: dict[str, Any], f: StoredFile, structure: str) 
     return f"{owner.zip_prefix}/resources/{res['label']}/files/{f.path}"
 
 
-def _archive_members(archive: Path, name: str) -> Iterator[tuple[str, Callable[[], IO[bytes]]]]:
+def _archive_members(archive: Path, name: str) -> Iterator[tuple[str, IO[bytes]]]:
+    """(entry name, open entry) for each regular file of a zip or tar; links are refused."""
     lowered = name.lower()
     try:
         if lowered.endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
                     if not info.is_dir():
-                        yield info.filename, (lambda i=info: zf.open(i))
+                        yield info.filename, zf.open(info)
         else:
             with tarfile.open(archive, "r:*") as tf:
                 for member in tf:
                     if member.issym() or member.islnk():
                         raise HttpError(400, f"Archive entry {member.name!r} is a link.")
-                    if member.isfile():
-                        yield member.name, (lambda m=member: tf.extractfile(m))  # type: ignore[misc,return-value]
+                    stream = tf.extractfile(member) if member.isfile() else None
+                    if stream is not None:
+                        yield member.name, stream
     except (zipfile.BadZipFile, tarfile.TarError):
         raise HttpError(400, f"{name} is not a readable archive.") from None
 
 
 def _xml(text: str) -> str:
-    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace('"', "&quot;"))
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )
 
 
 def _item_xml(xsi: str, fields: dict[str, Any]) -> str:
@@ -911,9 +1183,11 @@ def _item_xml(xsi: str, fields: dict[str, Any]) -> str:
     tag = name[:-4] if name.endswith("Data") else name
     for short in ("mr", "ct", "pet", "qc"):
         if tag.startswith(short):
-            tag = short.upper() + tag[len(short):]
+            tag = short.upper() + tag[len(short) :]
     tag = f"{prefix}:{tag[0].upper()}{tag[1:]}"
     attrs = " ".join(f'{k}="{_xml(str(v))}"' for k, v in fields.items())
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<{tag} {attrs} '
-            f'xmlns:{prefix}="http://nrg.wustl.edu/{prefix}" '
-            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"/>\n')
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<{tag} {attrs} '
+        f'xmlns:{prefix}="http://nrg.wustl.edu/{prefix}" '
+        'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"/>\n'
+    )

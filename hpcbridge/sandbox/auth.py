@@ -78,7 +78,8 @@ class Authority:
     # -- sessions --------------------------------------------------------------------------
     def _expire(self, now: float) -> None:
         dead = [
-            sid for sid, s in self.sessions.items()
+            sid
+            for sid, s in self.sessions.items()
             if now - s.last_access > self.settings.session_timeout
         ]
         for sid in dead:
@@ -131,7 +132,10 @@ class Authority:
             now = time.time()
             token = self.store.token(name) if _looks_like_uuid(name) else None
             if token is not None:
-                if secrets.compare_digest(token["secret"], password) and token["expires"] > now * 1000:
+                if (
+                    secrets.compare_digest(token["secret"], password)
+                    and token["expires"] > now * 1000
+                ):
                     return str(token["login"])
                 return None
             user = self.users.get(name)

@@ -29,7 +29,7 @@ class SandboxPaths:
     root: Path
 
     @classmethod
-    def under(cls, home: Path) -> "SandboxPaths":
+    def under(cls, home: Path) -> SandboxPaths:
         return cls(Path(home) / "sandbox")
 
     @property
@@ -50,7 +50,8 @@ def check_private(path: Path) -> None:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise CredentialError(
-            f"{path} is readable by other users (mode {stat.S_IMODE(mode):04o}); refusing to use it",
+            f"{path} is readable by other users (mode {stat.S_IMODE(mode):04o}); "
+            "refusing to use it",
             hint=f"run `chmod 600 {path}`",
         )
 
@@ -61,8 +62,9 @@ def read_ready(path: Path) -> dict[str, Any]:
         check_private(path)
         info = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SandboxError("the sandbox is not running",
-                           hint="start it with `hpcbridge sandbox start`") from None
+        raise SandboxError(
+            "the sandbox is not running", hint="start it with `hpcbridge sandbox start`"
+        ) from None
     except (OSError, ValueError) as exc:
         raise SandboxError(f"cannot read {path}: {exc}") from None
     if not all(k in info for k in ("url", "user", "password", "pid")):
@@ -106,22 +108,47 @@ def running(paths: SandboxPaths) -> dict[str, Any] | None:
     return None
 
 
-def start(paths: SandboxPaths, *, seed: str | None = "demo", port: int = 0,
-          host: str = "127.0.0.1", extra_args: list[str] | None = None) -> tuple[dict[str, Any], bool]:
+def start(
+    paths: SandboxPaths,
+    *,
+    seed: str | None = "demo",
+    port: int = 0,
+    host: str = "127.0.0.1",
+    extra_args: list[str] | None = None,
+) -> tuple[dict[str, Any], bool]:
     """Start the background sandbox unless it runs; returns (info, started_now)."""
     info = running(paths)
     if info is not None:
         return info, False
     paths.root.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.root, 0o700)
-    argv = [sys.executable, "-m", "hpcbridge", "sandbox", "serve", "--host", host,
-            "--port", str(port), "--data", str(paths.data), "--ready-file", str(paths.ready)]
+    argv = [
+        sys.executable,
+        "-m",
+        "hpcbridge",
+        "sandbox",
+        "serve",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--data",
+        str(paths.data),
+        "--ready-file",
+        str(paths.ready),
+    ]
     if seed:
         argv += ["--seed", seed]
     argv += extra_args or []
     with open(paths.log, "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if paths.ready.exists():
@@ -129,12 +156,15 @@ def start(paths: SandboxPaths, *, seed: str | None = "demo", port: int = 0,
             if int(info["pid"]) == proc.pid:
                 return info, True
         if proc.poll() is not None:
-            raise SandboxError(f"the sandbox exited with code {proc.returncode} while starting",
-                               hint=f"see {paths.log}")
+            raise SandboxError(
+                f"the sandbox exited with code {proc.returncode} while starting",
+                hint=f"see {paths.log}",
+            )
         time.sleep(0.1)
     proc.terminate()
-    raise SandboxError(f"the sandbox did not become ready within {START_TIMEOUT:g} s",
-                       hint=f"see {paths.log}")
+    raise SandboxError(
+        f"the sandbox did not become ready within {START_TIMEOUT:g} s", hint=f"see {paths.log}"
+    )
 
 
 def stop(paths: SandboxPaths) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 
 __all__ = ["SeriesSpec", "make_uid", "series_files"]
 
@@ -164,9 +164,9 @@ def _slice_dataset(
 ) -> FileDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = make_uid("hpcbridge", "sandbox", "dicomgen")
+    meta.ImplementationClassUID = UID(make_uid("hpcbridge", "sandbox", "dicomgen"))
     meta.ImplementationVersionName = _IMPLEMENTATION_VERSION_NAME
 
     ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.message import Message
 from http import HTTPStatus
 from http.cookies import SimpleCookie
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .streams import BodyReader
@@ -19,8 +21,14 @@ from .streams import BodyReader
 class HttpError(Exception):
     """Answer with an error page. ``page`` is 'restlet' (archive routes) or 'tomcat'."""
 
-    def __init__(self, status: int, reason: str, *, page: str = "restlet",
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        *,
+        page: str = "restlet",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -41,11 +49,11 @@ class Reply:
     stream: Callable[[IO[bytes]], None] | None = None
 
     @classmethod
-    def json(cls, data: Any, status: int = 200) -> "Reply":
+    def json(cls, data: Any, status: int = 200) -> Reply:
         return cls(status, json.dumps(data).encode(), "application/json")
 
     @classmethod
-    def text(cls, text: str, status: int = 200, content_type: str = "text/plain") -> "Reply":
+    def text(cls, text: str, status: int = 200, content_type: str = "text/plain") -> Reply:
         return cls(status, text.encode(), content_type)
 
 
@@ -55,14 +63,16 @@ class Request:
     path: str  # decoded path without query
     raw_path: str
     query: dict[str, str]
-    headers: Mapping[str, str]
+    headers: Mapping[str, str] | Message
     body: BodyReader
     cookies: dict[str, str]
     user: str | None = None
     session_id: str | None = None
 
     @classmethod
-    def parse(cls, method: str, target: str, headers: Mapping[str, str], body: BodyReader) -> "Request":
+    def parse(
+        cls, method: str, target: str, headers: Mapping[str, str] | Message, body: BodyReader
+    ) -> Request:
         parts = urlsplit(target)
         query: dict[str, str] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -89,9 +99,9 @@ def restlet_page(status: int, reason: str) -> bytes:
     """The Restlet 1.1 status page that XNAT's archive routes answer errors with."""
     return (
         "<html>\n<head>\n   <title>Status page</title>\n</head>\n<body>\n"
-        f"<h3>{_esc(reason)}</h3><p>You can get technical details <a href=\"http://www.w3.org/"
-        f"Protocols/rfc2616/rfc2616-sec10.html\">here</a>.<br>\nPlease continue your visit at our "
-        "<a href=\"/\">home page</a>.\n</p>\n</body>\n</html>\n"
+        f'<h3>{_esc(reason)}</h3><p>You can get technical details <a href="http://www.w3.org/'
+        f'Protocols/rfc2616/rfc2616-sec10.html">here</a>.<br>\nPlease continue your visit at our '
+        '<a href="/">home page</a>.\n</p>\n</body>\n</html>\n'
     ).encode()
 
 
@@ -99,11 +109,11 @@ def tomcat_page(status: int, reason: str) -> bytes:
     """Tomcat's error page, which Spring security filters (401, 403) and unknown paths give."""
     phrase = _phrase(status)
     return (
-        f"<!doctype html><html lang=\"en\"><head><title>HTTP Status {status} \u2013 {phrase}"
+        f'<!doctype html><html lang="en"><head><title>HTTP Status {status} \u2013 {phrase}'
         "</title></head><body>"
-        f"<h1>HTTP Status {status} \u2013 {phrase}</h1><hr class=\"line\" />"
+        f'<h1>HTTP Status {status} \u2013 {phrase}</h1><hr class="line" />'
         f"<p><b>Type</b> Status Report</p><p><b>Message</b> {_esc(reason)}</p>"
-        "<hr class=\"line\" /><h3>Apache Tomcat</h3></body></html>"
+        '<hr class="line" /><h3>Apache Tomcat</h3></body></html>'
     ).encode()
 
 
@@ -169,8 +179,12 @@ class Faults:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"latency": self.latency, "fail_every": self.fail_every,
-                "drop_every": self.drop_every, "drop_after": self.drop_after}
+        return {
+            "latency": self.latency,
+            "fail_every": self.fail_every,
+            "drop_every": self.drop_every,
+            "drop_after": self.drop_after,
+        }
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set the given faults; all or nothing (a bad key or value changes none of them)."""

@@ -12,16 +12,40 @@ import fnmatch
 import html
 import io
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 from xml.sax.saxutils import escape
 
 # Query parameters that steer the representation rather than filter rows.
 CONTROL_PARAMS = {
-    "format", "columns", "sortBy", "sortOrder", "limit", "offset", "xsiType", "file_stats",
-    "cache_file_stats", "all", "accept-not-found", "locator", "recursive", "structure",
-    "compression", "_", "CSRF", "XNAT_CSRF", "includeRootPath", "index", "projectIncludedInPath",
-    "subjectIncludedInPath", "req_format", "includeHistory", "allDataOverride", "restrict",
-    "file_format", "file_content",
+    "format",
+    "columns",
+    "sortBy",
+    "sortOrder",
+    "limit",
+    "offset",
+    "xsiType",
+    "file_stats",
+    "cache_file_stats",
+    "all",
+    "accept-not-found",
+    "locator",
+    "recursive",
+    "structure",
+    "compression",
+    "_",
+    "CSRF",
+    "XNAT_CSRF",
+    "includeRootPath",
+    "index",
+    "projectIncludedInPath",
+    "subjectIncludedInPath",
+    "req_format",
+    "includeHistory",
+    "allDataOverride",
+    "restrict",
+    "file_format",
+    "file_content",
 }
 
 
@@ -95,12 +119,17 @@ def select_columns(
     return keys, out
 
 
-def sort_and_page(rows: list[dict[str, str]], query: Mapping[str, str]) -> tuple[list[dict[str, str]], bool]:
+def sort_and_page(
+    rows: list[dict[str, str]], query: Mapping[str, str]
+) -> tuple[list[dict[str, str]], bool]:
     sort_by = query.get("sortBy")
     if sort_by:
         cols = [c for c in sort_by.split(",") if rows and _find_column(rows[0], c)]
-        rows = sorted(rows, key=lambda r: [r[_find_column(r, c) or c] for c in cols],
-                      reverse=query.get("sortOrder", "").upper() == "DESC")
+        rows = sorted(
+            rows,
+            key=lambda r: [r[_find_column(r, c) or c] for c in cols],
+            reverse=query.get("sortOrder", "").upper() == "DESC",
+        )
     paged = "limit" in query or "offset" in query
     if paged:
         try:
@@ -108,7 +137,7 @@ def sort_and_page(rows: list[dict[str, str]], query: Mapping[str, str]) -> tuple
             limit = int(query["limit"]) if "limit" in query else None
         except ValueError:
             offset, limit = 0, None
-        rows = rows[offset:offset + limit if limit is not None else None]
+        rows = rows[offset : offset + limit if limit is not None else None]
     return rows, paged
 
 
@@ -166,5 +195,7 @@ def _html_table(keys: list[str], rows: list[dict[str, str]], title: str) -> byte
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(r[k])}</td>" for k in keys) + "</tr>" for r in rows
     )
-    return (f"<html><head><title>{html.escape(title)}</title></head><body>"
-            f"<table><tr>{head}</tr>{body}</table></body></html>").encode()
+    return (
+        f"<html><head><title>{html.escape(title)}</title></head><body>"
+        f"<table><tr>{head}</tr>{body}</table></body></html>"
+    ).encode()

@@ -34,36 +34,61 @@ def seed_archive(store: Store, name: str, *, user: str = "admin") -> bool:
         raise SandboxError(f"unknown seed {name!r}", hint=f"known seeds: {', '.join(SEEDS)}")
     if store.project(DEMO_PROJECT) is not None:
         return False
-    store.create_project(DEMO_PROJECT, user, name="Artemis dcm2niix demo", secondary_id="PTV000",
-                         description="Synthetic MR sessions served by the hpcbridge sandbox")
+    store.create_project(
+        DEMO_PROJECT,
+        user,
+        name="Artemis dcm2niix demo",
+        secondary_id="PTV000",
+        description="Synthetic MR sessions served by the hpcbridge sandbox",
+    )
     for n in (1, 2, 3):
         subject = store.create_subject(DEMO_PROJECT, f"Haofei0{n}", user)
         label = f"Haofei0{n}_MR1"
-        session = store.create_experiment(DEMO_PROJECT, subject["id"], label,
-                                          "xnat:mrSessionData", user, date=f"2024-01-0{n + 1}")
+        session = store.create_experiment(
+            DEMO_PROJECT, subject["id"], label, "xnat:mrSessionData", user, date=f"2024-01-0{n + 1}"
+        )
         study_uid = make_uid("sandbox-demo", label)
         for spec in DEMO_SCANS:
-            scan = store.put_scan(session["id"], str(spec.series_number), "xnat:mrScanData",
-                                  type=spec.series_description,
-                                  series_description=spec.series_description,
-                                  frames=str(spec.n_slices))
+            scan = store.put_scan(
+                session["id"],
+                str(spec.series_number),
+                "xnat:mrScanData",
+                type=spec.series_description,
+                series_description=spec.series_description,
+                frames=str(spec.n_slices),
+            )
             files = _demo_series(spec, subject["label"], study_uid, f"2024010{n + 1}")
             _add_resource(store, str(scan["pk"]), list(files))
         sid, kind = REPORT_SCAN
-        scan = store.put_scan(session["id"], sid, "xnat:mrScanData", type=kind,
-                              series_description=kind, quality="unusable")
+        scan = store.put_scan(
+            session["id"],
+            sid,
+            "xnat:mrScanData",
+            type=kind,
+            series_description=kind,
+            quality="unusable",
+        )
         report = f"Phoenix protocol report for {label} (not an image)\n".encode()
         _add_resource(store, str(scan["pk"]), [("phoenix_report.txt", report)])
     return True
 
 
 @cache
-def _demo_series(spec: SeriesSpec, patient: str, study_uid: str,
-                 study_date: str) -> tuple[tuple[str, bytes], ...]:
+def _demo_series(
+    spec: SeriesSpec, patient: str, study_uid: str, study_date: str
+) -> tuple[tuple[str, bytes], ...]:
     """The seed's series, generated once per process: series_files is a pure function and
     writing the DICOM dominates the cost of every fresh seeded sandbox a test suite starts."""
-    return tuple(series_files(spec, patient_id=patient, patient_name=patient,
-                              study_uid=study_uid, study_date=study_date, seed="demo"))
+    return tuple(
+        series_files(
+            spec,
+            patient_id=patient,
+            patient_name=patient,
+            study_uid=study_uid,
+            study_date=study_date,
+            seed="demo",
+        )
+    )
 
 
 def _add_resource(store: Store, scan_pk: str, files: list[tuple[str, bytes]]) -> None:

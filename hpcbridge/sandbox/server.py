@@ -18,7 +18,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 from urllib.parse import parse_qsl
 
 from .archive import Archive
@@ -74,10 +74,15 @@ class SandboxApp:
     def challenge(self, req: Request) -> HttpError:
         agent = req.headers.get("User-Agent", "")
         if any(a in agent for a in INTERACTIVE_AGENTS) and "XNATDesktopClient" not in agent:
-            return HttpError(302, "Found", page="tomcat",
-                             headers={"Location": "/app/template/Login.vm"})
-        return HttpError(401, "Full authentication is required to access this resource",
-                         page="tomcat", headers={"WWW-Authenticate": 'Basic realm="XNAT"'})
+            return HttpError(
+                302, "Found", page="tomcat", headers={"Location": "/app/template/Login.vm"}
+            )
+        return HttpError(
+            401,
+            "Full authentication is required to access this resource",
+            page="tomcat",
+            headers={"WWW-Authenticate": 'Basic realm="XNAT"'},
+        )
 
     # -- routing -------------------------------------------------------------------------
     def route(self, req: Request) -> Reply:
@@ -94,7 +99,8 @@ class SandboxApp:
             return Reply.json(BUILD_INFO)
         if req.user is None:
             if f"/{segs[0] if segs else ''}".startswith(PROTECTED_PREFIXES) or req.path.startswith(
-                    PROTECTED_PREFIXES):
+                PROTECTED_PREFIXES
+            ):
                 raise self.challenge(req)
             raise HttpError(404, "The requested resource is not available.", page="tomcat")
         if not req.path.startswith(("/data", "/REST")):
@@ -168,7 +174,9 @@ class SandboxApp:
             login = req.user or ""
             if rest[:1] == ["user"] and len(rest) == 2:
                 if not admin:
-                    raise HttpError(403, "Only site admins can request alias tokens for other users")
+                    raise HttpError(
+                        403, "Only site admins can request alias tokens for other users"
+                    )
                 login = rest[1]
                 if login not in self.auth.users:
                     raise HttpError(404, f"Couldn't find a user with the login {login}")
@@ -209,21 +217,32 @@ class SandboxApp:
             return Reply.json({"items": [_workflow_item(found[0])]})
         if req.method in ("PUT", "POST"):
             key = {k: given.get(k, "") for k in ("id", "scan_id", "pipeline_name", "launch_time")}
-            found = self.store.workflows(**key) if all(
-                key[k] for k in ("id", "pipeline_name", "launch_time")) else []
-            if not found and not all(given.get(k) for k in
-                                     ("id", "launch_time", "data_type", "pipeline_name")):
-                raise HttpError(400, "Id, launch_time, data_type and pipeline_name are all required"
-                                     " to create a new workflow entry.")
+            found = (
+                self.store.workflows(**key)
+                if all(key[k] for k in ("id", "pipeline_name", "launch_time"))
+                else []
+            )
+            if not found and not all(
+                given.get(k) for k in ("id", "launch_time", "data_type", "pipeline_name")
+            ):
+                raise HttpError(
+                    400,
+                    "Id, launch_time, data_type and pipeline_name are all required"
+                    " to create a new workflow entry.",
+                )
             return self._save_workflow(req, found[0] if found else None, given)
         if req.method != "GET":
             raise HttpError(405, "Method Not Allowed")
-        match = {k: v for k, v in given.items()
-                 if k in ("id", "pipeline_name", "launch_time", "status", "scan_id", "data_type")}
+        match = {
+            k: v
+            for k, v in given.items()
+            if k in ("id", "pipeline_name", "launch_time", "status", "scan_id", "data_type")
+        }
         return Reply.json({"items": [_workflow_item(w) for w in self.store.workflows(**match)]})
 
-    def _save_workflow(self, req: Request, row: dict[str, Any] | None,
-                       given: dict[str, str]) -> Reply:
+    def _save_workflow(
+        self, req: Request, row: dict[str, Any] | None, given: dict[str, str]
+    ) -> Reply:
         if row is not None and row["create_user"] != req.user and not self._is_admin(req):
             raise HttpError(403, "You are not allowed to make changes to this workflow.")
         merged: dict[str, Any] = dict(row or {"create_user": req.user, "scan_id": ""})
@@ -242,19 +261,39 @@ class SandboxApp:
         from .listing import render_table
 
         if not segs:
-            counts = {"xnat:projectData": len(self.store.projects()),
-                      "xnat:subjectData": len(self.store.subjects()),
-                      "xnat:mrSessionData": len(self.store.experiments())}
-            rows = [{"ELEMENT_NAME": n, "SINGULAR": s, "PLURAL": p, "SECURED": "true",
-                     "COUNT": counts[n]} for n, s, p in SEARCH_ELEMENTS]
+            counts = {
+                "xnat:projectData": len(self.store.projects()),
+                "xnat:subjectData": len(self.store.subjects()),
+                "xnat:mrSessionData": len(self.store.experiments()),
+            }
+            rows = [
+                {
+                    "ELEMENT_NAME": n,
+                    "SINGULAR": s,
+                    "PLURAL": p,
+                    "SECURED": "true",
+                    "COUNT": counts[n],
+                }
+                for n, s, p in SEARCH_ELEMENTS
+            ]
             body, ctype = render_table(rows, defaults=list(rows[0]), query=req.query)
             return Reply(200, body, ctype)
         element = segs[0]
         if element not in {n for n, _, _ in SEARCH_ELEMENTS}:
             raise HttpError(404, f"Unknown element {element}")
-        rows = [{"FIELD_ID": fid, "HEADER": fid.title(), "SUMMARY": fid.title(), "TYPE": "string",
-                 "REQUIRES_VALUE": "false", "DESC": "", "ELEMENT_NAME": element, "SRC": "0"}
-                for fid in ("ID", "LABEL", "PROJECT")]
+        rows = [
+            {
+                "FIELD_ID": fid,
+                "HEADER": fid.title(),
+                "SUMMARY": fid.title(),
+                "TYPE": "string",
+                "REQUIRES_VALUE": "false",
+                "DESC": "",
+                "ELEMENT_NAME": element,
+                "SRC": "0",
+            }
+            for fid in ("ID", "LABEL", "PROJECT")
+        ]
         body, ctype = render_table(rows, defaults=list(rows[0]), query=req.query)
         return Reply(200, body, ctype)
 
@@ -273,9 +312,11 @@ class SandboxApp:
             raise HttpError(403, "The sandbox statistics are for site admins only.", page="tomcat")
         if segs == ["stats"]:
             data = self.stats.snapshot()
-            data.update(sessions_created=self.auth.sessions_created,
-                        sessions_live=self.auth.live_sessions(),
-                        tokens_issued=self.auth.tokens_issued)
+            data.update(
+                sessions_created=self.auth.sessions_created,
+                sessions_live=self.auth.live_sessions(),
+                tokens_issued=self.auth.tokens_issued,
+            )
             return Reply.json(data)
         if segs == ["faults"]:
             if req.method in ("PUT", "POST"):
@@ -296,18 +337,39 @@ LOGIN_FAILED = (
     "invalid or your user already has the maximum number of user sessions open. After %d failed "
     "login attempts, your user account will be locked."
 )
-NON_ADMIN_TOKENS = "Non-admin users can only request operations on alias tokens for their own account"
-BUILD_INFO = {"version": XNAT_VERSION, "buildNumber": "sandbox", "buildDate": "", "sha": "sandbox",
-              "isDirty": "false", "commit": "0", "tag": XNAT_VERSION, "shaFull": "sandbox",
-              "branch": "sandbox", "timestamp": "0"}
-INDEX_PAGE = ("<!DOCTYPE html><html><head><title>XNAT sandbox</title></head><body>"
-              "<h1>hpcbridge sandbox XNAT</h1><p>An XNAT-compatible test server. The REST API "
-              "is under <code>/data</code>.</p></body></html>")
-LOGIN_PAGE = ("<!DOCTYPE html><html><head><title>XNAT Login</title></head><body>"
-              "<form method=\"post\" action=\"/login\"><input name=\"username\"/>"
-              "<input name=\"password\" type=\"password\"/></form></body></html>")
-_WORKFLOW_NAMES = {"id": "id", "data_type": "data_type", "pipeline_name": "pipeline_name",
-                   "launch_time": "launch_time", "status": "status", "scan_id": "scan_id"}
+NON_ADMIN_TOKENS = (
+    "Non-admin users can only request operations on alias tokens for their own account"
+)
+BUILD_INFO = {
+    "version": XNAT_VERSION,
+    "buildNumber": "sandbox",
+    "buildDate": "",
+    "sha": "sandbox",
+    "isDirty": "false",
+    "commit": "0",
+    "tag": XNAT_VERSION,
+    "shaFull": "sandbox",
+    "branch": "sandbox",
+    "timestamp": "0",
+}
+INDEX_PAGE = (
+    "<!DOCTYPE html><html><head><title>XNAT sandbox</title></head><body>"
+    "<h1>hpcbridge sandbox XNAT</h1><p>An XNAT-compatible test server. The REST API "
+    "is under <code>/data</code>.</p></body></html>"
+)
+LOGIN_PAGE = (
+    "<!DOCTYPE html><html><head><title>XNAT Login</title></head><body>"
+    '<form method="post" action="/login"><input name="username"/>'
+    '<input name="password" type="password"/></form></body></html>'
+)
+_WORKFLOW_NAMES = {
+    "id": "id",
+    "data_type": "data_type",
+    "pipeline_name": "pipeline_name",
+    "launch_time": "launch_time",
+    "status": "status",
+    "scan_id": "scan_id",
+}
 
 
 def _workflow_fields(query: dict[str, str]) -> dict[str, str]:
@@ -320,15 +382,23 @@ def _workflow_fields(query: dict[str, str]) -> dict[str, str]:
 
 
 def _workflow_item(row: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {"ID": row["id"], "data_type": row["data_type"],
-                              "pipeline_name": row["pipeline_name"],
-                              "launch_time": row["launch_time"], "status": row["status"],
-                              "wrk_workflowData_id": row["wrk_id"], "create_user": row["create_user"]}
+    fields: dict[str, Any] = {
+        "ID": row["id"],
+        "data_type": row["data_type"],
+        "pipeline_name": row["pipeline_name"],
+        "launch_time": row["launch_time"],
+        "status": row["status"],
+        "wrk_workflowData_id": row["wrk_id"],
+        "create_user": row["create_user"],
+    }
     if row["scan_id"]:
         fields["scan_id"] = row["scan_id"]
     fields.update(json.loads(row["fields"] or "{}"))
-    return {"meta": {"isHistory": False, "xsi:type": "wrk:workflowData"},
-            "data_fields": fields, "children": []}
+    return {
+        "meta": {"isHistory": False, "xsi:type": "wrk:workflowData"},
+        "data_fields": fields,
+        "children": [],
+    }
 
 
 def _csrf(session_id: str) -> str:
@@ -343,7 +413,7 @@ def _cookie(name: str, value: str) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_Server"
+    server: _Server
 
     def version_string(self) -> str:
         return "XNAT-sandbox"
@@ -366,8 +436,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = 0
         cut = faults.cut_point() if (length or chunked) else None
-        body = BodyReader(self.rfile, length=length, chunked=chunked, counter=app.stats.add_in,
-                          cut_after=cut)
+        body = BodyReader(
+            cast("IO[bytes]", self.rfile),
+            length=length,
+            chunked=chunked,
+            counter=app.stats.add_in,
+            cut_after=cut,
+        )
         req = Request.parse(self.command, self.path, self.headers, body)
         if faults.latency:
             time.sleep(faults.latency)
@@ -380,8 +455,9 @@ class _Handler(BaseHTTPRequestHandler):
         except HttpError as err:
             render = tomcat_page if err.page == "tomcat" else restlet_page
             # The pages are UTF-8 (Tomcat's has an en dash); say so, as Tomcat does.
-            reply = Reply(err.status, render(err.status, err.reason), "text/html;charset=utf-8",
-                          err.headers)
+            reply = Reply(
+                err.status, render(err.status, err.reason), "text/html;charset=utf-8", err.headers
+            )
         except ConnectionAbortedError:
             self.close_connection = True
             self._abort()
@@ -407,8 +483,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Set-Cookie", _cookie(name, value))
         if req.user:
             timeout_ms = int(app.auth.settings.session_timeout * 1000)
-            self.send_header("Set-Cookie", f'SESSION_EXPIRATION_TIME="{int(time.time() * 1000)},'
-                                           f'{timeout_ms}"; Path=/')
+            self.send_header(
+                "Set-Cookie",
+                f'SESSION_EXPIRATION_TIME="{int(time.time() * 1000)},{timeout_ms}"; Path=/',
+            )
         if self.close_connection:
             self.send_header("Connection", "close")
         head = self.command == "HEAD"
@@ -417,8 +495,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 if not head:
-                    writer = ChunkedWriter(self.wfile, app.stats.add_out, app.faults.cut_point())
-                    reply.stream(writer)
+                    writer = ChunkedWriter(
+                        cast("IO[bytes]", self.wfile), app.stats.add_out, app.faults.cut_point()
+                    )
+                    reply.stream(cast("IO[bytes]", writer))
                     writer.finish()
             elif reply.file is not None:
                 self._send_file(reply.file, head)
@@ -473,10 +553,18 @@ class SandboxServer:
     ...     requests.get(sb.url + "/data/projects", auth=(sb.user, sb.password))
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1",
-                 port: int = 0, seed: str | None = None, admin_user: str = "admin",
-                 admin_password: str = "admin", auth: AuthSettings | None = None,
-                 faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        seed: str | None = None,
+        admin_user: str = "admin",
+        admin_password: str = "admin",
+        auth: AuthSettings | None = None,
+        faults: Faults | None = None,
+    ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="hpcbridge-sandbox-")
@@ -513,8 +601,13 @@ class SandboxServer:
         self.authority.add_user(login, password, admin=admin)
 
     def ready_info(self) -> dict[str, Any]:
-        return {"url": self.url, "user": self.user, "password": self.password, "pid": os.getpid(),
-                "data": str(self.data_dir)}
+        return {
+            "url": self.url,
+            "user": self.user,
+            "password": self.password,
+            "pid": os.getpid(),
+            "data": str(self.data_dir),
+        }
 
     def write_ready_file(self, path: str | os.PathLike[str]) -> None:
         """Write url/user/password/pid as JSON, 0600 (it holds a credential), atomically."""
@@ -526,9 +619,13 @@ class SandboxServer:
             json.dump(self.ready_info(), fh)
         os.replace(tmp, target)
 
-    def start(self) -> "SandboxServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="sandbox",
-                                        kwargs={"poll_interval": 0.2}, daemon=True)
+    def start(self) -> SandboxServer:
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            name="sandbox",
+            kwargs={"poll_interval": 0.2},
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -546,7 +643,7 @@ class SandboxServer:
             self._tmp.cleanup()
             self._tmp = None
 
-    def __enter__(self) -> "SandboxServer":
+    def __enter__(self) -> SandboxServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

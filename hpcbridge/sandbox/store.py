@@ -15,10 +15,11 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 SITE_ID = "XNAT"
 CHUNK = 64 * 1024
@@ -179,7 +180,9 @@ class Store:
             "SELECT * FROM subjects WHERE project=? AND (label=? OR id=?)", (project, ident, ident)
         )
 
-    def create_subject(self, project: str, label: str, user: str, gender: str = "") -> dict[str, Any]:
+    def create_subject(
+        self, project: str, label: str, user: str, gender: str = ""
+    ) -> dict[str, Any]:
         with self.transaction() as db:
             sid = self._next_id(db, "S")
             db.execute(
@@ -205,8 +208,9 @@ class Store:
             args.append(subject_id)
         return self.query(sql + " ORDER BY e.label", tuple(args))
 
-    def experiment(self, ident: str, project: str | None = None,
-                   subject_id: str | None = None) -> dict[str, Any] | None:
+    def experiment(
+        self, ident: str, project: str | None = None, subject_id: str | None = None
+    ) -> dict[str, Any] | None:
         sql = (
             "SELECT e.*, s.label AS subject_label FROM experiments e"
             " JOIN subjects s ON s.id = e.subject_id WHERE "
@@ -218,8 +222,9 @@ class Store:
             return None
         return row
 
-    def create_experiment(self, project: str, subject_id: str, label: str, xsi_type: str,
-                          user: str, date: str = "") -> dict[str, Any]:
+    def create_experiment(
+        self, project: str, subject_id: str, label: str, xsi_type: str, user: str, date: str = ""
+    ) -> dict[str, Any]:
         with self.transaction() as db:
             eid = self._next_id(db, "E")
             db.execute(
@@ -244,16 +249,29 @@ class Store:
             "SELECT * FROM scans WHERE experiment_id=? AND scan_id=?", (experiment_id, scan_id)
         )
 
-    def put_scan(self, experiment_id: str, scan_id: str, xsi_type: str, **fields: str) -> dict[str, Any]:
-        cols = [c for c in ("type", "series_description", "quality", "note", "frames") if c in fields]
+    def put_scan(
+        self, experiment_id: str, scan_id: str, xsi_type: str, **fields: str
+    ) -> dict[str, Any]:
+        cols = [
+            c for c in ("type", "series_description", "quality", "note", "frames") if c in fields
+        ]
         with self.transaction() as db:
-            if db.execute("SELECT 1 FROM scans WHERE experiment_id=? AND scan_id=?",
-                          (experiment_id, scan_id)).fetchone() is None:
-                db.execute("INSERT INTO scans(experiment_id, scan_id, xsi_type) VALUES(?,?,?)",
-                           (experiment_id, scan_id, xsi_type))
+            if (
+                db.execute(
+                    "SELECT 1 FROM scans WHERE experiment_id=? AND scan_id=?",
+                    (experiment_id, scan_id),
+                ).fetchone()
+                is None
+            ):
+                db.execute(
+                    "INSERT INTO scans(experiment_id, scan_id, xsi_type) VALUES(?,?,?)",
+                    (experiment_id, scan_id, xsi_type),
+                )
             for col in cols:
-                db.execute(f"UPDATE scans SET {col}=? WHERE experiment_id=? AND scan_id=?",
-                           (fields[col], experiment_id, scan_id))
+                db.execute(
+                    f"UPDATE scans SET {col}=? WHERE experiment_id=? AND scan_id=?",
+                    (fields[col], experiment_id, scan_id),
+                )
         return self.scan(experiment_id, scan_id) or {}
 
     def assessors(self, experiment_id: str) -> list[dict[str, Any]]:
@@ -267,8 +285,9 @@ class Store:
             (experiment_id, ident, ident),
         )
 
-    def create_assessor(self, experiment: dict[str, Any], label: str, xsi_type: str,
-                        user: str) -> dict[str, Any]:
+    def create_assessor(
+        self, experiment: dict[str, Any], label: str, xsi_type: str, user: str
+    ) -> dict[str, Any]:
         with self.transaction() as db:
             aid = self._next_id(db, "E")
             db.execute(
@@ -293,15 +312,19 @@ class Store:
         for res in self.resources(kind, ident, inout=None):
             self.delete_resource(res["id"])
         table, col = {
-            "project": ("projects", "id"), "subject": ("subjects", "id"),
-            "experiment": ("experiments", "id"), "scan": ("scans", "pk"),
+            "project": ("projects", "id"),
+            "subject": ("subjects", "id"),
+            "experiment": ("experiments", "id"),
+            "scan": ("scans", "pk"),
             "assessor": ("assessors", "id"),
         }[kind]
         with self.transaction() as db:
             db.execute(f"DELETE FROM {table} WHERE {col}=?", (ident,))
 
     # -- resources and files ---------------------------------------------------------------
-    def resources(self, owner_kind: str, owner_id: str, inout: str | None = "") -> list[dict[str, Any]]:
+    def resources(
+        self, owner_kind: str, owner_id: str, inout: str | None = ""
+    ) -> list[dict[str, Any]]:
         if inout is None:
             return self.query(
                 "SELECT * FROM resources WHERE owner_kind=? AND owner_id=? ORDER BY id",
@@ -315,14 +338,23 @@ class Store:
     def resource_by_id(self, rid: int) -> dict[str, Any] | None:
         return self.one("SELECT * FROM resources WHERE id=?", (rid,))
 
-    def create_resource(self, owner_kind: str, owner_id: str, label: str, inout: str = "",
-                        **fields: str) -> dict[str, Any]:
+    def create_resource(
+        self, owner_kind: str, owner_id: str, label: str, inout: str = "", **fields: str
+    ) -> dict[str, Any]:
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO resources(owner_kind, owner_id, inout, label, format, content, tags,"
                 " description) VALUES(?,?,?,?,?,?,?,?)",
-                (owner_kind, owner_id, inout, label, fields.get("format", ""),
-                 fields.get("content", ""), fields.get("tags", ""), fields.get("description", "")),
+                (
+                    owner_kind,
+                    owner_id,
+                    inout,
+                    label,
+                    fields.get("format", ""),
+                    fields.get("content", ""),
+                    fields.get("tags", ""),
+                    fields.get("description", ""),
+                ),
             )
             rid = cur.lastrowid
         return self.resource_by_id(int(rid or 0)) or {}
@@ -369,8 +401,17 @@ class Store:
             raise
         return Path(name), size, md5.hexdigest()
 
-    def add_file(self, rid: int, path: str, spooled: tuple[Path, int, str], *,
-                 overwrite: bool, format: str = "", content: str = "", tags: str = "") -> bool:
+    def add_file(
+        self,
+        rid: int,
+        path: str,
+        spooled: tuple[Path, int, str],
+        *,
+        overwrite: bool,
+        format: str = "",
+        content: str = "",
+        tags: str = "",
+    ) -> bool:
         """Move a spooled upload into place. False (and nothing changed) for a kept duplicate."""
         tmp, size, digest = spooled
         rel = safe_relpath(path)
@@ -399,7 +440,9 @@ class Store:
             self.file_path(rid, path).unlink(missing_ok=True)
 
     # -- alias tokens ----------------------------------------------------------------------
-    def add_token(self, alias: str, secret: str, login: str, created: int, expires: int) -> dict[str, Any]:
+    def add_token(
+        self, alias: str, secret: str, login: str, created: int, expires: int
+    ) -> dict[str, Any]:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO tokens(alias, secret, login, created, expires) VALUES(?,?,?,?,?)",
@@ -418,7 +461,7 @@ class Store:
             db.execute("DELETE FROM tokens WHERE alias=?", (alias,))
 
     # -- workflows -------------------------------------------------------------------------
-    def workflows(self, **match: str) -> list[dict[str, Any]]:
+    def workflows(self, **match: Any) -> list[dict[str, Any]]:
         sql = "SELECT * FROM workflows WHERE 1=1"
         args: list[Any] = []
         for key, value in match.items():
@@ -427,8 +470,16 @@ class Store:
         return self.query(sql + " ORDER BY wrk_id", tuple(args))
 
     def save_workflow(self, row: dict[str, Any]) -> dict[str, Any]:
-        cols = ["id", "data_type", "pipeline_name", "launch_time", "status", "scan_id", "fields",
-                "create_user"]
+        cols = [
+            "id",
+            "data_type",
+            "pipeline_name",
+            "launch_time",
+            "status",
+            "scan_id",
+            "fields",
+            "create_user",
+        ]
         with self.transaction() as db:
             if row.get("wrk_id"):
                 db.execute(
@@ -438,7 +489,8 @@ class Store:
                 wid = row["wrk_id"]
             else:
                 cur = db.execute(
-                    f"INSERT INTO workflows({', '.join(cols)}) VALUES({', '.join('?' * len(cols))})",
+                    f"INSERT INTO workflows({', '.join(cols)})"
+                    f" VALUES({', '.join('?' * len(cols))})",
                     tuple(row.get(c, "") for c in cols),
                 )
                 wid = cur.lastrowid

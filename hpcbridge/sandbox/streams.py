@@ -8,9 +8,10 @@ from __future__ import annotations
 import io
 import time
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator
+from typing import IO
 
 CHUNK = 64 * 1024
 
@@ -22,10 +23,17 @@ class BodyError(Exception):
 class BodyReader:
     """Reads a request body framed by Content-Length or chunked transfer encoding."""
 
-    def __init__(self, rfile: IO[bytes], *, length: int | None, chunked: bool,
-                 counter: Callable[[int], None], cut_after: int | None = None) -> None:
+    def __init__(
+        self,
+        rfile: IO[bytes],
+        *,
+        length: int | None,
+        chunked: bool,
+        counter: Callable[[int], None],
+        cut_after: int | None = None,
+    ) -> None:
         self._rfile = rfile
-        self._remaining = length if not chunked else 0
+        self._remaining = 0 if chunked else (length or 0)
         self._chunked = chunked
         self._eof = not chunked and not length
         self._count = counter
@@ -93,8 +101,13 @@ class BodyReader:
 class ChunkedWriter(io.RawIOBase):
     """Buffers writes and sends them as HTTP/1.1 chunks of about ``CHUNK`` bytes."""
 
-    def __init__(self, wfile: IO[bytes], counter: Callable[[int], None],
-                 cut_after: int | None = None, latency: float = 0.0) -> None:
+    def __init__(
+        self,
+        wfile: IO[bytes],
+        counter: Callable[[int], None],
+        cut_after: int | None = None,
+        latency: float = 0.0,
+    ) -> None:
         super().__init__()
         self._wfile = wfile
         self._buf = bytearray()
@@ -185,7 +198,9 @@ def _disposition(value: str) -> tuple[str | None, str | None]:
     return name, filename
 
 
-def iter_multipart(read: Callable[[int], bytes], boundary: bytes) -> Iterator[tuple[Part, Iterator[bytes]]]:
+def iter_multipart(
+    read: Callable[[int], bytes], boundary: bytes
+) -> Iterator[tuple[Part, Iterator[bytes]]]:
     """Yield (part, chunk iterator) for each part; exhaust each iterator before the next part."""
     buf = bytearray()
     eof = False

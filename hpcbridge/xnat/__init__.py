@@ -23,8 +23,9 @@ def connect(settings: Settings) -> XnatClient:
         from ..sandbox.control import SandboxPaths, read_ready
 
         info = read_ready(SandboxPaths.under(settings.home).ready)
-        return XnatClient(info["url"], Credentials(info["user"], info["password"]),
-                          timeout=settings.timeout)
+        return XnatClient(
+            info["url"], Credentials(info["user"], info["password"]), timeout=settings.timeout
+        )
     secret = os.environ.get("HPCBRIDGE_PASSWORD") or os.environ.get("XNAT_PASS")
     user = settings.user or os.environ.get("XNAT_USER")
     creds = Credentials(user, secret) if user and secret else None

@@ -28,7 +28,7 @@ class Address:
         return "/".join(p for p in (self.project, self.subject, self.experiment, self.scan) if p)
 
     @classmethod
-    def parse(cls, text: str | None) -> "Address":
+    def parse(cls, text: str | None) -> Address:
         """Parse an address; an empty one means the whole server."""
         if text is None or not text.strip("/"):
             return cls()
@@ -38,7 +38,7 @@ class Address:
                 f"address {text!r} has {len(parts)} parts; expected at most "
                 "PROJECT/SUBJECT/EXPERIMENT/SCAN"
             )
-        for level, part in zip(_LEVELS, parts):
+        for level, part in zip(_LEVELS[: len(parts)], parts, strict=True):
             pattern = _SCAN if level == "scan" else _LABEL
             if not part:
                 raise AddressError(f"address {text!r} has an empty {level} part")

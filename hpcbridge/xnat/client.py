@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import requests
 
@@ -59,7 +60,7 @@ def _excerpt(resp: requests.Response, limit: int = 200) -> str:
         if i >= 0:
             j = text.find(end, i + len(start))
             if j > i:
-                return text[i + len(start):j].strip()[:limit]
+                return text[i + len(start) : j].strip()[:limit]
     return " ".join(text.split())[:limit]
 
 
@@ -70,23 +71,36 @@ def raise_for_response(resp: requests.Response, what: str) -> None:
         return
     url = resp.url.split("?")[0]
     if status in (401,) or (status < 300 and _looks_like_login_page(resp)):
-        raise XnatAuthError(f"XNAT refused the credentials or the session expired ({what})",
-                            hint="run `hpcbridge login`", status=status, url=url)
+        raise XnatAuthError(
+            f"XNAT refused the credentials or the session expired ({what})",
+            hint="run `hpcbridge login`",
+            status=status,
+            url=url,
+        )
     if status == 403:
         raise XnatPermissionError(f"not allowed: {what}: {_excerpt(resp)}", status=status, url=url)
     if status == 404:
         raise XnatNotFoundError(f"not found: {what}", status=status, url=url)
     if status == 409:
         raise XnatConflictError(f"conflict: {what}: {_excerpt(resp)}", status=status, url=url)
-    raise XnatServerError(f"XNAT answered {status} for {what}: {_excerpt(resp)}",
-                          status=status, url=url)
+    raise XnatServerError(
+        f"XNAT answered {status} for {what}: {_excerpt(resp)}", status=status, url=url
+    )
 
 
 class XnatClient:
     """A context manager holding one requests session and one XNAT server session."""
 
-    def __init__(self, url: str, credentials: Credentials | None, *, timeout: float = 60.0,
-                 verify: bool = True, retries: int = 3, backoff: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        credentials: Credentials | None,
+        *,
+        timeout: float = 60.0,
+        verify: bool = True,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
         self.base = url.rstrip("/")
         self.credentials = credentials
         self.timeout = timeout
@@ -97,21 +111,28 @@ class XnatClient:
         self.http.headers["User-Agent"] = USER_AGENT
         self._logged_in = False
 
-    def __enter__(self) -> "XnatClient":
+    def __enter__(self) -> XnatClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     # -- session -------------------------------------------------------------------------
     def login(self) -> None:
         """Open the one server session of this client."""
         if self.credentials is None:
-            raise XnatAuthError("no XNAT credentials configured",
-                                hint="run `hpcbridge login` or set HPCBRIDGE_USER and HPCBRIDGE_PASSWORD")
-        resp = self._send("POST", "/data/JSESSION",
-                          auth=(self.credentials.user, self.credentials.secret))
+            raise XnatAuthError(
+                "no XNAT credentials configured",
+                hint="run `hpcbridge login` or set HPCBRIDGE_USER and HPCBRIDGE_PASSWORD",
+            )
+        resp = self._send(
+            "POST", "/data/JSESSION", auth=(self.credentials.user, self.credentials.secret)
+        )
         raise_for_response(resp, f"login as {self.credentials.user} at {self.base}")
         self._logged_in = True
 
@@ -135,15 +156,17 @@ class XnatClient:
                 resp = self.http.request(method, url, timeout=self.timeout, **kwargs)
             except requests.ConnectionError as exc:
                 if attempt + 1 < attempts:
-                    time.sleep(self.backoff * 2 ** attempt)
+                    time.sleep(self.backoff * 2**attempt)
                     continue
-                raise XnatConnectionError(f"cannot reach XNAT at {self.base}: {_reason(exc)}",
-                                          url=self.base) from None
+                raise XnatConnectionError(
+                    f"cannot reach XNAT at {self.base}: {_reason(exc)}", url=self.base
+                ) from None
             except requests.Timeout:
-                raise XnatConnectionError(f"XNAT at {self.base} did not answer within "
-                                          f"{self.timeout:g} s", url=self.base) from None
+                raise XnatConnectionError(
+                    f"XNAT at {self.base} did not answer within {self.timeout:g} s", url=self.base
+                ) from None
             if resp.status_code in RETRY_STATUSES and attempt + 1 < attempts:
-                time.sleep(self.backoff * 2 ** attempt)
+                time.sleep(self.backoff * 2**attempt)
                 continue
             return resp
         raise AssertionError("unreachable")
@@ -166,11 +189,15 @@ class XnatClient:
         try:
             return resp.json()
         except json.JSONDecodeError:
-            raise XnatServerError(f"XNAT sent something that is not JSON for {what}",
-                                  status=resp.status_code, url=resp.url) from None
+            raise XnatServerError(
+                f"XNAT sent something that is not JSON for {what}",
+                status=resp.status_code,
+                url=resp.url,
+            ) from None
 
-    def listing(self, path: str, what: str, params: Mapping[str, str] | None = None
-                ) -> list[dict[str, Any]]:
+    def listing(
+        self, path: str, what: str, params: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         """The rows of a ResultSet listing, with XNAT's string numbers turned into ints."""
         data = self.get_json(path, what, params)
         try:
@@ -180,8 +207,16 @@ class XnatClient:
         return [{k: _number(k, v) for k, v in row.items()} for row in rows]
 
 
-_NUMERIC_KEYS = {"Size", "file_count", "file_size", "xnat_abstractresource_id", "cat_ID",
-                 "xnat_imagescandata_id", "frames", "totalRecords"}
+_NUMERIC_KEYS = {
+    "Size",
+    "file_count",
+    "file_size",
+    "xnat_abstractresource_id",
+    "cat_ID",
+    "xnat_imagescandata_id",
+    "frames",
+    "totalRecords",
+}
 
 
 def _number(key: str, value: Any) -> Any:
@@ -192,8 +227,13 @@ def _number(key: str, value: Any) -> Any:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc)
-    for marker in ("Connection refused", "Name or service not known", "timed out",
-                   "Connection reset", "Remote end closed"):
+    for marker in (
+        "Connection refused",
+        "Name or service not known",
+        "timed out",
+        "Connection reset",
+        "Remote end closed",
+    ):
         if marker in text:
             return marker.lower()
     return text.split(":")[-1].strip()[:120] or type(exc).__name__

@@ -147,11 +147,22 @@ def start_server(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any], l
     ready = work / "ready.json"
     data = work / "server-data"
     log_path = work / "server.log"
-    argv += ["sandbox", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--ready-file", str(ready), "--data", str(data)]
+    argv += [
+        "sandbox",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--ready-file",
+        str(ready),
+        "--data",
+        str(data),
+    ]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                close_fds=True)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True
+        )
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if ready.exists():
@@ -162,8 +173,10 @@ def start_server(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any], l
             if info:
                 return proc, info, command
         if proc.poll() is not None:
-            raise BenchFailure(f"the sandbox exited with code {proc.returncode} while starting:\n"
-                               + log_path.read_text(errors="replace")[-2000:])
+            raise BenchFailure(
+                f"the sandbox exited with code {proc.returncode} while starting:\n"
+                + log_path.read_text(errors="replace")[-2000:]
+            )
         time.sleep(0.05)
     raise BenchFailure(f"the sandbox was not ready within {READY_TIMEOUT:g} s")
 
@@ -193,8 +206,18 @@ def stop_server(proc: subprocess.Popen[bytes] | None, pid: int | None) -> None:
 
 # -- the benchmark ----------------------------------------------------------------------------
 class Bench:
-    def __init__(self, url: str, user: str, password: str, work: Path, src: Path, size_mib: int,
-                 src_md5: str, sampler: RssSampler, curl: str | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        user: str,
+        password: str,
+        work: Path,
+        src: Path,
+        size_mib: int,
+        src_md5: str,
+        sampler: RssSampler,
+        curl: str | None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.user, self.password = user, password
         self.work = work
@@ -212,8 +235,9 @@ class Bench:
 
     # set-up ---------------------------------------------------------------------------------
     def login(self) -> None:
-        r = self.session.post(f"{self.url}/data/JSESSION", auth=(self.user, self.password),
-                              timeout=30)
+        r = self.session.post(
+            f"{self.url}/data/JSESSION", auth=(self.user, self.password), timeout=30
+        )
         r.raise_for_status()
         sid = r.text.strip()
         if not sid:
@@ -224,17 +248,23 @@ class Bench:
 
     def create_objects(self) -> None:
         s, u = self.session, self.url
-        for path in ("/data/projects/BENCH?xsiType=xnat:projectData",
-                     "/data/projects/BENCH/subjects/S1"):
+        for path in (
+            "/data/projects/BENCH?xsiType=xnat:projectData",
+            "/data/projects/BENCH/subjects/S1",
+        ):
             s.put(u + path, timeout=30).raise_for_status()
-        r = s.put(u + "/data/projects/BENCH/subjects/S1/experiments/E1"
-                  "?xsiType=xnat:mrSessionData", timeout=30)
+        r = s.put(
+            u + "/data/projects/BENCH/subjects/S1/experiments/E1?xsiType=xnat:mrSessionData",
+            timeout=30,
+        )
         r.raise_for_status()
         self.expt_id = r.text.strip()
         if not self.expt_id:
             raise BenchFailure("PUT experiment returned no accession id")
-        s.put(f"{u}/data/experiments/{self.expt_id}/scans/1"
-              "?xsiType=xnat:mrScanData&type=T1", timeout=30).raise_for_status()
+        s.put(
+            f"{u}/data/experiments/{self.expt_id}/scans/1?xsiType=xnat:mrScanData&type=T1",
+            timeout=30,
+        ).raise_for_status()
 
     def write_netrc(self) -> None:
         host = self.url.split("://", 1)[1].split("/", 1)[0].split(":")[0]
@@ -247,8 +277,13 @@ class Bench:
         return f"{self.url}/data/experiments/{self.expt_id}/scans/1/resources/BIG/files{suffix}"
 
     # measurement ----------------------------------------------------------------------------
-    def measure(self, step: str, tool: str, mib: float | None,
-                action: Callable[[], tuple[float | None, str]]) -> Step:
+    def measure(
+        self,
+        step: str,
+        tool: str,
+        mib: float | None,
+        action: Callable[[], tuple[float | None, str]],
+    ) -> Step:
         """Run ``action`` (returns MiB moved when not known up front, and a note) and record it."""
         before = self.sampler.begin()
         t0 = time.perf_counter()
@@ -257,27 +292,45 @@ class Bench:
             got, note = action()
             if got is not None:
                 moved = got
-        except (BenchFailure, requests.RequestException, subprocess.SubprocessError,
-                OSError) as exc:
+        except (
+            BenchFailure,
+            requests.RequestException,
+            subprocess.SubprocessError,
+            OSError,
+        ) as exc:
             ok, note = False, f"FAILED: {exc}"
         seconds = time.perf_counter() - t0
         peak = self.sampler.end()
-        result = Step(step, tool, moved if moved is not None else 0.0, seconds,
-                      peak["server"] - before["server"],
-                      None if tool == "curl" else peak["client"] - before["client"], ok, note)
+        result = Step(
+            step,
+            tool,
+            moved if moved is not None else 0.0,
+            seconds,
+            peak["server"] - before["server"],
+            None if tool == "curl" else peak["client"] - before["client"],
+            ok,
+            note,
+        )
         self.steps.append(result)
-        client = "" if result.client_growth is None else \
-            f", client RSS +{_mib(result.client_growth)} MiB"
-        print(f"  {step:<22} {tool:<8} {result.seconds:8.2f} s {result.rate:9.1f} MiB/s  "
-              f"server RSS +{_mib(result.server_growth)} MiB{client}"
-              f"{'  ' + note if note else ''}", flush=True)
+        client = (
+            ""
+            if result.client_growth is None
+            else f", client RSS +{_mib(result.client_growth)} MiB"
+        )
+        print(
+            f"  {step:<22} {tool:<8} {result.seconds:8.2f} s {result.rate:9.1f} MiB/s  "
+            f"server RSS +{_mib(result.server_growth)} MiB{client}"
+            f"{'  ' + note if note else ''}",
+            flush=True,
+        )
         return result
 
     def _curl(self, *args: str) -> str:
         assert self.curl and self.netrc
         argv = [self.curl, "-sS", "-f", "--netrc-file", str(self.netrc), *args]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout,
-                              check=False)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=self.timeout, check=False
+        )
         if done.returncode != 0:
             raise BenchFailure(f"curl exited {done.returncode}: {done.stderr.strip()}")
         return done.stdout
@@ -291,8 +344,10 @@ class Bench:
         if row is None:
             raise BenchFailure(f"{name} is not listed after the upload")
         if int(row["Size"]) != self.size or row["digest"] != self.src_md5:
-            raise BenchFailure(f"{name} stored as {row['Size']} bytes md5 {row['digest']}, "
-                               f"sent {self.size} bytes md5 {self.src_md5}")
+            raise BenchFailure(
+                f"{name} stored as {row['Size']} bytes md5 {row['digest']}, "
+                f"sent {self.size} bytes md5 {self.src_md5}"
+            )
 
     def upload_curl(self) -> tuple[None, str]:
         self._curl("-T", str(self.src), "-o", os.devnull, self.res_url("/curl.bin?inbody=true"))
@@ -301,8 +356,12 @@ class Bench:
 
     def upload_requests(self) -> tuple[None, str]:
         with open(self.src, "rb") as fh:
-            r = self.session.put(self.res_url("/requests.bin"), params={"inbody": "true"},
-                                 data=fh, timeout=self.timeout)
+            r = self.session.put(
+                self.res_url("/requests.bin"),
+                params={"inbody": "true"},
+                data=fh,
+                timeout=self.timeout,
+            )
         r.raise_for_status()
         self._check_stored("requests.bin")
         return None, "stored md5 ok"
@@ -322,8 +381,10 @@ class Bench:
                 md5.update(chunk)
                 got += len(chunk)
         if got != self.size or md5.hexdigest() != self.src_md5:
-            raise BenchFailure(f"received {got} bytes md5 {md5.hexdigest()}, expected "
-                               f"{self.size} bytes md5 {self.src_md5}")
+            raise BenchFailure(
+                f"received {got} bytes md5 {md5.hexdigest()}, expected "
+                f"{self.size} bytes md5 {self.src_md5}"
+            )
         return None, "md5 ok"
 
     def zip_curl(self) -> tuple[float, str]:
@@ -335,14 +396,15 @@ class Bench:
 
     def zip_requests(self) -> tuple[float, str]:
         got, tail = 0, b""
-        with self.session.get(self.res_url(), params={"format": "zip"}, stream=True,
-                              timeout=self.timeout) as r:
+        with self.session.get(
+            self.res_url(), params={"format": "zip"}, stream=True, timeout=self.timeout
+        ) as r:
             r.raise_for_status()
             if "chunked" not in r.headers.get("Transfer-Encoding", "").lower():
                 raise BenchFailure("the zip was not sent with chunked transfer encoding")
             for chunk in r.iter_content(MIB):
                 got += len(chunk)
-                tail = (tail + chunk)[-(64 * 1024):]
+                tail = (tail + chunk)[-(64 * 1024) :]
         if got <= 2 * self.size:
             raise BenchFailure(f"zip of {got} bytes is not larger than 2 x {self.size}")
         if b"PK\x05\x06" not in tail:
@@ -358,8 +420,12 @@ class Bench:
         if not self.curl:
             # the downloads need a curl.bin; store one with requests instead
             with open(self.src, "rb") as fh:
-                self.session.put(self.res_url("/curl.bin"), params={"inbody": "true"}, data=fh,
-                                 timeout=self.timeout).raise_for_status()
+                self.session.put(
+                    self.res_url("/curl.bin"),
+                    params={"inbody": "true"},
+                    data=fh,
+                    timeout=self.timeout,
+                ).raise_for_status()
         if self.curl:
             self.measure("download file", "curl", m, self.download_curl)
         self.measure("download file", "requests", m, self.download_requests)
@@ -372,35 +438,53 @@ class Bench:
 def machine_line(curl: str | None) -> str:
     curl_version = "curl not found"
     if curl:
-        out = subprocess.run([curl, "--version"], capture_output=True, text=True,
-                             check=False).stdout
+        out = subprocess.run(
+            [curl, "--version"], capture_output=True, text=True, check=False
+        ).stdout
         curl_version = out.splitlines()[0].split(" (")[0] if out else "curl ?"
-    return (f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"requests {requests.__version__}, {curl_version}")
+    return (
+        f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"requests {requests.__version__}, {curl_version}"
+    )
 
 
 def table(steps: list[Step]) -> str:
-    lines = [("| step | tool | MiB | seconds | MiB/s | server RSS growth MiB "
-              "| client RSS growth MiB | check |"),
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        (
+            "| step | tool | MiB | seconds | MiB/s | server RSS growth MiB "
+            "| client RSS growth MiB | check |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for s in steps:
         client = "–" if s.client_growth is None else _mib(s.client_growth)
         check = s.note if s.ok else f"**{s.note}**"
-        lines.append(f"| {s.step} | {s.tool} | {s.mib:.0f} | {s.seconds:.2f} | {s.rate:.1f} "
-                     f"| {_mib(s.server_growth)} | {client} | {check or 'ok'} |")
+        lines.append(
+            f"| {s.step} | {s.tool} | {s.mib:.0f} | {s.seconds:.2f} | {s.rate:.1f} "
+            f"| {_mib(s.server_growth)} | {client} | {check or 'ok'} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size-mib", type=int, default=256, help="file size in MiB (default 256)")
-    ap.add_argument("--bound-mib", type=float, default=64.0,
-                    help="largest server RSS growth allowed on any step (default 64 MiB)")
+    ap.add_argument(
+        "--bound-mib",
+        type=float,
+        default=64.0,
+        help="largest server RSS growth allowed on any step (default 64 MiB)",
+    )
     ap.add_argument("--out", type=Path, help="append the Markdown table to this file")
-    ap.add_argument("--tmpdir", type=Path, default=None,
-                    help="where the source file and the server's archive go (default: system tmp)")
+    ap.add_argument(
+        "--tmpdir",
+        type=Path,
+        default=None,
+        help="where the source file and the server's archive go (default: system tmp)",
+    )
     args = ap.parse_args(argv)
     if args.size_mib < 1:
         ap.error("--size-mib must be at least 1")
@@ -409,14 +493,20 @@ def main(argv: list[str] | None = None) -> int:
     need = 3 * args.size_mib * MIB + 256 * MIB
     free = shutil.disk_usage(base).free
     if free < need:
-        print(f"not enough disk in {base}: {free / 2**30:.1f} GiB free, need about "
-              f"{need / 2**30:.1f} GiB (3x the file size)", file=sys.stderr)
+        print(
+            f"not enough disk in {base}: {free / 2**30:.1f} GiB free, need about "
+            f"{need / 2**30:.1f} GiB (3x the file size)",
+            file=sys.stderr,
+        )
         return 2
 
     curl = shutil.which("curl")
     if not curl:
-        print("curl is not installed: running the python (requests) steps only, "
-              "without the curl reference", file=sys.stderr)
+        print(
+            "curl is not installed: running the python (requests) steps only, "
+            "without the curl reference",
+            file=sys.stderr,
+        )
 
     work = Path(tempfile.mkdtemp(prefix="hpcbridge-bench-", dir=base))
     proc: subprocess.Popen[bytes] | None = None
@@ -435,11 +525,22 @@ def main(argv: list[str] | None = None) -> int:
         server = psutil.Process(pid)
         sampler = RssSampler({"server": server, "client": psutil.Process(os.getpid())}).start()
         start_rss = sampler.rss("server")
-        print(f"sandbox ({' '.join(command)}) pid {pid} at {info['url']}, "
-              f"RSS {_mib(start_rss)} MiB", flush=True)
+        print(
+            f"sandbox ({' '.join(command)}) pid {pid} at {info['url']}, RSS {_mib(start_rss)} MiB",
+            flush=True,
+        )
 
-        bench = Bench(str(info["url"]), str(info["user"]), str(info["password"]), work, src,
-                      args.size_mib, src_md5, sampler, curl)
+        bench = Bench(
+            str(info["url"]),
+            str(info["user"]),
+            str(info["password"]),
+            work,
+            src,
+            args.size_mib,
+            src_md5,
+            sampler,
+            curl,
+        )
         bench.login()
         bench.create_objects()
         bench.run()
@@ -459,11 +560,14 @@ def main(argv: list[str] | None = None) -> int:
             f"benchmark process peak RSS {_mib(client_peak)} MiB"
             + (f"; {len(over)} step(s) over the bound" if over else "")
             + (f"; {len(failed)} transfer(s) failed or wrong" if failed else "")
-            + ("" if curl else "; curl not found, python steps only") + "."
+            + ("" if curl else "; curl not found, python steps only")
+            + "."
         )
         stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        report = (f"### {args.size_mib} MiB file ({stamp})\n\n"
-                  f"Machine: {machine_line(curl)}\n\n{table(bench.steps)}\n\n{verdict}\n")
+        report = (
+            f"### {args.size_mib} MiB file ({stamp})\n\n"
+            f"Machine: {machine_line(curl)}\n\n{table(bench.steps)}\n\n{verdict}\n"
+        )
         print()
         print(report)
         if args.out:
@@ -480,8 +584,10 @@ def main(argv: list[str] | None = None) -> int:
         stop_server(proc, pid)
         log_path = work / "server.log"
         if not verdict_ok and log_path.exists():
-            print("--- end of the sandbox's log ---\n" + log_path.read_text(errors="replace")[-2000:],
-                  file=sys.stderr)
+            print(
+                "--- end of the sandbox's log ---\n" + log_path.read_text(errors="replace")[-2000:],
+                file=sys.stderr,
+            )
         shutil.rmtree(work, ignore_errors=True)
 
 

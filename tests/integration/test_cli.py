@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -30,8 +29,9 @@ def run(*args: str):
 
 
 def stats(server: SandboxServer) -> dict:
-    return requests.get(server.url + "/sandbox/stats", auth=(server.user, server.password),
-                        timeout=10).json()
+    return requests.get(
+        server.url + "/sandbox/stats", auth=(server.user, server.password), timeout=10
+    ).json()
 
 
 def test_help_teaches_with_examples() -> None:
@@ -44,8 +44,9 @@ def test_help_teaches_with_examples() -> None:
 
 
 def test_python_dash_m_works() -> None:
-    out = subprocess.run([sys.executable, "-m", "hpcbridge", "--version"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "hpcbridge", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and re.match(r"hpcbridge, version \d", out.stdout)
 
 
@@ -81,11 +82,18 @@ def test_ls_uses_one_server_session_and_ends_it(env: SandboxServer) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "line"),
     [
-        (["ls", "PTV000/Haofei01/Haofei01_MR1/77"], 1,
-         "hpcbridge: error: not found: resources of PTV000/Haofei01/Haofei01_MR1/77"),
+        (
+            ["ls", "PTV000/Haofei01/Haofei01_MR1/77"],
+            1,
+            "hpcbridge: error: not found: resources of PTV000/Haofei01/Haofei01_MR1/77",
+        ),
         (["ls", "NOPE"], 1, "hpcbridge: error: not found: subjects of NOPE"),
-        (["ls", "PTV000/x y"], 2,
-         "hpcbridge: error: address 'PTV000/x y': subject 'x y' may only hold letters, digits, '_' and '-'"),
+        (
+            ["ls", "PTV000/x y"],
+            2,
+            "hpcbridge: error: address 'PTV000/x y': subject 'x y' may only hold letters, "
+            "digits, '_' and '-'",
+        ),
     ],
 )
 def test_ls_errors_are_one_line(env: SandboxServer, args: list[str], code: int, line: str) -> None:
@@ -94,7 +102,9 @@ def test_ls_errors_are_one_line(env: SandboxServer, args: list[str], code: int, 
     assert result.output.strip() == line
 
 
-def test_wrong_password_is_an_auth_error(env: SandboxServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_password_is_an_auth_error(
+    env: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HPCBRIDGE_PASSWORD", "wrong-secret-xyz")
     result = CliRunner().invoke(main, ["ls"])
     assert result.exit_code == 1
@@ -107,7 +117,8 @@ def test_no_xnat_configured() -> None:
     assert result.exit_code == 2
     assert result.output.strip() == (
         "hpcbridge: error: no XNAT server configured (use `--profile sandbox` after "
-        "`hpcbridge sandbox start`, or set HPCBRIDGE_XNAT)")
+        "`hpcbridge sandbox start`, or set HPCBRIDGE_XNAT)"
+    )
 
 
 def test_unreachable_server(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,21 +128,25 @@ def test_unreachable_server(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(main, ["ls"])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        "hpcbridge: error: cannot reach XNAT at http://127.0.0.1:9: connection refused")
+        "hpcbridge: error: cannot reach XNAT at http://127.0.0.1:9: connection refused"
+    )
 
 
 def test_sandbox_profile_when_not_running() -> None:
     result = CliRunner().invoke(main, ["--profile", "sandbox", "ls"])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        "hpcbridge: error: the sandbox is not running (start it with `hpcbridge sandbox start`)")
+        "hpcbridge: error: the sandbox is not running (start it with `hpcbridge sandbox start`)"
+    )
 
 
 def test_sandbox_start_status_stop_and_profile(isolated_home: Path) -> None:
     try:
         started = run("sandbox", "start")
         assert started.exit_code == 0, started.output
-        assert re.match(r"sandbox XNAT started at http://127\.0\.0\.1:\d+ \(pid \d+\)", started.output)
+        assert re.match(
+            r"sandbox XNAT started at http://127\.0\.0\.1:\d+ \(pid \d+\)", started.output
+        )
         ready = isolated_home / "sandbox" / "ready.json"
         assert oct(ready.stat().st_mode & 0o777) == "0o600"
         again = run("--json", "sandbox", "start")
@@ -150,13 +165,16 @@ def test_sandbox_start_status_stop_and_profile(isolated_home: Path) -> None:
 def test_group_readable_ready_file_is_refused(isolated_home: Path) -> None:
     ready = isolated_home / "sandbox" / "ready.json"
     ready.parent.mkdir(parents=True)
-    ready.write_text(json.dumps({"url": "http://127.0.0.1:9", "user": "a", "password": "b", "pid": 1}))
+    ready.write_text(
+        json.dumps({"url": "http://127.0.0.1:9", "user": "a", "password": "b", "pid": 1})
+    )
     ready.chmod(0o644)
     result = CliRunner().invoke(main, ["--profile", "sandbox", "ls"])
     assert result.exit_code == 1
     assert result.output.strip() == (
         f"hpcbridge: error: {ready} is readable by other users (mode 0644); refusing to use it "
-        f"(run `chmod 600 {ready}`)")
+        f"(run `chmod 600 {ready}`)"
+    )
 
 
 def test_serve_ready_file_curl_and_sigterm(tmp_path: Path) -> None:
@@ -168,9 +186,24 @@ def test_serve_ready_file_curl_and_sigterm(tmp_path: Path) -> None:
     import pydicom
 
     ready = tmp_path / "f.json"
-    proc = subprocess.Popen([sys.executable, "-m", "hpcbridge", "sandbox", "serve", "--seed", "demo",
-                             "--port", "0", "--ready-file", str(ready)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hpcbridge",
+            "sandbox",
+            "serve",
+            "--seed",
+            "demo",
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(300):
             if ready.exists() or proc.poll() is not None:
@@ -179,13 +212,21 @@ def test_serve_ready_file_curl_and_sigterm(tmp_path: Path) -> None:
         info = json.loads(ready.read_text())
         assert info["pid"] == proc.pid and info["user"] == "admin"
         url = info["url"]
-        listing = requests.get(url + "/data/projects?format=json", auth=("admin", "admin"), timeout=10)
+        listing = requests.get(
+            url + "/data/projects?format=json", auth=("admin", "admin"), timeout=10
+        )
         assert [r["ID"] for r in listing.json()["ResultSet"]["Result"]] == ["PTV000"]
-        zipped = requests.get(url + "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1"
-                              "/scans/4/files?format=zip", auth=("admin", "admin"), timeout=30)
+        zipped = requests.get(
+            url + "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1"
+            "/scans/4/files?format=zip",
+            auth=("admin", "admin"),
+            timeout=30,
+        )
         names = zipfile.ZipFile(io.BytesIO(zipped.content)).namelist()
         assert len(names) == 12
-        assert all(n.startswith("Haofei01_MR1/scans/4-Ax_3D_T1/resources/DICOM/files/") for n in names)
+        assert all(
+            n.startswith("Haofei01_MR1/scans/4-Ax_3D_T1/resources/DICOM/files/") for n in names
+        )
         ds = pydicom.dcmread(io.BytesIO(zipfile.ZipFile(io.BytesIO(zipped.content)).read(names[0])))
         assert ds.SeriesDescription == "Ax 3D T1"
     finally:
@@ -200,4 +241,5 @@ def test_serve_port_in_use(demo_sandbox: SandboxServer) -> None:
     result = CliRunner().invoke(main, ["sandbox", "serve", "--port", str(demo_sandbox.port)])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        f"hpcbridge: error: cannot listen on 127.0.0.1:{demo_sandbox.port}: Address already in use")
+        f"hpcbridge: error: cannot listen on 127.0.0.1:{demo_sandbox.port}: Address already in use"
+    )

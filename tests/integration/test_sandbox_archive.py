@@ -38,15 +38,23 @@ def item_fields(http: requests.Session, url: str) -> dict[str, Any]:
 
 def test_put_project(sandbox: SandboxServer, http: requests.Session) -> None:
     url = sandbox.url + "/data/projects/NEWPROJ"
-    resp = http.put(url, params={"xsiType": "xnat:projectData", "req_format": "qs",
-                                 "xnat:projectData/name": "A new project"}, timeout=T)
+    resp = http.put(
+        url,
+        params={
+            "xsiType": "xnat:projectData",
+            "req_format": "qs",
+            "xnat:projectData/name": "A new project",
+        },
+        timeout=T,
+    )
     assert resp.status_code in (200, 201)
     listed = {r["ID"]: r for r in rows(http, sandbox.url + "/data/projects")}
     assert listed["NEWPROJ"]["name"] == "A new project"
     assert listed["NEWPROJ"]["URI"] == "/data/projects/NEWPROJ"
     assert item_fields(http, url)["ID"] == "NEWPROJ"
-    bad = http.put(sandbox.url + "/data/projects/bad.id!", params={"xsiType": "xnat:projectData"},
-                   timeout=T)
+    bad = http.put(
+        sandbox.url + "/data/projects/bad.id!", params={"xsiType": "xnat:projectData"}, timeout=T
+    )
     assert bad.status_code == 417
     assert "Invalid character in project ID." in bad.text
     assert "bad.id!" not in {r["ID"] for r in rows(http, sandbox.url + "/data/projects")}
@@ -71,7 +79,9 @@ def test_put_subject(sandbox: SandboxServer, http: requests.Session) -> None:
     assert sid.startswith("XNAT_S")
     again = http.put(url, timeout=T)
     assert again.status_code == 200 and again.text.strip() == sid
-    listed = {r["label"]: r["ID"] for r in rows(http, sandbox.url + "/data/projects/PTV000/subjects")}
+    listed = {
+        r["label"]: r["ID"] for r in rows(http, sandbox.url + "/data/projects/PTV000/subjects")
+    }
     assert listed["Newbie"] == sid
     assert item_fields(http, sandbox.url + f"/data/subjects/{sid}")["label"] == "Newbie"
 
@@ -81,13 +91,18 @@ def test_put_experiment(sandbox: SandboxServer, http: requests.Session) -> None:
     missing_type = http.put(url, timeout=T)
     assert missing_type.status_code == 417
     assert "Need PUT Contents" in missing_type.text
-    created = http.put(url, params={"xsiType": "xnat:mrSessionData",
-                                    "xnat:mrSessionData/date": "2024-02-01"}, timeout=T)
+    created = http.put(
+        url,
+        params={"xsiType": "xnat:mrSessionData", "xnat:mrSessionData/date": "2024-02-01"},
+        timeout=T,
+    )
     assert created.status_code == 201
     eid = created.text.strip()
     assert eid.startswith("XNAT_E")
     # the subject did not exist: XNAT creates it with the label from the URL
-    subjects = {r["label"]: r["ID"] for r in rows(http, sandbox.url + "/data/projects/PTV000/subjects")}
+    subjects = {
+        r["label"]: r["ID"] for r in rows(http, sandbox.url + "/data/projects/PTV000/subjects")
+    }
     assert "Haofei04" in subjects
     fields = item_fields(http, sandbox.url + f"/data/experiments/{eid}")
     assert fields["label"] == "Haofei04_MR1" and fields["subject_ID"] == subjects["Haofei04"]
@@ -100,16 +115,26 @@ def test_put_experiment(sandbox: SandboxServer, http: requests.Session) -> None:
 
 def test_put_scan(sandbox: SandboxServer, http: requests.Session) -> None:
     session = sandbox.url + "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1"
-    resp = http.put(session + "/scans/7", params={
-        "xsiType": "xnat:mrScanData", "xnat:mrScanData/type": "T2 FLAIR",
-        "xnat:mrScanData/series_description": "t2_flair_ax"}, timeout=T)
+    resp = http.put(
+        session + "/scans/7",
+        params={
+            "xsiType": "xnat:mrScanData",
+            "xnat:mrScanData/type": "T2 FLAIR",
+            "xnat:mrScanData/series_description": "t2_flair_ax",
+        },
+        timeout=T,
+    )
     assert resp.status_code == 200
     scans = {r["ID"]: r for r in rows(http, session + "/scans")}
     assert scans["7"]["type"] == "T2 FLAIR" and scans["7"]["series_description"] == "t2_flair_ax"
     assert scans["7"]["xsiType"] == "xnat:mrScanData"
     # the type shortcut updates an existing scan
-    assert http.put(session + "/scans/7", params={"xsiType": "xnat:mrScanData",
-                                                   "type": "FLAIR"}, timeout=T).status_code == 200
+    assert (
+        http.put(
+            session + "/scans/7", params={"xsiType": "xnat:mrScanData", "type": "FLAIR"}, timeout=T
+        ).status_code
+        == 200
+    )
     assert {r["ID"]: r["type"] for r in rows(http, session + "/scans")}["7"] == "FLAIR"
     abstract = http.put(session + "/scans/8", params={"xsiType": "xnat:imageScanData"}, timeout=T)
     assert abstract.status_code == 400
@@ -121,8 +146,11 @@ def test_put_scan(sandbox: SandboxServer, http: requests.Session) -> None:
 
 def test_put_assessor(sandbox: SandboxServer, http: requests.Session) -> None:
     session = sandbox.url + "/data/projects/PTV000/subjects/Haofei02/experiments/Haofei02_MR1"
-    resp = http.put(session + "/assessors/Haofei02_QC", params={
-        "xsiType": "xnat:qcAssessmentData", "label": "Haofei02_QC", "req_format": "qs"}, timeout=T)
+    resp = http.put(
+        session + "/assessors/Haofei02_QC",
+        params={"xsiType": "xnat:qcAssessmentData", "label": "Haofei02_QC", "req_format": "qs"},
+        timeout=T,
+    )
     assert resp.status_code == 201
     aid = resp.text.strip()
     assert aid
@@ -134,8 +162,9 @@ def test_put_assessor(sandbox: SandboxServer, http: requests.Session) -> None:
 
 def test_put_resource(sandbox: SandboxServer, http: requests.Session) -> None:
     scan = sandbox.url + "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1/scans/4"
-    resp = http.put(scan + "/resources/NIFTI", params={"format": "NIFTI", "content": "derived"},
-                    timeout=T)
+    resp = http.put(
+        scan + "/resources/NIFTI", params={"format": "NIFTI", "content": "derived"}, timeout=T
+    )
     assert resp.status_code == 200
     listed = {r["label"]: r for r in rows(http, scan + "/resources")}
     assert listed["NIFTI"]["format"] == "NIFTI" and listed["NIFTI"]["content"] == "derived"
@@ -159,10 +188,12 @@ def test_archive_survives_a_restart(tmp_path: Path) -> None:
     with SandboxServer(data_dir, seed="demo") as first, requests.Session() as http:
         http.auth = (first.user, first.password)
         assert http.put(first.url + "/data/projects/KEEP", timeout=T).status_code in (200, 201)
-        url = (first.url + "/data/projects/PTV000/subjects/Haofei03/experiments/Haofei03_MR1"
-               "/resources/SAVED/files/sub/kept.txt")
+        url = (
+            first.url + "/data/projects/PTV000/subjects/Haofei03/experiments/Haofei03_MR1"
+            "/resources/SAVED/files/sub/kept.txt"
+        )
         assert http.put(url, params={"inbody": "true"}, data=payload, timeout=T).status_code == 200
-        path = url[len(first.url):]
+        path = url[len(first.url) :]
     with SandboxServer(data_dir, seed=None) as second, requests.Session() as http:
         http.auth = (second.user, second.password)
         assert {"KEEP", "PTV000"} <= {r["ID"] for r in rows(http, second.url + "/data/projects")}
@@ -171,8 +202,11 @@ def test_archive_survives_a_restart(tmp_path: Path) -> None:
         assert listed[0]["digest"] == hashlib.md5(payload).hexdigest()
         assert http.get(second.url + path, timeout=T).content == payload
         # the seeded DICOM is still there too
-        dicom = rows(http, second.url + "/data/projects/PTV000/subjects/Haofei01/experiments"
-                     "/Haofei01_MR1/scans/4/resources/DICOM/files")
+        dicom = rows(
+            http,
+            second.url + "/data/projects/PTV000/subjects/Haofei01/experiments"
+            "/Haofei01_MR1/scans/4/resources/DICOM/files",
+        )
         assert len(dicom) == 12
         got = http.get(second.url + dicom[0]["URI"], timeout=T).content
         assert hashlib.md5(got).hexdigest() == dicom[0]["digest"]

@@ -37,8 +37,11 @@ def cookie_line(resp: requests.Response, name: str) -> str | None:
 
 def login(server: SandboxServer, user: str | None = None, password: str | None = None) -> str:
     """Open a session with POST /data/JSESSION and Basic auth; return its id."""
-    resp = requests.post(server.url + "/data/JSESSION",
-                         auth=(user or server.user, password or server.password), timeout=T)
+    resp = requests.post(
+        server.url + "/data/JSESSION",
+        auth=(user or server.user, password or server.password),
+        timeout=T,
+    )
     assert resp.status_code == 200, resp.text
     return resp.text
 
@@ -114,8 +117,10 @@ def test_bad_basic_credentials_answer_401_tomcat_page(sb, user, password):
     assert cookie_line(resp, "JSESSIONID") is None
 
 
-@pytest.mark.parametrize("path", ["/data/projects", "/REST/projects", "/data/JSESSION",
-                                  "/xapi/schemas", "/data/nonsense"])
+@pytest.mark.parametrize(
+    "path",
+    ["/data/projects", "/REST/projects", "/data/JSESSION", "/xapi/schemas", "/data/nonsense"],
+)
 @pytest.mark.parametrize("agent", [None, XNATPY_UA, "curl/8.5.0"])
 def test_no_credentials_from_a_script_answers_401_basic_challenge(demo_sandbox, path, agent):
     headers = {"User-Agent": agent} if agent else {}
@@ -126,8 +131,9 @@ def test_no_credentials_from_a_script_answers_401_basic_challenge(demo_sandbox, 
 
 def test_no_credentials_from_a_browser_redirects_to_login_page(demo_sandbox):
     headers = {"User-Agent": BROWSER_UA}
-    resp = requests.get(demo_sandbox.url + "/data/projects", headers=headers, timeout=T,
-                        allow_redirects=False)
+    resp = requests.get(
+        demo_sandbox.url + "/data/projects", headers=headers, timeout=T, allow_redirects=False
+    )
     assert resp.status_code == 302
     assert resp.headers["Location"].endswith("/app/template/Login.vm")
 
@@ -140,8 +146,9 @@ def test_no_credentials_from_a_browser_redirects_to_login_page(demo_sandbox):
 
 def test_xnat_desktop_client_is_never_interactive(demo_sandbox):
     headers = {"User-Agent": "Mozilla/5.0 XNATDesktopClient/1.0"}
-    resp = requests.get(demo_sandbox.url + "/data/projects", headers=headers, timeout=T,
-                        allow_redirects=False)
+    resp = requests.get(
+        demo_sandbox.url + "/data/projects", headers=headers, timeout=T, allow_redirects=False
+    )
     assert resp.status_code == 401
 
 
@@ -221,9 +228,14 @@ def test_form_login_returns_session_id_and_cookie(sb, method, fields):
         assert me.text == "User 'admin' is logged in"
 
 
-@pytest.mark.parametrize("form", [{"username": "admin", "password": "wrong"},
-                                  {"username": "nobody", "password": "admin"},
-                                  {"password": "admin"}])
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"username": "admin", "password": "wrong"},
+        {"username": "nobody", "password": "admin"},
+        {"password": "admin"},
+    ],
+)
 def test_form_login_failure_is_401_authentication_failed(sb, form):
     resp = requests.put(sb.url + "/data/services/auth", data=form, timeout=T)
     assert resp.status_code == 401
@@ -232,8 +244,11 @@ def test_form_login_failure_is_401_authentication_failed(sb, form):
 
 
 def test_form_login_rejects_get(sb):
-    resp = requests.get(sb.url + "/data/services/auth",
-                        params={"username": sb.user, "password": sb.password}, timeout=T)
+    resp = requests.get(
+        sb.url + "/data/services/auth",
+        params={"username": sb.user, "password": sb.password},
+        timeout=T,
+    )
     assert resp.status_code == 405
 
 
@@ -257,8 +272,11 @@ def test_session_cap_refuses_new_logins_until_one_ends(make_sandbox):
 
     basic = requests.get(sb.url + "/data/auth", auth=(sb.user, sb.password), timeout=T)
     assert basic.status_code == 401
-    form = requests.put(sb.url + "/data/services/auth",
-                        data={"username": sb.user, "password": sb.password}, timeout=T)
+    form = requests.put(
+        sb.url + "/data/services/auth",
+        data={"username": sb.user, "password": sb.password},
+        timeout=T,
+    )
     assert form.status_code == 401
     assert all(whoami(sb, sid) == 200 for sid in sids)  # old sessions are not evicted
     assert requests.get(sb.url + "/data/auth", auth=("bob", "pw"), timeout=T).status_code == 200
@@ -280,8 +298,12 @@ def test_idle_session_expires(make_sandbox):
         expired = http.get(sb.url + "/data/auth", timeout=T)
         assert expired.status_code == 401
         assert expired.headers["WWW-Authenticate"].startswith("Basic")
-        browser = http.get(sb.url + "/data/auth", headers={"User-Agent": BROWSER_UA}, timeout=T,
-                           allow_redirects=False)
+        browser = http.get(
+            sb.url + "/data/auth",
+            headers={"User-Agent": BROWSER_UA},
+            timeout=T,
+            allow_redirects=False,
+        )
         assert browser.status_code == 302
 
 
@@ -302,8 +324,11 @@ def test_lockout_refuses_the_right_password_while_locked(make_sandbox):
         assert bad.status_code == 401
     basic = requests.get(sb.url + "/data/auth", auth=(sb.user, sb.password), timeout=T)
     assert basic.status_code == 401
-    form = requests.put(sb.url + "/data/services/auth",
-                        data={"username": sb.user, "password": sb.password}, timeout=T)
+    form = requests.put(
+        sb.url + "/data/services/auth",
+        data={"username": sb.user, "password": sb.password},
+        timeout=T,
+    )
     assert form.status_code == 401
     assert requests.get(sb.url + "/data/auth", auth=("bob", "pw"), timeout=T).status_code == 200
 
@@ -311,8 +336,11 @@ def test_lockout_refuses_the_right_password_while_locked(make_sandbox):
 def test_form_login_failures_count_towards_lockout(make_sandbox):
     sb = make_sandbox(seed=None, auth=AuthSettings(max_failed_logins=3, lockout_seconds=60))
     for _ in range(3):
-        resp = requests.put(sb.url + "/data/services/auth",
-                            data={"username": sb.user, "password": "wrong"}, timeout=T)
+        resp = requests.put(
+            sb.url + "/data/services/auth",
+            data={"username": sb.user, "password": "wrong"},
+            timeout=T,
+        )
         assert resp.status_code == 401
     basic = requests.get(sb.url + "/data/auth", auth=(sb.user, sb.password), timeout=T)
     assert basic.status_code == 401
@@ -322,11 +350,15 @@ def test_lockout_ends_after_lockout_duration(make_sandbox):
     sb = make_sandbox(seed=None, auth=AuthSettings(max_failed_logins=3, lockout_seconds=0.5))
     for _ in range(3):
         requests.get(sb.url + "/data/auth", auth=(sb.user, "wrong"), timeout=T)
-    assert requests.get(sb.url + "/data/auth", auth=(sb.user, sb.password),
-                        timeout=T).status_code == 401
+    assert (
+        requests.get(sb.url + "/data/auth", auth=(sb.user, sb.password), timeout=T).status_code
+        == 401
+    )
     time.sleep(1.0)
-    assert requests.get(sb.url + "/data/auth", auth=(sb.user, sb.password),
-                        timeout=T).status_code == 200
+    assert (
+        requests.get(sb.url + "/data/auth", auth=(sb.user, sb.password), timeout=T).status_code
+        == 200
+    )
 
 
 def test_successful_login_resets_failure_count(make_sandbox):

@@ -1,4 +1,6 @@
-"""Downloads from the sandbox over real HTTP: zips of scans and resources, single files (xnat-api.md 3).
+"""Downloads from the sandbox over real HTTP (xnat-api.md 3).
+
+Zips of scans and resources, and single files.
 
 Read-only, against the shared seeded ``demo_sandbox``.
 """
@@ -21,14 +23,19 @@ T = 10
 @pytest.fixture(scope="module")
 def eid(demo_sandbox: SandboxServer) -> str:
     """Accession ID of Haofei01_MR1."""
-    resp = requests.get(demo_sandbox.url + "/data/projects/PTV000/experiments/Haofei01_MR1",
-                        params={"format": "json"}, auth=(demo_sandbox.user, demo_sandbox.password),
-                        timeout=T)
+    resp = requests.get(
+        demo_sandbox.url + "/data/projects/PTV000/experiments/Haofei01_MR1",
+        params={"format": "json"},
+        auth=(demo_sandbox.user, demo_sandbox.password),
+        timeout=T,
+    )
     assert resp.status_code == 200
     return str(resp.json()["items"][0]["data_fields"]["ID"])
 
 
-def fetch_zip(http: requests.Session, url: str, **params: str) -> tuple[requests.Response, zipfile.ZipFile]:
+def fetch_zip(
+    http: requests.Session, url: str, **params: str
+) -> tuple[requests.Response, zipfile.ZipFile]:
     resp = http.get(url, params={"format": "zip", **params}, timeout=T)
     assert resp.status_code == 200, resp.text[:300]
     assert resp.headers["Content-Type"].startswith("application/zip")
@@ -59,14 +66,15 @@ def test_scan_resource_zip(demo_sandbox: SandboxServer, admin: requests.Session,
         ds = pydicom.dcmread(io.BytesIO(data))
         assert ds.SeriesNumber == 5
         assert ds.SeriesDescription == "ep2d bold (rest)"
-        row = by_name[name[len(prefix):]]
+        row = by_name[name[len(prefix) :]]
         single = admin.get(demo_sandbox.url + row["URI"], timeout=T)
         assert single.content == data
         assert hashlib.md5(data).hexdigest() == row["digest"]
 
 
-def test_scan_zips_by_id_list_type_and_all(demo_sandbox: SandboxServer, admin: requests.Session,
-                                           eid: str) -> None:
+def test_scan_zips_by_id_list_type_and_all(
+    demo_sandbox: SandboxServer, admin: requests.Session, eid: str
+) -> None:
     scans = demo_sandbox.url + f"/data/experiments/{eid}/scans"
 
     def folders(spec: str) -> dict[str, int]:
@@ -75,20 +83,31 @@ def test_scan_zips_by_id_list_type_and_all(demo_sandbox: SandboxServer, admin: r
         for name in archive.namelist():
             label, kind, folder, res_kw, res, files_kw, _ = name.split("/", 6)
             assert (label, kind, res_kw, res, files_kw) == (
-                "Haofei01_MR1", "scans", "resources", "DICOM", "files")
+                "Haofei01_MR1",
+                "scans",
+                "resources",
+                "DICOM",
+                "files",
+            )
             counts[folder] = counts.get(folder, 0) + 1
         return counts
 
     assert folders("4") == {"4-Ax_3D_T1": 12}
     assert folders("1,4") == {"1-Localizer": 3, "4-Ax_3D_T1": 12}
     assert folders("Localizer") == {"1-Localizer": 3}
-    assert folders("ALL") == {"1-Localizer": 3, "4-Ax_3D_T1": 12, "5-ep2d_bold__rest_": 8,
-                              "99-PhoenixZIPReport": 1}
+    assert folders("ALL") == {
+        "1-Localizer": 3,
+        "4-Ax_3D_T1": 12,
+        "5-ep2d_bold__rest_": 8,
+        "99-PhoenixZIPReport": 1,
+    }
 
 
 def test_zip_via_project_subject_path(demo_sandbox: SandboxServer, admin: requests.Session) -> None:
-    url = (demo_sandbox.url + "/data/projects/PTV000/subjects/Haofei02/experiments/Haofei02_MR1"
-           "/scans/99/resources/DICOM/files")
+    url = (
+        demo_sandbox.url + "/data/projects/PTV000/subjects/Haofei02/experiments/Haofei02_MR1"
+        "/scans/99/resources/DICOM/files"
+    )
     resp, archive = fetch_zip(admin, url)
     assert resp.headers["Content-Disposition"] == 'attachment; filename="Haofei02_MR1.zip";'
     name = "Haofei02_MR1/scans/99-PhoenixZIPReport/resources/DICOM/files/phoenix_report.txt"
@@ -107,11 +126,13 @@ def test_zip_structures(demo_sandbox: SandboxServer, admin: requests.Session, ei
     for name in simplified.namelist():  # same bytes, only the layout differs
         tail = name.rsplit("/", 1)[1]
         assert simplified.read(name) == default.read(
-            f"Haofei01_MR1/scans/5-ep2d_bold__rest_/resources/DICOM/files/{tail}")
+            f"Haofei01_MR1/scans/5-ep2d_bold__rest_/resources/DICOM/files/{tail}"
+        )
 
 
-def test_zip_with_no_matching_files(demo_sandbox: SandboxServer, admin: requests.Session,
-                                    eid: str) -> None:
+def test_zip_with_no_matching_files(
+    demo_sandbox: SandboxServer, admin: requests.Session, eid: str
+) -> None:
     url = demo_sandbox.url + f"/data/experiments/{eid}/scans/1/resources/DICOM/files/none*"
     resp = admin.get(url, params={"format": "zip"}, timeout=T)
     assert resp.status_code == 404
@@ -119,8 +140,9 @@ def test_zip_with_no_matching_files(demo_sandbox: SandboxServer, admin: requests
     assert resp.status_code == 204 and resp.content == b""
 
 
-def test_single_file_get_and_head(demo_sandbox: SandboxServer, admin: requests.Session,
-                                  eid: str) -> None:
+def test_single_file_get_and_head(
+    demo_sandbox: SandboxServer, admin: requests.Session, eid: str
+) -> None:
     base = demo_sandbox.url + f"/data/experiments/{eid}/scans"
     dcm = listing(admin, base + "/4/resources/DICOM/files")[0]
     resp = admin.get(demo_sandbox.url + dcm["URI"], timeout=T)

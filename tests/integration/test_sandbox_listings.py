@@ -18,15 +18,51 @@ from hpcbridge.sandbox import SandboxServer
 
 T = 10  # seconds; every request carries a timeout
 
-PROJECT_COLUMNS = ["ID", "secondary_ID", "name", "description", "pi_firstname", "pi_lastname", "URI"]
+PROJECT_COLUMNS = [
+    "ID",
+    "secondary_ID",
+    "name",
+    "description",
+    "pi_firstname",
+    "pi_lastname",
+    "URI",
+]
 SUBJECT_COLUMNS = ["ID", "project", "label", "insert_date", "insert_user", "URI"]
 EXPT_COLUMNS = ["ID", "project", "date", "xsiType", "label", "insert_date", "URI"]
-SCAN_COLUMNS = ["xnat_imagescandata_id", "ID", "type", "quality", "xsiType", "note",
-                "series_description", "URI"]
-RESOURCE_COLUMNS = ["xnat_abstractresource_id", "label", "element_name", "category", "cat_id",
-                    "cat_desc", "file_count", "file_size", "tags", "content", "format"]
-FILE_COLUMNS = ["Name", "Size", "URI", "collection", "file_tags", "file_format", "file_content",
-                "cat_ID", "digest"]
+SCAN_COLUMNS = [
+    "xnat_imagescandata_id",
+    "ID",
+    "type",
+    "quality",
+    "xsiType",
+    "note",
+    "series_description",
+    "URI",
+]
+RESOURCE_COLUMNS = [
+    "xnat_abstractresource_id",
+    "label",
+    "element_name",
+    "category",
+    "cat_id",
+    "cat_desc",
+    "file_count",
+    "file_size",
+    "tags",
+    "content",
+    "format",
+]
+FILE_COLUMNS = [
+    "Name",
+    "Size",
+    "URI",
+    "collection",
+    "file_tags",
+    "file_format",
+    "file_content",
+    "cat_ID",
+    "digest",
+]
 SESSIONS = ["Haofei01_MR1", "Haofei02_MR1", "Haofei03_MR1"]
 
 
@@ -66,8 +102,9 @@ def ids(demo_sandbox: SandboxServer) -> dict[str, str]:
 
 # -- projects ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["/data/projects", "/data/archive/projects", "/REST/projects"])
-def test_project_listing_on_every_prefix(demo_sandbox: SandboxServer, admin: requests.Session,
-                                         path: str) -> None:
+def test_project_listing_on_every_prefix(
+    demo_sandbox: SandboxServer, admin: requests.Session, path: str
+) -> None:
     rs = result_set(admin, demo_sandbox.url + path)
     assert sorted(rs["Result"][0]) == sorted(PROJECT_COLUMNS)
     row = rs["Result"][0]
@@ -86,8 +123,9 @@ def test_project_listing_as_csv(demo_sandbox: SandboxServer, admin: requests.Ses
 
 
 # -- subjects ----------------------------------------------------------------------------------
-def test_subject_listing(demo_sandbox: SandboxServer, admin: requests.Session,
-                         ids: dict[str, str]) -> None:
+def test_subject_listing(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     rs = result_set(admin, demo_sandbox.url + "/data/archive/projects/PTV000/subjects")
     assert sorted(rs["Result"][0]) == sorted(SUBJECT_COLUMNS)
     assert sorted(r["label"] for r in rs["Result"]) == ["Haofei01", "Haofei02", "Haofei03"]
@@ -110,8 +148,11 @@ def test_subject_listing_filters(demo_sandbox: SandboxServer, admin: requests.Se
 
 
 def test_unknown_project_is_404(demo_sandbox: SandboxServer, admin: requests.Session) -> None:
-    for path in ("/data/projects/NOPE/subjects", "/data/projects/NOPE/experiments",
-                 "/data/projects/NOPE?format=json"):
+    for path in (
+        "/data/projects/NOPE/subjects",
+        "/data/projects/NOPE/experiments",
+        "/data/projects/NOPE?format=json",
+    ):
         resp = get(admin, demo_sandbox.url + path)
         assert resp.status_code == 404, path
         assert "Unable to identify project" in resp.text
@@ -131,16 +172,20 @@ def test_project_experiment_listing(demo_sandbox: SandboxServer, admin: requests
     assert_all_strings(rs)
 
 
-def test_subject_experiment_listing(demo_sandbox: SandboxServer, admin: requests.Session,
-                                    ids: dict[str, str]) -> None:
+def test_subject_experiment_listing(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     for ref in ("Haofei02", ids["Haofei02"]):  # subject by label or by accession ID
-        rs = result_set(admin, demo_sandbox.url + f"/data/projects/PTV000/subjects/{ref}/experiments")
+        rs = result_set(
+            admin, demo_sandbox.url + f"/data/projects/PTV000/subjects/{ref}/experiments"
+        )
         assert [r["label"] for r in rs["Result"]] == ["Haofei02_MR1"]
         assert rs["totalRecords"] == "1"
 
 
-def test_matching_experiments(demo_sandbox: SandboxServer, admin: requests.Session,
-                              ids: dict[str, str]) -> None:
+def test_matching_experiments(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     rs = result_set(admin, demo_sandbox.url + "/data/experiments", project="PTV000")
     assert rs["title"] == "Matching experiments" and rs["totalRecords"] == "3"
     assert sorted(rs["Result"][0]) == sorted(EXPT_COLUMNS + ["subject_ID", "subject_label"])
@@ -150,22 +195,43 @@ def test_matching_experiments(demo_sandbox: SandboxServer, admin: requests.Sessi
     assert_all_strings(rs)
     other = result_set(admin, demo_sandbox.url + "/data/experiments", project="NOSUCH")
     assert other["Result"] == []
-    assert result_set(admin, demo_sandbox.url + "/data/experiments", project="PTV000",
-                      xsiType="xnat:petSessionData")["Result"] == []
+    assert (
+        result_set(
+            admin,
+            demo_sandbox.url + "/data/experiments",
+            project="PTV000",
+            xsiType="xnat:petSessionData",
+        )["Result"]
+        == []
+    )
 
 
-def test_one_row_per_scan_in_one_request(demo_sandbox: SandboxServer,
-                                         admin: requests.Session) -> None:
+def test_one_row_per_scan_in_one_request(
+    demo_sandbox: SandboxServer, admin: requests.Session
+) -> None:
     """DAX-style: every scan of every session of a project with a single listing call."""
-    columns = ("ID,label,subject_label,xnat:imagescandata/id,xnat:imagescandata/type,"
-               "xnat:imagescandata/series_description")
-    rs = result_set(admin, demo_sandbox.url + "/data/experiments", project="PTV000",
-                    xsiType="xnat:mrSessionData", columns=columns)
+    columns = (
+        "ID,label,subject_label,xnat:imagescandata/id,xnat:imagescandata/type,"
+        "xnat:imagescandata/series_description"
+    )
+    rs = result_set(
+        admin,
+        demo_sandbox.url + "/data/experiments",
+        project="PTV000",
+        xsiType="xnat:mrSessionData",
+        columns=columns,
+    )
     rows = rs["Result"]
     assert len(rows) == 12
-    assert set(rows[0]) == {"ID", "label", "subject_label", "xnat:imagescandata/id",
-                            "xnat:imagescandata/type", "xnat:imagescandata/series_description",
-                            "URI"}
+    assert set(rows[0]) == {
+        "ID",
+        "label",
+        "subject_label",
+        "xnat:imagescandata/id",
+        "xnat:imagescandata/type",
+        "xnat:imagescandata/series_description",
+        "URI",
+    }
     pairs = {(r["label"], r["xnat:imagescandata/id"]) for r in rows}
     assert pairs == {(s, n) for s in SESSIONS for n in ("1", "4", "5", "99")}
     bold = [r for r in rows if r["xnat:imagescandata/id"] == "5"]
@@ -207,12 +273,15 @@ def test_experiment_listing_filters(demo_sandbox: SandboxServer, admin: requests
 
 
 # -- scans, resources, files -------------------------------------------------------------------
-def test_scan_listing(demo_sandbox: SandboxServer, admin: requests.Session,
-                      ids: dict[str, str]) -> None:
+def test_scan_listing(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     eid = ids["Haofei01_MR1"]
-    paths = [f"/data/experiments/{eid}/scans",
-             "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1/scans",
-             f"/data/archive/projects/PTV000/subjects/{ids['Haofei01']}/experiments/{eid}/scans"]
+    paths = [
+        f"/data/experiments/{eid}/scans",
+        "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1/scans",
+        f"/data/archive/projects/PTV000/subjects/{ids['Haofei01']}/experiments/{eid}/scans",
+    ]
     for path in paths:
         rs = result_set(admin, demo_sandbox.url + path)
         assert sorted(rs["Result"][0]) == sorted(SCAN_COLUMNS)
@@ -223,18 +292,27 @@ def test_scan_listing(demo_sandbox: SandboxServer, admin: requests.Session,
             assert row["xsiType"] == "xnat:mrScanData"
             assert row["xnat_imagescandata_id"].isdigit()
         types = {r["ID"]: r["type"] for r in rs["Result"]}
-        assert types == {"1": "Localizer", "4": "Ax 3D T1", "5": "ep2d bold (rest)",
-                         "99": "PhoenixZIPReport"}
+        assert types == {
+            "1": "Localizer",
+            "4": "Ax 3D T1",
+            "5": "ep2d bold (rest)",
+            "99": "PhoenixZIPReport",
+        }
         assert_all_strings(rs)
     # XNAT's ScanList ignores filters, so a client must filter scans itself
     ignored = result_set(admin, demo_sandbox.url + paths[0], type="Localizer", ID="4")
     assert [r["ID"] for r in ignored["Result"]] == ["1", "4", "5", "99"]
-    assert [r["ID"] for r in result_set(admin, demo_sandbox.url + paths[0], sortBy="ID",
-                                        sortOrder="DESC", limit="2")["Result"]] == ["99", "5"]
+    assert [
+        r["ID"]
+        for r in result_set(
+            admin, demo_sandbox.url + paths[0], sortBy="ID", sortOrder="DESC", limit="2"
+        )["Result"]
+    ] == ["99", "5"]
 
 
-def test_resource_listing(demo_sandbox: SandboxServer, admin: requests.Session,
-                          ids: dict[str, str]) -> None:
+def test_resource_listing(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     url = demo_sandbox.url + f"/data/experiments/{ids['Haofei01_MR1']}/scans/4/resources"
     rs = result_set(admin, url)
     assert rs["title"] == "Resources" and rs["totalRecords"] == "1"
@@ -248,13 +326,15 @@ def test_resource_listing(demo_sandbox: SandboxServer, admin: requests.Session,
     # columns= does not change a resource listing (CatalogUtils builds fixed columns).
     picked = result_set(admin, url, columns="ID,URI,label,xsiType")
     assert sorted(picked["Result"][0]) == sorted(RESOURCE_COLUMNS)
-    all_scans = result_set(admin, demo_sandbox.url +
-                           f"/data/experiments/{ids['Haofei01_MR1']}/scans/ALL/resources")
+    all_scans = result_set(
+        admin, demo_sandbox.url + f"/data/experiments/{ids['Haofei01_MR1']}/scans/ALL/resources"
+    )
     assert sorted(r["cat_id"] for r in all_scans["Result"]) == ["1", "4", "5", "99"]
 
 
-def test_file_listing(demo_sandbox: SandboxServer, admin: requests.Session,
-                      ids: dict[str, str]) -> None:
+def test_file_listing(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     eid = ids["Haofei01_MR1"]
     base = demo_sandbox.url + f"/data/experiments/{eid}/scans/1/resources"
     rid = result_set(admin, base)["Result"][0]["xnat_abstractresource_id"]
@@ -275,11 +355,13 @@ def test_file_listing(demo_sandbox: SandboxServer, admin: requests.Session,
     assert [r["URI"] for r in by_id["Result"]] == [r["URI"] for r in rs["Result"]]
 
 
-def test_file_uris_keep_the_project_subject_prefix(demo_sandbox: SandboxServer,
-                                                   admin: requests.Session,
-                                                   ids: dict[str, str]) -> None:
-    url = (demo_sandbox.url + "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1"
-           "/scans/99/resources/DICOM/files")
+def test_file_uris_keep_the_project_subject_prefix(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
+    url = (
+        demo_sandbox.url + "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1"
+        "/scans/99/resources/DICOM/files"
+    )
     row = result_set(admin, url)["Result"][0]
     prefix = f"/data/projects/PTV000/subjects/{ids['Haofei01']}/experiments/{ids['Haofei01_MR1']}"
     assert row["URI"].startswith(prefix + "/scans/99/resources/")
@@ -287,15 +369,19 @@ def test_file_uris_keep_the_project_subject_prefix(demo_sandbox: SandboxServer,
     assert get(admin, demo_sandbox.url + row["URI"]).status_code == 200
 
 
-def test_scan_level_file_listing_covers_scans(demo_sandbox: SandboxServer, admin: requests.Session,
-                                              ids: dict[str, str]) -> None:
+def test_scan_level_file_listing_covers_scans(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     eid = ids["Haofei02_MR1"]
     one = result_set(admin, demo_sandbox.url + f"/data/experiments/{eid}/scans/1/files")
     assert len(one["Result"]) == 3
     listed = result_set(admin, demo_sandbox.url + f"/data/experiments/{eid}/scans/ALL/files")
     assert len(listed["Result"]) == 3 + 12 + 8 + 1
     two = result_set(admin, demo_sandbox.url + f"/data/experiments/{eid}/scans/1,99/files")
-    assert sorted({r["URI"].split("/scans/")[1].split("/")[0] for r in two["Result"]}) == ["1", "99"]
+    assert sorted({r["URI"].split("/scans/")[1].split("/")[0] for r in two["Result"]}) == [
+        "1",
+        "99",
+    ]
 
 
 # -- items ---------------------------------------------------------------------------------
@@ -308,14 +394,17 @@ def item(http: requests.Session, url: str) -> dict[str, Any]:
     return items[0]
 
 
-def test_experiment_item_json(demo_sandbox: SandboxServer, admin: requests.Session,
-                              ids: dict[str, str]) -> None:
+def test_experiment_item_json(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     eid, sid = ids["Haofei01_MR1"], ids["Haofei01"]
-    paths = [f"/data/experiments/{eid}",
-             "/data/projects/PTV000/experiments/Haofei01_MR1",
-             f"/data/projects/PTV000/experiments/{eid}",
-             "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1",
-             f"/data/archive/projects/PTV000/subjects/{sid}/experiments/{eid}"]
+    paths = [
+        f"/data/experiments/{eid}",
+        "/data/projects/PTV000/experiments/Haofei01_MR1",
+        f"/data/projects/PTV000/experiments/{eid}",
+        "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1",
+        f"/data/archive/projects/PTV000/subjects/{sid}/experiments/{eid}",
+    ]
     for path in paths:
         doc = item(admin, demo_sandbox.url + path)
         assert doc["meta"]["xsi:type"] == "xnat:mrSessionData"
@@ -333,11 +422,15 @@ def test_experiment_item_json(demo_sandbox: SandboxServer, admin: requests.Sessi
         assert isinstance(scan_items[0]["data_fields"]["xnat_imagescandata_id"], int)
 
 
-def test_subject_and_project_items(demo_sandbox: SandboxServer, admin: requests.Session,
-                                   ids: dict[str, str]) -> None:
+def test_subject_and_project_items(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     sid = ids["Haofei03"]
-    for path in (f"/data/subjects/{sid}", "/data/projects/PTV000/subjects/Haofei03",
-                 f"/data/projects/PTV000/subjects/{sid}"):
+    for path in (
+        f"/data/subjects/{sid}",
+        "/data/projects/PTV000/subjects/Haofei03",
+        f"/data/projects/PTV000/subjects/{sid}",
+    ):
         doc = item(admin, demo_sandbox.url + path)
         assert doc["meta"]["xsi:type"] == "xnat:subjectData"
         assert doc["data_fields"]["ID"] == sid and doc["data_fields"]["label"] == "Haofei03"
@@ -347,35 +440,43 @@ def test_subject_and_project_items(demo_sandbox: SandboxServer, admin: requests.
     assert project["data_fields"]["ID"] == "PTV000"
 
 
-def test_item_lookup_errors(demo_sandbox: SandboxServer, admin: requests.Session,
-                            ids: dict[str, str]) -> None:
+def test_item_lookup_errors(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     # /data/experiments/{e} takes the accession ID only
     resp = get(admin, demo_sandbox.url + "/data/experiments/Haofei01_MR1", format="json")
     assert resp.status_code == 404
     assert "Unable to find the specified experiment." in resp.text
-    resp = get(admin, demo_sandbox.url + "/data/projects/PTV000/experiments/Nope_MR9", format="json")
+    resp = get(
+        admin, demo_sandbox.url + "/data/projects/PTV000/experiments/Nope_MR9", format="json"
+    )
     assert resp.status_code == 404
     # an experiment of another subject is not found under this subject
-    resp = get(admin, demo_sandbox.url +
-               "/data/projects/PTV000/subjects/Haofei02/experiments/Haofei01_MR1", format="json")
+    resp = get(
+        admin,
+        demo_sandbox.url + "/data/projects/PTV000/subjects/Haofei02/experiments/Haofei01_MR1",
+        format="json",
+    )
     assert resp.status_code == 404
-    assert get(admin, demo_sandbox.url + "/data/subjects/Haofei01", format="json").status_code == 404
+    assert (
+        get(admin, demo_sandbox.url + "/data/subjects/Haofei01", format="json").status_code == 404
+    )
     eid = ids["Haofei01_MR1"]
     assert get(admin, demo_sandbox.url + f"/data/experiments/{eid}/scans/42").status_code == 404
 
 
-def test_project_experiment_scans_path_is_the_experiment(demo_sandbox: SandboxServer,
-                                                         admin: requests.Session,
-                                                         ids: dict[str, str]) -> None:
+def test_project_experiment_scans_path_is_the_experiment(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     """XNAT has no /projects/{p}/experiments/{e}/scans route; prefix routing gives the session."""
     doc = item(admin, demo_sandbox.url + "/data/projects/PTV000/experiments/Haofei01_MR1/scans")
     assert doc["meta"]["xsi:type"] == "xnat:mrSessionData"
     assert doc["data_fields"]["ID"] == ids["Haofei01_MR1"]
 
 
-def test_scans_addressed_by_id_type_list_and_all(demo_sandbox: SandboxServer,
-                                                 admin: requests.Session,
-                                                 ids: dict[str, str]) -> None:
+def test_scans_addressed_by_id_type_list_and_all(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     base = demo_sandbox.url + f"/data/experiments/{ids['Haofei01_MR1']}/scans"
     assert item(admin, base + "/4")["data_fields"]["type"] == "Ax 3D T1"
     by_type = item(admin, base + "/Localizer")
@@ -392,9 +493,9 @@ def test_scans_addressed_by_id_type_list_and_all(demo_sandbox: SandboxServer,
     assert scan_ids("ep2d bold (rest)") == ["5"]
 
 
-def test_resource_without_files_is_catalog_xml(demo_sandbox: SandboxServer,
-                                               admin: requests.Session,
-                                               ids: dict[str, str]) -> None:
+def test_resource_without_files_is_catalog_xml(
+    demo_sandbox: SandboxServer, admin: requests.Session, ids: dict[str, str]
+) -> None:
     base = demo_sandbox.url + f"/data/experiments/{ids['Haofei01_MR1']}/scans/99/resources"
     rid = result_set(admin, base)["Result"][0]["xnat_abstractresource_id"]
     for ref in ("DICOM", rid):

@@ -23,10 +23,15 @@ def admin(server: SandboxServer) -> tuple[str, str]:
     return (server.user, server.password)
 
 
-def set_faults(server: SandboxServer, auth: tuple[str, str] | None = None,
-               **values: object) -> requests.Response:
-    return requests.put(server.url + "/sandbox/faults", data=json.dumps(values),
-                        auth=auth or admin(server), timeout=T)
+def set_faults(
+    server: SandboxServer, auth: tuple[str, str] | None = None, **values: object
+) -> requests.Response:
+    return requests.put(
+        server.url + "/sandbox/faults",
+        data=json.dumps(values),
+        auth=auth or admin(server),
+        timeout=T,
+    )
 
 
 # -- /sandbox/stats -------------------------------------------------------------------------------
@@ -53,13 +58,16 @@ def test_stats_count_a_known_sequence_of_requests(make_sandbox):
     seen.append(first)
     sid = first.cookies["JSESSIONID"]
     seen.append(requests.get(base + "/data/projects", timeout=T))
-    form = requests.put(base + "/data/services/auth",
-                        data={"username": sb.user, "password": sb.password}, timeout=T)
+    form = requests.put(
+        base + "/data/services/auth", data={"username": sb.user, "password": sb.password}, timeout=T
+    )
     seen.append(form)
-    seen.append(requests.delete(base + "/data/JSESSION", cookies={"JSESSIONID": form.text},
-                                timeout=T))
-    seen.append(requests.get(base + "/data/services/tokens/issue", cookies={"JSESSIONID": sid},
-                             timeout=T))
+    seen.append(
+        requests.delete(base + "/data/JSESSION", cookies={"JSESSIONID": form.text}, timeout=T)
+    )
+    seen.append(
+        requests.get(base + "/data/services/tokens/issue", cookies={"JSESSIONID": sid}, timeout=T)
+    )
     assert [r.status_code for r in seen] == [200, 401, 200, 200, 200]
 
     resp = requests.get(base + "/sandbox/stats", cookies={"JSESSIONID": sid}, timeout=T)
@@ -98,8 +106,9 @@ def test_latency_fault_still_answers_correctly(make_sandbox):
     assert resp.text == "User 'admin' is logged in"
     # Only a lower bound, to show the fault is applied (not a performance assertion).
     assert resp.elapsed.total_seconds() >= 0.25
-    assert requests.get(sb.url + "/sandbox/faults", auth=admin(sb),
-                        timeout=T).json()["latency"] == 0.3
+    assert (
+        requests.get(sb.url + "/sandbox/faults", auth=admin(sb), timeout=T).json()["latency"] == 0.3
+    )
 
 
 def test_faults_are_changed_at_runtime(make_sandbox):
@@ -107,21 +116,31 @@ def test_faults_are_changed_at_runtime(make_sandbox):
     resp = set_faults(sb, fail_every=2, latency=0)
     assert resp.status_code == 200
     assert resp.json()["fail_every"] == 2
-    codes = [requests.get(sb.url + "/data/auth", auth=admin(sb), timeout=T).status_code
-             for _ in range(4)]
+    codes = [
+        requests.get(sb.url + "/data/auth", auth=admin(sb), timeout=T).status_code for _ in range(4)
+    ]
     assert sorted(codes) == [200, 200, 503, 503]
 
     for _ in range(3):  # the PUT itself may be one of the failing requests
         if set_faults(sb, fail_every=0).status_code == 200:
             break
-    codes = [requests.get(sb.url + "/data/auth", auth=admin(sb), timeout=T).status_code
-             for _ in range(4)]
+    codes = [
+        requests.get(sb.url + "/data/auth", auth=admin(sb), timeout=T).status_code for _ in range(4)
+    ]
     assert codes == [200] * 4
 
 
-@pytest.mark.parametrize("body", ['{"bogus": 1}', '{"latency": 1, "bogus": 1}',
-                                  '{"fail_every": "often"}', '{"fail_every": -1}', '[1]',
-                                  'not json'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"bogus": 1}',
+        '{"latency": 1, "bogus": 1}',
+        '{"fail_every": "often"}',
+        '{"fail_every": -1}',
+        "[1]",
+        "not json",
+    ],
+)
 def test_bad_faults_are_400_and_change_nothing(make_sandbox, body):
     sb = make_sandbox(seed=None)
     before = requests.get(sb.url + "/sandbox/faults", auth=admin(sb), timeout=T).json()
@@ -134,8 +153,9 @@ def test_bad_faults_are_400_and_change_nothing(make_sandbox, body):
 
 def test_dropped_download_cannot_be_received_whole_and_server_keeps_serving(make_sandbox):
     sb = make_sandbox(faults=Faults(drop_every=1, drop_after=1000))
-    listing = requests.get(sb.url + SCAN_FILES, params={"format": "json"}, auth=admin(sb),
-                           timeout=T)
+    listing = requests.get(
+        sb.url + SCAN_FILES, params={"format": "json"}, auth=admin(sb), timeout=T
+    )
     assert listing.status_code == 200
     row = listing.json()["ResultSet"]["Result"][0]
     size = int(row["Size"])
@@ -159,8 +179,7 @@ def test_dropped_download_cannot_be_received_whole_and_server_keeps_serving(make
 def test_dropped_zip_download_is_not_a_valid_whole_zip(make_sandbox):
     sb = make_sandbox(faults=Faults(drop_every=1, drop_after=1000))
     try:
-        cut = requests.get(sb.url + SCAN_FILES, params={"format": "zip"}, auth=admin(sb),
-                           timeout=T)
+        cut = requests.get(sb.url + SCAN_FILES, params={"format": "zip"}, auth=admin(sb), timeout=T)
     except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
         pass
     else:
@@ -172,12 +191,13 @@ def test_dropped_upload_is_not_stored(make_sandbox):
     sb = make_sandbox(faults=Faults(drop_every=1, drop_after=1000))
     target = sb.url + SCAN_FILES + "/partial.bin"
     with pytest.raises(requests.exceptions.ConnectionError):
-        requests.put(target, params={"inbody": "true"}, data=b"x" * 5000, auth=admin(sb),
-                     timeout=T)
-    listing = requests.get(sb.url + SCAN_FILES, params={"format": "json"}, auth=admin(sb),
-                           timeout=T)
+        requests.put(target, params={"inbody": "true"}, data=b"x" * 5000, auth=admin(sb), timeout=T)
+    listing = requests.get(
+        sb.url + SCAN_FILES, params={"format": "json"}, auth=admin(sb), timeout=T
+    )
     assert listing.status_code == 200
     assert "partial.bin" not in {r["Name"] for r in listing.json()["ResultSet"]["Result"]}
+
 
 # -- unknown paths and discovery ------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["/data/nonsense", "/REST/nonsense", "/data/archive/nonsense"])
@@ -189,8 +209,12 @@ def test_unknown_data_path_is_restlet_404(demo_sandbox, path):
 
 def test_unknown_top_level_path_is_404(demo_sandbox):
     assert requests.get(demo_sandbox.url + "/nonsense", timeout=T).status_code == 404
-    assert requests.get(demo_sandbox.url + "/nonsense", auth=admin(demo_sandbox),
-                        timeout=T).status_code == 404
+    assert (
+        requests.get(
+            demo_sandbox.url + "/nonsense", auth=admin(demo_sandbox), timeout=T
+        ).status_code
+        == 404
+    )
 
 
 def test_data_version_is_not_200(demo_sandbox):
@@ -210,8 +234,9 @@ def test_build_info_is_open_json_with_version(demo_sandbox, params):
 
 def test_schemas_are_listed_and_served_as_xsd(demo_sandbox):
     auth = admin(demo_sandbox)
-    names = requests.get(demo_sandbox.url + "/xapi/schemas", params={"format": "json"},
-                         auth=auth, timeout=T)
+    names = requests.get(
+        demo_sandbox.url + "/xapi/schemas", params={"format": "json"}, auth=auth, timeout=T
+    )
     assert names.status_code == 200
     assert {"xnat", "xdat"} <= set(names.json())
 
@@ -220,27 +245,39 @@ def test_schemas_are_listed_and_served_as_xsd(demo_sandbox):
         assert resp.status_code == 200, name
         root = ET.fromstring(resp.content)
         assert root.tag == "{http://www.w3.org/2001/XMLSchema}schema"
-    xnat = ET.fromstring(requests.get(demo_sandbox.url + "/xapi/schemas/xnat", auth=auth,
-                                      timeout=T).content)
+    xnat = ET.fromstring(
+        requests.get(demo_sandbox.url + "/xapi/schemas/xnat", auth=auth, timeout=T).content
+    )
     assert xnat.get("targetNamespace") == "http://nrg.wustl.edu/xnat"
     types = {t.get("name") for t in xnat.iter("{http://www.w3.org/2001/XMLSchema}complexType")}
     assert {"projectData", "mrSessionData", "mrScanData", "resourceCatalog"} <= types
-    assert requests.get(demo_sandbox.url + "/xapi/schemas/nope", auth=auth,
-                        timeout=T).status_code == 404
+    assert (
+        requests.get(demo_sandbox.url + "/xapi/schemas/nope", auth=auth, timeout=T).status_code
+        == 404
+    )
 
 
 def test_search_elements_list_element_names(demo_sandbox):
     auth = admin(demo_sandbox)
-    resp = requests.get(demo_sandbox.url + "/data/search/elements", params={"format": "json"},
-                        auth=auth, timeout=T)
+    resp = requests.get(
+        demo_sandbox.url + "/data/search/elements", params={"format": "json"}, auth=auth, timeout=T
+    )
     assert resp.status_code == 200
     rows = resp.json()["ResultSet"]["Result"]
     assert rows and all(isinstance(r["ELEMENT_NAME"], str) for r in rows)
     assert "xnat:mrSessionData" in {r["ELEMENT_NAME"] for r in rows}
 
-    fields = requests.get(demo_sandbox.url + "/data/search/elements/xnat:mrSessionData",
-                          params={"format": "json"}, auth=auth, timeout=T)
+    fields = requests.get(
+        demo_sandbox.url + "/data/search/elements/xnat:mrSessionData",
+        params={"format": "json"},
+        auth=auth,
+        timeout=T,
+    )
     assert fields.status_code == 200
     assert all("FIELD_ID" in r for r in fields.json()["ResultSet"]["Result"])
-    assert requests.get(demo_sandbox.url + "/data/search/elements", params={"format": "json"},
-                        timeout=T).status_code == 401
+    assert (
+        requests.get(
+            demo_sandbox.url + "/data/search/elements", params={"format": "json"}, timeout=T
+        ).status_code
+        == 401
+    )

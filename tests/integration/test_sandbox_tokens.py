@@ -156,9 +156,11 @@ def test_non_admin_cannot_touch_another_users_token(sb):
 
     own = issue(sb, bob)
     assert get(sb, f"{TOKENS}/validate/{own['alias']}/{own['secret']}", bob).json() == {
-        "valid": "bob"}
+        "valid": "bob"
+    }
     assert get(sb, f"{TOKENS}/invalidate/{own['alias']}/{own['secret']}", bob).json() == {
-        "result": "OK"}
+        "result": "OK"
+    }
 
 
 def test_token_expires(make_sandbox):
@@ -176,16 +178,22 @@ def test_tokens_survive_a_restart_but_sessions_do_not(tmp_path: Path):
     data = tmp_path / "sandbox-data"
     with SandboxServer(data, seed=None) as first:
         token = issue(first)
-        session = requests.post(first.url + "/data/JSESSION", auth=(first.user, first.password),
-                                timeout=T).text
-        assert requests.get(first.url + "/data/auth", cookies={"JSESSIONID": session},
-                            timeout=T).status_code == 200
+        session = requests.post(
+            first.url + "/data/JSESSION", auth=(first.user, first.password), timeout=T
+        ).text
+        assert (
+            requests.get(
+                first.url + "/data/auth", cookies={"JSESSIONID": session}, timeout=T
+            ).status_code
+            == 200
+        )
 
     with SandboxServer(data, seed=None) as second:
         me = whoami(second, (token["alias"], token["secret"]))
         assert me.status_code == 200
         assert me.text == "User 'admin' is logged in"
         assert get(second, f"{TOKENS}/validate/{token['alias']}/{token['secret']}").json() == {
-            "valid": "admin"}
+            "valid": "admin"
+        }
         old = requests.get(second.url + "/data/auth", cookies={"JSESSIONID": session}, timeout=T)
         assert old.status_code == 401

@@ -9,8 +9,12 @@ from hpcbridge.sandbox import SandboxServer
 
 T = 10
 BOB = ("bob", "pw")
-ENTRY = {"id": "XNAT_E00001", "pipeline_name": "hpcbridge-dcm2niix",
-         "launch_time": "2024-01-02 10:00:00", "data_type": "xnat:mrSessionData"}
+ENTRY = {
+    "id": "XNAT_E00001",
+    "pipeline_name": "hpcbridge-dcm2niix",
+    "launch_time": "2024-01-02 10:00:00",
+    "data_type": "xnat:mrSessionData",
+}
 
 
 @pytest.fixture()
@@ -24,15 +28,24 @@ def wrk(**fields: str) -> dict[str, str]:
     return {f"wrk:workflowData/{k}": v for k, v in fields.items()}
 
 
-def put(server: SandboxServer, path: str = "", auth: tuple[str, str] | None = None,
-        **fields: str) -> requests.Response:
-    return requests.put(server.url + "/data/workflows" + path, params=wrk(**fields),
-                        auth=auth or (server.user, server.password), timeout=T)
+def put(
+    server: SandboxServer, path: str = "", auth: tuple[str, str] | None = None, **fields: str
+) -> requests.Response:
+    return requests.put(
+        server.url + "/data/workflows" + path,
+        params=wrk(**fields),
+        auth=auth or (server.user, server.password),
+        timeout=T,
+    )
 
 
 def find(server: SandboxServer, **fields: str) -> list[dict]:
-    resp = requests.get(server.url + "/data/workflows", params={"format": "json", **wrk(**fields)},
-                        auth=(server.user, server.password), timeout=T)
+    resp = requests.get(
+        server.url + "/data/workflows",
+        params={"format": "json", **wrk(**fields)},
+        auth=(server.user, server.password),
+        timeout=T,
+    )
     assert resp.status_code == 200, resp.text
     return [item["data_fields"] for item in resp.json()["items"]]
 
@@ -63,12 +76,14 @@ def test_create_without_a_required_field_is_400(sb, missing):
 def test_same_key_updates_the_entry(sb):
     assert put(sb, **ENTRY, status="Queued").status_code == 200
     wid = find(sb, **{k: ENTRY[k] for k in ("id", "pipeline_name", "launch_time")})[0][
-        "wrk_workflowData_id"]
+        "wrk_workflowData_id"
+    ]
     assert put(sb, **ENTRY, status="Running").status_code == 200
     assert put(sb, **ENTRY, status="Complete").status_code == 200
 
-    items = find(sb, id=ENTRY["id"], pipeline_name=ENTRY["pipeline_name"],
-                 launch_time=ENTRY["launch_time"])
+    items = find(
+        sb, id=ENTRY["id"], pipeline_name=ENTRY["pipeline_name"], launch_time=ENTRY["launch_time"]
+    )
     assert len(items) == 1
     assert items[0]["status"] == "Complete"
     assert items[0]["wrk_workflowData_id"] == wid
@@ -76,8 +91,10 @@ def test_same_key_updates_the_entry(sb):
 
 def test_entries_differing_in_a_key_field_are_separate(sb):
     assert put(sb, **ENTRY, status="Queued").status_code == 200
-    assert put(sb, **{**ENTRY, "launch_time": "2024-01-02 11:00:00"},
-               status="Queued").status_code == 200
+    assert (
+        put(sb, **{**ENTRY, "launch_time": "2024-01-02 11:00:00"}, status="Queued").status_code
+        == 200
+    )
     assert put(sb, **ENTRY, scan_id="4", status="Queued").status_code == 200
     assert put(sb, **{**ENTRY, "pipeline_name": "other"}, status="Failed").status_code == 200
 
@@ -95,8 +112,12 @@ def test_update_by_workflow_id(sb):
     assert resp.status_code == 200
     assert [e["status"] for e in find(sb, id=ENTRY["id"])] == ["Failed"]
 
-    item = requests.get(f"{sb.url}/data/workflows/{wid}", params={"format": "json"},
-                        auth=(sb.user, sb.password), timeout=T)
+    item = requests.get(
+        f"{sb.url}/data/workflows/{wid}",
+        params={"format": "json"},
+        auth=(sb.user, sb.password),
+        timeout=T,
+    )
     assert item.status_code == 200
     assert item.json()["items"][0]["data_fields"]["status"] == "Failed"
 
@@ -124,15 +145,19 @@ def test_only_creator_or_admin_may_modify(sb):
 
 
 def test_unauthenticated_put_is_401(sb):
-    resp = requests.put(sb.url + "/data/workflows", params=wrk(**ENTRY, status="Queued"),
-                        timeout=T)
+    resp = requests.put(sb.url + "/data/workflows", params=wrk(**ENTRY, status="Queued"), timeout=T)
     assert resp.status_code == 401
     assert find(sb) == []
 
 
 def test_extra_fields_are_stored_and_returned(sb):
-    extra = {"jobID": "12345.pbs01", "percentageComplete": "10", "details": "queued on pbs01",
-             "ExternalID": "PTV000", "step_description": "convert"}
+    extra = {
+        "jobID": "12345.pbs01",
+        "percentageComplete": "10",
+        "details": "queued on pbs01",
+        "ExternalID": "PTV000",
+        "step_description": "convert",
+    }
     assert put(sb, **ENTRY, status="Queued", **extra).status_code == 200
     entry = find(sb, id=ENTRY["id"])[0]
     for key, value in extra.items():

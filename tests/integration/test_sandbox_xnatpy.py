@@ -23,8 +23,12 @@ from hpcbridge.sandbox import SandboxServer
 xnat = pytest.importorskip("xnat")
 
 T = 10
-SCANS = {"1": ("Localizer", 3), "4": ("Ax 3D T1", 12), "5": ("ep2d bold (rest)", 8),
-         "99": ("PhoenixZIPReport", 1)}
+SCANS = {
+    "1": ("Localizer", 3),
+    "4": ("Ax 3D T1", 12),
+    "5": ("ep2d bold (rest)", 8),
+    "99": ("PhoenixZIPReport", 1),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +44,9 @@ def quiet_xnatpy() -> Iterator[None]:
 def own_admin(sandbox: SandboxServer) -> Iterator[requests.Session]:
     """A cookie session for the fresh sandbox, so our own calls open exactly one server session."""
     with requests.Session() as http:
-        resp = http.post(sandbox.url + "/data/JSESSION", auth=(sandbox.user, sandbox.password),
-                         timeout=T)
+        resp = http.post(
+            sandbox.url + "/data/JSESSION", auth=(sandbox.user, sandbox.password), timeout=T
+        )
         assert resp.status_code == 200
         yield http
 
@@ -56,8 +61,9 @@ def connect(server: SandboxServer, user: str, password: str) -> Any:
     return xnat.connect(server.url, user=user, password=password, loglevel="ERROR")
 
 
-def test_xnatpy_walks_and_downloads(demo_sandbox: SandboxServer, admin: requests.Session,
-                                    tmp_path: Path) -> None:
+def test_xnatpy_walks_and_downloads(
+    demo_sandbox: SandboxServer, admin: requests.Session, tmp_path: Path
+) -> None:
     before = stats(admin, demo_sandbox)
     session = connect(demo_sandbox, demo_sandbox.user, demo_sandbox.password)
     try:
@@ -97,8 +103,9 @@ def test_xnatpy_walks_and_downloads(demo_sandbox: SandboxServer, admin: requests
             assert archive.testzip() is None
             names = archive.namelist()
             assert len(names) == 12
-            assert all(n.startswith("Haofei01_MR1/scans/4-Ax_3D_T1/resources/DICOM/files/")
-                       for n in names)
+            assert all(
+                n.startswith("Haofei01_MR1/scans/4-Ax_3D_T1/resources/DICOM/files/") for n in names
+            )
             assert archive.read(names[2]) == direct.content
 
         # direct lookup by accession ID goes through the item JSON
@@ -111,15 +118,18 @@ def test_xnatpy_walks_and_downloads(demo_sandbox: SandboxServer, admin: requests
     assert after["sessions_live"] == before["sessions_live"]  # and ended on disconnect
 
 
-def test_xnatpy_creates_resource_and_uploads(sandbox: SandboxServer, own_admin: requests.Session,
-                                             tmp_path: Path) -> None:
+def test_xnatpy_creates_resource_and_uploads(
+    sandbox: SandboxServer, own_admin: requests.Session, tmp_path: Path
+) -> None:
     before = stats(own_admin, sandbox)
     payload = b"\x5c\x01\x00\x00" + bytes(range(256)) * 64
     source = tmp_path / "t1.nii"
     source.write_bytes(payload)
     session = connect(sandbox, sandbox.user, sandbox.password)
     try:
-        scan = session.projects["PTV000"].subjects["Haofei01"].experiments["Haofei01_MR1"].scans["4"]
+        scan = (
+            session.projects["PTV000"].subjects["Haofei01"].experiments["Haofei01_MR1"].scans["4"]
+        )
         resource = scan.create_resource("NIFTI", format="NIFTI")
         assert resource.label == "NIFTI"
         resource.upload(str(source), "t1.nii", verbose=False)
@@ -134,8 +144,10 @@ def test_xnatpy_creates_resource_and_uploads(sandbox: SandboxServer, own_admin: 
         session.disconnect()
 
     # what the server stored, seen without xnatpy
-    base = (sandbox.url + "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1"
-            "/scans/4/resources")
+    base = (
+        sandbox.url + "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1"
+        "/scans/4/resources"
+    )
     rows = own_admin.get(base, params={"format": "json"}, timeout=T).json()["ResultSet"]["Result"]
     nifti = {r["label"]: r for r in rows}["NIFTI"]
     assert nifti["format"] == "NIFTI" and nifti["file_count"] == "2"
@@ -150,8 +162,9 @@ def test_xnatpy_creates_resource_and_uploads(sandbox: SandboxServer, own_admin: 
     assert after["sessions_live"] == before["sessions_live"]
 
 
-def test_xnatpy_connects_with_an_alias_token(sandbox: SandboxServer,
-                                             own_admin: requests.Session) -> None:
+def test_xnatpy_connects_with_an_alias_token(
+    sandbox: SandboxServer, own_admin: requests.Session
+) -> None:
     token = own_admin.get(sandbox.url + "/data/services/tokens/issue", timeout=T).json()
     before = stats(own_admin, sandbox)
     session = connect(sandbox, token["alias"], token["secret"])

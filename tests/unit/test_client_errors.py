@@ -31,17 +31,30 @@ def _login(m: requests_mock.Mocker) -> None:
 @pytest.mark.parametrize(
     ("status", "body", "error", "message"),
     [
-        (403, "<h3>Specified user account has insufficient privileges</h3>", XnatPermissionError,
-         "not allowed: the thing: Specified user account has insufficient privileges"),
+        (
+            403,
+            "<h3>Specified user account has insufficient privileges</h3>",
+            XnatPermissionError,
+            "not allowed: the thing: Specified user account has insufficient privileges",
+        ),
         (404, "", XnatNotFoundError, "not found: the thing"),
-        (409, "<h3>Specified resource already exists.</h3>", XnatConflictError,
-         "conflict: the thing: Specified resource already exists."),
-        (500, "<html><body><h3>NullPointerException</h3></body></html>", XnatServerError,
-         "XNAT answered 500 for the thing: NullPointerException"),
+        (
+            409,
+            "<h3>Specified resource already exists.</h3>",
+            XnatConflictError,
+            "conflict: the thing: Specified resource already exists.",
+        ),
+        (
+            500,
+            "<html><body><h3>NullPointerException</h3></body></html>",
+            XnatServerError,
+            "XNAT answered 500 for the thing: NullPointerException",
+        ),
     ],
 )
-def test_statuses_map_to_typed_errors(client: XnatClient, status: int, body: str, error: type,
-                                      message: str) -> None:
+def test_statuses_map_to_typed_errors(
+    client: XnatClient, status: int, body: str, error: type, message: str
+) -> None:
     with requests_mock.Mocker() as m:
         _login(m)
         m.get(f"{URL}/data/projects", status_code=status, text=body)
@@ -62,7 +75,9 @@ def test_login_page_with_200_is_an_auth_error(client: XnatClient) -> None:
 def test_expired_session_logs_in_again_once(client: XnatClient) -> None:
     with requests_mock.Mocker() as m:
         _login(m)
-        m.get(f"{URL}/data/projects", [{"status_code": 401}, {"json": {"ResultSet": {"Result": []}}}])
+        m.get(
+            f"{URL}/data/projects", [{"status_code": 401}, {"json": {"ResultSet": {"Result": []}}}]
+        )
         assert client.listing("/data/projects", "projects") == []
         assert [r.method for r in m.request_history] == ["POST", "GET", "POST", "GET"]
 
@@ -70,7 +85,9 @@ def test_expired_session_logs_in_again_once(client: XnatClient) -> None:
 def test_get_is_retried_on_503_but_put_is_not(client: XnatClient) -> None:
     with requests_mock.Mocker() as m:
         _login(m)
-        m.get(f"{URL}/data/projects", [{"status_code": 503}, {"json": {"ResultSet": {"Result": []}}}])
+        m.get(
+            f"{URL}/data/projects", [{"status_code": 503}, {"json": {"ResultSet": {"Result": []}}}]
+        )
         assert client.listing("/data/projects", "projects") == []
         m.put(f"{URL}/data/projects/P", status_code=503)
         with pytest.raises(XnatServerError, match="XNAT answered 503"):
@@ -83,7 +100,9 @@ def test_unreachable_server(client: XnatClient) -> None:
 
     with requests_mock.Mocker() as m:
         m.post(f"{URL}/data/JSESSION", exc=requests.ConnectionError("Connection refused"))
-        with pytest.raises(XnatConnectionError, match="cannot reach XNAT at https://xnat.example.org/xnat"):
+        with pytest.raises(
+            XnatConnectionError, match="cannot reach XNAT at https://xnat.example.org/xnat"
+        ):
             client.login()
 
 

@@ -37,7 +37,12 @@ def test_defaults_without_any_config(tmp_path: Path) -> None:
 
 def test_file_default_profile_applies(config: Path) -> None:
     s = load_settings(config_path=config, environ={})
-    assert (s.profile, s.xnat, s.user, s.timeout) == ("artemis", "https://xnat.example.org", "alice", 30.0)
+    assert (s.profile, s.xnat, s.user, s.timeout) == (
+        "artemis",
+        "https://xnat.example.org",
+        "alice",
+        30.0,
+    )
     assert s.sources["xnat"] == f"file {config}"
 
 
@@ -52,7 +57,10 @@ def test_environment_beats_file_and_flags_beat_environment(config: Path) -> None
 
 
 def test_profile_chosen_by_flag_or_environment(config: Path) -> None:
-    assert load_settings(config_path=config, profile="other", environ={}).xnat == "https://other.example.org"
+    assert (
+        load_settings(config_path=config, profile="other", environ={}).xnat
+        == "https://other.example.org"
+    )
     env = {"HPCBRIDGE_PROFILE": "other"}
     assert load_settings(config_path=config, environ=env).xnat == "https://other.example.org"
 
@@ -81,7 +89,9 @@ def test_bad_toml_and_bad_values(tmp_path: Path) -> None:
     path.write_text("[profiles.x\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(config_path=path, environ={})
-    with pytest.raises(ConfigError, match="environment HPCBRIDGE_TIMEOUT: timeout must be a number"):
+    with pytest.raises(
+        ConfigError, match="environment HPCBRIDGE_TIMEOUT: timeout must be a number"
+    ):
         load_settings(config_path=tmp_path / "none.toml", environ={"HPCBRIDGE_TIMEOUT": "soon"})
     with pytest.raises(ConfigError, match="verify_tls must be true or false"):
         load_settings(config_path=tmp_path / "none.toml", environ={"HPCBRIDGE_VERIFY_TLS": "maybe"})

@@ -72,7 +72,7 @@ def test_one_file_per_slice_with_zero_padded_names(
 
 
 def test_part10_file_meta(files: list[tuple[str, bytes]], datasets: list[pydicom.Dataset]) -> None:
-    for (_, data), ds in zip(files, datasets):
+    for (_, data), ds in zip(files, datasets, strict=True):
         assert data[:128] == b"\0" * 128
         assert data[128:132] == b"DICM"
         assert ds.file_meta.MediaStorageSOPClassUID == MRImageStorage
@@ -179,8 +179,9 @@ def test_output_is_deterministic(spec: SeriesSpec, files: list[tuple[str, bytes]
 
 def test_different_series_numbers_give_different_series_uids() -> None:
     uids = {
-        _read(_generate(SeriesSpec(series_number=n, series_description="s", n_slices=1))[0][1])
-        .SeriesInstanceUID
+        _read(
+            _generate(SeriesSpec(series_number=n, series_description="s", n_slices=1))[0][1]
+        ).SeriesInstanceUID
         for n in (1, 2, 3, 4)
     }
     assert len(uids) == 4
@@ -275,6 +276,8 @@ def test_dcm2niix_converts_series(tmp_path: Path) -> None:
     datatype, bitpix = struct.unpack_from("<hh", data, 70)
     assert (datatype, bitpix) in {(4, 16), (512, 16)}  # int16 or uint16
     pixdim = struct.unpack_from("<8f", data, 76)
-    assert pixdim[1:4] == pytest.approx([spec.pixel_spacing, spec.pixel_spacing, spec.slice_thickness])
+    assert pixdim[1:4] == pytest.approx(
+        [spec.pixel_spacing, spec.pixel_spacing, spec.slice_thickness]
+    )
     (vox_offset,) = struct.unpack_from("<f", data, 108)
     assert len(data) == int(vox_offset) + n_voxels * 2
