@@ -26,6 +26,12 @@ def require_tool(name: str) -> str:
     return path
 
 
+@pytest.fixture()
+def curl() -> str:
+    """The curl binary, the reference client users compare us with."""
+    return require_tool("curl")
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own state folder and no credentials from the environment."""

@@ -227,7 +227,7 @@ class Archive:
         return self._item(req, "xnat:projectData", fields, [])
 
     def _put_project(self, req: Request, pid: str, proj: dict[str, Any] | None) -> Reply:
-        if not self._is_admin(req):
+        if not self.auth.is_admin(req.user):
             raise HttpError(
                 403, "Specified user account has insufficient create privileges for projects."
             )
@@ -749,6 +749,12 @@ class Archive:
                 raise not_found("Unable to find the specified catalog.")
             else:
                 res = self._create_resource(req, owners[0], spec)
+                try:
+                    return self._upload(req, res, path)
+                except BaseException:
+                    # The resource exists only for this upload; a refused upload takes it back.
+                    self.store.delete_resource(res["id"])
+                    raise
             return self._upload(req, res, path)
         if not found:
             raise not_found("Unable to find the specified catalog.")
@@ -1088,10 +1094,6 @@ class Archive:
             f"<html><body><h2>{_xml(xsi)}</h2><table>{rows}</table></body></html>".encode(),
             "text/html",
         )
-
-    def _is_admin(self, req: Request) -> bool:
-        user = self.auth.users.get(req.user or "")
-        return bool(user and user.admin)
 
 
 def _qs(req: Request, xsi: str, name: str) -> str | None:

@@ -75,6 +75,10 @@ class Authority:
             self.users[login] = user
         return user
 
+    def is_admin(self, login: str | None) -> bool:
+        user = self.users.get(login or "")
+        return bool(user and user.admin)
+
     # -- sessions --------------------------------------------------------------------------
     def _expire(self, now: float) -> None:
         dead = [

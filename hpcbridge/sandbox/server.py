@@ -169,7 +169,7 @@ class SandboxApp:
         if not segs:
             raise HttpError(404, "The server has not found anything matching the request URI")
         op, rest = segs[0], segs[1:]
-        admin = self._is_admin(req)
+        admin = self.auth.is_admin(req.user)
         if op == "issue":
             login = req.user or ""
             if rest[:1] == ["user"] and len(rest) == 2:
@@ -243,7 +243,7 @@ class SandboxApp:
     def _save_workflow(
         self, req: Request, row: dict[str, Any] | None, given: dict[str, str]
     ) -> Reply:
-        if row is not None and row["create_user"] != req.user and not self._is_admin(req):
+        if row is not None and row["create_user"] != req.user and not self.auth.is_admin(req.user):
             raise HttpError(403, "You are not allowed to make changes to this workflow.")
         merged: dict[str, Any] = dict(row or {"create_user": req.user, "scan_id": ""})
         extra = json.loads(merged.get("fields") or "{}")
@@ -308,7 +308,7 @@ class SandboxApp:
 
     # -- sandbox administration ----------------------------------------------------------
     def sandbox_admin(self, req: Request, segs: list[str]) -> Reply:
-        if not self._is_admin(req):
+        if not self.auth.is_admin(req.user):
             raise HttpError(403, "The sandbox statistics are for site admins only.", page="tomcat")
         if segs == ["stats"]:
             data = self.stats.snapshot()
@@ -326,10 +326,6 @@ class SandboxApp:
                     raise HttpError(400, f"Bad faults: {exc}", page="tomcat") from None
             return Reply.json(self.faults.as_dict())
         raise HttpError(404, "The requested resource is not available.", page="tomcat")
-
-    def _is_admin(self, req: Request) -> bool:
-        user = self.auth.users.get(req.user or "")
-        return bool(user and user.admin)
 
 
 LOGIN_FAILED = (

@@ -177,7 +177,7 @@ def test_group_readable_ready_file_is_refused(isolated_home: Path) -> None:
     )
 
 
-def test_serve_ready_file_curl_and_sigterm(tmp_path: Path) -> None:
+def test_serve_ready_file_curl_and_sigterm(tmp_path: Path, curl: str) -> None:
     """The issue's acceptance: serve --seed demo --port 0 --ready-file, list with Basic auth,
     and the scan-4 zip unpacks into the XNAT layout with valid DICOM."""
     import io
@@ -212,10 +212,17 @@ def test_serve_ready_file_curl_and_sigterm(tmp_path: Path) -> None:
         info = json.loads(ready.read_text())
         assert info["pid"] == proc.pid and info["user"] == "admin"
         url = info["url"]
-        listing = requests.get(
-            url + "/data/projects?format=json", auth=("admin", "admin"), timeout=10
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login admin password admin\n")
+        netrc.chmod(0o600)
+        listed = subprocess.run(
+            [curl, "-sS", "-f", "--netrc-file", str(netrc), url + "/data/projects?format=json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
-        assert [r["ID"] for r in listing.json()["ResultSet"]["Result"]] == ["PTV000"]
+        assert listed.returncode == 0, listed.stderr
+        assert [r["ID"] for r in json.loads(listed.stdout)["ResultSet"]["Result"]] == ["PTV000"]
         zipped = requests.get(
             url + "/data/projects/PTV000/subjects/Haofei01/experiments/Haofei01_MR1"
             "/scans/4/files?format=zip",

@@ -120,6 +120,16 @@ def test_empty_body_is_refused(sandbox: SandboxServer, http: requests.Session) -
     assert "empty.txt" not in files(http, sandbox.url + SESSION + "/scans/1/resources/DICOM/files")
 
 
+def test_failed_upload_leaves_no_new_resource(
+    sandbox: SandboxServer, http: requests.Session
+) -> None:
+    """A resource auto-created by an upload that is then refused must not be left behind."""
+    url = sandbox.url + SESSION + "/scans/1/resources/NEWRES/files/empty.txt"
+    resp = http.put(url, params={"inbody": "true"}, data=b"", timeout=T)
+    assert resp.status_code == 400
+    assert "NEWRES" not in resources(http, sandbox.url + SESSION + "/scans/1/resources")
+
+
 def test_sub_folders(sandbox: SandboxServer, http: requests.Session) -> None:
     res = sandbox.url + SESSION + "/resources/TREE"
     for path, data in (
