@@ -18,6 +18,7 @@ XNAT started by ``hpcbridge sandbox start`` and runs jobs with the local schedul
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -43,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "timeout": 60.0,
     "verify_tls": True,
 }
+
+# xnatpy's variable names, honoured after ours so scripts written for it keep working.
+ENV_ALIASES: dict[str, tuple[str, ...]] = {"xnat": ("XNAT_HOST",), "user": ("XNAT_USER",)}
 
 BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     "sandbox": {"xnat": "sandbox", "scheduler": "local"},
@@ -119,6 +123,31 @@ def _convert(key: str, value: Any, origin: str) -> Any:
         raise ConfigError(f"{origin}: {key} must be {wanted}, not {value!r}") from None
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_profile(path: Path, name: str, values: Mapping[str, Any], *, make_default: bool) -> None:
+    """Add or replace one profile in the config file, keeping the others; atomic."""
+    data = read_config_file(path)
+    profiles = dict(data.get("profiles", {}))
+    profiles[name] = {k: v for k, v in values.items() if k in DEFAULTS and v is not None}
+    default = name if make_default else data.get("default_profile")
+    lines = [f"default_profile = {_toml_value(default)}", ""] if default else []
+    for pname, table in profiles.items():
+        lines.append(f"[profiles.{json.dumps(pname) if not pname.isidentifier() else pname}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse the TOML config file; a missing file is an empty config."""
     try:
@@ -180,10 +209,11 @@ def load_settings(
         values[key] = _convert(key, value, f"{path} [profiles.{name}]")
         sources[key] = "builtin profile" if name in BUILTIN_PROFILES else f"file {path}"
     for key in DEFAULTS:
-        var = ENV_PREFIX + key.upper()
-        if env.get(var):
-            values[key] = _convert(key, env[var], f"environment {var}")
-            sources[key] = f"environment {var}"
+        for var in (ENV_PREFIX + key.upper(), *ENV_ALIASES.get(key, ())):
+            if env.get(var):
+                values[key] = _convert(key, env[var], f"environment {var}")
+                sources[key] = f"environment {var}"
+                break
     for key, value in (flags or {}).items():
         if value is not None and key in DEFAULTS:
             values[key] = _convert(key, value, f"option --{key}")

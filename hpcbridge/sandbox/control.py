@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CredentialError, SandboxError
+from ..credentials import check_private
+from ..errors import SandboxError
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -43,17 +43,6 @@ class SandboxPaths:
     @property
     def log(self) -> Path:
         return self.root / "server.log"
-
-
-def check_private(path: Path) -> None:
-    """Refuse a credential file that other users can read."""
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CredentialError(
-            f"{path} is readable by other users (mode {stat.S_IMODE(mode):04o}); "
-            "refusing to use it",
-            hint=f"run `chmod 600 {path}`",
-        )
 
 
 def read_ready(path: Path) -> dict[str, Any]:

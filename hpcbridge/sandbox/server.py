@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -407,6 +408,9 @@ def _cookie(name: str, value: str) -> str:
     return f"{name}={value}; Path=/; HttpOnly"
 
 
+_TOKEN_PATH = re.compile(r"(/services/tokens/\w+/[^/\s?]+/)[^\s?]+")
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
@@ -415,7 +419,10 @@ class _Handler(BaseHTTPRequestHandler):
         return "XNAT-sandbox"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("%s %s", self.address_string(), format % args)
+        # Token secrets travel in some XNAT URLs (tokens/validate/{alias}/{secret}): keep them
+        # out of the access log.
+        line = _TOKEN_PATH.sub(r"\1***", format % args)
+        log.debug("%s %s", self.address_string(), line)
 
     def do_GET(self) -> None:
         self._dispatch()

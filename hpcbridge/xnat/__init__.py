@@ -1,32 +1,49 @@
-"""Talking to XNAT: the client (one server session per run), addresses and browsing."""
+"""Talking to XNAT: the client (one server session per run), addresses, models and browsing."""
 
 from __future__ import annotations
 
-import os
-
 from ..config import Settings
-from ..errors import ConfigError
+from ..credentials import Secret, SessionCache, TokenStore, resolve
+from ..errors import ConfigError, CredentialError
 from .address import Address
-from .client import Credentials, XnatClient, raise_for_response
+from .client import XnatClient, raise_for_response
 
-__all__ = ["Address", "Credentials", "XnatClient", "connect", "raise_for_response"]
+__all__ = ["Address", "Secret", "XnatClient", "connect", "raise_for_response", "server_url"]
 
 
-def connect(settings: Settings) -> XnatClient:
-    """A client for the profile's XNAT (the running sandbox for ``xnat = "sandbox"``)."""
-    if not settings.xnat:
+def server_url(settings: Settings) -> str:
+    """The XNAT the settings point at: the profile's, else the server of the last login."""
+    url = settings.xnat or TokenStore.under(settings.home).default_server()
+    if not url:
         raise ConfigError(
             "no XNAT server configured",
-            hint="use `--profile sandbox` after `hpcbridge sandbox start`, or set HPCBRIDGE_XNAT",
+            hint="run `hpcbridge login --xnat URL`, use `--profile sandbox` after "
+            "`hpcbridge sandbox start`, or set HPCBRIDGE_XNAT",
         )
-    if settings.xnat == "sandbox":
+    return url
+
+
+def connect(settings: Settings, *, cache_session: bool = True) -> XnatClient:
+    """A client for the settings' XNAT with the credentials found for it (see credentials.py).
+
+    With ``cache_session`` the server session is kept for the next run instead of ended.
+    """
+    url = server_url(settings)
+    if url == "sandbox":
         from ..sandbox.control import SandboxPaths, read_ready
 
         info = read_ready(SandboxPaths.under(settings.home).ready)
-        return XnatClient(
-            info["url"], Credentials(info["user"], info["password"]), timeout=settings.timeout
-        )
-    secret = os.environ.get("HPCBRIDGE_PASSWORD") or os.environ.get("XNAT_PASS")
-    user = settings.user or os.environ.get("XNAT_USER")
-    creds = Credentials(user, secret) if user and secret else None
-    return XnatClient(settings.xnat, creds, timeout=settings.timeout, verify=settings.verify_tls)
+        url, secret = info["url"], Secret(info["user"], info["password"], "sandbox")
+    else:
+        found = resolve(url, user=settings.user, home=settings.home)
+        if found is None:
+            raise CredentialError(
+                f"no credentials for {url}",
+                hint=f"run `hpcbridge login --xnat {url}`, set HPCBRIDGE_USER and "
+                "HPCBRIDGE_PASSWORD, or add the host to ~/.netrc",
+            )
+        secret = found
+    cache = SessionCache.under(settings.home) if cache_session else None
+    return XnatClient(
+        url, secret, timeout=settings.timeout, verify=settings.verify_tls, session_cache=cache
+    )

@@ -28,12 +28,6 @@ def run(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def stats(server: SandboxServer) -> dict:
-    return requests.get(
-        server.url + "/sandbox/stats", auth=(server.user, server.password), timeout=10
-    ).json()
-
-
 def test_help_teaches_with_examples() -> None:
     result = run("--help")
     assert result.exit_code == 0
@@ -70,13 +64,17 @@ def test_ls_json_keeps_xnat_keys_with_numbers(env: SandboxServer) -> None:
     assert all(isinstance(f["Size"], int) for f in resources[0]["files"])
 
 
-def test_ls_uses_one_server_session_and_ends_it(env: SandboxServer) -> None:
-    before = stats(env)
-    assert run("ls", "PTV000/Haofei01/Haofei01_MR1").exit_code == 0
-    after = stats(env)
-    # +1 for the ls itself; the stats request above and below each open one by Basic auth.
-    assert after["sessions_created"] - before["sessions_created"] == 2
-    assert after["sessions_live"] == before["sessions_live"] + 1
+def test_a_loop_of_200_ls_calls_opens_one_server_session(env: SandboxServer) -> None:
+    """A shell loop of many hpcbridge calls must not open a Tomcat session per call."""
+    with requests.Session() as admin:
+        admin.post(env.url + "/data/JSESSION", auth=(env.user, env.password), timeout=10)
+        before = admin.get(env.url + "/sandbox/stats", timeout=10).json()
+        for _ in range(200):
+            result = run("ls", "PTV000/Haofei01/Haofei01_MR1")
+            assert result.exit_code == 0, result.output
+        after = admin.get(env.url + "/sandbox/stats", timeout=10).json()
+    assert after["sessions_created"] - before["sessions_created"] <= 1
+    assert after["sessions_live"] - before["sessions_live"] <= 1
 
 
 @pytest.mark.parametrize(
@@ -85,9 +83,10 @@ def test_ls_uses_one_server_session_and_ends_it(env: SandboxServer) -> None:
         (
             ["ls", "PTV000/Haofei01/Haofei01_MR1/77"],
             1,
-            "hpcbridge: error: not found: resources of PTV000/Haofei01/Haofei01_MR1/77",
+            "hpcbridge: error: not found: PTV000/Haofei01/Haofei01_MR1/77 "
+            "(no scan '77' in PTV000/Haofei01/Haofei01_MR1)",
         ),
-        (["ls", "NOPE"], 1, "hpcbridge: error: not found: subjects of NOPE"),
+        (["ls", "NOPE"], 1, "hpcbridge: error: not found: NOPE (no project 'NOPE')"),
         (
             ["ls", "PTV000/x y"],
             2,
@@ -108,7 +107,11 @@ def test_wrong_password_is_an_auth_error(
     monkeypatch.setenv("HPCBRIDGE_PASSWORD", "wrong-secret-xyz")
     result = CliRunner().invoke(main, ["ls"])
     assert result.exit_code == 1
-    assert result.output.strip().startswith("hpcbridge: error: XNAT refused the credentials")
+    assert result.output.strip() == (
+        f"hpcbridge: error: XNAT at {env.url} refused the credentials of admin (from "
+        "environment); wrong password, locked account, or too many open sessions "
+        "(run `hpcbridge login`)"
+    )
     assert "wrong-secret-xyz" not in result.output
 
 
@@ -116,7 +119,8 @@ def test_no_xnat_configured() -> None:
     result = CliRunner().invoke(main, ["ls"])
     assert result.exit_code == 2
     assert result.output.strip() == (
-        "hpcbridge: error: no XNAT server configured (use `--profile sandbox` after "
+        "hpcbridge: error: no XNAT server configured (run `hpcbridge login --xnat URL`, "
+        "use `--profile sandbox` after "
         "`hpcbridge sandbox start`, or set HPCBRIDGE_XNAT)"
     )
 

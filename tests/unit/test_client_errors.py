@@ -13,7 +13,7 @@ from hpcbridge.errors import (
     XnatPermissionError,
     XnatServerError,
 )
-from hpcbridge.xnat import Credentials, XnatClient
+from hpcbridge.xnat import Secret, XnatClient
 
 URL = "https://xnat.example.org/xnat"
 LOGIN_PAGE = "<html><body><form action='/login'>password</form></body></html>"
@@ -21,7 +21,7 @@ LOGIN_PAGE = "<html><body><form action='/login'>password</form></body></html>"
 
 @pytest.fixture()
 def client() -> XnatClient:
-    return XnatClient(URL, Credentials("alice", "s3cret-value"), backoff=0)
+    return XnatClient(URL, Secret("alice", "s3cret-value", "environment"), backoff=0)
 
 
 def _login(m: requests_mock.Mocker) -> None:
@@ -90,8 +90,9 @@ def test_get_is_retried_on_503_but_put_is_not(client: XnatClient) -> None:
         )
         assert client.listing("/data/projects", "projects") == []
         m.put(f"{URL}/data/projects/P", status_code=503)
-        with pytest.raises(XnatServerError, match="XNAT answered 503"):
+        with pytest.raises(XnatServerError) as exc:
             client.request("PUT", "/data/projects/P", "create P")
+        assert str(exc.value) == "XNAT is unavailable (503 for create P) (try again later)"
         assert sum(1 for r in m.request_history if r.method == "PUT") == 1
 
 
@@ -116,4 +117,4 @@ def test_listing_turns_string_numbers_into_ints(client: XnatClient) -> None:
 
 
 def test_credentials_repr_hides_secret() -> None:
-    assert "s3cret" not in repr(Credentials("alice", "s3cret"))
+    assert "s3cret" not in repr(Secret("alice", "s3cret", "environment"))

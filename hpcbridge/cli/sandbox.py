@@ -1,184 +1,18 @@
-"""The ``hpcbridge`` command line: parse options, call the library, format results and errors.
-
-This is the only module that prints or exits. Library errors (``hpcbridge.errors``) become one
-line on stderr, ``hpcbridge: error: ...``, and the exit codes of CLI.md: 1 for a user-facing
-error, 2 for a usage error, 3 for partial success. ``-v`` adds the traceback.
-"""
+"""``hpcbridge sandbox``: run the XNAT-compatible sandbox server."""
 
 from __future__ import annotations
 
-import json
-import logging
 import signal
 import sys
-import traceback
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from . import __version__
-from .config import Settings, load_settings
-from .errors import EXIT_ERROR, HpcBridgeError, SandboxError
-
-log = logging.getLogger("hpcbridge")
+from ..errors import EXIT_ERROR, SandboxError
+from .app import emit_json, log, main, settings_of
 
 
-class BridgeGroup(click.Group):
-    """A click group that turns library errors into one line and an exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except HpcBridgeError as exc:
-            _fail(ctx, exc.message, exc.exit_code, hint=exc.hint)
-        except KeyboardInterrupt:
-            _fail(ctx, "interrupted", 130)
-
-
-def _fail(ctx: click.Context, message: str, code: int, *, hint: str | None = None) -> NoReturn:
-    verbose = (ctx.find_root().params.get("verbose") or 0) > 0
-    if verbose:
-        traceback.print_exc(file=sys.stderr)
-    line = f"hpcbridge: error: {message}"
-    if hint:
-        line += f" ({hint})"
-    click.echo(line, err=True)
-    ctx.exit(code)
-
-
-def settings_of(ctx: click.Context) -> Settings:
-    """Settings resolved once per invocation, on first use."""
-    root = ctx.find_root()
-    if "settings" not in root.meta:
-        p = root.params
-        root.meta["settings"] = load_settings(
-            profile=p.get("profile"),
-            config_path=p.get("config"),
-            verbose=p.get("verbose") or 0,
-            quiet=bool(p.get("quiet")),
-            json=bool(p.get("json_output")),
-        )
-    return root.meta["settings"]  # type: ignore[no-any-return]
-
-
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
-
-
-def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
-    """Print rows as aligned columns; ``columns`` is (key, heading) pairs."""
-    if not rows:
-        return
-    cells = [[str(row.get(key, "")) for key, _ in columns] for row in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
-    click.echo("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True)).rstrip())
-    for line in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING
-    if quiet:
-        level = logging.ERROR
-    elif verbose >= 2:
-        level = logging.DEBUG
-    elif verbose == 1:
-        level = logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("hpcbridge: %(levelname)s: %(message)s"))
-    root = logging.getLogger("hpcbridge")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
-@click.group(cls=BridgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--profile", metavar="NAME", help="Profile from the config file (built in: sandbox).")
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False),
-    metavar="PATH",
-    help="Config file [default: ~/.config/hpcbridge/config.toml].",
-)
-@click.option("-v", "--verbose", count=True, help="More detail on stderr; -v shows tracebacks.")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
-@click.option(
-    "--json",
-    "json_output",
-    is_flag=True,
-    help="Machine-readable output on stdout (progress and logs stay on stderr).",
-)
-@click.version_option(__version__, prog_name="hpcbridge")
-def main(
-    profile: str | None, config: str | None, verbose: int, quiet: bool, json_output: bool
-) -> None:
-    """Move imaging data between XNAT and an HPC scheduler, and run jobs in between.
-
-    \b
-    Try it with no cluster and no XNAT server:
-      hpcbridge sandbox start
-      hpcbridge --profile sandbox ls PTV000/Haofei01/Haofei01_MR1
-    """
-    _setup_logging(verbose, quiet)
-
-
-# -- browsing -------------------------------------------------------------------------------
-LS_COLUMNS = {
-    "projects": [("ID", "ID"), ("name", "NAME"), ("description", "DESCRIPTION")],
-    "subjects": [("label", "LABEL"), ("ID", "ID")],
-    "experiments": [("label", "LABEL"), ("ID", "ID"), ("date", "DATE"), ("xsiType", "TYPE")],
-    "scans": [
-        ("ID", "SCAN"),
-        ("type", "TYPE"),
-        ("series_description", "SERIES DESCRIPTION"),
-        ("quality", "QUALITY"),
-        ("file_count", "FILES"),
-        ("file_size", "BYTES"),
-    ],
-}
-
-
-@main.command("ls")
-@click.argument("address", required=False, default="")
-@click.pass_context
-def ls_command(ctx: click.Context, address: str) -> None:
-    """List projects, subjects, experiments, scans, or a scan's resources and files.
-
-    ADDRESS is PROJECT[/SUBJECT[/EXPERIMENT[/SCAN]]], by labels; empty lists the projects.
-
-    \b
-    Examples:
-      hpcbridge --profile sandbox ls
-      hpcbridge --profile sandbox ls PTV000/Haofei01/Haofei01_MR1
-      hpcbridge --profile sandbox --json ls PTV000/Haofei01/Haofei01_MR1/4
-    """
-    from .xnat import Address, connect
-    from .xnat.browse import ls
-
-    settings = settings_of(ctx)
-    where = Address.parse(address)
-    with connect(settings) as client:
-        listing = ls(client, where)
-    if settings.json:
-        emit_json(listing.rows)
-        return
-    if not listing.rows:
-        click.echo(f"no {listing.kind} at {where or 'the server'}", err=True)
-        return
-    if listing.kind == "resources":
-        for res in listing.rows:
-            click.echo(
-                f"{res['label']}  format={res.get('format', '')}  "
-                f"{res.get('file_count', 0)} files  {res.get('file_size', 0)} bytes"
-            )
-            for f in res["files"]:
-                click.echo(f"  {f['Name']}  {f['Size']}  {f.get('digest', '')}".rstrip())
-        return
-    emit_table(listing.rows, LS_COLUMNS[listing.kind])
-
-
-# -- sandbox --------------------------------------------------------------------------------
 @main.group("sandbox")
 def sandbox_group() -> None:
     """Run the XNAT-compatible sandbox server (for tests, demos and dry runs).
@@ -300,7 +134,7 @@ def sandbox_serve(
       hpcbridge sandbox serve --seed demo --port 0 --ready-file sandbox.json
       curl -u admin:admin "$(jq -r .url sandbox.json)/data/projects?format=json"
     """
-    from .sandbox import AuthSettings, Faults, SandboxServer
+    from ..sandbox import AuthSettings, Faults, SandboxServer
 
     auth = AuthSettings(
         max_sessions=max_sessions,
@@ -371,7 +205,7 @@ def sandbox_start(ctx: click.Context, seed: str, port: int) -> None:
     Example:
       hpcbridge sandbox start && hpcbridge --profile sandbox ls PTV000
     """
-    from .sandbox.control import SandboxPaths, start
+    from ..sandbox.control import SandboxPaths, start
 
     settings = settings_of(ctx)
     info, started = start(
@@ -392,7 +226,7 @@ def sandbox_start(ctx: click.Context, seed: str, port: int) -> None:
 @click.pass_context
 def sandbox_stop(ctx: click.Context) -> None:
     """Stop the background sandbox (its archive is kept)."""
-    from .sandbox.control import SandboxPaths, stop
+    from ..sandbox.control import SandboxPaths, stop
 
     stopped = stop(SandboxPaths.under(settings_of(ctx).home))
     click.echo("sandbox stopped" if stopped else "no sandbox was running", err=not stopped)
@@ -402,7 +236,7 @@ def sandbox_stop(ctx: click.Context) -> None:
 @click.pass_context
 def sandbox_status(ctx: click.Context) -> None:
     """Say whether the background sandbox runs, and where."""
-    from .sandbox.control import SandboxPaths, running
+    from ..sandbox.control import SandboxPaths, running
 
     settings = settings_of(ctx)
     info = running(SandboxPaths.under(settings.home))
@@ -418,7 +252,3 @@ def sandbox_status(ctx: click.Context) -> None:
         click.echo("sandbox not running (start it with `hpcbridge sandbox start`)")
         ctx.exit(EXIT_ERROR)
     click.echo(f"sandbox running at {info['url']} (pid {info['pid']}, data {info['data']})")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,0 +1,126 @@
+"""``hpcbridge config init`` and ``config show``: profiles and where each setting comes from."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ..config import read_config_file, write_profile
+from ..credentials import resolve
+from ..errors import ConfigError, HpcBridgeError
+from ..xnat.client import expiry_text
+from .app import emit_json, emit_table, main, settings_of
+
+
+@main.group("config")
+def config_group() -> None:
+    """Write and inspect profiles (config file: ~/.config/hpcbridge/config.toml).
+
+    \b
+    Examples:
+      hpcbridge config init --name artemis --xnat https://xnat.example.org --user alice
+      hpcbridge --profile artemis config show
+    """
+
+
+@config_group.command("init")
+@click.option("--name", default="default", show_default=True, help="Profile name.")
+@click.option("--xnat", metavar="URL", help="XNAT server URL (asked for on a terminal).")
+@click.option("--user", metavar="NAME", help="XNAT user name.")
+@click.option("--scheduler", type=click.Choice(["local", "pbs", "slurm"]), help="Batch scheduler.")
+@click.option(
+    "--default/--no-default",
+    "make_default",
+    default=True,
+    show_default=True,
+    help="Make it the profile used when --profile is not given.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing profile of that name.")
+@click.pass_context
+def config_init(
+    ctx: click.Context,
+    name: str,
+    xnat: str | None,
+    user: str | None,
+    scheduler: str | None,
+    make_default: bool,
+    force: bool,
+) -> None:
+    """Write a profile to the config file (asks for what the options leave out).
+
+    No secret goes into the file: run `hpcbridge login` afterwards for a token.
+
+    \b
+    Example:
+      hpcbridge config init --name artemis --xnat https://xnat.example.org --user alice
+    """
+    settings = settings_of(ctx)
+    path = settings.config_path
+    if name in read_config_file(path).get("profiles", {}) and not force:
+        raise ConfigError(
+            f"profile {name!r} already exists in {path}", hint="add --force to replace it"
+        )
+    interactive = sys.stdin.isatty()
+    if xnat is None and interactive:
+        xnat = click.prompt("XNAT server URL")
+    if not xnat:
+        raise ConfigError("an XNAT server URL is needed", hint="pass --xnat URL")
+    if not xnat.startswith(("https://", "http://")) and xnat != "sandbox":
+        raise ConfigError(f"{xnat!r} is not an http(s) URL")
+    if user is None and interactive:
+        user = click.prompt("XNAT user (empty for token-only)", default="", show_default=False)
+    values: dict[str, Any] = {
+        "xnat": xnat.rstrip("/"),
+        "user": user or None,
+        "scheduler": scheduler,
+    }
+    write_profile(path, name, values, make_default=make_default)
+    click.echo(f"profile {name!r} written to {path}; next: hpcbridge login")
+
+
+@config_group.command("show")
+@click.pass_context
+def config_show(ctx: click.Context) -> None:
+    """Show the effective settings and where each comes from; secrets are masked.
+
+    \b
+    Example:
+      hpcbridge --profile artemis config show
+    """
+    settings = settings_of(ctx)
+    rows = [
+        {"key": k, "value": "" if v is None else str(v), "source": src}
+        for k, v, src in settings.describe()
+    ]
+    rows.append({"key": "credentials", **_credential_row(settings)})
+    rows += [
+        {"key": "profile", "value": settings.profile, "source": ""},
+        {"key": "config", "value": str(settings.config_path), "source": ""},
+        {"key": "home", "value": str(settings.home), "source": ""},
+    ]
+    if settings.json:
+        emit_json({r["key"]: {"value": r["value"], "source": r["source"]} for r in rows})
+        return
+    emit_table(rows, [("key", "KEY"), ("value", "VALUE"), ("source", "SOURCE")])
+
+
+def _credential_row(settings: Any) -> dict[str, str]:
+    url = settings.xnat
+    if not url or url == "sandbox":
+        return {"value": "", "source": "sandbox ready-file" if url else "none"}
+    try:
+        found = resolve(url, user=settings.user, home=settings.home)
+    except HpcBridgeError as exc:
+        return {"value": "", "source": f"refused: {exc.message}"}
+    if found is None:
+        return {"value": "", "source": "none (run `hpcbridge login`)"}
+    source = {
+        "token": "alias token stored by login",
+        "environment": "environment",
+        "netrc": "~/.netrc",
+    }.get(found.source, found.source)
+    if found.expires_ms:
+        source += f", expires {expiry_text(found.expires_ms)}"
+    return {"value": f"{found.user}:****", "source": source}

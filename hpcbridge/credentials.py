@@ -1,0 +1,199 @@
+"""Where credentials come from, and the private files that hold them.
+
+Order (first that yields a secret wins):
+
+1. the alias token that ``hpcbridge login`` stored for the server (``credentials.json``);
+2. the environment: ``HPCBRIDGE_PASSWORD`` or xnatpy's ``XNAT_PASS``, with the user from the
+   settings (``HPCBRIDGE_USER`` / ``XNAT_USER`` / profile);
+3. ``~/.netrc`` (or ``$NETRC``): the ``machine`` entry for the server's host.
+
+Every file read here must be private to its owner: one that the group or others can read is
+refused with a message that says how to fix it. Files are written 0600 through a temporary name
+and an atomic rename, in a 0700 folder, so a crash never leaves a half-written credential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import netrc
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import CredentialError
+
+
+def check_private(path: Path) -> None:
+    """Refuse a credential file that other users can read or write."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CredentialError(
+            f"{path} is readable by other users (mode {stat.S_IMODE(mode):04o}); "
+            "refusing to use it",
+            hint=f"run `chmod 600 {path}`",
+        )
+
+
+def write_private(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON readable by the owner only, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_private(path: Path) -> dict[str, Any] | None:
+    """The JSON in a private file, or None when there is none."""
+    try:
+        check_private(path)
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CredentialError(f"cannot read {path}: {exc}") from None
+    return data if isinstance(data, dict) else None
+
+
+def server_key(url: str) -> str:
+    """One spelling per server: scheme and host lower-case, no trailing slash."""
+    parts = urlsplit(url.strip())
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A user name and a secret (password or alias-token secret), and where they came from."""
+
+    user: str
+    secret: str
+    source: str  # "token", "environment", "netrc"
+    expires_ms: int | None = None  # alias tokens only
+    owner: str | None = None  # the XNAT user a token belongs to
+
+    def __repr__(self) -> str:
+        return f"Secret(user={self.user!r}, secret='***', source={self.source!r})"
+
+    @property
+    def is_token(self) -> bool:
+        return self.source == "token"
+
+    def expired(self, now: float | None = None) -> bool:
+        now_ms = (time.time() if now is None else now) * 1000
+        return self.expires_ms is not None and self.expires_ms <= now_ms
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    """Alias tokens stored by ``hpcbridge login``, one per server, in ``credentials.json``."""
+
+    path: Path
+
+    @classmethod
+    def under(cls, home: Path) -> TokenStore:
+        return cls(Path(home) / "credentials.json")
+
+    def _load(self) -> dict[str, Any]:
+        data = read_private(self.path) or {}
+        data.setdefault("servers", {})
+        return data
+
+    def get(self, url: str) -> Secret | None:
+        entry = self._load()["servers"].get(server_key(url))
+        if not entry:
+            return None
+        return Secret(
+            entry["alias"], entry["secret"], "token", entry.get("expires"), entry.get("user")
+        )
+
+    def default_server(self) -> str | None:
+        """The server of the last login, for a machine with no configured XNAT."""
+        data = self._load()
+        default = data.get("default")
+        return default if default in data["servers"] else None
+
+    def put(self, url: str, *, user: str, alias: str, secret: str, expires: int | None) -> None:
+        data = self._load()
+        entry = {"user": user, "alias": alias, "secret": secret, "expires": expires}
+        data["servers"][server_key(url)] = entry
+        data["default"] = server_key(url)
+        write_private(self.path, data)
+
+    def delete(self, url: str) -> bool:
+        data = self._load()
+        if data["servers"].pop(server_key(url), None) is None:
+            return False
+        if data.get("default") == server_key(url):
+            data.pop("default")
+        write_private(self.path, data)
+        return True
+
+
+@dataclass(frozen=True)
+class SessionCache:
+    """The JSESSIONID of the last run, per server and user, so many runs share one session."""
+
+    folder: Path
+
+    @classmethod
+    def under(cls, home: Path) -> SessionCache:
+        return cls(Path(home) / "sessions")
+
+    def _path(self, url: str, user: str) -> Path:
+        digest = hashlib.sha256(f"{server_key(url)}\n{user}".encode()).hexdigest()[:24]
+        return self.folder / f"{digest}.json"
+
+    def get(self, url: str, user: str) -> str | None:
+        data = read_private(self._path(url, user))
+        return str(data["jsessionid"]) if data and data.get("jsessionid") else None
+
+    def put(self, url: str, user: str, jsessionid: str) -> None:
+        data = {"server": server_key(url), "user": user, "jsessionid": jsessionid}
+        write_private(self._path(url, user), dict(data, saved=int(time.time())))
+
+    def delete(self, url: str, user: str) -> None:
+        self._path(url, user).unlink(missing_ok=True)
+
+
+def from_netrc(url: str, path: Path | None = None) -> Secret | None:
+    """The netrc entry for the server's host, refusing a netrc others can read."""
+    file = path or Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    if not file.exists():
+        return None
+    check_private(file)
+    try:
+        entry = netrc.netrc(str(file)).authenticators(urlsplit(url).hostname or "")
+    except (netrc.NetrcParseError, OSError) as exc:
+        raise CredentialError(f"cannot read {file}: {exc}") from None
+    if not entry or not entry[0] or not entry[2]:
+        return None
+    return Secret(entry[0], entry[2], "netrc")
+
+
+def resolve(
+    url: str, *, user: str | None, home: Path, environ: dict[str, str] | None = None
+) -> Secret | None:
+    """The credentials to use for ``url``, in the documented order."""
+    env = os.environ if environ is None else environ
+    token = TokenStore.under(home).get(url)
+    if token is not None and (user is None or user in (token.owner, token.user)):
+        return token
+    password = env.get("HPCBRIDGE_PASSWORD") or env.get("XNAT_PASS")
+    if password and user:
+        return Secret(user, password, "environment")
+    found = from_netrc(url)
+    if found is not None and (user is None or user == found.user):
+        return found
+    return None
