@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import AddressError, XnatNotFoundError
+from ..errors import AddressError, XnatNotFoundError, XnatServerError
 from .address import Address
 from .client import XnatClient
 from .model import Experiment, FileEntry, Project, Resource, Scan, ScanRef, Subject
@@ -65,6 +65,33 @@ def experiments(client: XnatClient, project: str, subject: str | None = None) ->
     where = f"/data/projects/{project}" + (f"/subjects/{subject}" if subject else "")
     rows = client.listing(f"{where}/experiments", f"experiments of {project}")
     return [Experiment.from_row(r) for r in rows]
+
+
+def experiment(client: XnatClient, ident: str, project: str | None = None) -> Experiment:
+    """One experiment by label (within ``project``) or by accession ID (``XNAT_E00001``)."""
+    path = (
+        f"/data/projects/{project}/experiments/{ident}"
+        if project
+        else (f"/data/experiments/{ident}")
+    )
+    where = f"{project}/{ident}" if project else ident
+    try:
+        data = client.get_json(path, f"experiment {where}")
+        item = data["items"][0]
+        fields, xsi = item["data_fields"], item.get("meta", {}).get("xsi:type", "")
+    except XnatNotFoundError:
+        raise XnatNotFoundError(f"not found: experiment {where}", status=404) from None
+    except (KeyError, IndexError, TypeError):
+        raise XnatServerError(f"XNAT's answer for experiment {where} has no item") from None
+    row = {
+        "ID": fields.get("ID", ""),
+        "label": fields.get("label", ""),
+        "project": fields.get("project", ""),
+        "xsiType": xsi,
+        "date": fields.get("date", ""),
+        "subject_ID": fields.get("subject_ID", ""),
+    }
+    return Experiment.from_row(row)
 
 
 def scans(client: XnatClient, address: Address) -> list[Scan]:

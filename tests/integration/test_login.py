@@ -327,3 +327,23 @@ def test_walking_200_experiments_costs_one_session_and_one_listing(
     gets = after["requests"]["GET"] - before["requests"]["GET"]
     assert gets == 2  # the one listing + the stats call
     assert after["sessions_live"] == before["sessions_live"]  # ended on close
+
+
+def test_experiment_lookup_by_label_or_accession_id(demo_sandbox: SandboxServer) -> None:
+    from hpcbridge.errors import XnatNotFoundError
+    from hpcbridge.xnat import Secret, XnatClient
+    from hpcbridge.xnat.browse import experiment
+
+    creds = Secret(demo_sandbox.user, demo_sandbox.password, "environment")
+    with XnatClient(demo_sandbox.url + "/", creds) as client:
+        by_label = experiment(client, "Haofei02_MR1", project="PTV000")
+        by_id = experiment(client, by_label.id)
+        assert by_label == by_id
+        assert (by_label.label, by_label.project, by_label.xsi_type) == (
+            "Haofei02_MR1",
+            "PTV000",
+            "xnat:mrSessionData",
+        )
+        assert by_label.id.startswith("XNAT_E") and by_label.subject_id.startswith("XNAT_S")
+        with pytest.raises(XnatNotFoundError, match="not found: experiment Haofei02_MR1"):
+            experiment(client, "Haofei02_MR1")  # a label needs its project, as on XNAT
