@@ -84,6 +84,11 @@ class XnatServerError(XnatError):
     """Any other unexpected answer; carries the status and an excerpt of the body."""
 
 
+class StageError(HpcBridgeError):
+    """Staging data in or out failed: a bad download, a refused archive, a verification that
+    did not hold, no space. Nothing half-written is left behind."""
+
+
 class SandboxError(HpcBridgeError):
     """The sandbox XNAT server could not be started, found or stopped."""
 

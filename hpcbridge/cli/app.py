@@ -11,6 +11,8 @@ import json
 import logging
 import shutil
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -20,6 +22,7 @@ import click
 from .. import __version__
 from ..config import Settings, load_settings
 from ..errors import HpcBridgeError
+from ..units import human_size
 
 log = logging.getLogger("hpcbridge")
 
@@ -149,3 +152,40 @@ def main(
       hpcbridge --profile sandbox ls PTV000/Haofei01/Haofei01_MR1
     """
     _setup_logging(verbose, quiet)
+
+
+class ProgressBar:
+    """Bytes, rate and ETA on one stderr line, only on a terminal (never when piped)."""
+
+    def __init__(self, label: str, *, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = 0
+        self.done = 0
+        self.start = time.monotonic()
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            if self.enabled and (now - self._last > 0.2 or self.done >= self.total > 0):
+                self._last = now
+                click.echo("\r" + self._line(now), err=True, nl=False)
+
+    def _line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-6)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate and self.total else 0
+        return (
+            f"{self.label}: {human_size(self.done)} / {human_size(self.total)}  "
+            f"{human_size(rate)}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}   "
+        )
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            click.echo("", err=True)

@@ -67,14 +67,16 @@ def experiments(client: XnatClient, project: str, subject: str | None = None) ->
     return [Experiment.from_row(r) for r in rows]
 
 
-def experiment(client: XnatClient, ident: str, project: str | None = None) -> Experiment:
-    """One experiment by label (within ``project``) or by accession ID (``XNAT_E00001``)."""
-    path = (
-        f"/data/projects/{project}/experiments/{ident}"
-        if project
-        else (f"/data/experiments/{ident}")
-    )
-    where = f"{project}/{ident}" if project else ident
+def experiment(
+    client: XnatClient, ident: str, project: str | None = None, subject: str | None = None
+) -> Experiment:
+    """One experiment by label (within ``project``, and ``subject`` if given) or by accession
+    ID (``XNAT_E00001``)."""
+    path, where = f"/data/experiments/{ident}", ident
+    if project:
+        where = "/".join(p for p in (project, subject, ident) if p)
+        path = f"/data/projects/{project}" + (f"/subjects/{subject}" if subject else "")
+        path += f"/experiments/{ident}"
     try:
         data = client.get_json(path, f"experiment {where}")
         item = data["items"][0]
@@ -92,6 +94,19 @@ def experiment(client: XnatClient, ident: str, project: str | None = None) -> Ex
         "subject_ID": fields.get("subject_ID", ""),
     }
     return Experiment.from_row(row)
+
+
+def scans_of(client: XnatClient, address: Address) -> tuple[str, str, list[Scan]]:
+    """(experiment ID, experiment label, scans) of the experiment at ``address``: two requests."""
+    try:
+        expt = experiment(
+            client, address.experiment or "", project=address.project, subject=address.subject
+        )
+        rows = client.listing(f"/data/experiments/{expt.id}/scans", f"scans of {address}")
+    except XnatNotFoundError:
+        require(client, Address(address.project, address.subject, address.experiment))
+        raise
+    return expt.id, expt.label, [Scan.from_row(r, expt.id) for r in rows]
 
 
 def scans(client: XnatClient, address: Address) -> list[Scan]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
@@ -284,6 +285,21 @@ class XnatClient:
             body.seek(0)
             return
         raise XnatAuthError("the XNAT session expired during a streamed upload", hint="retry")
+
+    def ensure_session(self) -> None:
+        """Have a server session (cached or new) before work that shares it across threads."""
+        self._resume_or_login()
+
+    @contextmanager
+    def stream(
+        self, method: str, path: str, what: str, **kwargs: Any
+    ) -> Iterator[requests.Response]:
+        """A request whose body is read in chunks by the caller (downloads)."""
+        resp = self.request(method, path, what, stream=True, **kwargs)
+        try:
+            yield resp
+        finally:
+            resp.close()
 
     def get_json(self, path: str, what: str, params: Mapping[str, str] | None = None) -> Any:
         query = {"format": "json", **(params or {})}

@@ -1,0 +1,225 @@
+"""``hpcbridge stage-in`` and ``stage-out``: the data path between XNAT and the cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import PartialFailure
+from ..units import human_size
+from .app import ProgressBar, emit_json, main, settings_of
+
+
+@main.command("stage-in")
+@click.argument("address")
+@click.option("--scan", "scan_ids", multiple=True, metavar="ID", help="Scan ID (repeatable).")
+@click.option(
+    "--scan-type",
+    "scan_types",
+    multiple=True,
+    metavar="GLOB",
+    help="Scan type glob, e.g. 'T1*' (repeatable).",
+)
+@click.option(
+    "--series",
+    "series",
+    multiple=True,
+    metavar="GLOB",
+    help="Series description glob (repeatable).",
+)
+@click.option("--resource", default="DICOM", show_default=True, help="Resource to download.")
+@click.option(
+    "--dest",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Destination folder.",
+)
+@click.option("--allow-non-dicom", is_flag=True, help="Stage a resource that holds no DICOM.")
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 8),
+    help="Scans downloaded in parallel.",
+)
+@click.option(
+    "--max-bytes",
+    default=64 * 1024**3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Refuse a scan's zip that unpacks to more than this.",
+)
+@click.option(
+    "--max-ratio",
+    default=200.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Refuse zip entries that expand more than this (zip bombs).",
+)
+@click.pass_context
+def stage_in_command(
+    ctx: click.Context,
+    address: str,
+    scan_ids: tuple[str, ...],
+    scan_types: tuple[str, ...],
+    series: tuple[str, ...],
+    resource: str,
+    dest: Path,
+    allow_non_dicom: bool,
+    workers: int,
+    max_bytes: int,
+    max_ratio: float,
+) -> None:
+    """Download scans' files, verify them, and unpack them with a manifest.
+
+    ADDRESS is PROJECT/SUBJECT/EXPERIMENT (select scans with the options) or
+    PROJECT/SUBJECT/EXPERIMENT/SCAN. Files land in
+    DEST/<experiment>/scans/<scan>-<type>/resources/<resource>/files/ with manifest.json beside
+    them; scans already staged and unchanged in XNAT are skipped.
+
+    \b
+    Examples:
+      hpcbridge stage-in PTV000/Haofei01/Haofei01_MR1/4 --dest /scratch/$USER/in
+      hpcbridge stage-in PTV000/Haofei01/Haofei01_MR1 --scan-type 'T1*' --dest in
+    """
+    from ..stagein import Limits, Selection, stage_in
+    from ..xnat import Address, connect
+
+    settings = settings_of(ctx)
+    where = Address.parse(address)
+    bar = ProgressBar("stage-in", enabled=not (settings.quiet or settings.json))
+    with connect(settings) as client:
+        report = stage_in(
+            client,
+            where,
+            dest,
+            resource=resource,
+            workers=workers,
+            selection=Selection(scan_ids, scan_types, series),
+            allow_non_dicom=allow_non_dicom,
+            limits=Limits(max_total_bytes=max_bytes, max_ratio=max_ratio),
+            progress=bar.add,
+            on_total=bar.set_total,
+        )
+    bar.close()
+    rows = [
+        {
+            "scan": s.scan.id,
+            "type": s.scan.type,
+            "status": "skipped" if s.skipped else "staged",
+            "folder": str(s.folder),
+            "files": s.files,
+            "bytes": s.bytes,
+            "dicom_instances": s.dicom.get("instances", 0),
+        }
+        for s in report.staged
+    ]
+    rows += [
+        {"scan": scan.id, "type": scan.type, "status": "failed", "error": err.message}
+        for scan, err in report.failed
+    ]
+    if settings.json:
+        emit_json(rows)
+    else:
+        for row in rows:
+            if row["status"] == "failed":
+                click.echo(f"scan {row['scan']}: failed: {row['error']}", err=True)
+            else:
+                note = " (already staged, unchanged)" if row["status"] == "skipped" else ""
+                click.echo(
+                    f"scan {row['scan']}: {row['files']} files, "
+                    f"{human_size(row['bytes'])} -> {row['folder']}{note}"
+                )
+    _finish(report.failed, len(rows))
+
+
+def _finish(failed: list, total: int) -> None:
+    """Exit 1 when everything failed, 3 when only some did (CLI.md)."""
+    if not failed:
+        return
+    scan, err = failed[0]
+    if len(failed) == total:
+        if total == 1:
+            raise err
+        raise PartialFailure(f"all {total} scans failed; first: {err.message}") from None
+    raise PartialFailure(f"{len(failed)} of {total} scans failed")
+
+
+@main.command("stage-out")
+@click.argument("address")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--resource", required=True, metavar="LABEL", help="Target resource, e.g. NIFTI.")
+@click.option("--format", "fmt", metavar="F", help="Resource format when it is created.")
+@click.option("--content", metavar="C", help="Resource content when it is created.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files with different content.")
+@click.option("--assessor", metavar="LABEL", help="Upload to this assessor of the experiment.")
+@click.option(
+    "--inout",
+    type=click.Choice(["in", "out"]),
+    default="out",
+    show_default=True,
+    help="Which assessor resources (with --assessor).",
+)
+@click.option("--no-zip", is_flag=True, help="Upload small files one by one, not as one zip.")
+@click.pass_context
+def stage_out_command(
+    ctx: click.Context,
+    address: str,
+    paths: tuple[Path, ...],
+    resource: str,
+    fmt: str | None,
+    content: str | None,
+    overwrite: bool,
+    assessor: str | None,
+    inout: str,
+    no_zip: bool,
+) -> None:
+    """Upload files (or folders' files) into a resource of a scan, then verify the listing.
+
+    An identical file already in XNAT is skipped; a different one is an error unless
+    --overwrite. Nothing is deleted. dcm2niix outputs get format/content labels.
+
+    \b
+    Examples:
+      hpcbridge stage-out PTV000/Haofei01/Haofei01_MR1/4 --resource NIFTI out/*.nii.gz out/*.json
+      hpcbridge stage-out PTV000/Haofei01/Haofei01_MR1 --assessor QC1 --resource PDF report.pdf
+    """
+    from ..stageout import collect, resolve_target, stage_out
+    from ..xnat import Address, connect
+
+    settings = settings_of(ctx)
+    where = Address.parse(address)
+    files = collect(paths)
+    bar = ProgressBar("stage-out", enabled=not (settings.quiet or settings.json))
+    bar.set_total(sum(f.size for f in files))
+    with connect(settings) as client:
+        target = resolve_target(client, where, resource, assessor=assessor, inout=inout)
+        report = stage_out(
+            client,
+            target,
+            files,
+            overwrite=overwrite,
+            fmt=fmt,
+            content=content,
+            batch_small=not no_zip,
+            progress=bar.add,
+        )
+    bar.close()
+    if settings.json:
+        emit_json(
+            {
+                "target": report.target,
+                "uploaded": report.uploaded,
+                "skipped": report.skipped,
+                "bytes": report.bytes,
+                "created_resource": report.created_resource,
+                "verified": True,
+            }
+        )
+        return
+    click.echo(
+        f"{report.target}: uploaded {len(report.uploaded)} file(s) "
+        f"({human_size(report.bytes)}), skipped {len(report.skipped)} identical; "
+        "verified against XNAT's listing"
+    )
