@@ -26,8 +26,9 @@ import stat
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -47,6 +48,9 @@ CHUNK = 1024 * 1024
 MANIFEST = "manifest.json"
 STAGING = ".hpcbridge-staging"
 DOWNLOAD_ATTEMPTS = 3
+# Entries at least this large are hashed in a helper thread while they are unpacked; for
+# smaller ones starting the thread costs more than the overlap saves.
+HASH_THREAD_BYTES = 8 * CHUNK
 
 
 @dataclass(frozen=True)
@@ -165,11 +169,14 @@ def stage_in(
             plans.append(_plan(client, experiment_id, experiment_label, scan, resource, dest, base))
         except XnatNotFoundError:
             report.failed.append((scan, StageError(f"{base}/{scan.id} has no resource {resource}")))
-    todo = [p for p in plans if not p.up_to_date()]
+    # Verify each staged copy once: hashing is the expensive part of a re-run, and a second
+    # look could disagree with the first (a file changing meanwhile) and drop a scan from both.
+    fresh = [p.up_to_date() for p in plans]
+    todo = [p for p, ok in zip(plans, fresh, strict=True) if not ok]
     _check_space(dest, sum(p.total for p in todo), limits)
     if on_total is not None:
         on_total(sum(p.total for p in todo))
-    report.staged += [p.skipped() for p in plans if p.up_to_date()]
+    report.staged += [p.skipped() for p, ok in zip(plans, fresh, strict=True) if ok]
     lock = threading.Lock()
 
     def run(plan: _Plan) -> None:
@@ -254,8 +261,8 @@ class _Plan:
         self, client: XnatClient, allow_non_dicom: bool, limits: Limits, progress: Progress | None
     ) -> StagedScan:
         shutil.rmtree(self.staging, ignore_errors=True)  # whatever an earlier run left
-        self.staging.mkdir(parents=True)
         try:
+            self.staging.mkdir(parents=True)
             zip_path = self.staging / "download.zip.part"
             self._download(client, zip_path, progress)
             files_dir = self.staging / self.resource_dirname / "files"
@@ -272,6 +279,13 @@ class _Plan:
                 )
             self._write_manifest(files_dir.parent, entries, dicom)
             _place(files_dir.parent, self.folder)
+        except OSError as exc:
+            # A full disk can also strike creating a folder or renaming into place: a clear
+            # error for this scan, not a traceback that ends the other scans' downloads too.
+            where = exc.filename or self.folder
+            raise StageError(
+                f"{self.address}: cannot write {where}: {exc.strerror or exc}"
+            ) from None
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
         return StagedScan(self.scan, self.folder, False, len(entries), self.total, dicom)
@@ -339,7 +353,11 @@ class _Plan:
             "files": entries,
             "dicom": dicom,
         }
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        path = folder / MANIFEST
+        try:
+            path.write_text(json.dumps(manifest, indent=1))
+        except OSError as exc:  # ENOSPC here carries no file name: say which file it was
+            raise StageError(f"{self.address}: cannot write {path}: {exc.strerror}") from None
 
 
 def _brief(exc: BaseException) -> str:
@@ -485,25 +503,45 @@ def _member_path(info: zipfile.ZipInfo, prefix: str, address: str) -> str:
 def _copy_out(
     archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, size: int, address: str, rel: str
 ) -> str:
-    """Copy one entry (CRC checked by zipfile), never writing more than its declared size."""
+    """Copy one entry (CRC checked by zipfile), never writing more than its declared size.
+
+    A large entry's md5 is computed in a helper thread, one chunk behind the copy (hashlib
+    releases the GIL): with two cores, unpacking then takes about as long as the slower of
+    hashing and copying instead of both (docs/performance.md).
+    """
     digest = hashlib.md5()
     written = 0
+    hasher = ThreadPoolExecutor(max_workers=1) if size >= HASH_THREAD_BYTES else None
+    hashing: Future[None] | None = None
     try:
         with archive.open(info) as src, open(target, "xb") as out:
             while chunk := src.read(CHUNK):
                 written += len(chunk)
                 if written > size:
                     raise StageError(f"{address}: {rel} is larger than declared; refusing it")
-                digest.update(chunk)
+                if hasher is None:
+                    digest.update(chunk)
+                else:
+                    if hashing is not None:
+                        hashing.result()  # updates stay in order; at most two chunks held
+                    hashing = hasher.submit(digest.update, chunk)
                 out.write(chunk)
-    except zipfile.BadZipFile as exc:
+            if hashing is not None:
+                hashing.result()
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        # A damaged deflated entry fails in zlib (or ends early), not as BadZipFile.
         raise StageError(
             f"{address}: {rel} is corrupt in the zip ({exc})", hint="re-run to download it again"
         ) from None
+    except (NotImplementedError, RuntimeError) as exc:  # unknown compression, encrypted entry
+        raise StageError(f"{address}: {rel} cannot be unpacked ({exc})") from None
     except FileExistsError:
         raise StageError(f"{address}: the zip holds {rel} twice") from None
     except OSError as exc:
         raise StageError(f"{address}: cannot write {target}: {exc.strerror}") from None
+    finally:
+        if hasher is not None:
+            hasher.shutdown()
     return digest.hexdigest()
 
 

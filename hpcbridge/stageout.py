@@ -287,14 +287,20 @@ def _check_duplicates(body: str, target: Target) -> None:
 
 
 class _Counting:
-    """A file object that reports bytes as requests reads them (streamed, not loaded)."""
+    """A file object that reports bytes as requests reads them (streamed, not loaded).
+
+    It hands out ``CHUNK`` bytes per read even when asked for fewer: urllib3 reads request
+    bodies 16 KiB at a time, and 65,536 small reads and sends per GiB cost the upload about a
+    tenth of its speed on loopback (docs/performance.md). Its readers (urllib3, http.client)
+    read until ``b""`` and never rely on the size they asked for.
+    """
 
     def __init__(self, fh: Any, progress: Progress | None) -> None:
         self._fh = fh
         self._progress = progress
 
     def read(self, n: int = -1) -> bytes:
-        data = self._fh.read(n)
+        data = self._fh.read(n if n < 0 else max(n, CHUNK))
         if self._progress and data:
             self._progress(len(data))
         return data

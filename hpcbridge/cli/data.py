@@ -124,6 +124,8 @@ def stage_in_command(
     else:
         for row in rows:
             if row["status"] == "failed":
+                if len(rows) == 1:
+                    continue  # _finish reports the one failure as the error line itself
                 click.echo(f"scan {row['scan']}: failed: {row['error']}", err=True)
             else:
                 note = " (already staged, unchanged)" if row["status"] == "skipped" else ""
