@@ -210,11 +210,11 @@ def stage_out(
     if existing is None:
         _create_resource(client, target, files, fmt, content)
         report.created_resource = True
-    if todo:
-        if batch_small and len(todo) >= ZIP_MIN_FILES and all(f.size < SMALL_FILE for f in todo):
-            _upload_zip(client, target, todo, overwrite, progress)
+    for labels, group in _groups(todo).items():
+        if batch_small and len(group) >= ZIP_MIN_FILES and all(f.size < SMALL_FILE for f in group):
+            _upload_zip(client, target, group, labels, overwrite, progress)
         else:
-            for item in todo:
+            for item in group:
                 _upload_one(client, target, item, overwrite, progress)
     _verify(client, target, todo)
     report.uploaded = [f.remote for f in todo]
@@ -222,10 +222,18 @@ def stage_out(
     return report
 
 
+def _groups(files: list[LocalFile]) -> dict[tuple[str, str], list[LocalFile]]:
+    """Files by their (format, content) labels: a zip carries one set of labels for all."""
+    groups: dict[tuple[str, str], list[LocalFile]] = {}
+    for item in files:
+        groups.setdefault(default_labels(item.remote), []).append(item)
+    return groups
+
+
 def _plan(
     files: list[LocalFile], existing: dict[str, FileEntry], overwrite: bool, target: Target
 ) -> tuple[list[LocalFile], list[str]]:
-    todo, skipped, clashes = [], [], []
+    todo, skipped, clashes, unproven = [], [], [], []
     for item in files:
         there = existing.get(item.remote)
         if there is None:
@@ -234,6 +242,8 @@ def _plan(
             skipped.append(item.remote)
         elif overwrite:
             todo.append(item)
+        elif there.size == item.size and not there.digest:
+            unproven.append(item.remote)
         else:
             clashes.append(item.remote)
     if clashes:
@@ -241,6 +251,14 @@ def _plan(
         raise StageError(
             f"{target.label}: {clashes[0]}{more} already exist(s) in XNAT with "
             "different content; nothing was uploaded",
+            hint="add --overwrite to replace them",
+        )
+    if unproven:
+        # Older archives may list no digest: same size proves nothing, so do not guess.
+        more = f" and {len(unproven) - 1} more" if len(unproven) > 1 else ""
+        raise StageError(
+            f"{target.label}: {unproven[0]}{more} already exist(s) in XNAT without a digest, "
+            "so hpcbridge cannot tell whether they are identical; nothing was uploaded",
             hint="add --overwrite to replace them",
         )
     return todo, skipped
@@ -262,13 +280,16 @@ def _create_resource(
         pass  # created meanwhile by another run: fine
 
 
-def _upload_params(item_name: str, overwrite: bool) -> dict[str, str]:
-    fmt, content = default_labels(item_name)
+def _upload_params(
+    labels: tuple[str, str], overwrite: bool, *, extract: bool = False
+) -> dict[str, str]:
     params = {"inbody": "true"}
+    if extract:
+        params["extract"] = "true"
     if overwrite:
         params["overwrite"] = "true"
-    if fmt:
-        params.update(format=fmt, content=content)
+    if labels[0]:
+        params.update(format=labels[0], content=labels[1])
     return params
 
 
@@ -326,7 +347,7 @@ def _upload_one(
             "PUT",
             url,
             f"uploading {item.remote} to {target.label}",
-            params=_upload_params(item.remote, overwrite),
+            params=_upload_params(default_labels(item.remote), overwrite),
             data=body,
             headers=headers,
         )
@@ -337,6 +358,7 @@ def _upload_zip(
     client: XnatClient,
     target: Target,
     todo: list[LocalFile],
+    labels: tuple[str, str],
     overwrite: bool,
     progress: Progress | None,
 ) -> None:
@@ -346,9 +368,7 @@ def _upload_zip(
         with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as zf:
             for item in todo:
                 zf.write(item.path, item.remote)
-        params = {"inbody": "true", "extract": "true"}
-        if overwrite:
-            params["overwrite"] = "true"
+        params = _upload_params(labels, overwrite, extract=True)
         size = bundle.stat().st_size
         with open(bundle, "rb") as fh:
             resp = client.request(

@@ -196,6 +196,47 @@ def test_many_small_files_go_up_as_one_zip_that_xnat_unpacks(
     assert_listed(rows, out)  # unpacked, sub-folder kept, the zip itself not kept
 
 
+def test_zipped_dcm2niix_outputs_keep_their_labels(
+    env: SandboxServer, http: requests.Session, tmp_path: Path, sent: list[dict[str, Any]]
+) -> None:
+    """Eight series of NIfTI + sidecar: one zip per kind, so each file keeps its labels."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(8):
+        (out / f"run{i}.nii.gz").write_bytes(gzip.compress(b"nifti" * (i + 1)))
+        (out / f"run{i}.json").write_text(json.dumps({"SeriesNumber": i}))
+    result = run("stage-out", SCAN4, "--resource", "NIFTI", str(out))
+    assert result.exit_code == 0, result.output
+    zips = [c for c in sent if c["method"] == "PUT" and c["params"].get("extract") == "true"]
+    assert sorted(c["params"]["format"] for c in zips) == ["JSON", "NIFTI"]
+    rows = listing(http, env, NIFTI)
+    assert_listed(rows, out)
+    for name, row in rows.items():
+        want = ("NIFTI", "IMAGE") if name.endswith(".nii.gz") else ("JSON", "BIDS_SIDECAR")
+        assert (row["file_format"], row["file_content"]) == want, name
+
+
+def test_an_existing_file_without_digest_is_not_guessed_identical(
+    env: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older archives list no md5: the same size proves nothing, so it is refused, not skipped."""
+    from hpcbridge import stageout
+    from hpcbridge.xnat.model import FileEntry
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub.json").write_text("{}")
+    listed = {"sub.json": FileEntry("sub.json", "sub.json", 2, "", "/data/x/files/sub.json")}
+    monkeypatch.setattr(stageout, "remote_files", lambda client, target: listed)
+    result = CliRunner().invoke(main, ["stage-out", SCAN4, "--resource", "NIFTI", str(out)])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"hpcbridge: error: {SCAN4} resource NIFTI: sub.json already exist(s) in XNAT without a "
+        "digest, so hpcbridge cannot tell whether they are identical; nothing was uploaded "
+        "(add --overwrite to replace them)\n"
+    )
+
+
 def test_no_zip_uploads_small_files_one_by_one(
     env: SandboxServer, http: requests.Session, tmp_path: Path, sent: list[dict[str, Any]]
 ) -> None:
