@@ -56,12 +56,20 @@ def default_labels(name: str) -> tuple[str, str]:
     return "", ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class LocalFile:
+    """A file to upload. Its md5 is computed only when needed: to compare it with a file XNAT
+    already has, or on the fly while it is sent (one read of the file, not two)."""
+
     path: Path
     remote: str  # path inside the resource
     size: int
-    md5: str
+    md5: str | None = None
+
+    def digest(self) -> str:
+        if self.md5 is None:
+            self.md5 = _md5_of(self.path)
+        return self.md5
 
 
 @dataclass(frozen=True)
@@ -121,16 +129,22 @@ def _add(found: dict[str, Path], remote: str, path: Path) -> None:
 
 
 def _describe(path: Path, remote: str) -> LocalFile:
+    try:
+        with open(path, "rb"):  # readable now, not only when its turn to upload comes
+            return LocalFile(path, remote, path.stat().st_size)
+    except OSError as exc:
+        raise StageError(f"{path}: cannot read it: {exc.strerror}") from None
+
+
+def _md5_of(path: Path) -> str:
     digest = hashlib.md5()
-    size = 0
     try:
         with open(path, "rb") as fh:
             while chunk := fh.read(CHUNK):
                 digest.update(chunk)
-                size += len(chunk)
     except OSError as exc:
         raise StageError(f"{path}: cannot read it: {exc.strerror}") from None
-    return LocalFile(path, remote, size, digest.hexdigest())
+    return digest.hexdigest()
 
 
 def resolve_target(
@@ -238,7 +252,7 @@ def _plan(
         there = existing.get(item.remote)
         if there is None:
             todo.append(item)
-        elif there.size == item.size and there.digest == item.md5:
+        elif there.size == item.size and there.digest == item.digest():
             skipped.append(item.remote)
         elif overwrite:
             todo.append(item)
@@ -319,15 +333,26 @@ class _Counting:
     def __init__(self, fh: Any, progress: Progress | None) -> None:
         self._fh = fh
         self._progress = progress
+        self._md5 = hashlib.md5()
+        self.sent = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self._fh.read(n if n < 0 else max(n, CHUNK))
+        self._md5.update(data)
+        self.sent += len(data)
         if self._progress and data:
             self._progress(len(data))
         return data
 
+    def hexdigest(self) -> str:
+        """The md5 of what was sent (since the last rewind)."""
+        return self._md5.hexdigest()
+
     def seek(self, *args: Any) -> int:
-        return int(self._fh.seek(*args))
+        pos = int(self._fh.seek(*args))
+        if pos == 0:  # a resend after re-login starts the digest again
+            self._md5, self.sent = hashlib.md5(), 0
+        return pos
 
     def tell(self) -> int:
         return int(self._fh.tell())
@@ -352,6 +377,9 @@ def _upload_one(
             headers=headers,
         )
     _check_duplicates(resp.text, target)
+    # What was sent is what XNAT must list; hashed on the way, so the file is read once.
+    if body.sent == item.size:
+        item.md5 = body.hexdigest()
 
 
 def _upload_zip(
@@ -396,7 +424,8 @@ def _verify(client: XnatClient, target: Target, uploaded: list[LocalFile]) -> No
             raise StageError(
                 f"{target.label}: {item.remote} is {there.size} bytes in XNAT, {item.size} here"
             )
-        if there.digest and there.digest != item.md5:
+        if there.digest and there.digest != item.digest():
             raise StageError(
-                f"{target.label}: {item.remote} has md5 {there.digest} in XNAT, {item.md5} here"
+                f"{target.label}: {item.remote} has md5 {there.digest} in XNAT, "
+                f"{item.digest()} here"
             )

@@ -379,3 +379,24 @@ def test_the_library_plans_uploads_and_skips_identical_files(
     assert (first.uploaded, first.created_resource) == (["a.json", "b.bval"], True)
     assert (second.uploaded, second.skipped) == ([], ["a.json", "b.bval"])
     assert target.files_url == f"{EXP}/scans/4/resources/DWI/files"
+
+
+def test_a_digest_that_differs_after_upload_is_an_error_naming_the_file(
+    env: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The md5 computed while sending must match what XNAT lists afterwards."""
+    from hpcbridge import stageout
+    from hpcbridge.xnat.model import FileEntry
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub.nii.gz").write_bytes(gzip.compress(b"image"))
+    size = (out / "sub.nii.gz").stat().st_size
+    answers = iter([{}, {"sub.nii.gz": FileEntry("sub.nii.gz", "sub.nii.gz", size, "0" * 32, "")}])
+    monkeypatch.setattr(stageout, "remote_files", lambda client, target: next(answers))
+    result = CliRunner().invoke(main, ["stage-out", SCAN4, "--resource", "NIFTI", str(out)])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"hpcbridge: error: {SCAN4} resource NIFTI: sub.nii.gz has md5 {'0' * 32} in XNAT, "
+        f"{md5((out / 'sub.nii.gz').read_bytes())} here\n"
+    )
