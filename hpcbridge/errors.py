@@ -89,6 +89,10 @@ class StageError(HpcBridgeError):
     did not hold, no space. Nothing half-written is left behind."""
 
 
+class RecipeError(HpcBridgeError):
+    """A recipe is invalid, missing, or cannot be rendered with the given values."""
+
+
 class SandboxError(HpcBridgeError):
     """The sandbox XNAT server could not be started, found or stopped."""
 
