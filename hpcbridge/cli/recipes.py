@@ -1,0 +1,287 @@
+"""``hpcbridge recipes list|show|new`` and ``hpcbridge render``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import RecipeError
+from .app import emit_json, emit_table, main, settings_of
+
+recipes_option = click.option(
+    "--recipes",
+    "recipe_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A folder of lab recipes, searched first (repeatable).",
+)
+
+SCAFFOLD = '''# {name}: a lab recipe for hpcbridge (see docs/recipes.md for every key).
+name = "{name}"
+description = "What this recipe does, in one line"
+version = "1"
+
+# Parameters users can change with --set NAME=VALUE. Types: str, int, float, bool.
+[parameters.threshold]
+type = "float"
+default = 0.5
+help = "An example parameter; use it in the command as {{{{ params.threshold }}}}"
+
+# Scheduler-neutral requests; hpcbridge turns them into PBS, Torque or Slurm directives.
+[resources]
+cpus = 1
+memory = "2GB"        # e.g. 512MB, 4GB
+walltime = "00:30:00" # HH:MM:SS, hours may exceed 24
+# queue = "defaultQ"
+# account = "MYPROJECT"
+
+# Modules are loaded where `module` exists; elsewhere the tools must be on PATH.
+[environment]
+modules = ["dcm2niix"]
+
+# What to stage in, and which scans this recipe applies to.
+[inputs]
+resource = "DICOM"
+scan_types = ["*"]
+
+# Which result files go back to XNAT, and into which resource of the scan.
+[[outputs]]
+glob = "*.nii.gz"
+resource = "NIFTI"
+format = "NIFTI"
+content = "IMAGE"
+
+# The command: a Jinja template. Every {{{{ value }}}} is shell-quoted for you.
+# Variables: input_dir, output_dir, work_dir, params.NAME, cpus, memory_mb, walltime, scan.
+[run]
+command = """
+dcm2niix -z y -o {{{{ output_dir }}}} {{{{ input_dir }}}}
+"""
+'''
+
+
+@main.group("recipes")
+def recipes_group() -> None:
+    """List, inspect and scaffold conversion recipes.
+
+    \b
+    Examples:
+      hpcbridge recipes list
+      hpcbridge recipes show dcm2niix
+      hpcbridge recipes new t1-lab --dir ~/lab-recipes
+    """
+
+
+def _set_values(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {pair!r} must look like NAME=VALUE")
+        out[key] = value
+    return out
+
+
+@recipes_group.command("list")
+@recipes_option
+@click.pass_context
+def recipes_list(ctx: click.Context, recipe_dirs: tuple[Path, ...]) -> None:
+    """The recipes found, and where each came from (a lab's overrides a built-in)."""
+    from ..recipes import discover
+
+    settings = settings_of(ctx)
+    found = discover(list(recipe_dirs), settings.home)
+    rows = [
+        {"name": r.name, "description": r.description, "origin": r.origin, "file": str(r.source)}
+        for r in sorted(found.values(), key=lambda r: r.name)
+    ]
+    if settings.json:
+        emit_json(rows)
+        return
+    emit_table(rows, [("name", "NAME"), ("origin", "FROM"), ("description", "DESCRIPTION")])
+
+
+@recipes_group.command("show")
+@click.argument("name")
+@recipes_option
+@click.pass_context
+def recipes_show(ctx: click.Context, name: str, recipe_dirs: tuple[Path, ...]) -> None:
+    """A recipe's parameters, defaults, resources, inputs, outputs and command.
+
+    \b
+    Example:
+      hpcbridge recipes show dcm2niix
+    """
+    from ..recipes import find, format_walltime
+
+    settings = settings_of(ctx)
+    recipe = find(name, list(recipe_dirs), settings.home)
+    res = recipe.resources
+    info: dict[str, Any] = {
+        "name": recipe.name,
+        "description": recipe.description,
+        "file": str(recipe.source),
+        "origin": recipe.origin,
+        "parameters": {
+            p.name: {"type": p.type, "default": p.default, "help": p.help}
+            for p in recipe.parameters.values()
+        },
+        "resources": {
+            "cpus": res.cpus,
+            "memory_mb": res.memory_mb,
+            "walltime": format_walltime(res.walltime),
+            "queue": res.queue,
+            "account": res.account,
+            "gpus": res.gpus,
+        },
+        "modules": list(recipe.modules),
+        "inputs": {"resource": recipe.input_resource, "scan_types": list(recipe.scan_types)},
+        "outputs": [o.__dict__ for o in recipe.outputs],
+        "command": recipe.command,
+    }
+    if settings.json:
+        emit_json(info)
+        return
+    click.echo(f"{recipe.name}: {recipe.description}\n  from {recipe.origin} ({recipe.source})")
+    click.echo("\nparameters:")
+    for p in recipe.parameters.values():
+        click.echo(f"  {p.name} ({p.type}, default {p.default!r})  {p.help}")
+    click.echo(
+        f"\nresources: {res.cpus} cpu, {res.memory_mb} MB, walltime "
+        f"{format_walltime(res.walltime)}"
+        + (f", queue {res.queue}" if res.queue else "")
+        + (f", account {res.account}" if res.account else "")
+        + (f", {res.gpus} gpu" if res.gpus else "")
+    )
+    if recipe.modules:
+        click.echo(f"modules: {', '.join(recipe.modules)}")
+    click.echo(
+        f"inputs: resource {recipe.input_resource}, scan types {', '.join(recipe.scan_types)}"
+    )
+    for o in recipe.outputs:
+        click.echo(
+            f"output: {o.glob} -> resource {o.resource}"
+            + (f" ({o.format}/{o.content})" if o.format else "")
+        )
+    click.echo("\ncommand:\n" + recipe.command.rstrip())
+
+
+@recipes_group.command("new")
+@click.argument("name")
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write it [default: $HPCBRIDGE_HOME/recipes].",
+)
+@click.pass_context
+def recipes_new(ctx: click.Context, name: str, folder: Path | None) -> None:
+    """Write a commented recipe to start from, and check that it validates.
+
+    \b
+    Example:
+      hpcbridge recipes new t1-lab --dir ~/lab-recipes
+    """
+    from ..recipes import NAME, load_recipe
+
+    if not NAME.match(name):
+        raise RecipeError(f"recipe name {name!r} must be a letter then letters, digits, '_' or '-'")
+    folder = folder or settings_of(ctx).home / "recipes"
+    target = folder / f"{name}.toml"
+    if target.exists():
+        raise RecipeError(f"{target} already exists")
+    folder.mkdir(parents=True, exist_ok=True)
+    target.write_text(SCAFFOLD.format(name=name))
+    load_recipe(target)
+    click.echo(f"wrote {target}; edit it, then: hpcbridge recipes show {name} --recipes {folder}")
+
+
+@main.command("render")
+@click.argument("recipe")
+@click.option(
+    "--scheduler",
+    type=click.Choice(["pbs", "torque", "slurm", "local"]),
+    help="Scheduler [default: the profile's].",
+)
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Recipe parameter.")
+@click.option(
+    "--input",
+    "input_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder the job reads (staged DICOM).",
+)
+@click.option(
+    "--output",
+    "output_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder the job writes.",
+)
+@click.option(
+    "--work",
+    "work_dir",
+    type=click.Path(path_type=Path),
+    help="Job work folder (status files, logs) [default: parent of --output].",
+)
+@click.option("--name", help="Job name [default: the recipe's].")
+@click.option("--queue", help="Queue or partition (overrides the recipe).")
+@click.option("--account", help="Account or project (overrides the recipe).")
+@click.option("--mail", help="Mail address for job begin/end/abort.")
+@click.option(
+    "-o",
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the script here instead of printing it.",
+)
+@recipes_option
+@click.pass_context
+def render_command(
+    ctx: click.Context,
+    recipe: str,
+    scheduler: str | None,
+    sets: tuple[str, ...],
+    input_dir: Path,
+    output_dir: Path,
+    work_dir: Path | None,
+    name: str | None,
+    queue: str | None,
+    account: str | None,
+    mail: str | None,
+    out_file: Path | None,
+    recipe_dirs: tuple[Path, ...],
+) -> None:
+    """Render a recipe into a job script without submitting anything.
+
+    \b
+    Examples:
+      hpcbridge render dcm2niix --scheduler pbs --input /scratch/in --output /scratch/out
+      hpcbridge render dcm2niix --scheduler slurm --set gzip=false --input in --output out -o job.sh
+    """
+    from ..recipes import find, render_script
+
+    settings = settings_of(ctx)
+    found = find(recipe, list(recipe_dirs), settings.home)
+    script = render_script(
+        found,
+        scheduler or settings.scheduler,
+        values=found.values(_set_values(sets)),
+        input_dir=str(input_dir.absolute()),
+        output_dir=str(output_dir.absolute()),
+        work_dir=str((work_dir or output_dir.absolute().parent).absolute()),
+        name=name,
+        queue=queue,
+        account=account,
+        mail=mail,
+    )
+    if out_file is None:
+        click.echo(script, nl=False)
+        return
+    tmp = out_file.with_name(f".{out_file.name}.part")
+    tmp.write_text(script)
+    tmp.chmod(0o755)
+    tmp.replace(out_file)
+    click.echo(f"wrote {out_file}", err=True)

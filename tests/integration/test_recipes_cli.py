@@ -1,0 +1,95 @@
+"""recipes list/show/new and render from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from hpcbridge.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_list_and_show_the_builtin() -> None:
+    listed = json.loads(run("--json", "recipes", "list").output)
+    dcm = next(r for r in listed if r["name"] == "dcm2niix")
+    assert dcm["origin"] == "built-in"
+    shown = json.loads(run("--json", "recipes", "show", "dcm2niix").output)
+    assert shown["parameters"]["gzip"] == {
+        "type": "bool",
+        "default": True,
+        "help": shown["parameters"]["gzip"]["help"],
+    }
+    assert shown["resources"]["walltime"] == "00:20:00"
+    assert "dcm2niix -z" in shown["command"]
+    text = run("recipes", "show", "dcm2niix").output
+    assert "resources: 1 cpu, 2048 MB, walltime 00:20:00" in text
+
+
+def test_new_scaffolds_a_valid_recipe_that_lists_where_it_came_from(tmp_path: Path) -> None:
+    result = run("recipes", "new", "t1-lab", "--dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "t1-lab.toml").exists()
+    listed = run("recipes", "list", "--recipes", str(tmp_path)).output
+    assert any(line.split()[:2] == ["t1-lab", str(tmp_path)] for line in listed.splitlines())
+    again = run("recipes", "new", "t1-lab", "--dir", str(tmp_path))
+    assert again.exit_code == 1
+    assert again.output == f"hpcbridge: error: {tmp_path / 't1-lab.toml'} already exists\n"
+
+
+def test_render_writes_an_executable_script_that_bash_accepts(tmp_path: Path) -> None:
+    out = tmp_path / "job.sh"
+    result = run(
+        "render",
+        "dcm2niix",
+        "--scheduler",
+        "pbs",
+        "--set",
+        "gzip=false",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--queue",
+        "defaultQ",
+        "--account",
+        "PTV000",
+        "-o",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    script = out.read_text()
+    assert os.access(out, os.X_OK)
+    assert "#PBS -q defaultQ\n" in script and "#PBS -P PTV000\n" in script
+    assert "dcm2niix -z n" in script
+    assert subprocess.run(["bash", "-n", str(out)], timeout=30).returncode == 0
+
+
+def test_render_errors_are_one_line(tmp_path: Path) -> None:
+    args = ["--input", str(tmp_path), "--output", str(tmp_path / "o")]
+    cases = [
+        (["render", "nosuch", *args], "hpcbridge: error: no recipe named 'nosuch' (known: "),
+        (
+            ["render", "dcm2niix", "--set", "gzip", *args],
+            "hpcbridge: error: --set 'gzip' must look like NAME=VALUE\n",
+        ),
+        (
+            ["render", "dcm2niix", "--set", "level=3", *args],
+            "hpcbridge: error: recipe dcm2niix has no parameter 'level' (parameters: gzip, "
+            "filename, bids)\n",
+        ),
+        (
+            ["render", "dcm2niix", "--scheduler", "slurm", "--queue", "a b", *args],
+            "hpcbridge: error: queue 'a b' may only hold letters, digits and '_.@+-'\n",
+        ),
+    ]
+    for argv, line in cases:
+        result = run(*argv)
+        assert result.exit_code == 1, argv
+        assert result.output.startswith(line), (argv, result.output)
