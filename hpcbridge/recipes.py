@@ -359,6 +359,26 @@ def _check_template(recipe: Recipe, where: str) -> None:
             f"{where} [run] command: unknown variable {unknown[0]!r} (known: "
             f"{', '.join(sorted(COMMAND_VARS))}, and params.NAME)"
         )
+    # Check every params.NAME / params['NAME'] in the template, not only those the sample render
+    # reaches: a typo inside {% if params.robust %} (false by default) would otherwise pass here
+    # and fail at render time with `--set robust=true`, as jinja's "'dict object' has no attribute".
+    for node in ast.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem)):
+        target = getattr(node, "node", None)
+        if not (isinstance(target, jinja2.nodes.Name) and target.name == "params"):
+            continue
+        if isinstance(node, jinja2.nodes.Getattr):
+            if hasattr(dict, node.attr):  # params.items() and friends are the dict's own
+                continue
+            key: Any = node.attr
+        elif isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const):
+            key = node.arg.value
+        else:
+            continue
+        if key not in recipe.parameters:
+            raise RecipeError(
+                f"{where} [run] command: unknown parameter params.{key} "
+                f"(parameters: {', '.join(recipe.parameters) or 'none'})"
+            )
     try:
         render_command(recipe, recipe.values(), sample_context())
     except jinja2.UndefinedError as exc:

@@ -1,0 +1,37 @@
+#!/bin/bash
+#SBATCH --job-name=dcm2niix
+#SBATCH --nodes=1
+#SBATCH --cpus-per-task=1
+#SBATCH --mem=2048M
+#SBATCH --time=00:20:00
+#SBATCH --output=/work/.hpcbridge/job.out
+#SBATCH --error=/work/.hpcbridge/job.err
+# Slurm job written by hpcbridge
+set -uo pipefail
+HPCBRIDGE_WORK=/work
+HPCBRIDGE_STATE="$HPCBRIDGE_WORK/.hpcbridge"
+mkdir -p "$HPCBRIDGE_STATE"
+cd "$HPCBRIDGE_WORK" || exit 1
+# The job records its own outcome (exit code and end time) even when the scheduler forgets it.
+hpcbridge_finish() {
+    rc=$?
+    printf '{"exit_code": %d, "end": "%s", "job_id": "%s"}\n' "$rc" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        "${PBS_JOBID:-${SLURM_JOB_ID:-${HPCBRIDGE_JOB_ID:-}}}" > "$HPCBRIDGE_STATE/status.json.part"
+    mv "$HPCBRIDGE_STATE/status.json.part" "$HPCBRIDGE_STATE/status.json"
+}
+trap hpcbridge_finish EXIT
+printf '{"start": "%s", "host": "%s"}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(hostname)" \
+    > "$HPCBRIDGE_STATE/started.json"
+set -e
+
+# Environment: modules where the cluster has them, the PATH otherwise.
+if command -v module >/dev/null 2>&1; then
+    module load dcm2niix
+else
+    echo "hpcbridge: 'module' is not available here; using tools from PATH" >&2
+fi
+
+mkdir -p /work/out
+# Recipe dcm2niix
+dcm2niix -z y -b y \
+    -f %p_%s -o /work/out /work/in

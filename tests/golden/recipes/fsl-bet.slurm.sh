@@ -1,0 +1,48 @@
+#!/bin/bash
+#SBATCH --job-name=fsl-bet
+#SBATCH --nodes=1
+#SBATCH --cpus-per-task=1
+#SBATCH --mem=4096M
+#SBATCH --time=00:30:00
+#SBATCH --output=/work/.hpcbridge/job.out
+#SBATCH --error=/work/.hpcbridge/job.err
+# Slurm job written by hpcbridge
+set -uo pipefail
+HPCBRIDGE_WORK=/work
+HPCBRIDGE_STATE="$HPCBRIDGE_WORK/.hpcbridge"
+mkdir -p "$HPCBRIDGE_STATE"
+cd "$HPCBRIDGE_WORK" || exit 1
+# The job records its own outcome (exit code and end time) even when the scheduler forgets it.
+hpcbridge_finish() {
+    rc=$?
+    printf '{"exit_code": %d, "end": "%s", "job_id": "%s"}\n' "$rc" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        "${PBS_JOBID:-${SLURM_JOB_ID:-${HPCBRIDGE_JOB_ID:-}}}" > "$HPCBRIDGE_STATE/status.json.part"
+    mv "$HPCBRIDGE_STATE/status.json.part" "$HPCBRIDGE_STATE/status.json"
+}
+trap hpcbridge_finish EXIT
+printf '{"start": "%s", "host": "%s"}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(hostname)" \
+    > "$HPCBRIDGE_STATE/started.json"
+set -e
+
+# Environment: modules where the cluster has them, the PATH otherwise.
+if command -v module >/dev/null 2>&1; then
+    module load fsl
+else
+    echo "hpcbridge: 'module' is not available here; using tools from PATH" >&2
+fi
+export FSLOUTPUTTYPE=NIFTI_GZ
+
+mkdir -p /work/out
+# Recipe fsl-bet
+shopt -s nullglob
+images=(/work/in/*.nii.gz /work/in/*.nii)
+if [ -z "${images[*]:-}" ]; then
+    echo "fsl-bet: no NIfTI image (*.nii.gz, *.nii) in the input" >&2
+    exit 1
+fi
+for image in "${images[@]}"; do
+    base=$(basename "$image")
+    base=${base%.gz}
+    base=${base%.nii}
+    bet "$image" /work/out/"${base}_brain" -f 0.5 -g 0.0 -m
+done

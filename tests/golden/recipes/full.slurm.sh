@@ -1,0 +1,43 @@
+#!/bin/bash
+#SBATCH --job-name=full
+#SBATCH --account=ab12
+#SBATCH --partition=gpu
+#SBATCH --nodes=1
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=16384M
+#SBATCH --time=02:30:00
+#SBATCH --gres=gpu:1
+#SBATCH --output=/work/.hpcbridge/job.out
+#SBATCH --error=/work/.hpcbridge/job.err
+#SBATCH --mail-user=lab@uni.example.edu
+#SBATCH --mail-type=ALL
+# Slurm job written by hpcbridge
+set -uo pipefail
+HPCBRIDGE_WORK=/work
+HPCBRIDGE_STATE="$HPCBRIDGE_WORK/.hpcbridge"
+mkdir -p "$HPCBRIDGE_STATE"
+cd "$HPCBRIDGE_WORK" || exit 1
+# The job records its own outcome (exit code and end time) even when the scheduler forgets it.
+hpcbridge_finish() {
+    rc=$?
+    printf '{"exit_code": %d, "end": "%s", "job_id": "%s"}\n' "$rc" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        "${PBS_JOBID:-${SLURM_JOB_ID:-${HPCBRIDGE_JOB_ID:-}}}" > "$HPCBRIDGE_STATE/status.json.part"
+    mv "$HPCBRIDGE_STATE/status.json.part" "$HPCBRIDGE_STATE/status.json"
+}
+trap hpcbridge_finish EXIT
+printf '{"start": "%s", "host": "%s"}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(hostname)" \
+    > "$HPCBRIDGE_STATE/started.json"
+set -e
+
+# Environment: modules where the cluster has them, the PATH otherwise.
+if command -v module >/dev/null 2>&1; then
+    module load fsl/6.0.7
+    module load cuda
+else
+    echo "hpcbridge: 'module' is not available here; using tools from PATH" >&2
+fi
+export OMP_NUM_THREADS=8
+
+mkdir -p /work/out
+# Recipe full
+echo 8 16384 02:30:00 1 T1

@@ -1,0 +1,34 @@
+#!/bin/bash
+#PBS -N a_b_c__touch__tmp_x
+#PBS -l select=1:ncpus=2:mem=512mb
+#PBS -l walltime=100:00:00
+#PBS -o /work/.hpcbridge/job.out
+#PBS -e /work/.hpcbridge/job.err
+# PBS Pro job written by hpcbridge
+set -uo pipefail
+HPCBRIDGE_WORK=/work
+HPCBRIDGE_STATE="$HPCBRIDGE_WORK/.hpcbridge"
+mkdir -p "$HPCBRIDGE_STATE"
+cd "$HPCBRIDGE_WORK" || exit 1
+# The job records its own outcome (exit code and end time) even when the scheduler forgets it.
+hpcbridge_finish() {
+    rc=$?
+    printf '{"exit_code": %d, "end": "%s", "job_id": "%s"}\n' "$rc" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        "${PBS_JOBID:-${SLURM_JOB_ID:-${HPCBRIDGE_JOB_ID:-}}}" > "$HPCBRIDGE_STATE/status.json.part"
+    mv "$HPCBRIDGE_STATE/status.json.part" "$HPCBRIDGE_STATE/status.json"
+}
+trap hpcbridge_finish EXIT
+printf '{"start": "%s", "host": "%s"}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(hostname)" \
+    > "$HPCBRIDGE_STATE/started.json"
+set -e
+
+# Environment: modules where the cluster has them, the PATH otherwise.
+if command -v module >/dev/null 2>&1; then
+    module load dcm2niix
+else
+    echo "hpcbridge: 'module' is not available here; using tools from PATH" >&2
+fi
+
+mkdir -p /work/out
+# Recipe hostile
+dcm2niix -f 'a b'"'"'c$(touch /tmp/x)' -o /work/out /work/in
