@@ -59,12 +59,11 @@ from typing import Any
 
 import psutil
 import requests
+from sandbox_process import BenchFailure, hpcbridge_argv, start_server, stop_server
 
 MIB = 1024 * 1024
 RSS_LIMIT = 100 * 1000 * 1000  # the target: hpcbridge's peak RSS under 100 MB
 RATIO_TARGET = 0.9
-READY_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
 PROJECT, SUBJECT, EXPERIMENT, SCAN = "BENCH", "S1", "E1", "1"
 NAME = "big.bin"
 
@@ -152,10 +151,6 @@ finally:
     session.disconnect()
 print(json.dumps({"seconds": seconds}))
 """
-
-
-class BenchFailure(Exception):
-    """A transfer failed or came back wrong, or the set-up did not work."""
 
 
 # -- one child process, with its own peak RSS -------------------------------------------------
@@ -302,68 +297,6 @@ class Row:
 
 
 # -- the server -------------------------------------------------------------------------------
-def hpcbridge_argv() -> list[str]:
-    exe = shutil.which("hpcbridge")
-    return [exe] if exe else [sys.executable, "-m", "hpcbridge"]
-
-
-def start_server(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    ready, data, log_path = work / "ready.json", work / "server-data", work / "server.log"
-    argv = hpcbridge_argv() + [
-        "sandbox",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--ready-file",
-        str(ready),
-        "--data",
-        str(data),
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True
-        )
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if ready.exists():
-            try:
-                info = json.loads(ready.read_text())
-            except ValueError:
-                info = None
-            if info:
-                return proc, info
-        if proc.poll() is not None:
-            raise BenchFailure(
-                f"the sandbox exited with code {proc.returncode} while starting:\n"
-                + _tail(log_path.read_text(errors="replace"), 2000)
-            )
-        time.sleep(0.05)
-    raise BenchFailure(f"the sandbox was not ready within {READY_TIMEOUT:g} s")
-
-
-def stop_server(proc: subprocess.Popen[bytes] | None, pid: int | None) -> None:
-    """Terminate the server by its PID, wait, and kill it after a timeout."""
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
-    if pid is not None and (proc is None or pid != proc.pid):
-        try:
-            other = psutil.Process(pid)
-            other.terminate()
-            try:
-                other.wait(timeout=STOP_TIMEOUT)
-            except psutil.TimeoutExpired:
-                other.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 # -- the benchmark ----------------------------------------------------------------------------
 class Bench:
     def __init__(
@@ -879,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         src = src_dir / NAME
         print(f"generating {args.size_mib} MiB in {src} ...", flush=True)
         src_md5 = make_file(src, args.size_mib)
-        proc, info = start_server(work)
+        proc, info, _ = start_server(work)
         pid = int(info["pid"])
         print(f"sandbox pid {pid} at {info['url']}", flush=True)
         bench = Bench(info, work, src, src_md5, curl)

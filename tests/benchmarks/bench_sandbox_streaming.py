@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
-import json
 import os
 import platform
 import resource
@@ -38,15 +37,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 import requests
+from sandbox_process import BenchFailure, start_server, stop_server
 
 MIB = 1024 * 1024
 SAMPLE_INTERVAL = 0.05
-READY_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
 
 
 # -- memory sampling --------------------------------------------------------------------------
@@ -118,10 +115,6 @@ class Step:
         return self.mib / self.seconds if self.seconds > 0 else float("inf")
 
 
-class BenchFailure(Exception):
-    """A transfer failed or came back wrong."""
-
-
 def _mib(n: int) -> str:
     return f"{n / MIB:.1f}"
 
@@ -140,70 +133,6 @@ def make_file(path: Path, size_mib: int) -> str:
 
 
 # -- the server -------------------------------------------------------------------------------
-def start_server(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any], list[str]]:
-    exe = shutil.which("hpcbridge")
-    argv = [exe] if exe else [sys.executable, "-m", "hpcbridge"]
-    command = list(argv)
-    ready = work / "ready.json"
-    data = work / "server-data"
-    log_path = work / "server.log"
-    argv += [
-        "sandbox",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--ready-file",
-        str(ready),
-        "--data",
-        str(data),
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True
-        )
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if ready.exists():
-            try:
-                info = json.loads(ready.read_text())
-            except ValueError:  # written atomically, but be patient anyway
-                info = None
-            if info:
-                return proc, info, command
-        if proc.poll() is not None:
-            raise BenchFailure(
-                f"the sandbox exited with code {proc.returncode} while starting:\n"
-                + log_path.read_text(errors="replace")[-2000:]
-            )
-        time.sleep(0.05)
-    raise BenchFailure(f"the sandbox was not ready within {READY_TIMEOUT:g} s")
-
-
-def stop_server(proc: subprocess.Popen[bytes] | None, pid: int | None) -> None:
-    """Terminate the server by its PID, wait, and kill it after a timeout."""
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
-    # Should the ready-file name another process than the one we started (a wrapper), stop it
-    # too -- by that PID only.
-    if pid is not None and (proc is None or pid != proc.pid):
-        try:
-            other = psutil.Process(pid)
-            other.terminate()
-            try:
-                other.wait(timeout=STOP_TIMEOUT)
-            except psutil.TimeoutExpired:
-                other.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 # -- the benchmark ----------------------------------------------------------------------------
 class Bench:
     def __init__(
