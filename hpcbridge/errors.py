@@ -97,6 +97,13 @@ class SandboxError(HpcBridgeError):
     """The sandbox XNAT server could not be started, found or stopped."""
 
 
+class SchedulerError(HpcBridgeError):
+    """A scheduler command's output could not be understood, or the scheduler refused a request.
+
+    The message quotes the offending output so the user can see what the scheduler said.
+    """
+
+
 class PartialFailure(HpcBridgeError):
     """Some items of a batch succeeded and some failed; details are in the output."""
 

@@ -1,0 +1,273 @@
+"""PBS Pro, Torque and the Slurm PBS wrappers: argv lists for qsub/qstat/qdel, and parsers.
+
+Pure functions only: nothing here runs a command or touches a file. The transport runs the argv
+and hands the text back. The three flavours disagree on flags (``-x`` is job history on PBS Pro
+and XML on Torque; the wrappers reject ``-x``, ``-F json`` and ``#PBS -P``), so every builder
+that depends on it takes the flavour from :func:`detect_flavour`. Facts come from
+``schedulers.md`` and the PBS Pro Reference Guide ("qstat", "Job States").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+
+from hpcbridge.errors import SchedulerError
+from hpcbridge.schedulers.base import JobStatus, State
+
+__all__ = [
+    "FLAVOURS",
+    "STATE_MAP",
+    "cancel_argv",
+    "detect_flavour",
+    "parse_qstat_full",
+    "parse_qstat_json",
+    "parse_submit",
+    "status_argv",
+    "submit_argv",
+    "unknown_job",
+    "unknown_job_ids",
+]
+
+log = logging.getLogger(__name__)
+
+FLAVOURS = ("pbspro", "torque", "wrapper")
+
+# PBS job_state letters. Source: schedulers.md, PBS Pro Reference Guide "Job States" and the
+# Torque Administrator Guide "qstat". F/C/X are reached by failed and cancelled jobs too; the
+# exit status (when shown) refines them in _final_state.
+STATE_MAP: dict[str, State] = {
+    "Q": State.QUEUED,
+    "H": State.HELD,
+    "W": State.QUEUED,  # waiting for its requested start time
+    "T": State.QUEUED,  # in transit between servers
+    "R": State.RUNNING,
+    "E": State.RUNNING,  # exiting: the script ended, the server is cleaning up
+    "B": State.RUNNING,  # array parent: at least one subjob has begun
+    "S": State.HELD,  # suspended
+    "U": State.HELD,  # suspended because the workstation is busy
+    "X": State.FINISHED,  # subjob finished (PBS Pro)
+    "F": State.FINISHED,  # finished, kept in PBS Pro job history (qstat -x)
+    "C": State.FINISHED,  # completed (Torque, and the Slurm wrappers for every ended job)
+}
+
+# Letters after which the job will not run again, so an exit status is final.
+_ENDED = frozenset("XFC")
+
+# A PBS job id: sequence number, optional array brackets, optional server suffix.
+_JOB_ID = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?$")
+# Values placed into qsub options: argv elements need no quoting, but a leading "-" would be
+# read as another option and odd characters mean a caller bug, so keep them conservative.
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]*$")
+_ARRAY_SPEC = re.compile(r"^\d[\d,:%-]*$")
+_SIGNAL_BASE = 256  # PBS reports "killed by signal N" as Exit_status 256 + N
+
+
+def detect_flavour(version_output: str, returncode: int) -> str:
+    """Tell the flavour from ``qstat --version``: "pbspro", "torque" or "wrapper".
+
+    PBS Pro prints ``pbs_version = 2022.1.1`` and Torque ``Version: 6.1.3``; the Slurm PBS
+    wrappers reject the option (non-zero exit and/or usage text).
+    """
+    if re.search(r"pbs_version\s*=", version_output):
+        return "pbspro"
+    if re.search(r"^\s*Version:\s*\d", version_output, re.MULTILINE):
+        return "torque"
+    if returncode != 0 or "usage" in version_output.lower():
+        return "wrapper"
+    raise SchedulerError(
+        f"cannot tell the PBS flavour from `qstat --version` output: {version_output.strip()!r}",
+        hint="set the scheduler flavour explicitly in the profile",
+    )
+
+
+def _check_flavour(flavour: str) -> None:
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown PBS flavour {flavour!r}; expected one of {FLAVOURS}")
+
+
+def _check_value(what: str, value: str) -> str:
+    if not _SAFE_VALUE.match(value):
+        raise SchedulerError(f"invalid {what} for qsub: {value!r}")
+    return value
+
+
+def _check_ids(ids: Sequence[str]) -> list[str]:
+    bad = [i for i in ids if not _JOB_ID.match(i)]
+    if bad:
+        raise SchedulerError(f"not PBS job ids: {', '.join(map(repr, bad))}")
+    return list(ids)
+
+
+def submit_argv(
+    script_path: str,
+    *,
+    after: Sequence[str] = (),
+    array: str | None = None,
+    flavour: str,
+    project: str | None = None,
+    queue: str | None = None,
+) -> list[str]:
+    """The ``qsub`` argv submitting ``script_path``.
+
+    ``-P`` goes on the command line, never into the script: the wrappers fail on ``#PBS -P``
+    while PBS Pro honours both. Arrays are ``-J`` on PBS Pro and the wrappers, ``-t`` on Torque.
+    """
+    _check_flavour(flavour)
+    # The wrapper builds an unquoted sbatch command string, so whitespace breaks it.
+    if flavour == "wrapper" and re.search(r"\s", script_path):
+        raise SchedulerError(
+            f"the Slurm PBS wrapper cannot submit a script whose path has spaces: {script_path!r}"
+        )
+    argv = ["qsub"]
+    if queue is not None:
+        argv += ["-q", _check_value("queue", queue)]
+    if project is not None:
+        argv += ["-P", _check_value("project", project)]
+    if after:
+        argv += ["-W", "depend=afterok:" + ":".join(_check_ids(after))]
+    if array is not None:
+        if not _ARRAY_SPEC.match(array):
+            raise SchedulerError(f"invalid array range for qsub: {array!r}")
+        argv += ["-t" if flavour == "torque" else "-J", array]
+    argv.append(script_path)
+    return argv
+
+
+def parse_submit(stdout: str) -> str:
+    """The job id ``qsub`` printed: ``2238022.pbsserver``, ``123[].server`` or a bare ``65``."""
+    # Site submit filters may print notices first; the id is the last line that looks like one.
+    for line in reversed(stdout.strip().splitlines()):
+        if _JOB_ID.match(line.strip()):
+            return line.strip()
+    raise SchedulerError(
+        f"qsub printed no job id: {stdout.strip()[:300]!r}",
+        hint="check the submission output above; the job may not have been queued",
+    )
+
+
+def status_argv(ids: Sequence[str], *, flavour: str, json_output: bool = False) -> list[str]:
+    """``qstat -f`` for all ``ids`` in one call (centres ask for one poll, not one per job).
+
+    ``-x`` (job history) is added on PBS Pro only: on Torque it means XML, and the wrappers
+    reject it. ``-F json`` exists on PBS Pro only.
+    """
+    _check_flavour(flavour)
+    if not ids:
+        raise ValueError("status_argv needs at least one job id (qstat -f alone lists every job)")
+    if json_output and flavour != "pbspro":
+        raise SchedulerError(f"qstat -F json is only available on PBS Pro, not {flavour}")
+    argv = ["qstat", "-f"]
+    if json_output:
+        argv += ["-F", "json"]
+    if flavour == "pbspro":
+        argv.append("-x")
+    return argv + _check_ids(ids)
+
+
+def cancel_argv(ids: Sequence[str]) -> list[str]:
+    """``qdel`` for all ``ids``."""
+    if not ids:
+        raise ValueError("cancel_argv needs at least one job id")
+    return ["qdel", *_check_ids(ids)]
+
+
+def _unfold(text: str) -> list[str]:
+    """Join PBS's folded continuation lines (they begin with a tab) onto the line before."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("\t") and lines:
+            lines[-1] += line[1:]
+        else:
+            lines.append(line)
+    return lines
+
+
+def _exit_code(value: object, job_id: str) -> int | None:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        log.warning("job %s: exit status %r is not a number; ignoring it", job_id, value)
+        return None
+
+
+def _status(job_id: str, fields: Mapping[str, object]) -> JobStatus:
+    """Build a JobStatus from one job's attributes (from text or JSON)."""
+    raw = str(fields.get("job_state", "")).strip()
+    state = STATE_MAP.get(raw)
+    if state is None:
+        log.warning("job %s: unknown PBS job_state %r; treating it as unknown", job_id, raw)
+        state = State.UNKNOWN
+    # Torque spells it exit_status; PBS Pro Exit_status.
+    exit_value = fields.get("Exit_status", fields.get("exit_status"))
+    exit_code = None if exit_value is None else _exit_code(exit_value, job_id)
+    signal = None
+    if exit_code is not None and exit_code >= _SIGNAL_BASE:
+        signal = exit_code - _SIGNAL_BASE
+    if raw in _ENDED and exit_code is not None and exit_code != 0:
+        # >0 the script failed, >=256 killed by a signal, <0 the server could not run it.
+        state = State.FAILED
+    return JobStatus(
+        native_id=job_id,
+        state=state,
+        raw_state=raw,
+        exit_code=exit_code,
+        name=str(fields.get("Job_Name", "")),
+        reason=str(fields.get("comment", "")),
+        signal=signal,
+    )
+
+
+def parse_qstat_full(text: str) -> dict[str, JobStatus]:
+    """Parse ``qstat -f`` text (any flavour) into statuses keyed by job id."""
+    blocks: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in _unfold(text):
+        if line.startswith("Job Id:"):
+            current = blocks.setdefault(line.split(":", 1)[1].strip(), {})
+        elif current is not None and " = " in line:
+            key, value = line.split(" = ", 1)
+            current[key.strip()] = value.strip()
+    return {job_id: _status(job_id, fields) for job_id, fields in blocks.items()}
+
+
+def parse_qstat_json(text: str) -> dict[str, JobStatus]:
+    """Parse PBS Pro ``qstat -f -F json`` output into statuses keyed by job id."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # Some PBS Pro releases emit unescaped characters from Variable_List; the caller can
+        # fall back to the text format.
+        raise SchedulerError(
+            f"qstat -F json printed invalid JSON ({exc}): {text.strip()[:200]!r}",
+            hint="poll with plain `qstat -f` instead",
+        ) from exc
+    # The server leaves "Jobs" out entirely when none of the ids is known.
+    jobs = data.get("Jobs", {}) if isinstance(data, dict) else None
+    if not isinstance(jobs, dict) or not all(isinstance(v, dict) for v in jobs.values()):
+        raise SchedulerError(f"unexpected qstat JSON structure: {text.strip()[:200]!r}")
+    return {job_id: _status(job_id, fields) for job_id, fields in jobs.items()}
+
+
+_UNKNOWN_ID = re.compile(r"Unknown Job Id(?: Error)?\s+(\S+)", re.IGNORECASE)
+_UNKNOWN_EXIT = 153  # Torque's PBSE_UNKJOBID; the wrappers reuse it with no message
+
+
+def unknown_job(stderr: str, returncode: int) -> bool:
+    """True when qstat/qdel failed because the server no longer knows the job.
+
+    Torque and PBS Pro say "Unknown Job Id" (Torque with exit 153); the wrappers exit 153 with
+    no output at all. Any other failure is a failed poll, not a vanished job.
+    """
+    if returncode == 0:
+        return False
+    if "unknown job id" in stderr.lower():
+        return True
+    return returncode == _UNKNOWN_EXIT and not stderr.strip()
+
+
+def unknown_job_ids(stderr: str) -> set[str]:
+    """The ids named in "Unknown Job Id" messages, for a poll of several jobs at once."""
+    return set(_UNKNOWN_ID.findall(stderr))

@@ -1,0 +1,212 @@
+"""Slurm: argv lists for sbatch/squeue/scancel and parsers for their output and scontrol's.
+
+Pure functions only: nothing here runs a command. Every option is passed as ``--name=value``
+so each value is exactly one argv element. Facts come from ``schedulers.md`` and the Slurm man
+pages (squeue "JOB STATE CODES", scontrol "show job").
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+
+from hpcbridge.errors import SchedulerError
+from hpcbridge.schedulers.base import JobStatus, State
+
+__all__ = [
+    "SQUEUE_FORMAT",
+    "STATE_MAP",
+    "cancel_argv",
+    "parse_scontrol",
+    "parse_squeue",
+    "parse_submit",
+    "status_argv",
+    "submit_argv",
+    "unknown_job",
+]
+
+log = logging.getLogger(__name__)
+
+# id | state | reason | name; the name goes last because it is the only free-text field.
+SQUEUE_FORMAT = "%i|%T|%r|%j"
+
+# Source: squeue(1) "JOB STATE CODES" and schedulers.md. A PENDING job whose afterok parent
+# failed stays PENDING (Reason=DependencyNeverSatisfied): it is kept QUEUED with the reason, and
+# the orchestration layer decides to cancel it.
+STATE_MAP: dict[str, State] = {
+    "PENDING": State.QUEUED,
+    "CONFIGURING": State.QUEUED,  # nodes allocated, still booting
+    "REQUEUED": State.QUEUED,
+    "REQUEUE_FED": State.QUEUED,
+    "RUNNING": State.RUNNING,
+    "COMPLETING": State.RUNNING,  # some processes still ending
+    "STAGE_OUT": State.RUNNING,
+    "SIGNALING": State.RUNNING,
+    "RESIZING": State.RUNNING,
+    "SUSPENDED": State.HELD,
+    "STOPPED": State.HELD,
+    "REQUEUE_HOLD": State.HELD,
+    "RESV_DEL_HOLD": State.HELD,
+    "COMPLETED": State.FINISHED,
+    "FAILED": State.FAILED,
+    "TIMEOUT": State.FAILED,
+    "OUT_OF_MEMORY": State.FAILED,
+    "NODE_FAIL": State.FAILED,
+    "BOOT_FAIL": State.FAILED,
+    "DEADLINE": State.FAILED,
+    "PREEMPTED": State.FAILED,  # not requeued, or it would show REQUEUED
+    "SPECIAL_EXIT": State.FAILED,
+    "CANCELLED": State.CANCELLED,
+    "REVOKED": State.CANCELLED,  # federation: a sibling cluster ran it
+}
+
+# Job ids as sbatch prints them and squeue shows them: 123, 123_4, 123_[1-10%2], 123+1 (het).
+_JOB_ID = re.compile(r"^\d+(_(\d+|\[[\d,%-]+\]))?(\+\d+)?$")
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]*$")
+_ARRAY_SPEC = re.compile(r"^\d[\d,:%-]*$")
+
+
+def _check_ids(ids: Sequence[str]) -> list[str]:
+    bad = [i for i in ids if not _JOB_ID.match(i)]
+    if bad:
+        raise SchedulerError(f"not Slurm job ids: {', '.join(map(repr, bad))}")
+    return list(ids)
+
+
+def _check_value(what: str, value: str) -> str:
+    if not _SAFE_VALUE.match(value):
+        raise SchedulerError(f"invalid {what} for sbatch: {value!r}")
+    return value
+
+
+def _map_state(raw: str, job_id: str) -> State:
+    state = STATE_MAP.get(raw)
+    if state is None:
+        log.warning("job %s: unknown Slurm state %r; treating it as unknown", job_id, raw)
+        return State.UNKNOWN
+    return state
+
+
+def submit_argv(
+    script_path: str,
+    *,
+    after: Sequence[str] = (),
+    array: str | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+) -> list[str]:
+    """The ``sbatch --parsable`` argv submitting ``script_path``."""
+    argv = ["sbatch", "--parsable"]
+    if partition is not None:
+        argv.append("--partition=" + _check_value("partition", partition))
+    if account is not None:
+        argv.append("--account=" + _check_value("account", account))
+    if after:
+        argv.append("--dependency=afterok:" + ":".join(_check_ids(after)))
+    if array is not None:
+        if not _ARRAY_SPEC.match(array):
+            raise SchedulerError(f"invalid array range for sbatch: {array!r}")
+        argv.append("--array=" + array)
+    argv.append(script_path)
+    return argv
+
+
+def parse_submit(stdout: str) -> str:
+    """The job id ``sbatch --parsable`` printed: ``123`` or ``123;cluster`` gives ``123``."""
+    # Job-submit plugins may print notices first; the id is on the last line that fits.
+    for line in reversed(stdout.strip().splitlines()):
+        match = re.match(r"^(\d+)(;[A-Za-z0-9_.-]+)?$", line.strip())
+        if match:
+            return match.group(1)
+    raise SchedulerError(
+        f"sbatch printed no job id: {stdout.strip()[:300]!r}",
+        hint="check the submission output above; the job may not have been queued",
+    )
+
+
+def status_argv(ids: Sequence[str]) -> list[str]:
+    """One ``squeue`` call for all ``ids``; the format is a single argv element."""
+    if not ids:
+        raise ValueError("status_argv needs at least one job id (squeue alone lists every job)")
+    return ["squeue", "-h", "-j", ",".join(_check_ids(ids)), "-o", SQUEUE_FORMAT]
+
+
+def cancel_argv(ids: Sequence[str]) -> list[str]:
+    """``scancel`` for all ``ids``."""
+    if not ids:
+        raise ValueError("cancel_argv needs at least one job id")
+    return ["scancel", *_check_ids(ids)]
+
+
+def _reason(value: str) -> str:
+    # Slurm prints the literal "None" when there is no reason.
+    return "" if value.strip() in ("", "None", "(null)") else value.strip()
+
+
+def parse_squeue(text: str) -> dict[str, JobStatus]:
+    """Parse ``squeue -h -o '%i|%T|%r|%j'`` lines into statuses keyed by job id.
+
+    Array tasks keep their own ids (``123_4``); a pending array shows as ``123_[5-10]``.
+    """
+    statuses: dict[str, JobStatus] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|", 3)
+        if len(parts) < 2:
+            log.warning("ignoring squeue line not in the expected format: %r", line)
+            continue
+        job_id, raw = parts[0].strip(), parts[1].strip()
+        statuses[job_id] = JobStatus(
+            native_id=job_id,
+            state=_map_state(raw, job_id),
+            raw_state=raw,
+            reason=_reason(parts[2]) if len(parts) > 2 else "",
+            name=parts[3].strip() if len(parts) > 3 else "",
+        )
+    return statuses
+
+
+def _field(text: str, key: str) -> str | None:
+    match = re.search(rf"(?:^|\s){key}=(\S*)", text)
+    return match.group(1) if match else None
+
+
+def parse_scontrol(text: str) -> JobStatus | None:
+    """Parse ``scontrol show job ID``; None when it shows no job (e.g. an invalid id).
+
+    Only the first record is read: an array parent prints one record per task.
+    """
+    record = text.strip().split("\n\n", 1)[0]
+    job_id = _field(record, "JobId")
+    if not job_id:
+        return None
+    raw = _field(record, "JobState") or ""
+    state = _map_state(raw, job_id)
+    exit_code = signal = None
+    exit_field = _field(record, "ExitCode")
+    if exit_field and re.match(r"^\d+:\d+$", exit_field):
+        exit_code, signal = (int(part) for part in exit_field.split(":"))
+        if signal != 0 and state is State.FINISHED:
+            state = State.FAILED  # killed by a signal even if Slurm calls it completed
+    # JobName is free text up to the next " Key=" on the same line.
+    name_match = re.search(r"(?:^|\s)JobName=(.*?)(?=\s+\w+=|$)", record, re.MULTILINE)
+    array_task = _field(record, "ArrayTaskId")
+    array_job = _field(record, "ArrayJobId")
+    if array_job and array_task and re.match(r"^\d+$", array_task):
+        job_id = f"{array_job}_{array_task}"  # the id squeue would show for the task
+    return JobStatus(
+        native_id=job_id,
+        state=state,
+        raw_state=raw,
+        exit_code=exit_code,
+        name=name_match.group(1) if name_match else "",
+        reason=_reason(_field(record, "Reason") or ""),
+        signal=signal or None,
+    )
+
+
+def unknown_job(stderr: str, returncode: int) -> bool:
+    """True when squeue/scontrol/scancel failed because Slurm no longer knows the job."""
+    return returncode != 0 and "invalid job id" in stderr.lower()

@@ -1,0 +1,192 @@
+"""hpcbridge.schedulers.slurm: argv building and parsing of captured-looking Slurm output."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from hpcbridge.errors import SchedulerError
+from hpcbridge.schedulers import State, slurm
+
+DATA = Path(__file__).parent / "data" / "sched"
+
+
+def _read(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, ["sbatch", "--parsable", "/w/job.sh"]),
+        (
+            {"partition": "batch", "account": "neuro-lab"},
+            ["sbatch", "--parsable", "--partition=batch", "--account=neuro-lab", "/w/job.sh"],
+        ),
+        (
+            {"after": ["1", "2"]},
+            ["sbatch", "--parsable", "--dependency=afterok:1:2", "/w/job.sh"],
+        ),
+        ({"array": "1-10"}, ["sbatch", "--parsable", "--array=1-10", "/w/job.sh"]),
+        ({"array": "1-10%2"}, ["sbatch", "--parsable", "--array=1-10%2", "/w/job.sh"]),
+    ],
+)
+def test_submit_argv(kwargs: dict[str, object], expected: list[str]) -> None:
+    assert slurm.submit_argv("/w/job.sh", **kwargs) == expected  # type: ignore[arg-type]
+
+
+def test_submit_argv_path_is_one_element() -> None:
+    path = "/w/my job's $(dir)/job.sh"
+    argv = slurm.submit_argv(path, partition="batch")
+    assert argv == ["sbatch", "--parsable", "--partition=batch", path]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"partition": "batch --uid=0"},
+        {"account": "-x"},
+        {"after": ["1;scancel -u alice"]},
+        {"array": "1-10\n#SBATCH --mem=1T"},
+    ],
+)
+def test_submit_argv_rejects_unsafe_values(kwargs: dict[str, object]) -> None:
+    with pytest.raises(SchedulerError):
+        slurm.submit_argv("/w/job.sh", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("stdout", "job_id"),
+    [("123\n", "123"), ("123;ci\n", "123"), ("note: x\n4101\n", "4101"), ("  77  ", "77")],
+)
+def test_parse_submit(stdout: str, job_id: str) -> None:
+    assert slurm.parse_submit(stdout) == job_id
+
+
+@pytest.mark.parametrize(
+    "stdout", ["", "sbatch: error: Batch job submission failed: Invalid account\n", "abc;ci"]
+)
+def test_parse_submit_garbage(stdout: str) -> None:
+    with pytest.raises(SchedulerError, match="sbatch printed no job id"):
+        slurm.parse_submit(stdout)
+
+
+def test_status_argv_format_is_one_argument() -> None:
+    argv = slurm.status_argv(["1", "2", "3_4"])
+    assert argv == ["squeue", "-h", "-j", "1,2,3_4", "-o", "%i|%T|%r|%j"]
+
+
+def test_status_and_cancel_argv_validate() -> None:
+    with pytest.raises(ValueError):
+        slurm.status_argv([])
+    with pytest.raises(ValueError):
+        slurm.cancel_argv([])
+    with pytest.raises(SchedulerError, match="not Slurm job ids"):
+        slurm.status_argv(["1,2"])
+    assert slurm.cancel_argv(["4101", "4120_4"]) == ["scancel", "4101", "4120_4"]
+
+
+@pytest.mark.parametrize(
+    ("job_id", "state", "reason", "name"),
+    [
+        ("4101", State.QUEUED, "Priority", "align_sub01"),
+        ("4102", State.QUEUED, "DependencyNeverSatisfied", "convert_sub01"),
+        ("4103", State.RUNNING, "", "recon sub02"),
+        ("4104", State.RUNNING, "", "qc_sub02"),
+        ("4105", State.FINISHED, "", "stage_sub03"),
+        ("4106", State.FAILED, "NonZeroExitCode", "align_sub04"),
+        ("4107", State.FAILED, "TimeLimit", "align_sub05"),
+        ("4108", State.FAILED, "OutOfMemory", "align_sub06"),
+        ("4109", State.FAILED, "NodeDown", "align_sub07"),
+        ("4110", State.FAILED, "", "align_sub08"),
+        ("4111", State.FAILED, "DeadLine", "align_sub09"),
+        ("4112", State.CANCELLED, "", "align_sub10"),
+        ("4113", State.HELD, "", "align_sub11"),
+        ("4114", State.QUEUED, "", "align_sub12"),
+        ("4115", State.HELD, "JobHeldAdmin", "align_sub13"),
+        ("4116", State.FAILED, "", "align_sub14"),
+        ("4120_4", State.RUNNING, "", "dcm2niix_batch"),
+        ("4120_[5-10%2]", State.QUEUED, "JobArrayTaskLimit", "dcm2niix_batch"),
+        ("4121", State.UNKNOWN, "", "odd"),
+        ("4122", State.RUNNING, "", "name|with|pipes"),
+    ],
+)
+def test_parse_squeue(job_id: str, state: State, reason: str, name: str) -> None:
+    status = slurm.parse_squeue(_read("squeue.txt"))[job_id]
+    assert (status.native_id, status.state, status.reason, status.name) == (
+        job_id,
+        state,
+        reason,
+        name,
+    )
+    assert status.exit_code is None
+
+
+def test_parse_squeue_counts_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="hpcbridge.schedulers.slurm"):
+        jobs = slurm.parse_squeue(_read("squeue.txt") + "\ngarbage\n")
+    assert len(jobs) == 20
+    assert "unknown Slurm state 'WIBBLING'" in caplog.text
+    assert "garbage" in caplog.text
+    assert jobs["4121"].raw_state == "WIBBLING"
+    assert slurm.parse_squeue("") == {}
+
+
+def test_parse_scontrol_failed() -> None:
+    status = slurm.parse_scontrol(_read("scontrol_failed.txt"))
+    assert status is not None
+    assert status.native_id == "4106"
+    assert status.state is State.FAILED
+    assert status.raw_state == "FAILED"
+    assert status.exit_code == 3
+    assert status.signal is None
+    assert status.reason == "NonZeroExitCode"
+    assert status.name == "align sub04"
+
+
+@pytest.mark.parametrize(
+    ("text", "state", "exit_code", "signal"),
+    [
+        ("JobId=7 JobName=a\n   JobState=COMPLETED Reason=None\n   ExitCode=0:0\n",
+         State.FINISHED, 0, None),
+        ("JobId=7 JobName=a\n   JobState=COMPLETED Reason=None\n   ExitCode=0:9\n",
+         State.FAILED, 0, 9),
+        ("JobId=7 JobName=a\n   JobState=CANCELLED Reason=None\n   ExitCode=0:15\n",
+         State.CANCELLED, 0, 15),
+        ("JobId=7 JobName=a\n   JobState=PENDING Reason=DependencyNeverSatisfied\n"
+         "   ExitCode=0:0\n", State.QUEUED, 0, None),
+        ("JobId=7 JobName=a\n   JobState=MYSTERY Reason=None\n", State.UNKNOWN, None, None),
+    ],
+)  # fmt: skip
+def test_parse_scontrol_table(
+    text: str, state: State, exit_code: int | None, signal: int | None
+) -> None:
+    status = slurm.parse_scontrol(text)
+    assert status is not None
+    assert (status.state, status.exit_code, status.signal) == (state, exit_code, signal)
+
+
+def test_parse_scontrol_array_task_uses_squeue_id() -> None:
+    text = "JobId=4124 ArrayJobId=4120 ArrayTaskId=4 JobName=b\n   JobState=RUNNING Reason=None\n"
+    status = slurm.parse_scontrol(text)
+    assert status is not None and status.native_id == "4120_4"
+
+
+@pytest.mark.parametrize("text", ["", "slurm_load_jobs error: Invalid job id specified\n"])
+def test_parse_scontrol_no_job(text: str) -> None:
+    assert slurm.parse_scontrol(text) is None
+
+
+@pytest.mark.parametrize(
+    ("stderr", "rc", "unknown"),
+    [
+        ("slurm_load_jobs error: Invalid job id specified\n", 1, True),
+        ("scancel: error: Kill job error on job id 9: Invalid job id specified\n", 1, True),
+        ("slurm_load_jobs error: Unable to contact slurm controller\n", 1, False),
+        ("", 0, False),
+    ],
+)
+def test_unknown_job(stderr: str, rc: int, unknown: bool) -> None:
+    assert slurm.unknown_job(stderr, rc) is unknown
