@@ -93,6 +93,10 @@ class RecipeError(HpcBridgeError):
     """A recipe is invalid, missing, or cannot be rendered with the given values."""
 
 
+class TransportError(HpcBridgeError):
+    """A command could not be run, timed out, or failed; or a file could not be moved."""
+
+
 class SandboxError(HpcBridgeError):
     """The sandbox XNAT server could not be started, found or stopped."""
 

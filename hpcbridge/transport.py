@@ -1,0 +1,174 @@
+"""Where scheduler commands run and job files go: this machine, or (later) a login node over SSH.
+
+One interface for both: run an argv with a timeout and get a ``Result``; put, get, write and
+read files; make folders. Paths on the far side are absolute POSIX paths, and every write goes to
+a temporary name first and is renamed into place, so a job never sees half a script. Commands
+are argv lists, never shell strings: a label cannot turn into shell syntax on the way.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+
+from .errors import TransportError
+
+READ_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command did: its argv, exit code and output."""
+
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def check(self, what: str) -> Result:
+        """This result, or a TransportError naming the command and the end of its stderr."""
+        if self.ok:
+            return self
+        tail = " ".join((self.stderr or self.stdout).strip().splitlines()[-3:])[:300]
+        raise TransportError(
+            f"{what}: `{shlex.join(self.argv)}` exited {self.exit_code}"
+            + (f": {tail}" if tail else "")
+        )
+
+
+def remote_path(path: str) -> str:
+    """An absolute, normalised POSIX path (no ``..``), or a TransportError."""
+    text = str(path)
+    if not text.startswith("/") or "\0" in text or "\n" in text:
+        raise TransportError(f"{text!r} is not an absolute path")
+    if ".." in PurePosixPath(text).parts:
+        raise TransportError(f"{text!r} must not contain '..'")
+    return str(PurePosixPath(text))
+
+
+class Transport(ABC):
+    """Run commands and move files on the machine that talks to the scheduler."""
+
+    name = "transport"
+
+    @abstractmethod
+    def run(
+        self, argv: Sequence[str], *, timeout: float = 60.0, stdin: str | None = None
+    ) -> Result: ...
+
+    @abstractmethod
+    def write_text(self, path: str, text: str, *, mode: int = 0o644) -> None: ...
+
+    @abstractmethod
+    def read_text(self, path: str, *, limit: int = READ_LIMIT) -> str | None: ...
+
+    @abstractmethod
+    def put(self, local: Path, path: str, *, mode: int | None = None) -> None: ...
+
+    @abstractmethod
+    def get(self, path: str, local: Path) -> None: ...
+
+    @abstractmethod
+    def makedirs(self, path: str) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - most transports hold nothing to close
+        """Release connections; the default holds none."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class LocalTransport(Transport):
+    """This machine: the login node itself, or the embedded local scheduler's host."""
+
+    name = "local"
+
+    def run(
+        self, argv: Sequence[str], *, timeout: float = 60.0, stdin: str | None = None
+    ) -> Result:
+        args = tuple(str(a) for a in argv)
+        if not args:
+            raise TransportError("no command given")
+        try:
+            done = subprocess.run(
+                args, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except FileNotFoundError:
+            raise TransportError(f"{args[0]}: command not found on this machine") from None
+        except PermissionError:
+            raise TransportError(f"{args[0]}: not executable") from None
+        except subprocess.TimeoutExpired:
+            raise TransportError(
+                f"`{shlex.join(args)}` did not finish within {timeout:g} s"
+            ) from None
+        return Result(args, done.returncode, done.stdout, done.stderr)
+
+    def write_text(self, path: str, text: str, *, mode: int = 0o644) -> None:
+        target = Path(remote_path(path))
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.chmod(tmp, mode)  # the umask may have narrowed it
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise TransportError(f"cannot write {target}: {exc.strerror}") from None
+
+    def read_text(self, path: str, *, limit: int = READ_LIMIT) -> str | None:
+        try:
+            with open(remote_path(path), errors="replace") as fh:
+                return fh.read(limit)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TransportError(f"cannot read {path}: {exc.strerror}") from None
+
+    def put(self, local: Path, path: str, *, mode: int | None = None) -> None:
+        target = Path(remote_path(path))
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, tmp)
+            if mode is not None:
+                os.chmod(tmp, mode)
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise TransportError(f"cannot copy {local} to {target}: {exc.strerror}") from None
+
+    def get(self, path: str, local: Path) -> None:
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
+        try:
+            shutil.copyfile(remote_path(path), tmp)
+            os.replace(tmp, local)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise TransportError(f"cannot copy {path} to {local}: {exc.strerror}") from None
+
+    def makedirs(self, path: str) -> None:
+        try:
+            Path(remote_path(path)).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TransportError(f"cannot create {path}: {exc.strerror}") from None
