@@ -403,6 +403,7 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
 
 
 def md5_of(path: Path) -> str:
+    """The md5 of a file, read in 1 MiB chunks (stage-out uses it too)."""
     digest = hashlib.md5()
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):

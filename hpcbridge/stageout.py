@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StageError, XnatConflictError, XnatNotFoundError
+from .stagein import md5_of
 from .xnat.address import Address
 from .xnat.browse import experiment, require
 from .xnat.client import XnatClient
@@ -138,14 +139,10 @@ def _describe(path: Path, remote: str) -> LocalFile:
 
 
 def _md5_of(path: Path) -> str:
-    digest = hashlib.md5()
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                digest.update(chunk)
+        return md5_of(path)
     except OSError as exc:
         raise StageError(f"{path}: cannot read it: {exc.strerror}") from None
-    return digest.hexdigest()
 
 
 def resolve_target(
