@@ -111,10 +111,15 @@ def safe_name(text: str) -> str:
     return "_" + name if name in (".", "..") else name
 
 
-def scan_folder(scan: Scan) -> str:
-    """``<scan>-<type>`` with the type sanitised as XNAT does (``\\W`` to ``_``)."""
+def xnat_scan_folder(scan: Scan) -> str:
+    """``<scan>-<type>`` exactly as XNAT names it in zips (type's ``\\W`` to ``_``)."""
     kind = re.sub(r"\W", "_", scan.type, flags=re.ASCII)
-    return safe_name(f"{scan.id}-{kind}" if scan.type else scan.id)
+    return f"{scan.id}-{kind}" if scan.type else scan.id
+
+
+def scan_folder(scan: Scan) -> str:
+    """XNAT's scan folder name, made safe as a local path component."""
+    return safe_name(xnat_scan_folder(scan))
 
 
 def resource_folder(dest: Path, experiment_label: str, scan: Scan, resource: str) -> Path:
@@ -296,8 +301,7 @@ class _Plan:
 
     def _prefix(self) -> str:
         """The path every zip entry must start with (XNAT's default zip layout)."""
-        kind = re.sub(r"\W", "_", self.scan.type, flags=re.ASCII)
-        folder = f"{self.scan.id}-{kind}" if self.scan.type else self.scan.id
+        folder = xnat_scan_folder(self.scan)
         return f"{self.experiment_label}/scans/{folder}/resources/{self.resource}/files/"
 
     def _download(self, client: XnatClient, target: Path, progress: Progress | None) -> None:
