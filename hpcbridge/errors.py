@@ -97,6 +97,18 @@ class TransportError(HpcBridgeError):
     """A command could not be run, timed out, or failed; or a file could not be moved."""
 
 
+class SshConnectionError(TransportError):
+    """An SSH host could not be reached, or the connection dropped and reconnecting failed."""
+
+
+class HostKeyError(TransportError):
+    """An SSH host's key is unknown (and accepting new keys was not asked for) or has changed."""
+
+
+class SshAuthError(TransportError):
+    """The SSH server refused every key and method offered."""
+
+
 class SandboxError(HpcBridgeError):
     """The sandbox XNAT server could not be started, found or stopped."""
 
