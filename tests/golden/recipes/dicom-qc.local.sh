@@ -4,18 +4,21 @@
 set -uo pipefail
 HPCBRIDGE_WORK=/work
 HPCBRIDGE_STATE="$HPCBRIDGE_WORK/.hpcbridge"
+# Array tasks share the work folder, so each records its outcome under its own index.
+HPCBRIDGE_TASK="${PBS_ARRAY_INDEX:-${PBS_ARRAYID:-${SLURM_ARRAY_TASK_ID:-${HPCBRIDGE_ARRAY_INDEX:-}}}}"
+HPCBRIDGE_TAG="${HPCBRIDGE_TASK:+.$HPCBRIDGE_TASK}"
 mkdir -p "$HPCBRIDGE_STATE"
 cd "$HPCBRIDGE_WORK" || exit 1
 # The job records its own outcome (exit code and end time) even when the scheduler forgets it.
 hpcbridge_finish() {
     rc=$?
     printf '{"exit_code": %d, "end": "%s", "job_id": "%s"}\n' "$rc" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-        "${PBS_JOBID:-${SLURM_JOB_ID:-${HPCBRIDGE_JOB_ID:-}}}" > "$HPCBRIDGE_STATE/status.json.part"
-    mv "$HPCBRIDGE_STATE/status.json.part" "$HPCBRIDGE_STATE/status.json"
+        "${PBS_JOBID:-${SLURM_JOB_ID:-${HPCBRIDGE_JOB_ID:-}}}" > "$HPCBRIDGE_STATE/status$HPCBRIDGE_TAG.json.part"
+    mv "$HPCBRIDGE_STATE/status$HPCBRIDGE_TAG.json.part" "$HPCBRIDGE_STATE/status$HPCBRIDGE_TAG.json"
 }
 trap hpcbridge_finish EXIT
 printf '{"start": "%s", "host": "%s"}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(hostname)" \
-    > "$HPCBRIDGE_STATE/started.json"
+    > "$HPCBRIDGE_STATE/started$HPCBRIDGE_TAG.json"
 set -e
 
 mkdir -p /work/out
