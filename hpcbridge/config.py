@@ -43,7 +43,21 @@ DEFAULTS: dict[str, Any] = {
     "scheduler": "local",
     "timeout": 60.0,
     "verify_tls": True,
+    # Where jobs are submitted: empty runs qsub/sbatch here (on the login node); otherwise an
+    # SSH destination ([user@]host, a Host alias from ~/.ssh/config, or ssh://user@host:port).
+    "host": None,
+    "queue": None,
+    # PBS -P project (mandatory on Artemis) or Slurm --account.
+    "account": None,
+    # pbspro, torque or wrapper (Slurm's PBS commands); asked of `qstat --version` when unset.
+    "pbs_flavour": None,
+    "poll_interval": 30.0,
+    "local_max_jobs": None,
+    "ssh_config": None,
+    "known_hosts": None,
 }
+
+SCHEDULERS = ("local", "pbs", "torque", "slurm")
 
 # xnatpy's variable names, honoured after ours so scripts written for it keep working.
 ENV_ALIASES: dict[str, tuple[str, ...]] = {"xnat": ("XNAT_HOST",), "user": ("XNAT_USER",)}
@@ -85,6 +99,14 @@ class Settings:
     scheduler: str = "local"
     timeout: float = 60.0
     verify_tls: bool = True
+    host: str | None = None
+    queue: str | None = None
+    account: str | None = None
+    pbs_flavour: str | None = None
+    poll_interval: float = 30.0
+    local_max_jobs: int | None = None
+    ssh_config: str | None = None
+    known_hosts: str | None = None
     verbose: int = 0
     quiet: bool = False
     json: bool = False
@@ -107,9 +129,33 @@ def _to_bool(value: Any) -> bool:
 
 
 # Each converter raises ValueError or TypeError on bad input; the message says what was wanted.
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ValueError(value)
+        return text
+
+    return convert
+
+
+def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        number = kind(value)
+        if number <= 0:
+            raise ValueError(value)
+        return number
+
+    return convert
+
+
 _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "timeout": (float, "a number"),
     "verify_tls": (_to_bool, "true or false"),
+    "scheduler": (_choice(*SCHEDULERS), "one of " + ", ".join(SCHEDULERS)),
+    "pbs_flavour": (_choice("pbspro", "torque", "wrapper"), "pbspro, torque or wrapper"),
+    "poll_interval": (_positive(float), "a positive number of seconds"),
+    "local_max_jobs": (_positive(int), "a positive whole number"),
 }
 
 

@@ -64,8 +64,15 @@ class Transport(ABC):
 
     @abstractmethod
     def run(
-        self, argv: Sequence[str], *, timeout: float = 60.0, stdin: str | None = None
-    ) -> Result: ...
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        stdin: str | None = None,
+        retry: bool = True,
+    ) -> Result:
+        """Run ``argv``; ``retry=False`` for commands that must not run twice (``qsub``): a
+        transport that can lose its connection must then not repeat them after a drop."""
 
     @abstractmethod
     def write_text(self, path: str, text: str, *, mode: int = 0o644) -> None: ...
@@ -103,7 +110,12 @@ class LocalTransport(Transport):
     name = "local"
 
     def run(
-        self, argv: Sequence[str], *, timeout: float = 60.0, stdin: str | None = None
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        stdin: str | None = None,
+        retry: bool = True,
     ) -> Result:
         args = tuple(str(a) for a in argv)
         if not args:

@@ -273,8 +273,9 @@ def render_command(
         output_dir=str(output_dir.absolute()),
         work_dir=str((work_dir or output_dir.absolute().parent).absolute()),
         name=name,
-        queue=queue,
-        account=account,
+        # The recipe's own queue/account win over the profile's, an option over both.
+        queue=queue or found.resources.queue or settings.queue,
+        account=account or found.resources.account or settings.account,
         mail=mail,
     )
     if out_file is None:

@@ -6,13 +6,19 @@ sees raw scheduler strings (only ``raw_state``, kept for messages and debugging)
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING, ClassVar
 
 from hpcbridge.errors import SchedulerError
 
-__all__ = ["JobStatus", "SchedulerError", "State", "chunk_ids"]
+if TYPE_CHECKING:
+    from hpcbridge.schedulers.script import ScriptInfo
+    from hpcbridge.transport import Transport
+
+__all__ = ["JobStatus", "Scheduler", "SchedulerError", "State", "chunk_ids", "merge_array"]
 
 
 class State(str, Enum):
@@ -71,3 +77,78 @@ def chunk_ids(ids: Sequence[str], *, max_chars: int = 4000) -> Iterator[list[str
         size += extra
     if group:
         yield group
+
+
+class Scheduler(ABC):
+    """Submit, poll and cancel jobs through a transport (this machine or a login node).
+
+    ``status`` makes one scheduler call for all ids (chunked only past the command-line limit)
+    and leaves out the ids the scheduler no longer knows; a call that fails raises, so a failed
+    poll never changes what the caller believes about a job. ``status_calls`` counts the calls,
+    for politeness checks.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.status_calls = 0
+
+    def prepare_script(self, text: str) -> str:
+        """The script as it should be uploaded; some flavours need directives moved."""
+        return text
+
+    @abstractmethod
+    def submit(
+        self,
+        script_path: str,
+        *,
+        after: Sequence[str] = (),
+        array: str | None = None,
+        info: ScriptInfo | None = None,
+    ) -> str:
+        """Submit the script at ``script_path`` (on the transport's side); return the job id."""
+
+    @abstractmethod
+    def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
+        """Statuses keyed by the ids asked for; ids the scheduler does not know are absent."""
+
+    @abstractmethod
+    def cancel(self, ids: Sequence[str]) -> list[str]:
+        """Cancel jobs; return the ids the scheduler did not know."""
+
+    def check_ids(self, ids: Sequence[str]) -> list[str]:
+        """The ids, or a SchedulerError naming the ones this scheduler could never have issued."""
+        return list(ids)
+
+    def log_paths(self, job_id: str, info: ScriptInfo) -> tuple[str | None, str | None]:
+        """Where the job's stdout and stderr go; the script's directives say, by default."""
+        return info.stdout, info.stderr
+
+
+# When array tasks disagree, the array as a whole is in the liveliest of their states.
+_ARRAY_ORDER = (
+    State.RUNNING,
+    State.QUEUED,
+    State.HELD,
+    State.UNKNOWN,
+    State.FAILED,
+    State.CANCELLED,
+    State.FINISHED,
+)
+
+
+def merge_array(parent: str, members: Sequence[JobStatus]) -> JobStatus:
+    """One status for an array job from its tasks' statuses."""
+    state = min((m.state for m in members), key=_ARRAY_ORDER.index)
+    first = next(m for m in members if m.state is state)
+    failed = [m.exit_code for m in members if m.exit_code not in (None, 0)]
+    return JobStatus(
+        native_id=parent,
+        state=state,
+        raw_state=first.raw_state,
+        exit_code=failed[0] if failed else first.exit_code,
+        name=first.name,
+        reason=first.reason,
+        signal=first.signal,
+    )

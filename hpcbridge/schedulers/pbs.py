@@ -15,10 +15,13 @@ import re
 from collections.abc import Mapping, Sequence
 
 from hpcbridge.errors import SchedulerError
-from hpcbridge.schedulers.base import JobStatus, State
+from hpcbridge.schedulers.base import JobStatus, Scheduler, State, chunk_ids, merge_array
+from hpcbridge.schedulers.script import ScriptInfo, without_pbs_project
+from hpcbridge.transport import Result, Transport
 
 __all__ = [
     "FLAVOURS",
+    "PbsScheduler",
     "STATE_MAP",
     "cancel_argv",
     "detect_flavour",
@@ -101,6 +104,13 @@ def _check_ids(ids: Sequence[str]) -> list[str]:
     return list(ids)
 
 
+def _check_log_path(what: str, path: str) -> str:
+    # A directory (trailing "/") is legal PBS but fails the wrapper's jobs; whitespace breaks it.
+    if not path.startswith("/") or path.endswith("/") or re.search(r"\s", path):
+        raise SchedulerError(f"invalid {what} path for qsub: {path!r} (need an absolute file path)")
+    return path
+
+
 def submit_argv(
     script_path: str,
     *,
@@ -109,11 +119,14 @@ def submit_argv(
     flavour: str,
     project: str | None = None,
     queue: str | None = None,
+    stdout: str | None = None,
+    stderr: str | None = None,
 ) -> list[str]:
     """The ``qsub`` argv submitting ``script_path``.
 
     ``-P`` goes on the command line, never into the script: the wrappers fail on ``#PBS -P``
     while PBS Pro honours both. Arrays are ``-J`` on PBS Pro and the wrappers, ``-t`` on Torque.
+    ``stdout``/``stderr`` become ``-o``/``-e``, which the wrappers ignore inside scripts.
     """
     _check_flavour(flavour)
     # The wrapper builds an unquoted sbatch command string, so whitespace breaks it.
@@ -132,6 +145,10 @@ def submit_argv(
         if not _ARRAY_SPEC.match(array):
             raise SchedulerError(f"invalid array range for qsub: {array!r}")
         argv += ["-t" if flavour == "torque" else "-J", array]
+    if stdout is not None:
+        argv += ["-o", _check_log_path("stdout", stdout)]
+    if stderr is not None:
+        argv += ["-e", _check_log_path("stderr", stderr)]
     argv.append(script_path)
     return argv
 
@@ -271,3 +288,154 @@ def unknown_job(stderr: str, returncode: int) -> bool:
 def unknown_job_ids(stderr: str) -> set[str]:
     """The ids named in "Unknown Job Id" messages, for a poll of several jobs at once."""
     return set(_UNKNOWN_ID.findall(stderr))
+
+
+def _tail(result: Result) -> str:
+    text = (result.stderr or result.stdout).strip()
+    return " ".join(text.splitlines()[-3:])[:400] or f"exit status {result.exit_code}"
+
+
+def _short(job_id: str) -> str:
+    """``123.server`` -> ``123``: servers print ids with or without their suffix."""
+    return job_id.split(".", 1)[0]
+
+
+class PbsScheduler(Scheduler):
+    """PBS Pro, Torque or the Slurm PBS wrappers, through ``qsub``/``qstat``/``qdel``.
+
+    The flavour is asked of ``qstat --version`` once per scheduler object, unless the profile
+    names it; everything that differs between flavours follows from it.
+    """
+
+    kind = "pbs"
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        flavour: str | None = None,
+        project: str | None = None,
+        queue: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        super().__init__(transport)
+        if flavour is not None:
+            _check_flavour(flavour)
+        self._flavour = flavour
+        self.project = project
+        self.queue = queue
+        self.timeout = timeout
+
+    @property
+    def flavour(self) -> str:
+        if self._flavour is None:
+            result = self.transport.run(["qstat", "--version"], timeout=self.timeout)
+            if result.exit_code == 127:
+                raise SchedulerError(
+                    "qstat is not installed where jobs are submitted",
+                    hint="is this a PBS login node? set `scheduler` in the profile "
+                    "(pbs, slurm or local)",
+                )
+            self._flavour = detect_flavour(result.stdout + result.stderr, result.exit_code)
+            log.debug("PBS flavour: %s", self._flavour)
+        return self._flavour
+
+    def check_ids(self, ids: Sequence[str]) -> list[str]:
+        return _check_ids(ids)
+
+    def prepare_script(self, text: str) -> str:
+        return without_pbs_project(text) if self.flavour == "wrapper" else text
+
+    def submit(
+        self,
+        script_path: str,
+        *,
+        after: Sequence[str] = (),
+        array: str | None = None,
+        info: ScriptInfo | None = None,
+    ) -> str:
+        info = info or ScriptInfo()
+        wrapper = self.flavour == "wrapper"
+        argv = submit_argv(
+            script_path,
+            after=after,
+            array=array,
+            flavour=self.flavour,
+            project=info.project or self.project,
+            # The script's own -q wins; the profile's queue fills in when it has none.
+            queue=None if info.queue else self.queue,
+            stdout=info.stdout if wrapper else None,
+            stderr=info.stderr if wrapper else None,
+        )
+        result = self.transport.run(argv, timeout=self.timeout, retry=False)
+        if not result.ok:
+            raise SchedulerError(
+                f"qsub refused the job: {_tail(result)}",
+                hint="check the resource requests (walltime, memory, queue, project) in the script",
+            )
+        return parse_submit(result.stdout)
+
+    def _poll(self, ids: list[str], json_output: bool) -> tuple[Result, dict[str, JobStatus]]:
+        argv = status_argv(ids, flavour=self.flavour, json_output=json_output)
+        result = self.transport.run(argv, timeout=self.timeout)
+        self.status_calls += 1
+        if not result.ok and not unknown_job(result.stderr, result.exit_code):
+            raise SchedulerError(f"qstat failed: {_tail(result)}")
+        if json_output:
+            try:
+                return result, parse_qstat_json(result.stdout or "{}")
+            except SchedulerError as exc:
+                log.warning("%s; polling with plain qstat -f", exc)
+                return self._poll(ids, json_output=False)
+        return result, parse_qstat_full(result.stdout)
+
+    def _status_group(self, ids: list[str]) -> dict[str, JobStatus]:
+        result, parsed = self._poll(ids, json_output=self.flavour == "pbspro")
+        by_short: dict[str, list[JobStatus]] = {}
+        for job_id, status in parsed.items():
+            by_short.setdefault(_short(job_id).replace("[]", ""), []).append(status)
+            if "[" in job_id and not job_id.endswith("[]") and "[]" not in job_id:
+                # a subjob 123[4].server belongs to the array 123[].server
+                by_short.setdefault(_short(job_id).split("[", 1)[0], []).append(status)
+        found: dict[str, JobStatus] = {}
+        for job_id in ids:
+            exact = parsed.get(job_id)
+            if exact is not None:
+                found[job_id] = exact
+                continue
+            members = by_short.get(_short(job_id).replace("[]", ""), [])
+            if members:
+                found[job_id] = merge_array(job_id, members)
+        missing = [i for i in ids if i not in found]
+        if not result.ok and len(ids) > 1 and missing:
+            # A server that stops at the first unknown id says nothing of the rest: ask each
+            # missing one alone, so a live job is never mistaken for a vanished one.
+            named = unknown_job_ids(result.stderr)
+            for job_id in missing:
+                if job_id not in named:
+                    found.update(self._status_group([job_id]))
+        return found
+
+    def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
+        found: dict[str, JobStatus] = {}
+        for group in chunk_ids(_check_ids(ids)):
+            found.update(self._status_group(group))
+        return found
+
+    def cancel(self, ids: Sequence[str]) -> list[str]:
+        unknown: list[str] = []
+        for group in chunk_ids(_check_ids(ids)):
+            result = self.transport.run(cancel_argv(group), timeout=self.timeout)
+            if result.ok:
+                continue
+            text = (result.stderr + result.stdout).lower()
+            if "has finished" in text or "job has finished" in text:
+                continue  # PBS Pro refuses to delete an ended job; there is nothing to cancel
+            named = unknown_job_ids(result.stderr)
+            if named:
+                unknown += [i for i in group if i in named or _short(i) in map(_short, named)]
+            elif len(group) == 1 and result.exit_code in (1, _UNKNOWN_EXIT):
+                unknown += group  # the wrappers say nothing of an unknown id
+            else:
+                raise SchedulerError(f"qdel failed: {_tail(result)}")
+        return unknown

@@ -12,10 +12,13 @@ import re
 from collections.abc import Sequence
 
 from hpcbridge.errors import SchedulerError
-from hpcbridge.schedulers.base import JobStatus, State
+from hpcbridge.schedulers.base import JobStatus, Scheduler, State, chunk_ids, merge_array
+from hpcbridge.schedulers.script import ScriptInfo
+from hpcbridge.transport import Result, Transport
 
 __all__ = [
     "SQUEUE_FORMAT",
+    "SlurmScheduler",
     "STATE_MAP",
     "cancel_argv",
     "parse_scontrol",
@@ -210,3 +213,106 @@ def parse_scontrol(text: str) -> JobStatus | None:
 def unknown_job(stderr: str, returncode: int) -> bool:
     """True when squeue/scontrol/scancel failed because Slurm no longer knows the job."""
     return returncode != 0 and "invalid job id" in stderr.lower()
+
+
+def _tail(result: Result) -> str:
+    text = (result.stderr or result.stdout).strip()
+    return " ".join(text.splitlines()[-3:])[:400] or f"exit status {result.exit_code}"
+
+
+class SlurmScheduler(Scheduler):
+    """Slurm through ``sbatch``/``squeue``/``scancel``.
+
+    ``squeue`` shows ended jobs only for ``MinJobAge`` seconds and never their exit codes; the
+    job's own status file supplies both, so this class only reports what squeue shows.
+    """
+
+    kind = "slurm"
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        partition: str | None = None,
+        account: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        super().__init__(transport)
+        self.partition = partition
+        self.account = account
+        self.timeout = timeout
+
+    def check_ids(self, ids: Sequence[str]) -> list[str]:
+        return _check_ids(ids)
+
+    def submit(
+        self,
+        script_path: str,
+        *,
+        after: Sequence[str] = (),
+        array: str | None = None,
+        info: ScriptInfo | None = None,
+    ) -> str:
+        info = info or ScriptInfo()
+        argv = submit_argv(
+            script_path,
+            after=after,
+            array=array,
+            partition=None if info.queue else self.partition,
+            account=None if info.project else self.account,
+        )
+        result = self.transport.run(argv, timeout=self.timeout, retry=False)
+        if result.exit_code == 127:
+            raise SchedulerError(
+                "sbatch is not installed where jobs are submitted",
+                hint="is this a Slurm login node? set `scheduler` in the profile "
+                "(pbs, slurm or local)",
+            )
+        if not result.ok:
+            raise SchedulerError(
+                f"sbatch refused the job: {_tail(result)}",
+                hint="check the resource requests (time, memory, partition, account) in the script",
+            )
+        return parse_submit(result.stdout)
+
+    def _status_group(self, ids: list[str]) -> dict[str, JobStatus]:
+        result = self.transport.run(status_argv(ids), timeout=self.timeout)
+        self.status_calls += 1
+        if not result.ok and not unknown_job(result.stderr, result.exit_code):
+            raise SchedulerError(f"squeue failed: {_tail(result)}")
+        parsed = parse_squeue(result.stdout) if result.ok else {}
+        found: dict[str, JobStatus] = {}
+        for job_id in ids:
+            if job_id in parsed:
+                found[job_id] = parsed[job_id]
+                continue
+            # An array job's tasks show as 123_4 or 123_[5-9] under the parent's id.
+            members = [v for k, v in parsed.items() if k.startswith(job_id + "_")]
+            if members:
+                found[job_id] = merge_array(job_id, members)
+        if not result.ok and len(ids) > 1:
+            # squeue refuses the whole list when one id is invalid: ask each one alone.
+            for job_id in ids:
+                found.update(self._status_group([job_id]))
+        return found
+
+    def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
+        found: dict[str, JobStatus] = {}
+        for group in chunk_ids(_check_ids(ids)):
+            found.update(self._status_group(group))
+        return found
+
+    def cancel(self, ids: Sequence[str]) -> list[str]:
+        unknown: list[str] = []
+        for group in chunk_ids(_check_ids(ids)):
+            result = self.transport.run(cancel_argv(group), timeout=self.timeout)
+            text = result.stderr.lower()
+            # scancel exits 0 or 1 and names each invalid id on its own line.
+            for job_id in group:
+                if re.search(rf"invalid job id (specified )?{re.escape(job_id)}\b", text) or (
+                    len(group) == 1 and unknown_job(result.stderr, result.exit_code)
+                ):
+                    unknown.append(job_id)
+            if not result.ok and not unknown_job(result.stderr, result.exit_code):
+                raise SchedulerError(f"scancel failed: {_tail(result)}")
+        return unknown

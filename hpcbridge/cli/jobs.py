@@ -1,0 +1,311 @@
+"""``submit``, ``jobs`` and ``cancel``: single jobs on the profile's scheduler."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import PartialFailure, SchedulerError
+from ..schedulers.base import Scheduler, State
+from .app import emit_json, emit_table, main, settings_of
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def host_key_option(func: F) -> F:
+    return click.option(
+        "--accept-new-host-key",
+        is_flag=True,
+        help="Trust and record the SSH host key of a host not yet in known_hosts "
+        "(compare its fingerprint with the one your admins publish first). A changed key "
+        "is always refused.",
+    )(func)
+
+
+@contextlib.contextmanager
+def _connected(ctx: click.Context, accept_new_host_key: bool) -> Iterator[tuple[Any, Scheduler]]:
+    from ..jobs import JobStore, open_scheduler, open_transport
+
+    settings = settings_of(ctx)
+    transport = open_transport(settings, accept_new_host_key=accept_new_host_key)
+    try:
+        yield JobStore(settings.home, settings.profile), open_scheduler(settings, transport)
+    finally:
+        transport.close()
+
+
+_COLUMNS = [
+    ("id", "ID"),
+    ("name", "NAME"),
+    ("state", "STATE"),
+    ("exit_code", "EXIT"),
+    ("submitted", "SUBMITTED"),
+    ("end", "ENDED"),
+    ("reason", "REASON"),
+]
+
+
+def _rows(jobs: list[Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": j.id,
+            "name": j.name,
+            "state": j.state + (f" ({j.raw_state})" if j.raw_state and not j.final else ""),
+            "exit_code": "" if j.exit_code is None else j.exit_code,
+            "submitted": j.submitted,
+            "end": j.end or "",
+            "reason": j.reason,
+        }
+        for j in jobs
+    ]
+
+
+def _show(jobs: list[Any], *, json_output: bool) -> None:
+    if json_output:
+        emit_json([j.to_json() for j in jobs])
+        return
+    if not jobs:
+        click.echo("no jobs", err=True)
+        return
+    emit_table(_rows(jobs), _COLUMNS)
+    for job in jobs:
+        if job.state == State.FAILED.value and job.log_tail:
+            click.echo(f"\n--- job {job.id} ({job.name}) failed; last lines of its log:", err=True)
+            click.echo(job.log_tail, err=True)
+
+
+def _progress(quiet: bool) -> Callable[[Any], None]:
+    def on_poll(report: Any) -> None:
+        if quiet:
+            return
+        for job in report.changed:
+            extra = (
+                f", exit code {job.exit_code}" if job.final and job.exit_code is not None else ""
+            )
+            click.echo(f"job {job.id} ({job.name}): {job.state}{extra}", err=True)
+        if report.error is not None:
+            click.echo(f"hpcbridge: warning: poll failed, will retry: {report.error}", err=True)
+
+    return on_poll
+
+
+def _end_of_wait(jobs: list[Any]) -> None:
+    bad = [j for j in jobs if j.state != State.FINISHED.value]
+    if bad:
+        raise PartialFailure(
+            f"{len(bad)} of {len(jobs)} job(s) did not finish successfully: "
+            + ", ".join(f"{j.id} {j.state}" for j in bad)
+        )
+
+
+def _wait_options(func: F) -> F:
+    func = click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="SECONDS",
+        help="With --wait: give up waiting after this long (the jobs keep running).",
+    )(func)
+    func = click.option(
+        "--interval",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="SECONDS",
+        help="With --wait: seconds between polls, growing while nothing changes "
+        "[default: the profile's poll_interval, 30].",
+    )(func)
+    return func
+
+
+@main.command("submit")
+@click.argument("script", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--after",
+    "after",
+    multiple=True,
+    metavar="JOBID",
+    help="Start only after this job ended successfully (afterok); repeat for several.",
+)
+@click.option("--array", metavar="RANGE", help="Submit an array job, e.g. 1-10 or 1,3,5.")
+@click.option(
+    "--work",
+    metavar="DIR",
+    help="For a script not rendered by hpcbridge: the absolute folder on the login node to "
+    "copy it into and submit it from.",
+)
+@click.option("--wait", is_flag=True, help="Wait until the job ends; exit 3 if it failed.")
+@_wait_options
+@host_key_option
+@click.pass_context
+def submit_command(
+    ctx: click.Context,
+    script: Path,
+    after: tuple[str, ...],
+    array: str | None,
+    work: str | None,
+    wait: bool,
+    interval: float | None,
+    timeout: float | None,
+    accept_new_host_key: bool,
+) -> None:
+    """Submit a job script to the profile's scheduler and print its job id.
+
+    The script (usually from `hpcbridge render`) is copied into its work folder on the login
+    node (over SSH when the profile sets `host`) and submitted with qsub, sbatch or the local
+    scheduler. The job's outcome is read later from the status file the script writes.
+
+    \b
+    Examples:
+      hpcbridge render dcm2niix --input /scratch/in --output /scratch/out -o job.sh
+      JOB=$(hpcbridge submit job.sh)
+      hpcbridge submit stage-out.sh --after "$JOB"
+      hpcbridge --profile artemis submit job.sh --wait
+    """
+    from ..jobs import submit_script, wait_for
+
+    settings = settings_of(ctx)
+    with _connected(ctx, accept_new_host_key) as (store, scheduler):
+        job = submit_script(
+            store,
+            scheduler,
+            script,
+            after=after,
+            array=array,
+            work=work,
+            host=settings.host or "",
+        )
+        if not wait:
+            if settings.json:
+                emit_json(job.to_json())
+            else:
+                click.echo(job.id)
+            return
+        if not settings.quiet:
+            click.echo(f"submitted job {job.id}; waiting for it to end", err=True)
+        jobs = wait_for(
+            store,
+            scheduler,
+            [job.id],
+            interval=interval or settings.poll_interval,
+            timeout=timeout,
+            on_poll=_progress(settings.quiet),
+        )
+    _show(jobs, json_output=settings.json)
+    _end_of_wait(jobs)
+
+
+@main.command("jobs")
+@click.argument("ids", nargs=-1, metavar="[JOBID]...")
+@click.option("--all", "show_all", is_flag=True, help="Include every job this profile submitted.")
+@click.option("--wait", is_flag=True, help="Poll until the jobs end; exit 3 if any failed.")
+@_wait_options
+@host_key_option
+@click.pass_context
+def jobs_command(
+    ctx: click.Context,
+    ids: tuple[str, ...],
+    show_all: bool,
+    wait: bool,
+    interval: float | None,
+    timeout: float | None,
+    accept_new_host_key: bool,
+) -> None:
+    """Show the state and exit code of submitted jobs, after one poll of the scheduler.
+
+    Without JOBID: the jobs still queued or running and those that ended in the last day
+    (`--all` for every job this profile submitted). All live jobs are polled with one
+    scheduler call; a job's outcome comes from the status file its script wrote, and a failed
+    job shows the last lines of its log.
+
+    \b
+    Examples:
+      hpcbridge jobs
+      hpcbridge jobs 4242 4243 --wait
+      hpcbridge --json jobs --all
+    """
+    from ..jobs import refresh, wait_for
+
+    settings = settings_of(ctx)
+    with _connected(ctx, accept_new_host_key) as (store, scheduler):
+        wanted = scheduler.check_ids(ids)
+        if wanted:
+            records = {i: store.get(i) for i in wanted}
+            unknown = [i for i, job in records.items() if job is None]
+            if unknown:
+                _untracked(scheduler, unknown)
+            jobs = [j for j in records.values() if j is not None]
+        else:
+            jobs = store.all()
+        if wait:
+            jobs = wait_for(
+                store,
+                scheduler,
+                [j.id for j in jobs],
+                interval=interval or settings.poll_interval,
+                timeout=timeout,
+                on_poll=_progress(settings.quiet),
+            )
+            _show(jobs, json_output=settings.json)
+            _end_of_wait(jobs)
+            return
+        report = refresh(store, scheduler, jobs)
+        jobs = report.jobs if wanted or show_all else [j for j in report.jobs if _recent(j)]
+        _show(jobs, json_output=settings.json)
+        if report.error is not None:
+            raise SchedulerError(
+                f"could not poll the scheduler: {report.error.message}",
+                hint="the states shown are the last known ones",
+            )
+
+
+def _recent(job: Any) -> bool:
+    from datetime import datetime, timedelta, timezone
+
+    if not job.final or not job.end:
+        return True
+    try:
+        ended = datetime.strptime(job.end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return True
+    return datetime.now(timezone.utc) - ended < timedelta(days=1)
+
+
+def _untracked(scheduler: Scheduler, ids: list[str]) -> None:
+    statuses = scheduler.status(ids)
+    missing = [i for i in ids if i not in statuses]
+    if missing:
+        raise SchedulerError(
+            f"unknown job id(s): {', '.join(missing)}: not submitted with this profile and "
+            "not known to the scheduler",
+            hint="`hpcbridge jobs --all` lists the jobs this profile submitted",
+        )
+    raise SchedulerError(
+        f"job(s) {', '.join(ids)} were not submitted with this profile "
+        f"(the scheduler says: {', '.join(f'{i} {s.raw_state}' for i, s in statuses.items())})",
+        hint="hpcbridge tracks the jobs it submitted; use qstat/squeue for others",
+    )
+
+
+@main.command("cancel")
+@click.argument("ids", nargs=-1, required=True, metavar="JOBID...")
+@host_key_option
+@click.pass_context
+def cancel_command(ctx: click.Context, ids: tuple[str, ...], accept_new_host_key: bool) -> None:
+    """Cancel jobs (qdel, scancel, or the local scheduler's equivalent).
+
+    \b
+    Example:
+      hpcbridge cancel 4242 4243
+    """
+    from ..jobs import cancel_jobs
+
+    settings = settings_of(ctx)
+    with _connected(ctx, accept_new_host_key) as (store, scheduler):
+        jobs = cancel_jobs(store, scheduler, ids)
+    if settings.json:
+        emit_json([j.to_json() for j in jobs])
+        return
+    for job in jobs:
+        click.echo(f"{job.id}: {job.state}")

@@ -1,0 +1,426 @@
+"""The embedded scheduler: job scripts run as background processes on this machine.
+
+It exists so that the whole flow works with no cluster at all (``hpcbridge demo``, laptops,
+tests), with the same scripts, states and commands as PBS and Slurm. Each submitted job gets a
+small runner process in its own session, so jobs keep running after the CLI exits; the runner
+waits for the job's dependencies and for a free slot (one of ``max_jobs`` lock files), runs the
+script, enforces the walltime and records every state change in ``<root>/<id>/state.json``.
+Status and cancel read and write those files; no daemon is needed.
+
+Layout under ``root`` (``$HPCBRIDGE_HOME/local-jobs`` by default)::
+
+    next_id            the last id issued (guarded by an flock on .lock)
+    slots/N.lock       held (flock) by the runner of a running job
+    ID/job.json        what was submitted: script, dependencies, array, logs, walltime
+    ID/state.json      queued | running | finished | failed | cancelled, pid, exit code, times
+    ID/cancel          present once cancellation was asked for
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hpcbridge.errors import SchedulerError
+from hpcbridge.schedulers.base import JobStatus, Scheduler, State
+from hpcbridge.schedulers.script import ScriptInfo, walltime_seconds
+from hpcbridge.transport import LocalTransport, Transport
+
+__all__ = ["LocalScheduler", "array_indices", "run_job"]
+
+_ID = re.compile(r"^\d+$")
+_ARRAY = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
+_MAX_ARRAY = 10_000
+_KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL, as PBS and Slurm do by default
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def array_indices(spec: str) -> list[int]:
+    """``1-10``, ``1-10:2``, ``1,3,5`` or a mix; a ``%N`` throttle suffix is ignored here."""
+    indices: list[int] = []
+    for part in spec.split("%", 1)[0].split(","):
+        match = _ARRAY.match(part.strip())
+        if not match:
+            raise SchedulerError(f"invalid array range {spec!r} (use e.g. 1-10, 1-10:2 or 1,3,5)")
+        start = int(match.group(1))
+        stop = int(match.group(2) or start)
+        step = int(match.group(3) or 1)
+        if stop < start or step < 1:
+            raise SchedulerError(f"invalid array range {spec!r}")
+        indices += range(start, stop + 1, step)
+        if len(indices) > _MAX_ARRAY:
+            raise SchedulerError(f"array range {spec!r} has more than {_MAX_ARRAY} tasks")
+    return sorted(set(indices))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of this process is gone for our purposes.
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class LocalScheduler(Scheduler):
+    """Background processes on this machine, at most ``max_jobs`` running at once."""
+
+    kind = "local"
+
+    def __init__(
+        self, root: Path, *, max_jobs: int | None = None, transport: Transport | None = None
+    ) -> None:
+        transport = transport or LocalTransport()
+        if not isinstance(transport, LocalTransport):
+            raise SchedulerError(
+                "the local scheduler runs jobs on this machine only",
+                hint="set `host` only together with scheduler = pbs or slurm",
+            )
+        super().__init__(transport)
+        self.root = Path(root)
+        self.max_jobs = max(1, max_jobs or os.cpu_count() or 1)
+
+    def check_ids(self, ids: Sequence[str]) -> list[str]:
+        bad = [i for i in ids if not _ID.match(i)]
+        if bad:
+            raise SchedulerError(f"not local job ids: {', '.join(map(repr, bad))}")
+        return list(ids)
+
+    def log_paths(self, job_id: str, info: ScriptInfo) -> tuple[str | None, str | None]:
+        spec = _read_json(self.root / job_id / "job.json") or {}
+        return spec.get("stdout", info.stdout), spec.get("stderr", info.stderr)
+
+    def _next_id(self) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        counter = self.root / "next_id"
+        with _locked(self.root / ".lock"):
+            try:
+                last = int(counter.read_text().strip() or 0)
+            except (FileNotFoundError, ValueError):
+                last = 0
+            job_id = str(last + 1)
+            _write_json_text(counter, job_id)
+        return job_id
+
+    def submit(
+        self,
+        script_path: str,
+        *,
+        after: Sequence[str] = (),
+        array: str | None = None,
+        info: ScriptInfo | None = None,
+    ) -> str:
+        info = info or ScriptInfo()
+        script = Path(script_path)
+        if not script.is_file():
+            raise SchedulerError(f"no job script at {script}")
+        after = self.check_ids(after)
+        for dep in after:
+            if not (self.root / dep / "job.json").is_file():
+                raise SchedulerError(
+                    f"cannot depend on job {dep}: the local scheduler never ran it"
+                )
+        indices = array_indices(array) if array else []
+        job_id = self._next_id()
+        job_dir = self.root / job_id
+        job_dir.mkdir()
+        logs_dir = Path(info.state_dir) if info.state_dir else job_dir
+        spec = {
+            "id": job_id,
+            "script": str(script.absolute()),
+            "work_dir": info.work_dir,
+            "name": info.name or script.stem,
+            "after": after,
+            "array": indices,
+            "stdout": info.stdout or str(logs_dir / "job.out"),
+            "stderr": info.stderr or str(logs_dir / "job.err"),
+            "walltime": walltime_seconds(info.walltime) if info.walltime else None,
+            "max_jobs": self.max_jobs,
+            "submitted": _now(),
+        }
+        _write_json(job_dir / "job.json", spec)
+        _write_json(job_dir / "state.json", {"state": "queued", "submitted": spec["submitted"]})
+        with open(job_dir / "runner.log", "ab") as log_fh:
+            runner = subprocess.Popen(
+                [sys.executable, "-m", "hpcbridge.schedulers._localrun", str(job_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=log_fh,
+                start_new_session=True,  # survives the CLI and its terminal's signals
+                close_fds=True,
+            )
+        # Only the runner writes state.json; its pid goes to a file of its own.
+        _write_json_text(job_dir / "runner.pid", str(runner.pid))
+        return job_id
+
+    def _status_of(self, job_id: str) -> JobStatus | None:
+        job_dir = self.root / job_id
+        spec = _read_json(job_dir / "job.json")
+        if spec is None:
+            return None
+        state = _read_json(job_dir / "state.json") or {"state": "queued"}
+        raw = str(state.get("state", "queued"))
+        if raw in ("queued", "running") and not self._runner_alive(job_dir):
+            # The runner died (reboot, OOM killer): the job will never be finished by it.
+            raw = "lost"
+        mapped = {
+            "queued": State.QUEUED,
+            "running": State.RUNNING,
+            "finished": State.FINISHED,
+            "failed": State.FAILED,
+            "cancelled": State.CANCELLED,
+        }.get(raw, State.UNKNOWN if raw != "lost" else State.FAILED)
+        return JobStatus(
+            native_id=job_id,
+            state=mapped,
+            raw_state=raw,
+            exit_code=state.get("exit_code"),
+            name=str(spec.get("name", "")),
+            reason=str(
+                state.get("reason", "") or ("the local runner died" if raw == "lost" else "")
+            ),
+            signal=state.get("signal"),
+        )
+
+    @staticmethod
+    def _runner_alive(job_dir: Path) -> bool:
+        try:
+            pid = int((job_dir / "runner.pid").read_text().strip())
+        except FileNotFoundError:
+            return True  # submitted this instant: the pid is being written
+        except ValueError:
+            return False
+        return _alive(pid)
+
+    def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
+        self.status_calls += 1
+        found: dict[str, JobStatus] = {}
+        for job_id in self.check_ids(ids):
+            status = self._status_of(job_id)
+            if status is not None:
+                found[job_id] = status
+        return found
+
+    def cancel(self, ids: Sequence[str]) -> list[str]:
+        unknown: list[str] = []
+        for job_id in self.check_ids(ids):
+            job_dir = self.root / job_id
+            if not (job_dir / "job.json").is_file():
+                unknown.append(job_id)
+                continue
+            (job_dir / "cancel").touch()
+            state = _read_json(job_dir / "state.json") or {}
+            pgid = state.get("pgid")
+            if state.get("state") == "running" and pgid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(pgid), signal.SIGTERM)
+            elif state.get("state") == "queued" and not self._runner_alive(job_dir):
+                _write_json(
+                    job_dir / "state.json",
+                    dict(state, state="cancelled", reason="cancelled", end=_now()),
+                )
+        return unknown
+
+
+def _write_json_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+
+
+# --- the runner: one per job, in its own session --------------------------------------------
+
+
+@dataclass
+class _Runner:
+    job_dir: Path
+    spec: dict[str, Any]
+    poll: float = 0.2
+
+    @property
+    def root(self) -> Path:
+        return self.job_dir.parent
+
+    def record(self, **changes: Any) -> None:
+        state = _read_json(self.job_dir / "state.json") or {}
+        state.update(changes)
+        _write_json(self.job_dir / "state.json", state)
+
+    def cancelled(self) -> bool:
+        return (self.job_dir / "cancel").exists()
+
+    def wait_for_dependencies(self) -> str | None:
+        """None when every dependency finished with exit 0, else why the job cannot run."""
+        pending = list(self.spec.get("after", []))
+        while pending:
+            if self.cancelled():
+                return "cancelled"
+            for dep in list(pending):
+                state = _read_json(self.root / dep / "state.json") or {}
+                raw = state.get("state")
+                if raw == "finished" and state.get("exit_code") == 0:
+                    pending.remove(dep)
+                elif raw in ("finished", "failed", "cancelled"):
+                    # PBS semantics: an afterok that can never hold deletes the job.
+                    return f"dependency {dep} did not succeed ({raw})"
+            if pending:
+                time.sleep(self.poll)
+        return None
+
+    def take_slot(self) -> Any | None:
+        """An open, flock-held slot file; the lock dies with this process."""
+        slots = self.root / "slots"
+        slots.mkdir(exist_ok=True)
+        max_jobs = int(self.spec.get("max_jobs", 1))
+        while not self.cancelled():
+            for n in range(max_jobs):
+                fh = open(slots / f"{n}.lock", "a")  # noqa: SIM115 - held for the job's life
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    fh.close()
+                    continue
+                return fh
+            time.sleep(self.poll)
+        return None
+
+    def run_task(self, index: int | None) -> tuple[int, str]:
+        """Run the script once; return (exit code, reason)."""
+        env = dict(os.environ, HPCBRIDGE_JOB_ID=self.spec["id"])
+        env.pop("HPCBRIDGE_ARRAY_INDEX", None)
+        if index is not None:
+            env["HPCBRIDGE_ARRAY_INDEX"] = str(index)
+        stdout, stderr = Path(self.spec["stdout"]), Path(self.spec["stderr"])
+        stdout.parent.mkdir(parents=True, exist_ok=True)
+        stderr.parent.mkdir(parents=True, exist_ok=True)
+        cwd = self.spec.get("work_dir") or str(Path(self.spec["script"]).parent)
+        Path(cwd).mkdir(parents=True, exist_ok=True)
+        with open(stdout, "ab") as out, open(stderr, "ab") as err:
+            proc = subprocess.Popen(
+                ["bash", self.spec["script"]],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,  # its own process group, so cancel reaches children
+            )
+        self.record(state="running", pid=proc.pid, pgid=proc.pid, start=_now(), task=index)
+        walltime = self.spec.get("walltime")
+        deadline = time.monotonic() + walltime if walltime else None
+        killed = ""
+        while proc.poll() is None:
+            if not killed and self.cancelled():
+                killed = "cancelled"
+            elif not killed and deadline is not None and time.monotonic() > deadline:
+                killed = f"walltime {walltime} s exceeded"
+            if killed:
+                _stop_group(proc)
+                break
+            time.sleep(self.poll)
+        code = proc.wait()
+        return code, killed
+
+    def main(self) -> int:
+        why = self.wait_for_dependencies()
+        if why is not None:
+            self.record(state="cancelled", reason=why, end=_now())
+            return 0
+        slot = self.take_slot()
+        if slot is None:
+            self.record(state="cancelled", reason="cancelled", end=_now())
+            return 0
+        try:
+            tasks: list[int | None] = list(self.spec.get("array") or []) or [None]
+            worst, reason = 0, ""
+            for index in tasks:
+                if self.cancelled():
+                    reason = "cancelled"
+                    break
+                code, why_killed = self.run_task(index)
+                if why_killed:
+                    reason = why_killed
+                if code != 0 and worst == 0:
+                    worst = code
+                if why_killed == "cancelled":
+                    break
+        finally:
+            slot.close()
+        exit_code = 128 + (-worst) if worst < 0 else worst
+        if reason == "cancelled":
+            self.record(state="cancelled", reason="cancelled", exit_code=exit_code, end=_now())
+        else:
+            self.record(
+                state="finished" if exit_code == 0 and not reason else "failed",
+                exit_code=exit_code,
+                signal=-worst if worst < 0 else None,
+                reason=reason,
+                end=_now(),
+            )
+        return 0
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=_KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_job(job_dir: Path) -> int:
+    """The runner's entry point (``python -m hpcbridge.schedulers._localrun JOB_DIR``)."""
+    spec = _read_json(job_dir / "job.json")
+    if spec is None:
+        print(f"no job.json in {job_dir}", file=sys.stderr)
+        return 2
+    return _Runner(job_dir, spec).main()
