@@ -191,11 +191,16 @@ def cancel_argv(ids: Sequence[str]) -> list[str]:
     return ["qdel", *_check_ids(ids)]
 
 
+# An attribute line: indented "name = value". PBS Pro and Torque indent with spaces; the Slurm
+# wrappers indent with a tab, the same character PBS Pro begins continuation lines with.
+_ATTRIBUTE = re.compile(r"^\s+[A-Za-z_][\w.]*\s=\s")
+
+
 def _unfold(text: str) -> list[str]:
     """Join PBS's folded continuation lines (they begin with a tab) onto the line before."""
     lines: list[str] = []
     for line in text.splitlines():
-        if line.startswith("\t") and lines:
+        if line.startswith("\t") and lines and not _ATTRIBUTE.match(line):
             lines[-1] += line[1:]
         else:
             lines.append(line)

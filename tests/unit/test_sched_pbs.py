@@ -218,6 +218,8 @@ def test_chunk_ids_table(ids: list[str], max_chars: int, expected: list[list[str
         ("wrapper_qstat_f.txt", "65", State.FINISHED, "C", None, "job.pbs"),
         ("wrapper_qstat_f.txt", "66", State.RUNNING, "R", None, "job.pbs"),
         ("wrapper_qstat_f.txt", "67", State.QUEUED, "Q", None, "job.pbs"),
+        # captured from slurm-wlm-torque 22.05: attributes indented with a tab, not spaces
+        ("wrapper_qstat_f_tabs.txt", "8", State.FINISHED, "C", None, "dcm2niix"),
     ],
 )
 def test_parse_qstat_full(
