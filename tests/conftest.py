@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -13,6 +16,39 @@ import requests
 from hpcbridge.sandbox import AuthSettings, SandboxServer
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# Read at import: the isolated_home fixture clears HPCBRIDGE_* variables for every test.
+CLUSTER_JSON = Path(
+    os.environ.get("HPCBRIDGE_TEST_CLUSTER", "/tmp/hpcbridge-ci-cluster/cluster.json")
+)
+
+
+def _missing(message: str) -> None:
+    """Skip, except under CI=true, where .ci/run must have provided the service."""
+    if IN_CI:
+        pytest.fail(f"{message}, but CI=true requires it (.ci/run sets it up)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> dict[str, Any]:
+    """The single-node Slurm (with PBS wrappers) and sshd that tests/cluster/up.sh started."""
+    if not CLUSTER_JSON.is_file():
+        _missing(
+            f"no test cluster ({CLUSTER_JSON} is missing): run `bash tests/cluster/up.sh` as "
+            "root, see tests/cluster/README.md"
+        )
+    data: dict[str, Any] = json.loads(CLUSTER_JSON.read_text())
+    try:
+        idle = subprocess.run(
+            ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        idle = str(exc)
+    if not any(s in idle for s in ("idle", "mix", "alloc")):
+        _missing(
+            f"the test cluster is not up (sinfo says {idle.strip()!r}): rerun tests/cluster/up.sh"
+        )
+    return data
 
 
 def require_tool(name: str) -> str:

@@ -42,8 +42,14 @@ __all__ = ["LocalScheduler", "array_indices", "run_job"]
 
 _ID = re.compile(r"^\d+$")
 _ARRAY = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
+_THROTTLE = re.compile(r"^[1-9]\d*$")
 _MAX_ARRAY = 10_000
 _KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL, as PBS and Slurm do by default
+# How bash runs a job script. A bash killed by a signal runs its EXIT trap with $? still 0, so a
+# rendered script stopped for its walltime would record exit code 0 in status.json and look
+# finished. Turning the signals into `exit 128+N` makes the trap see the true exit code. The
+# script is sourced with $0 set to its path, as `bash SCRIPT` would set it.
+_BASH_WRAPPER = 'trap "exit 143" TERM; trap "exit 130" INT; trap "exit 129" HUP; . "$0"'
 
 
 def _now() -> str:
@@ -51,9 +57,15 @@ def _now() -> str:
 
 
 def array_indices(spec: str) -> list[int]:
-    """``1-10``, ``1-10:2``, ``1,3,5`` or a mix; a ``%N`` throttle suffix is ignored here."""
+    """``1-10``, ``1-10:2``, ``1,3,5`` or a mix; a ``%N`` throttle suffix is checked, then ignored
+    (the local scheduler runs an array's tasks one after another)."""
     indices: list[int] = []
-    for part in spec.split("%", 1)[0].split(","):
+    ranges, percent, throttle = spec.partition("%")
+    if percent and not _THROTTLE.match(throttle.strip()):
+        raise SchedulerError(
+            f"invalid array range {spec!r}: the %N throttle needs a positive whole number"
+        )
+    for part in ranges.split(","):
         match = _ARRAY.match(part.strip())
         if not match:
             raise SchedulerError(f"invalid array range {spec!r} (use e.g. 1-10, 1-10:2 or 1,3,5)")
@@ -62,9 +74,11 @@ def array_indices(spec: str) -> list[int]:
         step = int(match.group(3) or 1)
         if stop < start or step < 1:
             raise SchedulerError(f"invalid array range {spec!r}")
-        indices += range(start, stop + 1, step)
-        if len(indices) > _MAX_ARRAY:
+        span = range(start, stop + 1, step)
+        # Count before building the list: a typo like 1-1000000000 must not exhaust memory.
+        if len(indices) + len(span) > _MAX_ARRAY:
             raise SchedulerError(f"array range {spec!r} has more than {_MAX_ARRAY} tasks")
+        indices += span
     return sorted(set(indices))
 
 
@@ -107,6 +121,32 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _runner_alive(job_dir: Path) -> bool:
+    try:
+        pid = int((job_dir / "runner.pid").read_text().strip())
+    except FileNotFoundError:
+        return True  # submitted this instant: the pid is being written
+    except ValueError:
+        return False
+    return _alive(pid)
+
+
+def _job_state(job_dir: Path) -> tuple[dict[str, Any], str]:
+    """The job's state record and its raw state, ``lost`` when its runner died before the end.
+
+    The runner is asked about before state.json is read: a runner records its final state and
+    then exits, so reading first could pair a stale ``running`` with a runner that has just
+    (correctly) exited, and report a healthy job as lost.
+    """
+    alive = _runner_alive(job_dir)
+    state = _read_json(job_dir / "state.json") or {"state": "queued"}
+    raw = str(state.get("state", "queued"))
+    if raw in ("queued", "running") and not alive:
+        # The runner died (reboot, OOM killer, kill -9): nothing will finish this job.
+        raw = "lost"
+    return state, raw
 
 
 class LocalScheduler(Scheduler):
@@ -167,6 +207,14 @@ class LocalScheduler(Scheduler):
                 raise SchedulerError(
                     f"cannot depend on job {dep}: the local scheduler never ran it"
                 )
+            dep_state, dep_raw = _job_state(self.root / dep)
+            if dep_raw in ("failed", "cancelled", "lost") or (
+                dep_raw == "finished" and dep_state.get("exit_code") not in (None, 0)
+            ):
+                raise SchedulerError(
+                    f"job {dep} already {'failed' if dep_raw == 'lost' else dep_raw}; "
+                    "a job after it would never run"
+                )
         indices = array_indices(array) if array else []
         job_id = self._next_id()
         job_dir = self.root / job_id
@@ -205,11 +253,7 @@ class LocalScheduler(Scheduler):
         spec = _read_json(job_dir / "job.json")
         if spec is None:
             return None
-        state = _read_json(job_dir / "state.json") or {"state": "queued"}
-        raw = str(state.get("state", "queued"))
-        if raw in ("queued", "running") and not self._runner_alive(job_dir):
-            # The runner died (reboot, OOM killer): the job will never be finished by it.
-            raw = "lost"
+        state, raw = _job_state(job_dir)
         mapped = {
             "queued": State.QUEUED,
             "running": State.RUNNING,
@@ -228,16 +272,6 @@ class LocalScheduler(Scheduler):
             ),
             signal=state.get("signal"),
         )
-
-    @staticmethod
-    def _runner_alive(job_dir: Path) -> bool:
-        try:
-            pid = int((job_dir / "runner.pid").read_text().strip())
-        except FileNotFoundError:
-            return True  # submitted this instant: the pid is being written
-        except ValueError:
-            return False
-        return _alive(pid)
 
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
         self.status_calls += 1
@@ -261,7 +295,7 @@ class LocalScheduler(Scheduler):
             if state.get("state") == "running" and pgid:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(int(pgid), signal.SIGTERM)
-            elif state.get("state") == "queued" and not self._runner_alive(job_dir):
+            elif state.get("state") == "queued" and not _runner_alive(job_dir):
                 _write_json(
                     job_dir / "state.json",
                     dict(state, state="cancelled", reason="cancelled", end=_now()),
@@ -303,10 +337,11 @@ class _Runner:
             if self.cancelled():
                 return "cancelled"
             for dep in list(pending):
-                state = _read_json(self.root / dep / "state.json") or {}
-                raw = state.get("state")
+                state, raw = _job_state(self.root / dep)
                 if raw == "finished" and state.get("exit_code") == 0:
                     pending.remove(dep)
+                elif raw == "lost":
+                    return f"dependency {dep} did not succeed (its local runner died)"
                 elif raw in ("finished", "failed", "cancelled"):
                     # PBS semantics: an afterok that can never hold deletes the job.
                     return f"dependency {dep} did not succeed ({raw})"
@@ -344,7 +379,7 @@ class _Runner:
         Path(cwd).mkdir(parents=True, exist_ok=True)
         with open(stdout, "ab") as out, open(stderr, "ab") as err:
             proc = subprocess.Popen(
-                ["bash", self.spec["script"]],
+                ["bash", "-c", _BASH_WRAPPER, self.spec["script"]],
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -361,6 +396,8 @@ class _Runner:
                 killed = "cancelled"
             elif not killed and deadline is not None and time.monotonic() > deadline:
                 killed = f"walltime {walltime} s exceeded"
+                # Said before the kill, so whoever reads the job's status file sees why.
+                self.record(reason=killed)
             if killed:
                 _stop_group(proc)
                 break
@@ -378,6 +415,11 @@ class _Runner:
             self.record(state="cancelled", reason="cancelled", end=_now())
             return 0
         try:
+            # A new run starts new logs (as qsub and sbatch do): in a reused work folder the
+            # last run's lines would otherwise pass for this run's log tail.
+            for log_path in {self.spec["stdout"], self.spec["stderr"]}:
+                with contextlib.suppress(OSError):
+                    os.truncate(log_path, 0)
             tasks: list[int | None] = list(self.spec.get("array") or []) or [None]
             worst, reason = 0, ""
             for index in tasks:

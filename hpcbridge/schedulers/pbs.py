@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from hpcbridge.errors import SchedulerError
 from hpcbridge.schedulers.base import JobStatus, Scheduler, State, chunk_ids, merge_array
 from hpcbridge.schedulers.script import ScriptInfo, without_pbs_project
+from hpcbridge.schedulers.slurm import poll_squeue
 from hpcbridge.transport import Result, Transport
 
 __all__ = [
@@ -422,6 +423,12 @@ class PbsScheduler(Scheduler):
         return found
 
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
+        if self.flavour == "wrapper":
+            # The wrappers' qstat shows no exit state, shows every ended job as C and splits
+            # arrays into unrelated ids; Slurm's own squeue beneath them knows all of it.
+            statuses, calls = poll_squeue(self.transport, _check_ids(ids), timeout=self.timeout)
+            self.status_calls += calls
+            return statuses
         found: dict[str, JobStatus] = {}
         for group in chunk_ids(_check_ids(ids)):
             found.update(self._status_group(group))

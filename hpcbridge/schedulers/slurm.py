@@ -129,10 +129,14 @@ def parse_submit(stdout: str) -> str:
 
 
 def status_argv(ids: Sequence[str]) -> list[str]:
-    """One ``squeue`` call for all ``ids``; the format is a single argv element."""
+    """One ``squeue`` call for all ``ids``; the format is a single argv element.
+
+    ``-t all`` keeps ended jobs (COMPLETED, FAILED, CANCELLED) in the answer for ``MinJobAge``
+    seconds; without it squeue prints nothing for them.
+    """
     if not ids:
         raise ValueError("status_argv needs at least one job id (squeue alone lists every job)")
-    return ["squeue", "-h", "-j", ",".join(_check_ids(ids)), "-o", SQUEUE_FORMAT]
+    return ["squeue", "-h", "-t", "all", "-j", ",".join(_check_ids(ids)), "-o", SQUEUE_FORMAT]
 
 
 def cancel_argv(ids: Sequence[str]) -> list[str]:
@@ -220,6 +224,43 @@ def _tail(result: Result) -> str:
     return " ".join(text.splitlines()[-3:])[:400] or f"exit status {result.exit_code}"
 
 
+def poll_squeue(
+    transport: Transport, ids: Sequence[str], *, timeout: float = 60.0
+) -> tuple[dict[str, JobStatus], int]:
+    """Statuses of ``ids`` from squeue (one call per chunk), and the number of calls made.
+
+    An array job's tasks (``123_4``, ``123_[5-9]``) are merged into one status for ``123``.
+    Shared with the PBS wrappers, whose ``qstat`` shows neither arrays nor exit states.
+    """
+    calls = 0
+
+    def group_status(group: list[str]) -> dict[str, JobStatus]:
+        nonlocal calls
+        result = transport.run(status_argv(group), timeout=timeout)
+        calls += 1
+        if not result.ok and not unknown_job(result.stderr, result.exit_code):
+            raise SchedulerError(f"squeue failed: {_tail(result)}")
+        parsed = parse_squeue(result.stdout) if result.ok else {}
+        found: dict[str, JobStatus] = {}
+        for job_id in group:
+            if job_id in parsed:
+                found[job_id] = parsed[job_id]
+                continue
+            members = [v for k, v in parsed.items() if k.startswith(job_id + "_")]
+            if members:
+                found[job_id] = merge_array(job_id, members)
+        if not result.ok and len(group) > 1:
+            # squeue refuses the whole list when one id is invalid: ask each one alone.
+            for job_id in group:
+                found.update(group_status([job_id]))
+        return found
+
+    statuses: dict[str, JobStatus] = {}
+    for group in chunk_ids(_check_ids(ids)):
+        statuses.update(group_status(group))
+    return statuses, calls
+
+
 class SlurmScheduler(Scheduler):
     """Slurm through ``sbatch``/``squeue``/``scancel``.
 
@@ -275,44 +316,19 @@ class SlurmScheduler(Scheduler):
             )
         return parse_submit(result.stdout)
 
-    def _status_group(self, ids: list[str]) -> dict[str, JobStatus]:
-        result = self.transport.run(status_argv(ids), timeout=self.timeout)
-        self.status_calls += 1
-        if not result.ok and not unknown_job(result.stderr, result.exit_code):
-            raise SchedulerError(f"squeue failed: {_tail(result)}")
-        parsed = parse_squeue(result.stdout) if result.ok else {}
-        found: dict[str, JobStatus] = {}
-        for job_id in ids:
-            if job_id in parsed:
-                found[job_id] = parsed[job_id]
-                continue
-            # An array job's tasks show as 123_4 or 123_[5-9] under the parent's id.
-            members = [v for k, v in parsed.items() if k.startswith(job_id + "_")]
-            if members:
-                found[job_id] = merge_array(job_id, members)
-        if not result.ok and len(ids) > 1:
-            # squeue refuses the whole list when one id is invalid: ask each one alone.
-            for job_id in ids:
-                found.update(self._status_group([job_id]))
-        return found
-
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
-        found: dict[str, JobStatus] = {}
-        for group in chunk_ids(_check_ids(ids)):
-            found.update(self._status_group(group))
-        return found
+        statuses, calls = poll_squeue(self.transport, ids, timeout=self.timeout)
+        self.status_calls += calls
+        return statuses
 
     def cancel(self, ids: Sequence[str]) -> list[str]:
-        unknown: list[str] = []
-        for group in chunk_ids(_check_ids(ids)):
+        # scancel exits 0 and prints nothing for an id it never knew (seen on 22.05), so ask
+        # squeue first which ids exist, and cancel only those.
+        known = self.status(ids)
+        unknown = [i for i in ids if i not in known]
+        live = [i for i in ids if i in known]
+        for group in chunk_ids(live):
             result = self.transport.run(cancel_argv(group), timeout=self.timeout)
-            text = result.stderr.lower()
-            # scancel exits 0 or 1 and names each invalid id on its own line.
-            for job_id in group:
-                if re.search(rf"invalid job id (specified )?{re.escape(job_id)}\b", text) or (
-                    len(group) == 1 and unknown_job(result.stderr, result.exit_code)
-                ):
-                    unknown.append(job_id)
             if not result.ok and not unknown_job(result.stderr, result.exit_code):
                 raise SchedulerError(f"scancel failed: {_tail(result)}")
         return unknown

@@ -75,7 +75,7 @@ def test_parse_submit_garbage(stdout: str) -> None:
 
 def test_status_argv_format_is_one_argument() -> None:
     argv = slurm.status_argv(["1", "2", "3_4"])
-    assert argv == ["squeue", "-h", "-j", "1,2,3_4", "-o", "%i|%T|%r|%j"]
+    assert argv == ["squeue", "-h", "-t", "all", "-j", "1,2,3_4", "-o", "%i|%T|%r|%j"]
 
 
 def test_status_and_cancel_argv_validate() -> None:
