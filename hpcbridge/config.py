@@ -55,6 +55,10 @@ DEFAULTS: dict[str, Any] = {
     "local_max_jobs": None,
     "ssh_config": None,
     "known_hosts": None,
+    # The run ledger (SQLite); default $HPCBRIDGE_HOME/ledger.sqlite. On an NFS home directory
+    # set ledger_mode = "nfs": no WAL (it needs shared memory NFS cannot give) and a lock file.
+    "ledger": None,
+    "ledger_mode": "wal",
 }
 
 SCHEDULERS = ("local", "pbs", "torque", "slurm")
@@ -107,6 +111,8 @@ class Settings:
     local_max_jobs: int | None = None
     ssh_config: str | None = None
     known_hosts: str | None = None
+    ledger: str | None = None
+    ledger_mode: str = "wal"
     verbose: int = 0
     quiet: bool = False
     json: bool = False
@@ -156,6 +162,7 @@ _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "pbs_flavour": (_choice("pbspro", "torque", "wrapper"), "pbspro, torque or wrapper"),
     "poll_interval": (_positive(float), "a positive number of seconds"),
     "local_max_jobs": (_positive(int), "a positive whole number"),
+    "ledger_mode": (_choice("wal", "nfs"), "wal or nfs"),
 }
 
 
