@@ -224,7 +224,7 @@ def submit_script(
                 f"job {dep} already {upstream.state}; a job after it would never run"
             )
     if info.work_dir is not None:
-        _check_work_dir_free(store, info.work_dir, host)
+        _check_work_dir_free(store, scheduler, info.work_dir, host)
         state_dir = remote_path(f"{info.work_dir}/.hpcbridge")
         transport.makedirs(state_dir)
         # An old outcome in a reused work folder would make the new job look ended at once.
@@ -265,14 +265,17 @@ def submit_script(
     return job
 
 
-def _check_work_dir_free(store: JobStore, work_dir: str, host: str) -> None:
-    for job in store.all():
-        if job.work_dir == work_dir and job.host == host and not job.final:
-            raise SchedulerError(
-                f"work folder {work_dir} belongs to job {job.id}, which is {job.state}",
-                hint=f"wait for it (`hpcbridge jobs {job.id}`), cancel it, or render into "
-                "another folder",
-            )
+def _check_work_dir_free(store: JobStore, scheduler: Scheduler, work_dir: str, host: str) -> None:
+    busy = [j for j in store.all() if j.work_dir == work_dir and j.host == host and not j.final]
+    if busy:
+        # The records may be stale: a job that ended since the last poll frees the folder.
+        busy = [j for j in refresh(store, scheduler, busy).jobs if not j.final]
+    for job in busy:
+        raise SchedulerError(
+            f"work folder {work_dir} belongs to job {job.id}, which is {job.state}",
+            hint=f"wait for it (`hpcbridge jobs {job.id}`), cancel it, or render into "
+            "another folder",
+        )
 
 
 # --- poll -------------------------------------------------------------------------------------
@@ -325,7 +328,7 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
             raw_state=status.raw_state if status else job.raw_state,
             exit_code=bad[0] if bad else 0,
             end=max(ends) if ends else _now(),
-            reason=f"exit code {bad[0]}" if bad else "",
+            reason=_failure_reason(bad[0], status) if bad else "",
         )
     if status is not None and not status.state.is_final:
         return replace(
@@ -339,6 +342,16 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
             raw_state=status.raw_state,
             end=_now(),
             reason=status.reason or "cancelled",
+        )
+    if not started and status is not None and status.state is State.FAILED:
+        # Failed before its script ran (e.g. the local scheduler's runner died): not a cancel.
+        return replace(
+            job,
+            state=State.FAILED.value,
+            raw_state=status.raw_state,
+            exit_code=status.exit_code,
+            end=_now(),
+            reason=status.reason or "failed before it started",
         )
     if not started:
         return replace(
@@ -359,6 +372,14 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
         end=_now(),
         reason="ended without recording an exit code (killed: walltime, memory or node failure?)",
     )
+
+
+def _failure_reason(exit_code: int, status: JobStatus | None) -> str:
+    """``exit code N``, with the scheduler's word on why when a signal ended the job."""
+    reason = f"exit code {exit_code}"
+    if exit_code > 128 and status is not None and status.reason:
+        reason += f" ({status.reason})"  # e.g. the local scheduler's "walltime 60 s exceeded"
+    return reason
 
 
 def _resolve_by_scheduler(job: Job, status: JobStatus | None) -> Job:

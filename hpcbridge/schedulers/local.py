@@ -11,6 +11,7 @@ Layout under ``root`` (``$HPCBRIDGE_HOME/local-jobs`` by default)::
 
     next_id            the last id issued (guarded by an flock on .lock)
     slots/N.lock       held (flock) by the runner of a running job
+    waiting/ID         a job ready to run and waiting for a slot; the lowest id goes first
     ID/job.json        what was submitted: script, dependencies, array, logs, walltime
     ID/state.json      queued | running | finished | failed | cancelled, pid, exit code, times
     ID/cancel          present once cancellation was asked for
@@ -235,15 +236,24 @@ class LocalScheduler(Scheduler):
         }
         _write_json(job_dir / "job.json", spec)
         _write_json(job_dir / "state.json", {"state": "queued", "submitted": spec["submitted"]})
-        with open(job_dir / "runner.log", "ab") as log_fh:
-            runner = subprocess.Popen(
-                [sys.executable, "-m", "hpcbridge.schedulers._localrun", str(job_dir)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=log_fh,
-                start_new_session=True,  # survives the CLI and its terminal's signals
-                close_fds=True,
-            )
+        if not after:
+            # In line for a slot from now on, so jobs start in the order they were submitted
+            # whichever runner process happens to start first.
+            _enter_line(self.root, job_id)
+        try:
+            with open(job_dir / "runner.log", "ab") as log_fh:
+                runner = subprocess.Popen(
+                    [sys.executable, "-m", "hpcbridge.schedulers._localrun", str(job_dir)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fh,
+                    stderr=log_fh,
+                    start_new_session=True,  # survives the CLI and its terminal's signals
+                    close_fds=True,
+                )
+        except OSError as exc:
+            _leave_line(self.root, job_id)
+            _write_json(job_dir / "state.json", {"state": "failed", "reason": str(exc)})
+            raise SchedulerError(f"cannot start the local job runner: {exc}") from None
         # Only the runner writes state.json; its pid goes to a file of its own.
         _write_json_text(job_dir / "runner.pid", str(runner.pid))
         return job_id
@@ -303,6 +313,28 @@ class LocalScheduler(Scheduler):
         return unknown
 
 
+def _enter_line(root: Path, job_id: str) -> None:
+    (root / "waiting").mkdir(exist_ok=True)
+    (root / "waiting" / job_id).touch()
+
+
+def _leave_line(root: Path, job_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (root / "waiting" / job_id).unlink()
+
+
+def _first_in_line(root: Path, job_id: str) -> bool:
+    """True when no job submitted earlier is still waiting for a slot."""
+    me = int(job_id)
+    for entry in (root / "waiting").iterdir():
+        if not entry.name.isdigit() or int(entry.name) >= me:
+            continue
+        if _runner_alive(root / entry.name):
+            return False
+        _leave_line(root, entry.name)  # its runner died: it will never take a slot
+    return True
+
+
 def _write_json_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     tmp.write_text(text + "\n")
@@ -350,11 +382,19 @@ class _Runner:
         return None
 
     def take_slot(self) -> Any | None:
-        """An open, flock-held slot file; the lock dies with this process."""
+        """An open, flock-held slot file; the lock dies with this process.
+
+        Jobs take slots in the order they became ready: a job waits while one submitted
+        before it is still waiting for a slot.
+        """
         slots = self.root / "slots"
         slots.mkdir(exist_ok=True)
         max_jobs = int(self.spec.get("max_jobs", 1))
+        _enter_line(self.root, self.spec["id"])
         while not self.cancelled():
+            if not _first_in_line(self.root, self.spec["id"]):
+                time.sleep(self.poll)
+                continue
             for n in range(max_jobs):
                 fh = open(slots / f"{n}.lock", "a")  # noqa: SIM115 - held for the job's life
                 try:
@@ -403,14 +443,19 @@ class _Runner:
                 break
             time.sleep(self.poll)
         code = proc.wait()
+        if not killed and code != 0 and self.cancelled():
+            killed = "cancelled"  # `cancel` signalled the job itself before we looked
         return code, killed
 
     def main(self) -> int:
-        why = self.wait_for_dependencies()
-        if why is not None:
-            self.record(state="cancelled", reason=why, end=_now())
-            return 0
-        slot = self.take_slot()
+        try:
+            why = self.wait_for_dependencies()
+            if why is not None:
+                self.record(state="cancelled", reason=why, end=_now())
+                return 0
+            slot = self.take_slot()
+        finally:
+            _leave_line(self.root, self.spec["id"])
         if slot is None:
             self.record(state="cancelled", reason="cancelled", end=_now())
             return 0
