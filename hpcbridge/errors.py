@@ -124,3 +124,8 @@ class PartialFailure(HpcBridgeError):
     """Some items of a batch succeeded and some failed; details are in the output."""
 
     exit_code = EXIT_PARTIAL
+
+
+class LedgerError(HpcBridgeError):
+    """The run ledger cannot be opened, is locked, is from a newer hpcbridge, or was asked for
+    something it does not hold or allow (an unknown run or job, an illegal state change)."""

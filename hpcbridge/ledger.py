@@ -1,0 +1,929 @@
+"""The run ledger: an SQLite record of runs, their jobs, and every state change of every job.
+
+A run over a thousand scans must survive being killed at any moment, and a cron ``sync`` may
+write while a user's ``status`` reads. So every state change is one transaction (the job row and
+its event together), writers take the database lock up front (``BEGIN IMMEDIATE``) so two writers
+never deadlock half-way, and a job's state can only move along :data:`TRANSITIONS`: a second
+process acting on a stale picture of a job gets a :class:`~hpcbridge.errors.LedgerError` instead
+of silently undoing the first one's work.
+
+Two modes, because many clusters put home directories on NFS:
+
+- ``wal`` (default): write-ahead log, readers never block the writer. WAL keeps its index in a
+  shared-memory file, which only works when every process is on one host's local file system.
+- ``nfs``: rollback journal and ``synchronous=FULL``; each operation opens a fresh connection
+  (NFS only guarantees that an ``open`` sees what another host wrote before its ``close``) and
+  holds a lock file made with ``O_CREAT|O_EXCL``, which NFS does atomically even where its byte
+  range locks, which SQLite relies on, are broken or local to one host.
+
+The schema evolves through :data:`MIGRATIONS`, numbered by ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import LedgerError
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = [
+    "FINAL_STATES",
+    "JOB_FIELDS",
+    "MIGRATIONS",
+    "MODES",
+    "TRANSITIONS",
+    "Event",
+    "JobRow",
+    "JobState",
+    "Ledger",
+    "Run",
+    "RunState",
+    "filesystem_type",
+    "ledger_path",
+]
+
+log = logging.getLogger(__name__)
+
+MODES = ("wal", "nfs")
+
+
+class JobState(str, Enum):
+    """Where a job is. ``uploaded`` is done; ``failed`` and ``cancelled`` wait for a retry."""
+
+    PLANNED = "planned"
+    STAGED = "staged"
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    FINISHED = "finished"
+    UPLOADED = "uploaded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:  # f-strings and messages show "running", not "JobState.RUNNING"
+        return self.value
+
+    @property
+    def final(self) -> bool:
+        """Nothing more happens to the job in this run unless it is retried."""
+        return self in FINAL_STATES
+
+
+class RunState(str, Enum):
+    ACTIVE = "active"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINAL_STATES = frozenset({JobState.UPLOADED, JobState.FAILED, JobState.CANCELLED})
+
+_S = JobState
+#: Every allowed change of state. ``planned -> submitted`` is for chains, whose stage-in runs as
+#: a job on the cluster; ``failed``/``cancelled -> planned`` is a retry.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    _S.PLANNED: frozenset({_S.STAGED, _S.SUBMITTED, _S.FAILED, _S.CANCELLED}),
+    _S.STAGED: frozenset({_S.SUBMITTED, _S.FAILED, _S.CANCELLED}),
+    _S.SUBMITTED: frozenset({_S.RUNNING, _S.FINISHED, _S.FAILED, _S.CANCELLED}),
+    _S.RUNNING: frozenset({_S.FINISHED, _S.FAILED, _S.CANCELLED}),
+    _S.FINISHED: frozenset({_S.UPLOADED, _S.FAILED}),
+    _S.UPLOADED: frozenset(),
+    _S.FAILED: frozenset({_S.PLANNED}),
+    _S.CANCELLED: frozenset({_S.PLANNED}),
+}
+
+# The time column stamped on entering a state.
+_STAMPS = {
+    _S.SUBMITTED: "submitted_at",
+    _S.RUNNING: "started_at",
+    _S.FINISHED: "ended_at",
+    _S.FAILED: "ended_at",
+    _S.CANCELLED: "ended_at",
+    _S.UPLOADED: "uploaded_at",
+}
+
+# What a retry forgets: the previous attempt's outcome would otherwise be shown as the new one's.
+_RETRY_CLEARS: tuple[str, ...] = ("native_id", "exit_code", "last_error", "log_tail", "raw_state")
+_RETRY_CLEARS += ("submitted_at", "started_at", "ended_at")
+
+#: Job columns that :meth:`Ledger.transition` and :meth:`Ledger.update` may set.
+JOB_FIELDS = frozenset(
+    {"native_id", "raw_state", "exit_code", "script_hash", "last_error", "log_tail"}
+    | {"uploaded", "extra", "work_dir"}
+)
+
+#: The schema, one script per version; the ledger's ``PRAGMA user_version`` is how many have been
+#: applied. Append only: never edit a released entry, ledgers in the field already ran it. States
+#: are not CHECK-constrained so that a new state does not need a table rebuild.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        recipe TEXT NOT NULL,
+        params TEXT NOT NULL DEFAULT '{}',
+        target TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        options TEXT NOT NULL DEFAULT '{}',
+        created TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'active'
+    );
+    CREATE INDEX runs_profile ON runs (profile);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        project TEXT,
+        subject TEXT,
+        experiment TEXT,
+        experiment_id TEXT,
+        scan TEXT,
+        scan_type TEXT,
+        name TEXT NOT NULL UNIQUE,
+        work_dir TEXT,
+        script_hash TEXT,
+        native_id TEXT,
+        state TEXT NOT NULL DEFAULT 'planned',
+        raw_state TEXT,
+        exit_code INTEGER,
+        submitted_at TEXT,
+        started_at TEXT,
+        ended_at TEXT,
+        uploaded_at TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        log_tail TEXT,
+        uploaded TEXT NOT NULL DEFAULT '[]',
+        extra TEXT NOT NULL DEFAULT '{}',
+        updated_at TEXT NOT NULL,
+        UNIQUE (run_id, address)
+    );
+    CREATE INDEX jobs_run_state ON jobs (run_id, state);
+    CREATE INDEX jobs_native_id ON jobs (native_id);
+    -- find_done looks every planned scan up across all runs.
+    CREATE INDEX jobs_address ON jobs (address, state);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        at TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX events_job ON events (job_id);
+    """,
+]
+
+# File systems where WAL's shared-memory index is not shared between hosts.
+_NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph")
+_HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``hpcbridge run``: a recipe with its parameters over the scans of one XNAT address."""
+
+    id: int
+    recipe: str
+    params: dict[str, Any]
+    target: str
+    profile: str
+    options: dict[str, Any]
+    created: str
+    state: RunState
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One scan's job within a run, as the ledger last recorded it."""
+
+    id: int
+    run_id: int
+    address: str
+    project: str | None
+    subject: str | None
+    experiment: str | None
+    experiment_id: str | None
+    scan: str | None
+    scan_type: str | None
+    name: str
+    work_dir: str | None
+    script_hash: str | None
+    native_id: str | None
+    state: JobState
+    raw_state: str | None
+    exit_code: int | None
+    submitted_at: str | None
+    started_at: str | None
+    ended_at: str | None
+    uploaded_at: str | None
+    attempts: int
+    last_error: str | None
+    log_tail: str | None
+    uploaded: list[dict[str, Any]]
+    extra: dict[str, Any]
+    updated_at: str
+
+    @property
+    def final(self) -> bool:
+        return self.state.final
+
+
+@dataclass(frozen=True)
+class Event:
+    """One recorded state change; ``from_state`` is None for the job's creation."""
+
+    id: int
+    job_id: int
+    at: str
+    from_state: JobState | None
+    to_state: JobState
+    detail: str
+
+
+_RUN_COLUMNS = ", ".join(f.name for f in fields(Run))
+_JOB_COLUMN_NAMES = tuple(f.name for f in fields(JobRow))
+_JOB_COLUMNS = ", ".join(_JOB_COLUMN_NAMES)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _dumps(value: Any, what: str) -> str:
+    """Canonical JSON, so equal values are equal text (find_done and diffs of the file rely on
+    it)."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise LedgerError(f"{what} cannot be recorded in the ledger: {exc}") from None
+
+
+def _job_state(value: JobState | str) -> JobState:
+    try:
+        return JobState(value)
+    except ValueError:
+        known = ", ".join(s.value for s in JobState)
+        raise LedgerError(f"unknown job state {value!r}", hint=f"one of {known}") from None
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration script so each statement runs with ``execute`` in our transaction
+    (``executescript`` would commit first); ``complete_statement`` keeps a ``;`` inside a
+    string or a trigger body where it belongs."""
+    buffer = ""
+    for piece in script.split(";"):
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(";").strip():
+                yield buffer.strip()
+            buffer = ""
+    if buffer.strip(";").strip():
+        raise LedgerError(f"incomplete statement in a ledger migration: {buffer.strip()!r}")
+
+
+def _encode_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(values) - JOB_FIELDS)
+    if unknown:
+        # A caller's typo, not a user's mistake: fail the way Python does for a bad keyword.
+        raise TypeError(
+            f"unknown job field(s) {', '.join(unknown)}; settable: {', '.join(sorted(JOB_FIELDS))}"
+        )
+    encoded: dict[str, Any] = {}
+    for name, value in values.items():
+        if name == "uploaded":
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"uploaded must be a list of file records, not {value!r}")
+            value = _dumps(list(value), "the uploaded file list")
+        elif name == "extra":
+            if not isinstance(value, Mapping):
+                raise TypeError(f"extra must be a dict, not {value!r}")
+            value = _dumps(dict(value), "the job's extra data")
+        elif name == "work_dir" and value is not None:
+            value = os.fspath(value)
+        elif name == "exit_code" and value is not None:
+            value = int(value)
+        encoded[name] = value
+    return encoded
+
+
+def _run_from(row: sqlite3.Row) -> Run:
+    return Run(
+        id=row["id"],
+        recipe=row["recipe"],
+        params=json.loads(row["params"]),
+        target=row["target"],
+        profile=row["profile"],
+        options=json.loads(row["options"]),
+        created=row["created"],
+        state=RunState(row["state"]),
+    )
+
+
+def _job_from(row: sqlite3.Row) -> JobRow:
+    data = {name: row[name] for name in _JOB_COLUMN_NAMES}
+    data["state"] = JobState(data["state"])
+    data["uploaded"] = json.loads(data["uploaded"] or "[]")
+    data["extra"] = json.loads(data["extra"] or "{}")
+    return JobRow(**data)
+
+
+def _event_from(row: sqlite3.Row) -> Event:
+    return Event(
+        id=row["id"],
+        job_id=row["job_id"],
+        at=row["at"],
+        from_state=JobState(row["from_state"]) if row["from_state"] else None,
+        to_state=JobState(row["to_state"]),
+        detail=row["detail"],
+    )
+
+
+def ledger_path(settings: Settings) -> Path:
+    """Where the settings put the ledger: ``ledger`` if set, else ``$HPCBRIDGE_HOME``."""
+    if settings.ledger:
+        return Path(settings.ledger).expanduser()
+    return Path(settings.home) / "ledger.sqlite"
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the file system holding ``path`` (Linux), or None when it cannot be told."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text()
+        target = str(path.resolve())
+    except OSError:
+        return None
+    best, kind = "", None
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):  # later mounts hide earlier ones at one point
+            best, kind = point, parts[2]
+    return kind
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class Ledger:
+    """The ledger file at ``path``; safe to share between processes and, per object, threads.
+
+    ``busy_timeout`` bounds waiting for SQLite's own lock; in ``nfs`` mode ``lock_timeout``
+    bounds waiting for the lock file, and a lock file older than ``stale_after`` seconds or
+    whose holder is a dead process on this host is taken over.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mode: str = "wal",
+        busy_timeout: float = 30.0,
+        lock_timeout: float = 60.0,
+        stale_after: float = 600.0,
+    ) -> None:
+        if mode not in MODES:
+            raise LedgerError(f"unknown ledger mode {mode!r}", hint="wal, or nfs on NFS")
+        self.path = Path(path)
+        self.mode = mode
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.busy_timeout = busy_timeout
+        self.lock_timeout = lock_timeout
+        self.stale_after = stale_after
+        self._mutex = threading.RLock()
+        self._depth = 0
+        self._conn: sqlite3.Connection | None = None
+        self._lock_content: str | None = None
+        self._closed = False
+        self._create_file()
+        if mode == "wal":
+            fstype = filesystem_type(self.path.parent)
+            if fstype and fstype.split(".")[-1] in _NETWORK_FS:
+                log.warning(
+                    'the ledger %s is on %s: set ledger_mode = "nfs" if hpcbridge may run on '
+                    "more than one host (WAL needs memory shared between all its users)",
+                    self.path,
+                    fstype,
+                )
+        try:
+            if mode == "wal":
+                self._conn = self._connect()
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def for_settings(cls, settings: Settings, **kwargs: Any) -> Ledger:
+        """The ledger the settings name (see :func:`ledger_path`), in their ``ledger_mode``."""
+        return cls(ledger_path(settings), mode=settings.ledger_mode, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path)!r}, mode={self.mode!r})"
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._mutex:
+            self._closed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _create_file(self) -> None:
+        parent = self.path.parent
+        try:
+            if not parent.is_dir():
+                parent.mkdir(parents=True, exist_ok=True)
+                parent.chmod(0o700)  # holds what was run on which data; nobody else's business
+            # SQLite gives its journal the database's permissions, so this covers those too.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise LedgerError(f"cannot create the ledger {self.path}: {exc.strerror}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        with self._errors():
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # we say where transactions begin and end
+                check_same_thread=False,  # self._mutex serialises threads instead
+            )
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute(f"PRAGMA synchronous = {'FULL' if self.mode == 'nfs' else 'NORMAL'}")
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _setup(self) -> None:
+        with self._errors(), self._session() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise LedgerError(
+                    f"the ledger {self.path} was made by a newer hpcbridge (schema version "
+                    f"{version}, this one knows up to {len(MIGRATIONS)}); upgrade hpcbridge",
+                    hint="pip install --upgrade hpcbridge, or set `ledger` to another file",
+                )
+            wanted = "wal" if self.mode == "wal" else "delete"
+            got = conn.execute(f"PRAGMA journal_mode = {wanted}").fetchone()[0]
+            if str(got).lower() != wanted:
+                log.warning(
+                    "the ledger %s stays in journal mode %s, not %s", self.path, got, wanted
+                )
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                with self._tx(write=True) as tx:
+                    # Another process may have migrated since we looked.
+                    if tx.execute("PRAGMA user_version").fetchone()[0] < number:
+                        for statement in _statements(MIGRATIONS[number - 1]):
+                            tx.execute(statement)
+                        tx.execute(f"PRAGMA user_version = {number}")
+
+    # -- transactions and the lock file ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise LedgerError(
+                    f"the ledger {self.path} is busy: another process held it for more than "
+                    f"{self.busy_timeout:g} s",
+                    hint="try again; a long-running hpcbridge may be writing to it",
+                ) from None
+            raise LedgerError(f"the ledger {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(
+                f"the ledger {self.path} cannot be used: {exc}",
+                hint="if it is not a ledger or is damaged, move it aside to start a new one",
+            ) from exc
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[sqlite3.Connection]:
+        """The connection, holding the lock file in nfs mode; nests within one thread."""
+        with self._mutex:
+            if self._closed:
+                raise LedgerError(f"the ledger {self.path} is closed")
+            if self._depth == 0 and self.mode == "nfs":
+                self._acquire_lock()
+                try:
+                    self._conn = self._connect()
+                except BaseException:
+                    self._release_lock()
+                    raise
+            assert self._conn is not None
+            self._depth += 1
+            try:
+                yield self._conn
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self.mode == "nfs":
+                    conn, self._conn = self._conn, None
+                    try:
+                        conn.close()  # flushes to the server before others may look
+                    finally:
+                        self._release_lock()
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction; a writer takes SQLite's write lock at once (``IMMEDIATE``) so it
+        never has to give up half-way because another writer got in first."""
+        with self._errors(), self._session() as conn:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+    def _acquire_lock(self) -> None:
+        lock = self.lock_path
+        content = f"{_HOST}:{os.getpid()}:{secrets.token_hex(8)}\n"
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.005
+        while True:
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise LedgerError(
+                    f"cannot create the ledger lock file {lock}: {exc.strerror}"
+                ) from None
+            else:
+                try:
+                    os.write(fd, content.encode())
+                except OSError as exc:
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        lock.unlink()
+                    raise LedgerError(
+                        f"cannot write the ledger lock file {lock}: {exc.strerror}"
+                    ) from None
+                os.close(fd)
+                self._lock_content = content
+                return
+            try:
+                seen = lock.read_text()
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released between our two looks
+            except OSError as exc:
+                raise LedgerError(f"cannot read the ledger lock file {lock}: {exc}") from None
+            if self._is_stale(seen, age):
+                self._break_lock(seen)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                holder = seen.strip().rsplit(":", 1)[0] or "a process that is starting"
+                raise LedgerError(
+                    f"the ledger is locked: {lock} is held by {holder} (for {age:.0f} s); "
+                    f"gave up after {self.lock_timeout:g} s",
+                    hint=f"if no hpcbridge is using the ledger on that host, delete {lock}",
+                )
+            # Jitter keeps a crowd of waiters from retrying in step.
+            time.sleep(min(remaining, delay * (0.5 + random.random())))
+            delay = min(delay * 2, 0.1)
+
+    def _is_stale(self, seen: str, age: float) -> bool:
+        if age > self.stale_after:  # writes take milliseconds; nobody holds it this long
+            return True
+        host, _, rest = seen.strip().partition(":")
+        pid = rest.partition(":")[0]
+        return host == _HOST and pid.isdigit() and not _pid_alive(int(pid))
+
+    def _break_lock(self, seen: str) -> None:
+        # Renaming is atomic, so of several processes breaking one stale lock only one wins;
+        # the loser may instead have moved a fresh lock taken meanwhile, which it puts back.
+        lock = self.lock_path
+        grave = lock.with_name(f"{lock.name}.{_HOST}.{os.getpid()}.stale")
+        try:
+            os.rename(lock, grave)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise LedgerError(f"cannot remove the stale ledger lock {lock}: {exc}") from None
+        try:
+            moved = grave.read_text()
+        except OSError:
+            moved = None
+        if moved != seen:
+            with contextlib.suppress(OSError):
+                os.link(grave, lock)
+        else:
+            log.warning("took over the stale ledger lock %s (%s)", lock, seen.strip())
+        with contextlib.suppress(OSError):
+            grave.unlink()
+
+    def _release_lock(self) -> None:
+        content, self._lock_content = self._lock_content, None
+        try:
+            if self.lock_path.read_text() == content:
+                self.lock_path.unlink()
+                return
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove the ledger lock %s: %s", self.lock_path, exc)
+            return
+        log.warning("the ledger lock %s was taken over while this process held it", self.lock_path)
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def _run(self, conn: sqlite3.Connection, run_id: int) -> Run:
+        row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no run {run_id}", hint="`hpcbridge status` lists the runs")
+        return _run_from(row)
+
+    def create_run(
+        self,
+        *,
+        recipe: str,
+        params: Mapping[str, Any],
+        target: str,
+        profile: str,
+        options: Mapping[str, Any],
+    ) -> Run:
+        values = (
+            recipe,
+            _dumps(dict(params), "the recipe parameters"),
+            target,
+            profile,
+            _dumps(dict(options), "the run options"),
+            _now(),
+            RunState.ACTIVE.value,
+        )
+        with self._tx(write=True) as conn:
+            cur = conn.execute(
+                "INSERT INTO runs (recipe, params, target, profile, options, created, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+            assert cur.lastrowid is not None
+            return self._run(conn, cur.lastrowid)
+
+    def run(self, run_id: int) -> Run:
+        with self._tx(write=False) as conn:
+            return self._run(conn, run_id)
+
+    def latest_run(self, profile: str | None = None) -> Run | None:
+        where, args = ("WHERE profile = ?", (profile,)) if profile is not None else ("", ())
+        with self._tx(write=False) as conn:
+            row = conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs {where} ORDER BY id DESC LIMIT 1", args
+            ).fetchone()
+        return _run_from(row) if row else None
+
+    def runs(self, profile: str | None = None) -> list[Run]:
+        where, args = ("WHERE profile = ?", (profile,)) if profile is not None else ("", ())
+        with self._tx(write=False) as conn:
+            rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs {where} ORDER BY id", args)
+            return [_run_from(row) for row in rows]
+
+    def set_run_state(self, run_id: int, state: RunState | str) -> Run:
+        try:
+            value = RunState(state)
+        except ValueError:
+            known = ", ".join(s.value for s in RunState)
+            raise LedgerError(f"unknown run state {state!r}", hint=f"one of {known}") from None
+        with self._tx(write=True) as conn:
+            conn.execute("UPDATE runs SET state = ? WHERE id = ?", (value.value, run_id))
+            return self._run(conn, run_id)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def _job(self, conn: sqlite3.Connection, job_id: int) -> JobRow:
+        row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no job {job_id} in the ledger {self.path}")
+        return _job_from(row)
+
+    def add_job(
+        self,
+        run_id: int,
+        *,
+        address: str,
+        project: str | None,
+        subject: str | None,
+        experiment: str | None,
+        experiment_id: str | None = None,
+        scan: str | None,
+        scan_type: str | None = None,
+        name: str,
+        work_dir: str | os.PathLike[str] | None = None,
+    ) -> JobRow:
+        """Plan one scan's job; planning the same scan again returns the existing row as is,
+        so a re-run of an interrupted ``run`` picks up where it was."""
+        now = _now()
+        with self._tx(write=True) as conn:
+            row = conn.execute(
+                "SELECT id FROM jobs WHERE run_id = ? AND address = ?", (run_id, address)
+            ).fetchone()
+            if row is not None:
+                return self._job(conn, row["id"])
+            self._run(conn, run_id)
+            taken = conn.execute(
+                "SELECT id, run_id, address FROM jobs WHERE name = ?", (name,)
+            ).fetchone()
+            if taken is not None:
+                raise LedgerError(
+                    f"job name {name!r} is already used by job {taken['id']} "
+                    f"({taken['address']} in run {taken['run_id']})",
+                    hint="job names must be unique in the ledger: they find submitted jobs",
+                )
+            cur = conn.execute(
+                "INSERT INTO jobs (run_id, address, project, subject, experiment, experiment_id,"
+                " scan, scan_type, name, work_dir, state, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    address,
+                    project,
+                    subject,
+                    experiment,
+                    experiment_id,
+                    scan,
+                    scan_type,
+                    name,
+                    os.fspath(work_dir) if work_dir is not None else None,
+                    JobState.PLANNED.value,
+                    now,
+                ),
+            )
+            assert cur.lastrowid is not None
+            conn.execute(
+                "INSERT INTO events (job_id, at, from_state, to_state, detail)"
+                " VALUES (?, ?, NULL, ?, 'planned')",
+                (cur.lastrowid, now, JobState.PLANNED.value),
+            )
+            return self._job(conn, cur.lastrowid)
+
+    def job(self, job_id: int) -> JobRow:
+        with self._tx(write=False) as conn:
+            return self._job(conn, job_id)
+
+    def job_by_name(self, name: str) -> JobRow | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE name = ?", (name,)
+            ).fetchone()
+        return _job_from(row) if row else None
+
+    def jobs(self, run_id: int, states: Iterable[JobState | str] | None = None) -> list[JobRow]:
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE run_id = ?"
+        args: list[Any] = [run_id]
+        if isinstance(states, str):  # one state (JobState is a str too), not its letters
+            states = [states]
+        if states is not None:
+            wanted = sorted({_job_state(s).value for s in states})
+            if not wanted:
+                return []
+            sql += f" AND state IN ({', '.join('?' * len(wanted))})"
+            args += wanted
+        with self._tx(write=False) as conn:
+            return [_job_from(row) for row in conn.execute(sql + " ORDER BY id", args)]
+
+    def _set(
+        self,
+        conn: sqlite3.Connection,
+        job_id: int,
+        values: Mapping[str, Any],
+        now: str,
+        *,
+        retry: bool = False,
+    ) -> None:
+        # Column names come from JOB_FIELDS and our own constants, never from callers' text.
+        assignments = [f"{name} = ?" for name in values] + ["updated_at = ?"]
+        if retry:
+            assignments.append("attempts = attempts + 1")
+        conn.execute(
+            f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?",
+            [*values.values(), now, job_id],
+        )
+
+    def transition(
+        self, job_id: int, to: JobState | str, *, detail: str = "", **fields: Any
+    ) -> JobRow:
+        """Move a job to state ``to``, storing ``fields`` with it and recording the event, all
+        in one transaction. Moving to the state it is in records nothing new but the fields."""
+        target = _job_state(to)
+        values = _encode_fields(fields)
+        now = _now()
+        with self._tx(write=True) as conn:
+            job = self._job(conn, job_id)
+            if job.state is target:
+                if values:
+                    self._set(conn, job_id, values, now)
+                    return self._job(conn, job_id)
+                return job
+            if target not in TRANSITIONS[job.state]:
+                allowed = ", ".join(sorted(s.value for s in TRANSITIONS[job.state])) or "none"
+                raise LedgerError(
+                    f"job {job_id} ({job.name}) cannot go from {job.state} to {target}",
+                    hint=f"from {job.state}: {allowed}",
+                )
+            changes: dict[str, Any] = {"state": target.value}
+            retry = target is JobState.PLANNED
+            if retry:
+                changes.update(dict.fromkeys(_RETRY_CLEARS))
+            if target in _STAMPS:
+                changes[_STAMPS[target]] = now
+            changes.update(values)
+            self._set(conn, job_id, changes, now, retry=retry)
+            conn.execute(
+                "INSERT INTO events (job_id, at, from_state, to_state, detail)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (job_id, now, job.state.value, target.value, detail),
+            )
+            return self._job(conn, job_id)
+
+    def update(self, job_id: int, **fields: Any) -> JobRow:
+        """Store ``fields`` without a change of state (and so without an event)."""
+        values = _encode_fields(fields)
+        with self._tx(write=True) as conn:
+            self._job(conn, job_id)
+            if values:
+                self._set(conn, job_id, values, _now())
+            return self._job(conn, job_id)
+
+    def events(self, job_id: int) -> list[Event]:
+        with self._tx(write=False) as conn:
+            self._job(conn, job_id)
+            rows = conn.execute(
+                "SELECT id, job_id, at, from_state, to_state, detail FROM events"
+                " WHERE job_id = ? ORDER BY id",
+                (job_id,),
+            )
+            return [_event_from(row) for row in rows]
+
+    def counts(self, run_id: int) -> dict[str, int]:
+        """Jobs per state, every state present, in the order of :class:`JobState`."""
+        result = {state.value: 0 for state in JobState}
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                "SELECT state, COUNT(*) AS n FROM jobs WHERE run_id = ? GROUP BY state", (run_id,)
+            )
+            for row in rows:
+                result[row["state"]] = row["n"]
+        return result
+
+    def find_done(self, recipe: str, params: Mapping[str, Any], address: str) -> JobRow | None:
+        """The latest uploaded job of any run that applied ``recipe`` with these ``params`` to
+        the scan at ``address``: the scan needs no converting again."""
+        wanted = json.loads(_dumps(dict(params), "the recipe parameters"))
+        columns = ", ".join(f"j.{name}" for name in _JOB_COLUMN_NAMES)
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT {columns}, r.params AS run_params FROM jobs j"
+                " JOIN runs r ON r.id = j.run_id"
+                " WHERE j.address = ? AND j.state = ? AND r.recipe = ? ORDER BY j.id DESC",
+                (address, JobState.UPLOADED.value, recipe),
+            ).fetchall()
+        for row in rows:
+            # Compared as values, not text, so 1 and 1.0 or a ledger written by hand still match.
+            if json.loads(row["run_params"]) == wanted:
+                return _job_from(row)
+        return None
