@@ -46,11 +46,6 @@ _ARRAY = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
 _THROTTLE = re.compile(r"^[1-9]\d*$")
 _MAX_ARRAY = 10_000
 _KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL, as PBS and Slurm do by default
-# How bash runs a job script. A bash killed by a signal runs its EXIT trap with $? still 0, so a
-# rendered script stopped for its walltime would record exit code 0 in status.json and look
-# finished. Turning the signals into `exit 128+N` makes the trap see the true exit code. The
-# script is sourced with $0 set to its path, as `bash SCRIPT` would set it.
-_BASH_WRAPPER = 'trap "exit 143" TERM; trap "exit 130" INT; trap "exit 129" HUP; . "$0"'
 
 
 def _now() -> str:
@@ -419,7 +414,7 @@ class _Runner:
         Path(cwd).mkdir(parents=True, exist_ok=True)
         with open(stdout, "ab") as out, open(stderr, "ab") as err:
             proc = subprocess.Popen(
-                ["bash", "-c", _BASH_WRAPPER, self.spec["script"]],
+                ["bash", self.spec["script"]],
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,

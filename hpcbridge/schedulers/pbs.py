@@ -139,7 +139,8 @@ def submit_argv(
     if queue is not None:
         argv += ["-q", _check_value("queue", queue)]
     if project is not None:
-        argv += ["-P", _check_value("project", project)]
+        # Torque's -P means "run as this user"; its accounting string is -A.
+        argv += ["-A" if flavour == "torque" else "-P", _check_value("project", project)]
     if after:
         argv += ["-W", "depend=afterok:" + ":".join(_check_ids(after))]
     if array is not None:

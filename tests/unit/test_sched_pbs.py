@@ -61,6 +61,12 @@ def test_detect_flavour_unrecognised_output() -> None:
             {"flavour": "wrapper", "after": ["65"], "project": "NEURO"},
             ["qsub", "-P", "NEURO", "-W", "depend=afterok:65", "/w/job.pbs"],
         ),
+        # Torque's -P is "run as this user": its project/accounting string is -A
+        ({"flavour": "torque", "project": "NEURO"}, ["qsub", "-A", "NEURO", "/w/job.pbs"]),
+        (
+            {"flavour": "wrapper", "stdout": "/w/.hpcbridge/job.out", "stderr": "/w/e"},
+            ["qsub", "-o", "/w/.hpcbridge/job.out", "-e", "/w/e", "/w/job.pbs"],
+        ),
     ],
 )
 def test_submit_argv(kwargs: dict[str, object], expected: list[str]) -> None:

@@ -16,6 +16,11 @@ hpcbridge_finish() {
         "${PBS_JOBID:-${SLURM_JOB_ID:-${HPCBRIDGE_JOB_ID:-}}}" > "$HPCBRIDGE_STATE/status$HPCBRIDGE_TAG.json.part"
     mv "$HPCBRIDGE_STATE/status$HPCBRIDGE_TAG.json.part" "$HPCBRIDGE_STATE/status$HPCBRIDGE_TAG.json"
 }
+# A bash ended by a signal runs its EXIT trap with $? still 0: walltime kills (SIGTERM) and
+# cancellations would look like successes. Exit with 128 + the signal number instead.
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 129' HUP
 trap hpcbridge_finish EXIT
 printf '{"start": "%s", "host": "%s"}\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(hostname)" \
     > "$HPCBRIDGE_STATE/started$HPCBRIDGE_TAG.json"
