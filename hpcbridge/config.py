@@ -59,6 +59,10 @@ DEFAULTS: dict[str, Any] = {
     # set ledger_mode = "nfs": no WAL (it needs shared memory NFS cannot give) and a lock file.
     "ledger": None,
     "ledger_mode": "wal",
+    # Where runs keep each scan's input, output and job files, on the machine that runs the jobs
+    # (an absolute path on the cluster when `host` is set); default $HPCBRIDGE_HOME/work.
+    "work_root": None,
+    "max_queued": 50,
 }
 
 SCHEDULERS = ("local", "pbs", "torque", "slurm")
@@ -113,6 +117,8 @@ class Settings:
     known_hosts: str | None = None
     ledger: str | None = None
     ledger_mode: str = "wal"
+    work_root: str | None = None
+    max_queued: int = 50
     verbose: int = 0
     quiet: bool = False
     json: bool = False
@@ -163,6 +169,7 @@ _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "poll_interval": (_positive(float), "a positive number of seconds"),
     "local_max_jobs": (_positive(int), "a positive whole number"),
     "ledger_mode": (_choice("wal", "nfs"), "wal or nfs"),
+    "max_queued": (_positive(int), "a positive whole number"),
 }
 
 

@@ -289,19 +289,28 @@ def _untracked(scheduler: Scheduler, ids: list[str]) -> None:
 
 
 @main.command("cancel")
-@click.argument("ids", nargs=-1, required=True, metavar="JOBID...")
+@click.argument("ids", nargs=-1, metavar="JOBID...")
+@click.option("--run", "run_id", type=int, metavar="RUN_ID", help="Cancel every job of a run.")
 @host_key_option
 @click.pass_context
-def cancel_command(ctx: click.Context, ids: tuple[str, ...], accept_new_host_key: bool) -> None:
-    """Cancel jobs (qdel, scancel, or the local scheduler's equivalent).
+def cancel_command(
+    ctx: click.Context, ids: tuple[str, ...], run_id: int | None, accept_new_host_key: bool
+) -> None:
+    """Cancel jobs (qdel, scancel, or the local scheduler's equivalent), or a whole run.
 
     \b
-    Example:
+    Examples:
       hpcbridge cancel 4242 4243
+      hpcbridge cancel --run 12
     """
     from ..jobs import cancel_jobs
 
     settings = settings_of(ctx)
+    if bool(ids) == (run_id is not None):
+        raise click.UsageError("give job ids or --run RUN_ID (one of the two)")
+    if run_id is not None:
+        _cancel_run(ctx, run_id, accept_new_host_key)
+        return
     with _connected(ctx, accept_new_host_key) as (store, scheduler):
         jobs = cancel_jobs(store, scheduler, ids)
     if settings.json:
@@ -309,3 +318,25 @@ def cancel_command(ctx: click.Context, ids: tuple[str, ...], accept_new_host_key
         return
     for job in jobs:
         click.echo(f"{job.id}: {job.state}")
+
+
+def _cancel_run(ctx: click.Context, run_id: int, accept_new_host_key: bool) -> None:
+    from ..ledger import Ledger
+    from ..runner import cancel_run
+    from .runs import adopt_run_profile
+
+    adopt_run_profile(ctx, run_id)
+    settings = settings_of(ctx)
+    with (
+        Ledger.for_settings(settings) as ledger,
+        _connected(ctx, accept_new_host_key) as (
+            store,
+            scheduler,
+        ),
+    ):
+        run = ledger.run(run_id)
+        rows = cancel_run(ledger, scheduler, run, store)
+    if settings.json:
+        emit_json({"run": run_id, "cancelled": [r.address for r in rows]})
+        return
+    click.echo(f"run {run_id}: cancelled {len(rows)} job(s)")

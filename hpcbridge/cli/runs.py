@@ -1,0 +1,433 @@
+"""``run``, ``status``, ``sync``, ``retry``: one recipe over many scans, recorded in the ledger."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigError, PartialFailure
+from .app import emit_json, emit_table, main, settings_of
+from .jobs import host_key_option
+from .recipes import _set_values, recipes_option
+
+
+def adopt_run_profile(ctx: click.Context, run_id: int | None) -> int:
+    """The run to work on; without --profile, its own profile's settings are used from here on.
+
+    A run started with `--profile artemis` must be synced against the same XNAT and cluster,
+    also from a cron line that does not repeat the profile.
+    """
+    import os
+
+    from ..config import load_settings
+    from ..ledger import Ledger
+
+    settings = settings_of(ctx)
+    with Ledger.for_settings(settings) as ledger:
+        run = _run_of(ledger, settings, run_id)
+    root = ctx.find_root()
+    explicit = root.params.get("profile") or os.environ.get("HPCBRIDGE_PROFILE")
+    if not explicit and run.profile != settings.profile:
+        p = root.params
+        root.meta["settings"] = load_settings(
+            profile=run.profile,
+            config_path=p.get("config"),
+            verbose=p.get("verbose") or 0,
+            quiet=bool(p.get("quiet")),
+            json=bool(p.get("json_output")),
+        )
+    return int(run.id)
+
+
+@contextlib.contextmanager
+def _opened(ctx: click.Context, accept_new_host_key: bool = False) -> Iterator[dict[str, Any]]:
+    """The ledger, the XNAT client, the transport and the scheduler, each opened once."""
+    from ..jobs import JobStore, open_scheduler, open_transport
+    from ..ledger import Ledger
+    from ..xnat import connect
+
+    settings = settings_of(ctx)
+    with contextlib.ExitStack() as stack:
+        ledger = stack.enter_context(Ledger.for_settings(settings))
+        client = stack.enter_context(connect(settings))
+        transport = open_transport(settings, accept_new_host_key=accept_new_host_key)
+        stack.callback(transport.close)
+        yield {
+            "settings": settings,
+            "ledger": ledger,
+            "client": client,
+            "scheduler": open_scheduler(settings, transport),
+            "store": JobStore(settings.home, settings.profile),
+        }
+
+
+def _run_of(ledger: Any, settings: Any, run_id: int | None) -> Any:
+    if run_id is not None:
+        return ledger.run(run_id)
+    # This profile's latest run, else the latest of any profile (sync uses the run's profile
+    # settings only through the options given, so name the profile when it matters).
+    run = ledger.latest_run(settings.profile) or ledger.latest_run()
+    if run is None:
+        raise ConfigError(
+            f"no runs yet for profile {settings.profile!r}",
+            hint="start one with `hpcbridge run RECIPE ADDRESS`",
+        )
+    return run
+
+
+def _say(quiet: bool) -> Any:
+    def say(text: str) -> None:
+        if not quiet:
+            click.echo(f"  {text}", err=True)
+
+    return say
+
+
+class _Progress:
+    """Counts per state, rate and ETA on one stderr line per pass (or in place on a terminal)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.start = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, report: Any) -> None:
+        if self.quiet:
+            return
+        counts = report.counts
+        total = sum(counts.values())
+        ended = sum(counts.get(s, 0) for s in ("uploaded", "failed", "cancelled"))
+        elapsed = time.monotonic() - self.start
+        parts = [f"{k} {v}" for k, v in counts.items() if v]
+        line = f"run {report.run.id}: {ended}/{total} ended ({', '.join(parts)})"
+        if 0 < ended < total and elapsed > 0:
+            rate = ended / elapsed
+            line += f", {rate * 60:.1f}/min, ETA {int((total - ended) / rate)} s"
+        for error in report.errors:
+            click.echo(f"hpcbridge: warning: {error}", err=True)
+        click.echo(("\r" + line + "\033[K") if self.tty else line, err=True, nl=not self.tty)
+
+    def close(self) -> None:
+        if self.tty and not self.quiet:
+            click.echo("", err=True)
+
+
+def _finish(report: Any) -> None:
+    failed = report.counts.get("failed", 0) + report.counts.get("cancelled", 0)
+    if report.done and failed:
+        raise PartialFailure(
+            f"run {report.run.id} ended with {failed} of {sum(report.counts.values())} "
+            "scan(s) failed or cancelled",
+            hint=f"`hpcbridge status {report.run.id}` shows why; "
+            f"`hpcbridge retry {report.run.id}` tries them again",
+        )
+
+
+@main.command("run")
+@click.argument("recipe")
+@click.argument("address")
+@click.option("--scan", "scan_ids", multiple=True, metavar="ID", help="Only this scan ID.")
+@click.option(
+    "--scan-type", "scan_types", multiple=True, metavar="GLOB", help="Only scans of this type."
+)
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Recipe parameter.")
+@click.option(
+    "--max-queued",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="At most N jobs in the scheduler at once [default: the profile's max_queued, 50].",
+)
+@click.option("--force", is_flag=True, help="Also redo scans already converted the same way.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and one job script; change nothing.")
+@click.option("--wait", is_flag=True, help="Keep syncing until the run ends, with progress.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="With --wait: seconds between passes [default: the profile's poll_interval].",
+)
+@recipes_option
+@host_key_option
+@click.pass_context
+def run_command(
+    ctx: click.Context,
+    recipe: str,
+    address: str,
+    scan_ids: tuple[str, ...],
+    scan_types: tuple[str, ...],
+    sets: tuple[str, ...],
+    max_queued: int | None,
+    force: bool,
+    dry_run: bool,
+    wait: bool,
+    interval: float | None,
+    recipe_dirs: tuple[Path, ...],
+    accept_new_host_key: bool,
+) -> None:
+    """Run a recipe over every matching scan: stage in, submit, and (with sync) stage out.
+
+    Scans already converted by the same recipe with the same parameters are skipped. The run
+    is recorded in the ledger; print its id, then follow it with `hpcbridge status` and move
+    it on with `hpcbridge sync` (from cron, or with --wait here).
+
+    \b
+    Examples:
+      hpcbridge run dcm2niix PTV000 --scan-type 'T1*' --dry-run
+      hpcbridge run dcm2niix PTV000 --scan-type 'T1*' --max-queued 20
+      hpcbridge --profile sandbox run dcm2niix PTV000/Haofei01/Haofei01_MR1 --wait
+    """
+    from ..runner import RunRequest, start_run, sync, wait_run
+
+    request = RunRequest(
+        recipe=recipe,
+        address=address,
+        scan_ids=scan_ids,
+        scan_types=scan_types,
+        sets=_set_values(sets),
+        max_queued=max_queued,
+        force=force,
+        recipe_dirs=recipe_dirs,
+    )
+    if dry_run:
+        _dry_run(ctx, request)
+        return
+    with _opened(ctx, accept_new_host_key) as o:
+        settings = o["settings"]
+        plan = start_run(settings, o["client"], o["ledger"], request)
+        for ref, why in plan.skipped:
+            if not settings.quiet:
+                click.echo(f"  {ref.address}: skipped, {why}", err=True)
+        if plan.run is None:
+            click.echo("nothing to do: every matching scan is converted already", err=True)
+            return
+        if not settings.quiet:
+            click.echo(f"run {plan.run.id}: {len(plan.scans)} scan(s) planned", err=True)
+        say = _say(settings.quiet)
+        args = (settings, o["client"], o["ledger"], o["scheduler"], plan.run)
+        if wait:
+            progress = _Progress(settings.quiet)
+            report = wait_run(
+                *args,
+                interval=interval or settings.poll_interval,
+                on_pass=progress,
+                on_event=say,
+            )
+            progress.close()
+        else:
+            report = sync(*args, on_event=say)
+    if settings.json:
+        emit_json({"run": plan.run.id, "counts": report.counts, "state": report.run.state.value})
+    else:
+        click.echo(plan.run.id)
+    _finish(report)
+
+
+def _dry_run(ctx: click.Context, request: Any) -> None:
+    """Plan against XNAT (read-only) and print; no ledger, no files, no jobs."""
+    from ..ledger import Ledger, ledger_path
+    from ..runner import dry_run_script, start_run
+    from ..xnat import connect
+
+    settings = settings_of(ctx)
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(connect(settings))
+        # Read the ledger to skip converted scans, but never create it: a dry run changes nothing.
+        ledger = None
+        if ledger_path(settings).exists():
+            ledger = stack.enter_context(Ledger.for_settings(settings))
+        plan = start_run(settings, client, ledger, request, dry_run=True)
+    kind = settings.scheduler
+    rows = [{"scan": r.address, "type": r.type, "action": "convert"} for r in plan.scans]
+    rows += [{"scan": r.address, "type": r.type, "action": why} for r, why in plan.skipped]
+    if settings.json:
+        emit_json({"recipe": plan.recipe.name, "parameters": plan.values, "scans": rows})
+        return
+    emit_table(rows, [("scan", "SCAN"), ("type", "TYPE"), ("action", "ACTION")])
+    click.echo(
+        f"\n{len(plan.scans)} scan(s) would be converted with {plan.recipe.name} on the {kind} "
+        "scheduler; nothing was changed.",
+        err=True,
+    )
+    if plan.scans:
+        click.echo(f"\n# job script for {plan.scans[0].address}:", err=True)
+        click.echo(dry_run_script(settings, plan, "torque" if kind == "torque" else kind))
+
+
+_STATUS_COLUMNS = [
+    ("scan", "SCAN"),
+    ("state", "STATE"),
+    ("job", "JOB"),
+    ("submitted", "SUBMITTED"),
+    ("ended", "ENDED"),
+    ("exit", "EXIT"),
+    ("output", "OUTPUT"),
+]
+
+
+@main.command("status")
+@click.argument("run_id", required=False, type=int)
+@click.pass_context
+def status_command(ctx: click.Context, run_id: int | None) -> None:
+    """One line per scan of a run (default: the latest), and a summary of counts.
+
+    This reads the ledger only; `hpcbridge sync` asks the scheduler and moves the run on.
+
+    \b
+    Examples:
+      hpcbridge status
+      hpcbridge --json status 12
+    """
+    from ..ledger import Ledger
+
+    settings = settings_of(ctx)
+    with Ledger.for_settings(settings) as ledger:
+        run = _run_of(ledger, settings, run_id)
+        jobs = ledger.jobs(run.id)
+        counts = ledger.counts(run.id)
+    if settings.json:
+        emit_json(
+            {
+                "run": {
+                    "id": run.id,
+                    "recipe": run.recipe,
+                    "parameters": run.params,
+                    "target": run.target,
+                    "state": run.state.value,
+                    "created": run.created,
+                },
+                "counts": counts,
+                "jobs": [_job_json(j) for j in jobs],
+            }
+        )
+        return
+    click.echo(f"run {run.id}: {run.recipe} over {run.target} ({run.state.value}, {run.created})")
+    rows = [
+        {
+            "scan": j.address,
+            "state": j.state.value,
+            "job": j.native_id or "",
+            "submitted": j.submitted_at or "",
+            "ended": j.ended_at or "",
+            "exit": "" if j.exit_code is None else j.exit_code,
+            "output": ", ".join(sorted({u["resource"] for u in j.uploaded})),
+        }
+        for j in jobs
+    ]
+    emit_table(rows, _STATUS_COLUMNS)
+    click.echo(", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no jobs")
+    for job in jobs:
+        if job.state.value in ("failed", "cancelled") and (job.last_error or job.log_tail):
+            click.echo(f"\n--- {job.address}: {job.last_error}", err=True)
+            if job.log_tail:
+                click.echo(job.log_tail, err=True)
+
+
+def _job_json(job: Any) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "scan": job.address,
+        "scan_type": job.scan_type,
+        "state": job.state.value,
+        "raw_state": job.raw_state,
+        "job_id": job.native_id,
+        "work_dir": job.work_dir,
+        "exit_code": job.exit_code,
+        "submitted": job.submitted_at,
+        "started": job.started_at,
+        "ended": job.ended_at,
+        "attempts": job.attempts,
+        "error": job.last_error,
+        "log_tail": job.log_tail,
+        "uploaded": job.uploaded,
+    }
+
+
+@main.command("sync")
+@click.argument("run_id", required=False, type=int)
+@click.option("--watch", is_flag=True, help="Keep syncing until the run ends.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="With --watch: seconds between passes [default: the profile's poll_interval].",
+)
+@host_key_option
+@click.pass_context
+def sync_command(
+    ctx: click.Context,
+    run_id: int | None,
+    watch: bool,
+    interval: float | None,
+    accept_new_host_key: bool,
+) -> None:
+    """Move a run on: poll its jobs in one call, stage out finished ones, submit more.
+
+    One pass by default (for cron); --watch repeats until the run ends. Safe to run at any
+    time, also after a crash: nothing done is done twice.
+
+    \b
+    Examples:
+      hpcbridge sync
+      */10 * * * * hpcbridge --quiet --profile artemis sync 12     (crontab)
+      hpcbridge sync 12 --watch
+    """
+    from ..runner import sync, wait_run
+
+    run_id = adopt_run_profile(ctx, run_id)
+    with _opened(ctx, accept_new_host_key) as o:
+        settings = o["settings"]
+        run = o["ledger"].run(run_id)
+        args = (settings, o["client"], o["ledger"], o["scheduler"], run)
+        say = _say(settings.quiet)
+        progress = _Progress(settings.quiet)
+        if watch:
+            report = wait_run(
+                *args, interval=interval or settings.poll_interval, on_pass=progress, on_event=say
+            )
+        else:
+            report = sync(*args, on_event=say)
+            progress(report)
+        progress.close()
+    if settings.json:
+        emit_json({"run": run.id, "counts": report.counts, "state": report.run.state.value})
+    _finish(report)
+
+
+@main.command("retry")
+@click.argument("run_id", type=int)
+@click.option("--failed", "only_failed", is_flag=True, help="Only failed jobs (the default).")
+@click.option("--cancelled", is_flag=True, help="Also cancelled jobs.")
+@host_key_option
+@click.pass_context
+def retry_command(
+    ctx: click.Context, run_id: int, only_failed: bool, cancelled: bool, accept_new_host_key: bool
+) -> None:
+    """Plan a run's failed jobs again and submit them (one sync pass).
+
+    \b
+    Example:
+      hpcbridge retry 12 --failed
+    """
+    from ..runner import retry_run, sync
+
+    adopt_run_profile(ctx, run_id)
+    with _opened(ctx, accept_new_host_key) as o:
+        settings = o["settings"]
+        run = o["ledger"].run(run_id)
+        again = retry_run(o["ledger"], run, include_cancelled=cancelled and not only_failed)
+        if not again:
+            click.echo(f"run {run_id} has no failed jobs to retry", err=True)
+            return
+        click.echo(f"run {run_id}: retrying {len(again)} job(s)", err=True)
+        report = sync(
+            settings, o["client"], o["ledger"], o["scheduler"], o["ledger"].run(run_id),
+            on_event=_say(settings.quiet),
+        )  # fmt: skip
+    if settings.json:
+        emit_json({"run": run_id, "counts": report.counts, "retried": [j.address for j in again]})

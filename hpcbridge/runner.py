@@ -1,0 +1,658 @@
+"""Runs: one recipe over every matching scan, recorded in the ledger, resumable at any point.
+
+``start_run`` plans the scans and records them (state ``planned``); ``sync`` does one pass over a
+run: it polls every submitted job with one scheduler call, stages out and records jobs that
+finished, records failures with the end of their logs, and stages in, renders and submits planned
+jobs until ``max_queued`` are in the scheduler. Every step is a ledger transition, so a run killed
+at any moment resumes with the next ``sync`` without repeating what is done.
+
+On the files: the run's folders live under ``work_root`` on the machine that runs the jobs
+(``<work_root>/run-<id>/<experiment>/scans/<scan>-<type>/``, holding ``resources/<input>/files``,
+``out/`` and the job's ``.hpcbridge/``). When jobs run on this machine, stage-in writes there
+directly; over SSH, the data is staged into ``$HPCBRIDGE_HOME/staging`` and copied by SFTP, and
+outputs are copied back before they are uploaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import __version__
+from .config import Settings
+from .errors import HpcBridgeError, RecipeError, StageError
+from .jobs import Job, JobStore, cancel_jobs, refresh, submit_script
+from .ledger import JobRow, JobState, Ledger, Run, RunState
+from .recipes import Recipe, find, render_script
+from .schedulers.base import Scheduler, State
+from .stagein import Selection, safe_name, scan_folder, stage_in
+from .stageout import SAFE_PATH, collect, resolve_target, stage_out
+from .transport import LocalTransport, Transport
+from .xnat.address import Address
+from .xnat.browse import project_scans, scans_of
+from .xnat.client import XnatClient
+from .xnat.model import Scan, ScanRef
+
+__all__ = ["RunRequest", "SyncReport", "cancel_run", "plan_scans", "retry_run", "start_run", "sync"]
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "hpcbridge-provenance.json"
+#: Sync passes a finished job's stage-out may fail before the job is marked failed.
+STAGE_OUT_TRIES = 3
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the user asked for: a recipe, where, which scans, which parameter values."""
+
+    recipe: str
+    address: str
+    scan_ids: tuple[str, ...] = ()
+    scan_types: tuple[str, ...] = ()
+    sets: dict[str, str] = field(default_factory=dict)
+    max_queued: int | None = None
+    force: bool = False
+    recipe_dirs: tuple[Path, ...] = ()
+
+
+@dataclass
+class Plan:
+    run: Run | None
+    recipe: Recipe
+    values: dict[str, Any]
+    scans: list[ScanRef]
+    skipped: list[tuple[ScanRef, str]]
+
+
+@dataclass
+class SyncReport:
+    """What one pass did, for progress lines and the exit code."""
+
+    run: Run
+    submitted: list[JobRow] = field(default_factory=list)
+    uploaded: list[JobRow] = field(default_factory=list)
+    failed: list[JobRow] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.run.state is not RunState.ACTIVE
+
+
+# --- planning --------------------------------------------------------------------------------
+
+
+def plan_scans(
+    client: XnatClient, address: Address, *, ids: Sequence[str] = (), types: Sequence[str] = ()
+) -> list[ScanRef]:
+    """Every scan below ``address`` that matches the IDs or type globs (all when neither)."""
+    project = address.project or ""
+    if address.depth >= 3:
+        experiment_id, label, scans = scans_of(
+            client, Address(address.project, address.subject, address.experiment)
+        )
+        refs = [
+            ScanRef(
+                project,
+                address.subject or "",
+                experiment_id,
+                label,
+                s.id,
+                s.type,
+                s.series_description,
+                s.quality,
+            )  # fmt: skip
+            for s in scans
+        ]
+        if address.scan:
+            refs = [r for r in refs if r.scan_id == address.scan]
+    else:
+        refs = project_scans(client, project)
+        if address.subject:
+            refs = [r for r in refs if r.subject_label == address.subject]
+    wanted_ids, globs = tuple(ids), tuple(types)
+    if wanted_ids or globs:
+        refs = [
+            r
+            for r in refs
+            if r.scan_id in wanted_ids or any(fnmatch.fnmatchcase(r.type, g) for g in globs)
+        ]
+    return sorted(refs, key=lambda r: (r.subject_label, r.experiment_label, _scan_order(r)))
+
+
+def _scan_order(ref: ScanRef) -> tuple[int, str]:
+    return (int(ref.scan_id), "") if ref.scan_id.isdigit() else (1 << 30, ref.scan_id)
+
+
+def _recipe(settings: Settings, name: str, dirs: Sequence[Path]) -> Recipe:
+    return find(name, list(dirs), settings.home)
+
+
+def start_run(
+    settings: Settings,
+    client: XnatClient,
+    ledger: Ledger | None,
+    request: RunRequest,
+    *,
+    dry_run: bool = False,
+) -> Plan:
+    """Plan the scans and (unless ``dry_run``) record the run and one planned job per scan."""
+    recipe = _recipe(settings, request.recipe, request.recipe_dirs)
+    values = recipe.values(dict(request.sets))
+    address = Address.parse(request.address)
+    types = request.scan_types or (() if request.scan_ids else recipe.scan_types)
+    if types == ("*",) and not request.scan_ids:
+        types = ()
+    scans = plan_scans(client, address, ids=request.scan_ids, types=types)
+    if not scans:
+        raise StageError(
+            f"no scan below {address} matches "
+            + (", ".join([*request.scan_ids, *types]) or "the recipe's scan types"),
+            hint=f"`hpcbridge ls {address}` shows what is there",
+        )
+    todo: list[ScanRef] = []
+    skipped: list[tuple[ScanRef, str]] = []
+    for ref in scans:
+        done = None
+        if ledger is not None and not request.force:
+            done = ledger.find_done(recipe.name, values, ref.address)
+        if done is not None:
+            skipped.append((ref, f"already converted by run {done.run_id} (use --force to redo)"))
+        else:
+            todo.append(ref)
+    if dry_run or not todo or ledger is None:
+        return Plan(None, recipe, values, todo, skipped)
+    run = ledger.create_run(
+        recipe=recipe.name,
+        params=values,
+        target=str(address),
+        profile=settings.profile,
+        options={
+            "scan_ids": list(request.scan_ids),
+            "scan_types": list(types),
+            "max_queued": request.max_queued or settings.max_queued,
+            "recipe_dirs": [str(p) for p in request.recipe_dirs],
+            "recipe_version": recipe.version,
+        },
+    )
+    for ref in todo:
+        ledger.add_job(
+            run.id,
+            address=ref.address,
+            project=ref.project,
+            subject=ref.subject_label,
+            experiment=ref.experiment_label,
+            experiment_id=ref.experiment_id,
+            scan=ref.scan_id,
+            scan_type=ref.type,
+            # Unique in the ledger and recognisable in qstat: run, experiment, scan.
+            name=f"hb{run.id}_{safe_name(ref.experiment_label)}_{safe_name(ref.scan_id)}",
+        )
+    return Plan(run, recipe, values, todo, skipped)
+
+
+def dry_run_script(settings: Settings, plan: Plan, scheduler_kind: str) -> str:
+    """The job script the first planned scan would get, for ``run --dry-run``."""
+    ref = plan.scans[0]
+    folder = _work_root(settings) + "/run-N/" + _scan_relative(ref.experiment_label, ref)
+    return render_script(
+        plan.recipe,
+        scheduler_kind,
+        values=plan.values,
+        input_dir=f"{folder}/resources/{safe_name(plan.recipe.input_resource)}/files",
+        output_dir=f"{folder}/out",
+        work_dir=folder,
+        name=f"hbN_{safe_name(ref.experiment_label)}_{safe_name(ref.scan_id)}",
+        scan=ref.as_dict(),
+        queue=plan.recipe.resources.queue or settings.queue,
+        account=plan.recipe.resources.account or settings.account,
+    )
+
+
+# --- one pass ------------------------------------------------------------------------------
+
+
+def _work_root(settings: Settings) -> str:
+    if settings.work_root:
+        root = settings.work_root
+    elif settings.host:
+        raise RecipeError(
+            "set work_root in the profile: the absolute folder on the cluster where runs keep "
+            "their data (e.g. /scratch/PROJECT/hpcbridge)"
+        )
+    else:
+        root = str(settings.home / "work")
+    if not root.startswith("/"):
+        raise RecipeError(f"work_root must be an absolute path, not {root!r}")
+    return root.rstrip("/")
+
+
+def _scan_relative(experiment: str, ref: ScanRef) -> str:
+    """The same folder stage-in makes for the scan: ``<experiment>/scans/<scan>-<type>``."""
+    return f"{safe_name(experiment)}/scans/{scan_folder(Scan(ref.scan_id, ref.type))}"
+
+
+def _scheduler_template(scheduler: Scheduler) -> str:
+    if scheduler.kind == "pbs":
+        return "torque" if getattr(scheduler, "_flavour", None) == "torque" else "pbs"
+    return scheduler.kind
+
+
+class _Context:
+    """Everything one pass needs, opened once: one XNAT session, one transport, one ledger."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: XnatClient,
+        ledger: Ledger,
+        scheduler: Scheduler,
+        run: Run,
+        *,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.ledger = ledger
+        self.scheduler = scheduler
+        self.transport: Transport = scheduler.transport
+        self.local = isinstance(self.transport, LocalTransport)
+        self.store = JobStore(settings.home, settings.profile)
+        self.run = run
+        self.recipe = _recipe(
+            settings, run.recipe, [Path(p) for p in run.options.get("recipe_dirs", [])]
+        )
+        self.root = f"{_work_root(settings)}/run-{run.id}"
+        self.staging = settings.home / "staging" / f"run-{run.id}"
+        self.say = on_event or (lambda _text: None)
+
+    def remote_folder(self, job: JobRow) -> str:
+        ref = _ref(job)
+        return f"{self.root}/{_scan_relative(job.experiment or '', ref)}"
+
+    def local_folder(self, job: JobRow) -> Path:
+        """Where this machine keeps the scan's files (the same folder when jobs run here)."""
+        if self.local:
+            return Path(self.remote_folder(job))
+        return self.staging / _scan_relative(job.experiment or "", _ref(job))
+
+
+def _ref(job: JobRow) -> ScanRef:
+    return ScanRef(
+        job.project or "",
+        job.subject or "",
+        job.experiment_id or "",
+        job.experiment or "",
+        job.scan or "",
+        job.scan_type or "",
+    )
+
+
+def sync(
+    settings: Settings,
+    client: XnatClient,
+    ledger: Ledger,
+    scheduler: Scheduler,
+    run: Run,
+    *,
+    on_event: Callable[[str], None] | None = None,
+) -> SyncReport:
+    """One pass over ``run``: poll, stage out, submit more. Safe to repeat at any time."""
+    ctx = _Context(settings, client, ledger, scheduler, run, on_event=on_event)
+    report = SyncReport(run)
+    if run.state is RunState.ACTIVE:
+        _poll(ctx, report)
+        _stage_out_finished(ctx, report)
+        _submit_planned(ctx, report)
+    report.counts = ledger.counts(run.id)
+    live = sum(report.counts.get(s.value, 0) for s in JobState if not s.final)
+    if run.state is RunState.ACTIVE and live == 0:
+        ledger.set_run_state(run.id, RunState.DONE)
+    report.run = ledger.run(run.id)
+    return report
+
+
+def _poll(ctx: _Context, report: SyncReport) -> None:
+    in_scheduler = ctx.ledger.jobs(ctx.run.id, [JobState.SUBMITTED, JobState.RUNNING])
+    records: list[Job] = []
+    for row in in_scheduler:
+        job = ctx.store.get(row.native_id) if row.native_id else None
+        if job is None:
+            message = f"job {row.native_id} of {row.address} is not in the job records"
+            ctx.ledger.transition(row.id, JobState.FAILED, last_error=message)
+            report.errors.append(message)
+            continue
+        records.append(job)
+    if not records:
+        return
+    polled = refresh(ctx.store, ctx.scheduler, records)
+    if polled.error is not None:
+        report.errors.append(f"could not poll the scheduler: {polled.error.message}")
+        return
+    by_native = {j.id: j for j in polled.jobs}
+    for row in in_scheduler:
+        job = by_native.get(row.native_id or "")
+        if job is None:
+            continue
+        _apply(ctx, report, row, job)
+
+
+def _apply(ctx: _Context, report: SyncReport, row: JobRow, job: Job) -> None:
+    state = State(job.state)
+    if state in (State.QUEUED, State.HELD, State.UNKNOWN):
+        if row.raw_state != job.raw_state:
+            ctx.ledger.update(row.id, raw_state=job.raw_state)
+        return
+    if state is State.RUNNING:
+        if row.state is not JobState.RUNNING:
+            ctx.say(f"{row.address}: running (job {row.native_id})")
+        ctx.ledger.transition(row.id, JobState.RUNNING, raw_state=job.raw_state)
+        return
+    if state is State.FINISHED:
+        ctx.ledger.transition(
+            row.id, JobState.FINISHED, raw_state=job.raw_state, exit_code=job.exit_code
+        )
+        return
+    final = JobState.FAILED if state is State.FAILED else JobState.CANCELLED
+    updated = ctx.ledger.transition(
+        row.id,
+        final,
+        detail=job.reason,
+        raw_state=job.raw_state,
+        exit_code=job.exit_code,
+        last_error=job.reason or state.value,
+        log_tail=job.log_tail,
+    )
+    ctx.say(f"{row.address}: {final.value}" + (f" ({job.reason})" if job.reason else ""))
+    report.failed.append(updated)
+
+
+def _stage_out_finished(ctx: _Context, report: SyncReport) -> None:
+    for row in ctx.ledger.jobs(ctx.run.id, [JobState.FINISHED]):
+        try:
+            uploaded = _stage_out_one(ctx, row)
+        except HpcBridgeError as exc:
+            # Uploads are idempotent, so a later sync may retry; but not forever: an error that
+            # repeats (no outputs, a refused name) fails the job for `retry` to take up.
+            tries = int(row.extra.get("stage_out_tries", 0)) + 1
+            if tries >= STAGE_OUT_TRIES:
+                failed = ctx.ledger.transition(
+                    row.id, JobState.FAILED, last_error=f"stage-out failed: {exc.message}"
+                )
+                report.failed.append(failed)
+                ctx.say(f"{row.address}: failed: stage-out: {exc.message}")
+                continue
+            ctx.ledger.update(
+                row.id,
+                last_error=f"stage-out failed: {exc.message}",
+                extra=dict(row.extra, stage_out_tries=tries),
+            )
+            report.errors.append(f"{row.address}: stage-out failed, will retry: {exc.message}")
+            continue
+        done = ctx.ledger.transition(row.id, JobState.UPLOADED, uploaded=uploaded)
+        ctx.say(f"{row.address}: uploaded {len(uploaded)} file(s)")
+        report.uploaded.append(done)
+
+
+def _outputs_of(ctx: _Context, row: JobRow) -> Path:
+    """The job's output folder on this machine (copied back first when jobs run elsewhere)."""
+    out_remote = f"{ctx.remote_folder(row)}/out"
+    if ctx.local:
+        return Path(out_remote)
+    out_local = ctx.local_folder(row) / "out"
+    out_local.mkdir(parents=True, exist_ok=True)
+    listing = ctx.transport.run(["find", out_remote, "-maxdepth", "1", "-type", "f"], timeout=120)
+    listing.check(f"listing the outputs of {row.address}")
+    for remote in listing.stdout.splitlines():
+        name = PurePosixPath(remote).name
+        ctx.transport.get(remote, out_local / name)
+    return out_local
+
+
+def _stage_out_one(ctx: _Context, row: JobRow) -> list[dict[str, Any]]:
+    out = _outputs_of(ctx, row)
+    address = Address.parse(row.address)
+    uploaded: list[dict[str, Any]] = []
+    by_resource: dict[str, list[Path]] = {}
+    outputs = ctx.recipe.outputs
+    _safe_output_names(out)
+    for output in outputs:
+        matches = sorted(p for p in out.glob(output.glob) if p.is_file())
+        by_resource.setdefault(output.resource, []).extend(matches)
+    if not any(by_resource.values()):
+        raise StageError(
+            f"the job wrote no output matching {', '.join(o.glob for o in outputs)} in {out}"
+        )
+    for resource, paths in by_resource.items():
+        if not paths:
+            continue
+        provenance = _write_provenance(ctx, row, out, resource, paths)
+        files = collect([*paths, provenance])
+        fmt = next((o.format for o in outputs if o.resource == resource and o.format), None)
+        content = next((o.content for o in outputs if o.resource == resource and o.content), None)
+        target = resolve_target(ctx.client, address, resource)
+        # A re-run replaces the outputs of an earlier attempt: the ledger decides what is done.
+        stage_out(ctx.client, target, files, overwrite=True, fmt=fmt, content=content)
+        uploaded += [
+            {"resource": resource, "name": f.remote, "size": f.size, "md5": f.digest()}
+            for f in files
+        ]
+    return uploaded
+
+
+def _safe_output_names(out: Path) -> None:
+    """Rename outputs whose names XNAT cannot address (dcm2niix copies protocol names such as
+    ``ep2d bold (rest)`` into file names) to the same name with those characters as ``_``."""
+    for path in sorted(out.iterdir()):
+        if not path.is_file() or SAFE_PATH.match(path.name):
+            continue
+        fixed = path.with_name(re.sub(r"[^A-Za-z0-9._-]", "_", path.name))
+        if not fixed.exists():
+            log.info("renaming output %s to %s for XNAT", path.name, fixed.name)
+            path.rename(fixed)
+
+
+def _write_provenance(
+    ctx: _Context, row: JobRow, out: Path, resource: str, paths: list[Path]
+) -> Path:
+    """A small JSON file uploaded beside the outputs: what made them, from what, and when."""
+    tool_version = None
+    for path in paths:
+        if path.suffix == ".json" and path.name != PROVENANCE_FILE:
+            with contextlib.suppress(OSError, ValueError):
+                sidecar = json.loads(path.read_text())
+                tool_version = sidecar.get("ConversionSoftwareVersion") or tool_version
+    record = {
+        "tool": f"hpcbridge {__version__}",
+        "recipe": ctx.recipe.name,
+        "recipe_version": ctx.recipe.version,
+        "parameters": ctx.run.params,
+        "source": {"scan": row.address, "resource": ctx.recipe.input_resource},
+        "run": ctx.run.id,
+        "job": {"id": row.native_id, "scheduler": ctx.scheduler.kind, "exit_code": row.exit_code},
+        "submitted": row.submitted_at,
+        "ended": row.ended_at,
+        "converter_version": tool_version,
+        "resource": resource,
+        "files": sorted(p.name for p in paths),
+    }
+    target = out / PROVENANCE_FILE
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    return target
+
+
+def _submit_planned(ctx: _Context, report: SyncReport) -> None:
+    cap = int(ctx.run.options.get("max_queued") or ctx.settings.max_queued)
+    queued = len(ctx.ledger.jobs(ctx.run.id, [JobState.SUBMITTED, JobState.RUNNING]))
+    for row in ctx.ledger.jobs(ctx.run.id, [JobState.PLANNED, JobState.STAGED]):
+        if queued >= cap:
+            return
+        try:
+            submitted = _submit_one(ctx, row)
+        except HpcBridgeError as exc:
+            message = f"{row.address}: {exc.message}"
+            failed = ctx.ledger.transition(row.id, JobState.FAILED, last_error=exc.message)
+            report.failed.append(failed)
+            report.errors.append(message)
+            ctx.say(f"{row.address}: failed: {exc.message}")
+            continue
+        queued += 1
+        report.submitted.append(submitted)
+        ctx.say(f"{row.address}: submitted as job {submitted.native_id}")
+
+
+def _submit_one(ctx: _Context, row: JobRow) -> JobRow:
+    folder = ctx.remote_folder(row)
+    resource = safe_name(ctx.recipe.input_resource)
+    input_dir = f"{folder}/resources/{resource}/files"
+    if row.state is JobState.PLANNED:
+        _stage_in_one(ctx, row)
+        row = ctx.ledger.transition(row.id, JobState.STAGED, work_dir=folder)
+    # A job recorded as submitting but not submitted (a crash between qsub and the ledger) may
+    # be in the scheduler already: adopt it rather than submit it twice.
+    adopted = _adopt(ctx, row)
+    if adopted is not None:
+        return adopted
+    script = render_script(
+        ctx.recipe,
+        _scheduler_template(ctx.scheduler),
+        values=ctx.run.params,
+        input_dir=input_dir,
+        output_dir=f"{folder}/out",
+        work_dir=folder,
+        name=row.name,
+        scan=_ref(row).as_dict(),
+        queue=ctx.recipe.resources.queue or ctx.settings.queue,
+        account=ctx.recipe.resources.account or ctx.settings.account,
+    )
+    local = ctx.local_folder(row) / ".hpcbridge-submit" / "job.sh"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text(script)
+    digest = hashlib.sha256(script.encode()).hexdigest()
+    ctx.ledger.update(row.id, script_hash=digest, extra=dict(row.extra, submitting=_now()))
+    job = submit_script(ctx.store, ctx.scheduler, local, host=ctx.settings.host or "")
+    return ctx.ledger.transition(
+        row.id,
+        JobState.SUBMITTED,
+        native_id=job.id,
+        extra={k: v for k, v in row.extra.items() if k != "submitting"},
+    )
+
+
+def _adopt(ctx: _Context, row: JobRow) -> JobRow | None:
+    if "submitting" not in row.extra:
+        return None
+    for job in ctx.store.all():
+        if job.name == row.name and job.submitted >= row.extra["submitting"]:
+            log.info("%s: found job %s submitted before a crash; adopting it", row.address, job.id)
+            return ctx.ledger.transition(
+                row.id,
+                JobState.SUBMITTED,
+                native_id=job.id,
+                extra={k: v for k, v in row.extra.items() if k != "submitting"},
+            )
+    return None
+
+
+def _stage_in_one(ctx: _Context, row: JobRow) -> None:
+    address = Address(row.project or "", row.subject or "", row.experiment or "")
+    dest = Path(ctx.root) if ctx.local else ctx.staging
+    result = stage_in(
+        ctx.client,
+        address,
+        dest,
+        selection=Selection(ids=(row.scan or "",)),
+        resource=ctx.recipe.input_resource,
+    )
+    if result.failed:
+        _scan, error = result.failed[0]
+        raise error
+    staged = result.staged[0]
+    expected = ctx.local_folder(row) / "resources" / safe_name(ctx.recipe.input_resource)
+    if staged.folder != expected:
+        # stage-in names folders after XNAT's own scan folder; keep one layout for the job
+        expected.parent.mkdir(parents=True, exist_ok=True)
+        if expected.exists():
+            shutil.rmtree(expected)
+        staged.folder.rename(expected)
+    if not ctx.local:
+        _copy_up(ctx, expected, f"{ctx.remote_folder(row)}/resources/{expected.name}")
+
+
+def _copy_up(ctx: _Context, local: Path, remote: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            ctx.transport.put(path, f"{remote}/{path.relative_to(local).as_posix()}")
+
+
+# --- retry and cancel ----------------------------------------------------------------------
+
+
+def retry_run(ledger: Ledger, run: Run, *, include_cancelled: bool = False) -> list[JobRow]:
+    """Put failed (and optionally cancelled) jobs back to planned; the next sync submits them."""
+    states = [JobState.FAILED] + ([JobState.CANCELLED] if include_cancelled else [])
+    again = [
+        ledger.transition(
+            row.id,
+            JobState.PLANNED,
+            extra={k: v for k, v in row.extra.items() if k != "stage_out_tries"},
+        )
+        for row in ledger.jobs(run.id, states)
+    ]
+    if again and run.state is not RunState.ACTIVE:
+        ledger.set_run_state(run.id, RunState.ACTIVE)
+    return again
+
+
+def cancel_run(ledger: Ledger, scheduler: Scheduler, run: Run, store: JobStore) -> list[JobRow]:
+    """Cancel every job of the run that has not ended; the run is then cancelled."""
+    live = [row for row in ledger.jobs(run.id) if not row.final and row.state != JobState.FINISHED]
+    in_scheduler = [r.native_id for r in live if r.native_id]
+    if in_scheduler:
+        cancel_jobs(store, scheduler, in_scheduler)
+    done = [ledger.transition(r.id, JobState.CANCELLED, detail="run cancelled") for r in live]
+    ledger.set_run_state(run.id, RunState.CANCELLED)
+    return done
+
+
+def wait_run(
+    settings: Settings,
+    client: XnatClient,
+    ledger: Ledger,
+    scheduler: Scheduler,
+    run: Run,
+    *,
+    interval: float,
+    on_pass: Callable[[SyncReport], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> SyncReport:
+    """Sync until the run ends, backing off while nothing changes."""
+    delay = interval
+    while True:
+        report = sync(settings, client, ledger, scheduler, run, on_event=on_event)
+        if on_pass is not None:
+            on_pass(report)
+        if report.done:
+            return report
+        run = report.run
+        busy = report.submitted or report.uploaded or report.failed
+        delay = interval if busy else min(delay * 1.5, interval * 10)
+        sleep(delay)
