@@ -404,6 +404,11 @@ class _Runner:
     def run_task(self, index: int | None) -> tuple[int, str]:
         """Run the script once; return (exit code, reason)."""
         env = dict(os.environ, HPCBRIDGE_JOB_ID=self.spec["id"])
+        # Tools installed beside this Python (pip's dcm2niix) are found even when the
+        # environment was not activated, as they would be for a job of the activated shell.
+        bin_dir = str(Path(sys.executable).parent)
+        if bin_dir not in env.get("PATH", "").split(os.pathsep):
+            env["PATH"] = os.pathsep.join(p for p in (bin_dir, env.get("PATH", "")) if p)
         env.pop("HPCBRIDGE_ARRAY_INDEX", None)
         if index is not None:
             env["HPCBRIDGE_ARRAY_INDEX"] = str(index)

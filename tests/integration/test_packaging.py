@@ -69,7 +69,8 @@ def test_readme_first_block_runs(tmp_path: Path) -> None:
                 command, shell=True, capture_output=True, text=True, env=env, timeout=120
             )
             assert done.returncode == 0, (command, done.stderr)
-        assert re.search(r"^4\s+Ax 3D T1", done.stdout, re.M)
+        # the demo says where the NIfTI outputs landed in the sandbox XNAT
+        assert re.search(r"Haofei01_MR1/4\s+resource NIFTI: .*Ax_3D_T1_4\.nii\.gz", done.stdout)
     finally:
         subprocess.run(
             "hpcbridge sandbox stop", shell=True, env=env, timeout=60, capture_output=True
