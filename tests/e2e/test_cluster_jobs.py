@@ -324,3 +324,37 @@ def test_refused_key_is_an_authentication_error(
     assert "refused" in refused.stderr.lower()
     assert str(stranger) in refused.stderr
     assert "Traceback" not in refused.output
+
+
+# --- whole runs: XNAT (the sandbox) -> SSH -> the scheduler -> XNAT ---------------------------
+
+
+@pytest.fixture()
+def run_profile(
+    kind: str, sandbox: Any, tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The ci profile plus the sandbox XNAT and a work_root on the cluster's side."""
+    work_root = tmp_path / "cluster-work"
+    config = isolated_home / "config.toml"
+    config.write_text(config.read_text() + f'work_root = "{work_root}"\n')
+    monkeypatch.setenv("HPCBRIDGE_XNAT", sandbox.url)
+    monkeypatch.setenv("HPCBRIDGE_USER", sandbox.user)
+    monkeypatch.setenv("HPCBRIDGE_PASSWORD", sandbox.password)
+    return work_root
+
+
+def test_run_converts_every_t1_scan_through_ssh(kind: str, run_profile: Path, sandbox: Any) -> None:
+    result = cli("run", "dcm2niix", "PTV000", "--scan-type", "*T1*", "--wait", "--interval", "0.3")
+    assert result.exit_code == 0, result.output
+    run_id = result.stdout.strip()
+    status = json.loads(cli("--json", "status", run_id).stdout)
+    assert [j["state"] for j in status["jobs"]] == ["uploaded"] * 3
+    assert all(j["job_id"] for j in status["jobs"])  # the scheduler's ids are recorded
+    for subject in ("Haofei01", "Haofei02", "Haofei03"):
+        files = {u["name"] for j in status["jobs"] if subject in j["scan"] for u in j["uploaded"]}
+        assert {"Ax_3D_T1_4.nii.gz", "Ax_3D_T1_4.json", "hpcbridge-provenance.json"} <= files
+    # the job ran on the cluster's side of the transport, in the work_root
+    assert list(run_profile.glob("run-*/Haofei01_MR1/scans/4-*/out/Ax_3D_T1_4.nii.gz"))
+    # a second run finds nothing left to do
+    again = cli("run", "dcm2niix", "PTV000", "--scan-type", "*T1*")
+    assert again.exit_code == 0 and "nothing to do" in again.stderr
