@@ -361,9 +361,10 @@ def _apply(ctx: _Context, report: SyncReport, row: JobRow, job: Job) -> None:
             ctx.ledger.update(row.id, raw_state=job.raw_state)
         return
     if state is State.RUNNING:
+        running = ctx.ledger.transition(row.id, JobState.RUNNING, raw_state=job.raw_state)
         if row.state is not JobState.RUNNING:
             ctx.say(f"{row.address}: running (job {row.native_id})")
-        ctx.ledger.transition(row.id, JobState.RUNNING, raw_state=job.raw_state)
+            _workflow(ctx, running)
         return
     if state is State.FINISHED:
         ctx.ledger.transition(
@@ -381,7 +382,47 @@ def _apply(ctx: _Context, report: SyncReport, row: JobRow, job: Job) -> None:
         log_tail=job.log_tail,
     )
     ctx.say(f"{row.address}: {final.value}" + (f" ({job.reason})" if job.reason else ""))
+    _workflow(ctx, updated)
     report.failed.append(updated)
+
+
+#: XNAT workflow statuses (the experiment's History table) for the ledger's states.
+WORKFLOW_STATUS = {
+    JobState.SUBMITTED: "Queued",
+    JobState.RUNNING: "Running",
+    JobState.UPLOADED: "Complete",
+    JobState.FAILED: "Failed",
+    JobState.CANCELLED: "Failed (Dismissed)",
+}
+
+
+def _workflow(ctx: _Context, row: JobRow) -> None:
+    """Show the job in XNAT's history of its experiment (best effort: XNAT is not the record).
+
+    XNAT finds an entry by experiment, pipeline name and launch time, so each attempt keeps
+    its launch time (the submission time) and later calls update the same entry.
+    """
+    status = WORKFLOW_STATUS.get(row.state)
+    launched = row.extra.get("launched") or row.submitted_at
+    if status is None or not row.experiment_id or not launched:
+        return
+    prefix = "wrk:workflowData/"
+    params = {
+        prefix + "id": row.experiment_id,
+        # one entry per scan: two scans of a session may be launched in the same second
+        prefix + "pipeline_name": f"hpcbridge/{ctx.recipe.name} scan {row.scan}",
+        prefix + "launch_time": launched.replace("T", " ").rstrip("Z"),
+        prefix + "data_type": "xnat:imageSessionData",
+        prefix + "status": status,
+        prefix + "ExternalID": row.project or "",
+        prefix + "jobID": row.native_id or "",
+        prefix + "details": f"scan {row.scan}, hpcbridge run {row.run_id}"
+        + (f": {row.last_error}" if row.last_error and status.startswith("Failed") else ""),
+    }
+    try:
+        ctx.client.request("PUT", "/data/workflows", "the XNAT workflow entry", params=params)
+    except HpcBridgeError as exc:
+        log.warning("%s: could not record the workflow in XNAT: %s", row.address, exc.message)
 
 
 def _stage_out_finished(ctx: _Context, report: SyncReport) -> None:
@@ -398,6 +439,7 @@ def _stage_out_finished(ctx: _Context, report: SyncReport) -> None:
                 )
                 report.failed.append(failed)
                 ctx.say(f"{row.address}: failed: stage-out: {exc.message}")
+                _workflow(ctx, failed)
                 continue
             ctx.ledger.update(
                 row.id,
@@ -408,6 +450,7 @@ def _stage_out_finished(ctx: _Context, report: SyncReport) -> None:
             continue
         done = ctx.ledger.transition(row.id, JobState.UPLOADED, uploaded=uploaded)
         ctx.say(f"{row.address}: uploaded {len(uploaded)} file(s)")
+        _workflow(ctx, done)
         report.uploaded.append(done)
 
 
@@ -548,12 +591,16 @@ def _submit_one(ctx: _Context, row: JobRow) -> JobRow:
     digest = hashlib.sha256(script.encode()).hexdigest()
     ctx.ledger.update(row.id, script_hash=digest, extra=dict(row.extra, submitting=_now()))
     job = submit_script(ctx.store, ctx.scheduler, local, host=ctx.settings.host or "")
-    return ctx.ledger.transition(
+    submitted = ctx.ledger.transition(
         row.id,
         JobState.SUBMITTED,
         native_id=job.id,
-        extra={k: v for k, v in row.extra.items() if k != "submitting"},
+        extra=dict(
+            {k: v for k, v in row.extra.items() if k != "submitting"}, launched=job.submitted
+        ),
     )
+    _workflow(ctx, submitted)
+    return submitted
 
 
 def _adopt(ctx: _Context, row: JobRow) -> JobRow | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
+import requests
 from click.testing import CliRunner, Result
 
 from hpcbridge.cli import main
@@ -355,6 +356,16 @@ def test_run_converts_every_t1_scan_through_ssh(kind: str, run_profile: Path, sa
         assert {"Ax_3D_T1_4.nii.gz", "Ax_3D_T1_4.json", "hpcbridge-provenance.json"} <= files
     # the job ran on the cluster's side of the transport, in the work_root
     assert list(run_profile.glob("run-*/Haofei01_MR1/scans/4-*/out/Ax_3D_T1_4.nii.gz"))
+    # each job is in XNAT's history of its session, ended Complete, with the scheduler's id
+    found = requests.get(
+        f"{sandbox.url}/data/workflows",
+        params={"format": "json", "wrk:workflowData/status": "Complete"},
+        auth=(sandbox.user, sandbox.password),
+        timeout=30,
+    ).json()["items"]
+    entries = {w["data_fields"]["jobID"]: w["data_fields"] for w in found}
+    for job in status["jobs"]:
+        assert entries[job["job_id"]]["pipeline_name"] == "hpcbridge/dcm2niix scan 4"
     # a second run finds nothing left to do
     again = cli("run", "dcm2niix", "PTV000", "--scan-type", "*T1*")
     assert again.exit_code == 0 and "nothing to do" in again.stderr
