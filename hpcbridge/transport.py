@@ -36,11 +36,19 @@ class Result:
     def ok(self) -> bool:
         return self.exit_code == 0
 
+    def tail(self, limit: int = 300) -> str:
+        """The last lines of stderr (stdout when stderr is empty) on one line, for messages."""
+        return " ".join((self.stderr or self.stdout).strip().splitlines()[-3:])[:limit]
+
+    def said(self) -> str:
+        """What the command said last, or its exit status when it said nothing."""
+        return self.tail(400) or f"exit status {self.exit_code}"
+
     def check(self, what: str) -> Result:
         """This result, or a TransportError naming the command and the end of its stderr."""
         if self.ok:
             return self
-        tail = " ".join((self.stderr or self.stdout).strip().splitlines()[-3:])[:300]
+        tail = self.tail()
         raise TransportError(
             f"{what}: `{shlex.join(self.argv)}` exited {self.exit_code}"
             + (f": {tail}" if tail else "")

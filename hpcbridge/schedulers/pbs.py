@@ -297,11 +297,6 @@ def unknown_job_ids(stderr: str) -> set[str]:
     return set(_UNKNOWN_ID.findall(stderr))
 
 
-def _tail(result: Result) -> str:
-    text = (result.stderr or result.stdout).strip()
-    return " ".join(text.splitlines()[-3:])[:400] or f"exit status {result.exit_code}"
-
-
 def _short(job_id: str) -> str:
     """``123.server`` -> ``123``: servers print ids with or without their suffix."""
     return job_id.split(".", 1)[0]
@@ -377,7 +372,7 @@ class PbsScheduler(Scheduler):
         result = self.transport.run(argv, timeout=self.timeout, retry=False)
         if not result.ok:
             raise SchedulerError(
-                f"qsub refused the job: {_tail(result)}",
+                f"qsub refused the job: {result.said()}",
                 hint="check the resource requests (walltime, memory, queue, project) in the script",
             )
         return parse_submit(result.stdout)
@@ -387,7 +382,7 @@ class PbsScheduler(Scheduler):
         result = self.transport.run(argv, timeout=self.timeout)
         self.status_calls += 1
         if not result.ok and not unknown_job(result.stderr, result.exit_code):
-            raise SchedulerError(f"qstat failed: {_tail(result)}")
+            raise SchedulerError(f"qstat failed: {result.said()}")
         if json_output:
             try:
                 return result, parse_qstat_json(result.stdout or "{}")
@@ -450,5 +445,5 @@ class PbsScheduler(Scheduler):
             elif len(group) == 1 and result.exit_code in (1, _UNKNOWN_EXIT):
                 unknown += group  # the wrappers say nothing of an unknown id
             else:
-                raise SchedulerError(f"qdel failed: {_tail(result)}")
+                raise SchedulerError(f"qdel failed: {result.said()}")
         return unknown

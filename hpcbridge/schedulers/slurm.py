@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from hpcbridge.errors import SchedulerError
 from hpcbridge.schedulers.base import JobStatus, Scheduler, State, chunk_ids, merge_array
 from hpcbridge.schedulers.script import ScriptInfo
-from hpcbridge.transport import Result, Transport
+from hpcbridge.transport import Transport
 
 __all__ = [
     "SQUEUE_FORMAT",
@@ -219,11 +219,6 @@ def unknown_job(stderr: str, returncode: int) -> bool:
     return returncode != 0 and "invalid job id" in stderr.lower()
 
 
-def _tail(result: Result) -> str:
-    text = (result.stderr or result.stdout).strip()
-    return " ".join(text.splitlines()[-3:])[:400] or f"exit status {result.exit_code}"
-
-
 def poll_squeue(
     transport: Transport, ids: Sequence[str], *, timeout: float = 60.0
 ) -> tuple[dict[str, JobStatus], int]:
@@ -239,7 +234,7 @@ def poll_squeue(
         result = transport.run(status_argv(group), timeout=timeout)
         calls += 1
         if not result.ok and not unknown_job(result.stderr, result.exit_code):
-            raise SchedulerError(f"squeue failed: {_tail(result)}")
+            raise SchedulerError(f"squeue failed: {result.said()}")
         parsed = parse_squeue(result.stdout) if result.ok else {}
         found: dict[str, JobStatus] = {}
         for job_id in group:
@@ -311,7 +306,7 @@ class SlurmScheduler(Scheduler):
             )
         if not result.ok:
             raise SchedulerError(
-                f"sbatch refused the job: {_tail(result)}",
+                f"sbatch refused the job: {result.said()}",
                 hint="check the resource requests (time, memory, partition, account) in the script",
             )
         return parse_submit(result.stdout)
@@ -330,5 +325,5 @@ class SlurmScheduler(Scheduler):
         for group in chunk_ids(live):
             result = self.transport.run(cancel_argv(group), timeout=self.timeout)
             if not result.ok and not unknown_job(result.stderr, result.exit_code):
-                raise SchedulerError(f"scancel failed: {_tail(result)}")
+                raise SchedulerError(f"scancel failed: {result.said()}")
         return unknown
