@@ -375,7 +375,10 @@ def test_cancel_of_an_unknown_id() -> None:
     assert line.startswith("hpcbridge: error: unknown job id(s): 999")
     assert one_line_error(run("cancel", "abc"), 1) == "hpcbridge: error: not local job ids: 'abc'"
     usage = run("cancel")
-    assert usage.exit_code == 2 and "Missing argument" in usage.stderr
+    # cancel takes job ids or --run RUN_ID, and says so
+    assert usage.exit_code == 2 and "give job ids or --run RUN_ID" in usage.stderr
+    both = run("cancel", "1", "--run", "1")
+    assert both.exit_code == 2 and "give job ids or --run RUN_ID" in both.stderr
 
 
 # --- profile errors ---------------------------------------------------------------------------
