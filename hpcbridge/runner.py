@@ -78,6 +78,8 @@ class Plan:
     values: dict[str, Any]
     scans: list[ScanRef]
     skipped: list[tuple[ScanRef, str]]
+    #: ``run`` is an unfinished run with the same arguments, carried on rather than repeated.
+    resumed: bool = False
 
 
 @dataclass
@@ -177,21 +179,31 @@ def start_run(
             skipped.append((ref, f"already converted by run {done.run_id} (use --force to redo)"))
         else:
             todo.append(ref)
-    if dry_run or not todo or ledger is None:
+    if dry_run or ledger is None:
         return Plan(None, recipe, values, todo, skipped)
-    run = ledger.create_run(
-        recipe=recipe.name,
-        params=values,
-        target=str(address),
-        profile=settings.profile,
-        options={
-            "scan_ids": list(request.scan_ids),
-            "scan_types": list(types),
-            "max_queued": request.max_queued or settings.max_queued,
-            "recipe_dirs": [str(p) for p in request.recipe_dirs],
-            "recipe_version": recipe.version,
-        },
-    )
+    options = {
+        "scan_ids": list(request.scan_ids),
+        "scan_types": list(types),
+        "max_queued": request.max_queued or settings.max_queued,
+        "recipe_dirs": [str(p) for p in request.recipe_dirs],
+        "recipe_version": recipe.version,
+    }
+    # The same `run` repeated (after a crash, a lost terminal) carries on with the run it
+    # started: planning its unfinished scans in a new run would submit and upload them twice.
+    run = None
+    if not request.force:
+        run = _unfinished_twin(ledger, settings.profile, recipe.name, values, str(address), options)
+    resumed = run is not None
+    if run is None:
+        if not todo:
+            return Plan(None, recipe, values, todo, skipped)
+        run = ledger.create_run(
+            recipe=recipe.name,
+            params=values,
+            target=str(address),
+            profile=settings.profile,
+            options=options,
+        )
     for ref in todo:
         ledger.add_job(
             run.id,
@@ -205,7 +217,27 @@ def start_run(
             # Unique in the ledger and recognisable in qstat: run, experiment, scan.
             name=f"hb{run.id}_{safe_name(ref.experiment_label)}_{safe_name(ref.scan_id)}",
         )
-    return Plan(run, recipe, values, todo, skipped)
+    return Plan(run, recipe, values, todo, skipped, resumed=resumed)
+
+
+def _unfinished_twin(
+    ledger: Ledger,
+    profile: str,
+    recipe: str,
+    values: dict[str, Any],
+    target: str,
+    options: dict[str, Any],
+) -> Run | None:
+    """The latest active run of this profile made with the same recipe, values and scans."""
+    same = ("scan_ids", "scan_types", "recipe_version")
+    for run in reversed(ledger.runs(profile)):
+        if (
+            run.state is RunState.ACTIVE
+            and (run.recipe, run.target, run.params) == (recipe, target, values)
+            and all(run.options.get(k) == options[k] for k in same)
+        ):
+            return run
+    return None
 
 
 def dry_run_script(settings: Settings, plan: Plan, scheduler_kind: str) -> str:
@@ -477,7 +509,10 @@ def _stage_out_one(ctx: _Context, row: JobRow) -> list[dict[str, Any]]:
     outputs = ctx.recipe.outputs
     _safe_output_names(out)
     for output in outputs:
-        matches = sorted(p for p in out.glob(output.glob) if p.is_file())
+        # The provenance file of an interrupted earlier stage-out is not an output of the job.
+        matches = sorted(
+            p for p in out.glob(output.glob) if p.is_file() and p.name != PROVENANCE_FILE
+        )
         by_resource.setdefault(output.resource, []).extend(matches)
     if not any(by_resource.values()):
         raise StageError(
@@ -550,11 +585,11 @@ def _submit_planned(ctx: _Context, report: SyncReport) -> None:
         try:
             submitted = _submit_one(ctx, row)
         except HpcBridgeError as exc:
-            message = f"{row.address}: {exc.message}"
-            failed = ctx.ledger.transition(row.id, JobState.FAILED, last_error=exc.message)
+            # Stage-in errors name the scan already; the ledger row and the line name it once.
+            reason = exc.message.removeprefix(f"{row.address}: ")
+            failed = ctx.ledger.transition(row.id, JobState.FAILED, last_error=reason)
             report.failed.append(failed)
-            report.errors.append(message)
-            ctx.say(f"{row.address}: failed: {exc.message}")
+            ctx.say(f"{row.address}: failed: {reason}")
             continue
         queued += 1
         report.submitted.append(submitted)
@@ -606,8 +641,12 @@ def _submit_one(ctx: _Context, row: JobRow) -> JobRow:
 def _adopt(ctx: _Context, row: JobRow) -> JobRow | None:
     if "submitting" not in row.extra:
         return None
+    folder, host = ctx.remote_folder(row), ctx.settings.host or ""
     for job in ctx.store.all():
-        if job.name == row.name and job.submitted >= row.extra["submitting"]:
+        # By name, or by work folder (unique per run and scan): the local scheduler's records
+        # carry the script's name ("job"), not the ledger's.
+        mine = job.name == row.name or (job.work_dir == folder and job.host == host)
+        if mine and job.submitted >= row.extra["submitting"]:
             log.info("%s: found job %s submitted before a crash; adopting it", row.address, job.id)
             return ctx.ledger.transition(
                 row.id,

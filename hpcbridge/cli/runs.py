@@ -207,7 +207,13 @@ def run_command(
             click.echo("nothing to do: every matching scan is converted already", err=True)
             return
         if not settings.quiet:
-            click.echo(f"run {plan.run.id}: {len(plan.scans)} scan(s) planned", err=True)
+            click.echo(
+                f"resuming run {plan.run.id} (started {plan.run.created} with the same "
+                "arguments, not ended yet)"
+                if plan.resumed
+                else f"run {plan.run.id}: {len(plan.scans)} scan(s) planned",
+                err=True,
+            )
         say = _say(settings.quiet)
         args = (settings, o["client"], o["ledger"], o["scheduler"], plan.run)
         if wait:

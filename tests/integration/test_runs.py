@@ -1,0 +1,785 @@
+"""Runs end to end: `run`, `status`, `sync`, `retry` and `cancel --run` against a sandbox XNAT,
+the local scheduler and the real dcm2niix.
+
+Commands that wait (`run --wait`, `sync --watch`) run as subprocesses with a timeout, so a
+run that never ends fails the test instead of hanging it; quick commands run in-process. Every
+test has a fresh seeded sandbox and its own HPCBRIDGE_HOME; jobs and processes left over are
+cancelled and killed (by id) at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import requests
+from click.testing import CliRunner, Result
+
+from hpcbridge.cli import main
+from hpcbridge.config import load_settings
+from hpcbridge.ledger import Ledger, ledger_path
+from hpcbridge.runner import PROVENANCE_FILE, RunRequest, start_run, sync, wait_run
+from hpcbridge.sandbox import SandboxServer
+from hpcbridge.schedulers.local import LocalScheduler
+from hpcbridge.xnat import connect
+
+T = 10  # seconds for one HTTP request of the test itself
+WAIT_LIMIT = 60  # seconds a waiting command may take before the test fails
+FAST = ["--interval", "0.2"]
+SUBJECTS = ("Haofei01", "Haofei02", "Haofei03")
+T1_SCANS = [f"PTV000/{s}/{s}_MR1/4" for s in SUBJECTS]
+RUN_T1 = ["run", "dcm2niix", "PTV000", "--scan-type", "*T1*"]
+# dcm2niix names the outputs after the protocol and series (-f %p_%s).
+T1_OUTPUTS = ["Ax_3D_T1_4.json", "Ax_3D_T1_4.nii.gz", PROVENANCE_FILE]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def cli(*args: str) -> Result:
+    """A quick command, in-process."""
+    return CliRunner().invoke(main, list(args))
+
+
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def hb(*args: str, timeout: float = WAIT_LIMIT) -> Done:
+    """A command that may wait, as a subprocess that cannot outlive ``timeout``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcbridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ),
+    )
+    return Done(proc.returncode, proc.stdout, proc.stderr)
+
+
+def one_line_error(result: Result, code: int) -> str:
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("hpcbridge: error: ")
+    return lines[0]
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def status_json(run_id: int | None = None) -> dict[str, Any]:
+    result = cli("--json", "status", *([str(run_id)] if run_id is not None else []))
+    assert result.exit_code == 0, result.output
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def states(data: dict[str, Any]) -> dict[str, str]:
+    return {j["scan"]: j["state"] for j in data["jobs"]}
+
+
+def local_jobs(home: Path) -> list[dict[str, Any]]:
+    """What the local scheduler was given to run, one record per submitted job."""
+    root = home / "local-jobs"
+    specs = sorted(root.glob("*/job.json"), key=lambda p: int(p.parent.name))
+    return [json.loads(p.read_text()) for p in specs]
+
+
+def local_state(home: Path, job_id: str) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((home / "local-jobs" / job_id / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return data
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    # Only zombies left (our own children not yet reaped) counts as gone.
+    return all(gone(p.pid) for p in psutil.process_iter() if _pgid(p.pid) == pgid)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+class Xnat:
+    """The test's own view of the sandbox: one admin session (so it opens one server session)."""
+
+    def __init__(self, server: SandboxServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.server = server
+        # Files XNAT stored, counted by (resource id, name): the sandbox runs in this process.
+        self.stored: Counter[tuple[Any, str]] = Counter()
+        add_file = server.store.add_file
+
+        def counting(resource_id: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+            stored = add_file(resource_id, name, *args, **kwargs)
+            if stored:
+                self.stored[(resource_id, name)] += 1
+            return stored
+
+        monkeypatch.setattr(server.store, "add_file", counting)
+        self.http = requests.Session()
+        self.http.auth = (server.user, server.password)
+        self.stats()  # opens this session now, before any count is taken
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.http.get(self.server.url + "/sandbox/stats", timeout=T).json()
+        return data
+
+    def _scan(self, scan: str) -> str:
+        project, subject, experiment, scan_id = scan.split("/")
+        return (
+            f"{self.server.url}/data/projects/{project}/subjects/{subject}"
+            f"/experiments/{experiment}/scans/{scan_id}"
+        )
+
+    def files(self, scan: str, resource: str) -> list[str]:
+        """The file names in a scan's resource, duplicates kept; [] when it does not exist."""
+        resp = self.http.get(
+            f"{self._scan(scan)}/resources/{resource}/files", params={"format": "json"}, timeout=T
+        )
+        if resp.status_code == 404:
+            return []
+        resp.raise_for_status()
+        return sorted(r["Name"] for r in resp.json()["ResultSet"]["Result"])
+
+    def file(self, scan: str, resource: str, name: str) -> bytes:
+        resp = self.http.get(f"{self._scan(scan)}/resources/{resource}/files/{name}", timeout=T)
+        resp.raise_for_status()
+        return resp.content
+
+    def json_file(self, scan: str, resource: str, name: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.file(scan, resource, name))
+        return data
+
+
+def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """Requests by method and sessions created between two stats snapshots."""
+    methods = set(before["requests"]) | set(after["requests"])
+    change = {m: after["requests"].get(m, 0) - before["requests"].get(m, 0) for m in methods}
+    change["sessions"] = after["sessions_created"] - before["sessions_created"]
+    return change
+
+
+def write_recipe(folder: Path, name: str, command: str, resource: str = "RESULT") -> Path:
+    """A lab recipe reading DICOM, uploading ``*.txt`` from its output folder to ``resource``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.toml").write_text(
+        f'name = "{name}"\nversion = "7"\n'
+        '[inputs]\nresource = "DICOM"\n'
+        f'[[outputs]]\nglob = "*.txt"\nresource = "{resource}"\n'
+        f"[run]\ncommand = '''\n{command}\n'''\n"
+    )
+    return folder
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def xnat(sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Xnat]:
+    """The default profile pointed at a fresh sandbox of this test's own."""
+    monkeypatch.setenv("HPCBRIDGE_XNAT", sandbox.url)
+    monkeypatch.setenv("HPCBRIDGE_USER", sandbox.user)
+    monkeypatch.setenv("HPCBRIDGE_PASSWORD", sandbox.password)
+    view = Xnat(sandbox, monkeypatch)
+    yield view
+    view.http.close()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running(isolated_home: Path) -> Iterator[None]:
+    """Cancel every local job a test left behind and wait for its runner to exit."""
+    yield
+    root = isolated_home / "local-jobs"
+    ids = [p.name for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
+    if not ids:
+        return
+    LocalScheduler(root).cancel(ids)
+    deadline = time.monotonic() + 30
+    for job_id in ids:
+        pid_file = root / job_id / "runner.pid"
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            while not gone(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert gone(pid), f"runner {pid} of job {job_id} did not exit"
+
+
+class Bridge:
+    """`hpcbridge run ... --wait` in the background, its stderr read line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hpcbridge", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> str:
+        """The first stderr line matching ``pattern``; fails at the end of output or time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no line matching {pattern!r} within {timeout} s: {self.seen}")
+            if line is None:
+                pytest.fail(f"the bridge ended without a line matching {pattern!r}: {self.seen}")
+            self.seen.append(line)
+            if re.search(pattern, line):
+                return line
+
+    def kill(self) -> None:
+        """SIGKILL, by its own pid: no cleanup, no last words."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=T)
+        self._reader.join(timeout=T)
+
+
+@pytest.fixture()
+def bridge() -> Iterator[Callable[..., Bridge]]:
+    started: list[Bridge] = []
+
+    def start(*args: str) -> Bridge:
+        started.append(Bridge(*args))
+        return started[-1]
+
+    yield start
+    for b in started:
+        b.kill()
+
+
+# --- 1 and 2: the whole flow, one XNAT session, one status call per pass ----------------------
+
+
+def test_run_wait_converts_every_t1_and_records_provenance(xnat: Xnat, isolated_home: Path) -> None:
+    before = xnat.stats()
+    done = hb(*RUN_T1, "--wait", *FAST)
+    after = xnat.stats()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "1\n"  # stdout is the run id, for scripts
+    assert "run 1: 3 scan(s) planned" in done.stderr
+    assert re.search(r"run 1: 3/3 ended \(uploaded 3\)", done.stderr)
+    assert "Traceback" not in done.stderr
+
+    # One XNAT session for the whole run: planning, three stage-ins, three stage-outs.
+    assert delta(before, after)["sessions"] == 1
+    assert delta(before, after).get("DELETE", 0) == 0  # nor ended and reopened on the way
+
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "NIFTI") == T1_OUTPUTS
+        assert xnat.file(scan, "NIFTI", "Ax_3D_T1_4.nii.gz")[:2] == b"\x1f\x8b"  # gzip
+        sidecar = xnat.json_file(scan, "NIFTI", "Ax_3D_T1_4.json")
+        prov = xnat.json_file(scan, "NIFTI", PROVENANCE_FILE)
+        assert prov["recipe"] == "dcm2niix"
+        assert prov["recipe_version"] == "1"
+        assert prov["parameters"] == {"gzip": True, "filename": "%p_%s", "bids": True}
+        assert prov["source"] == {"scan": scan, "resource": "DICOM"}
+        assert prov["run"] == 1
+        assert prov["converter_version"]
+        assert prov["converter_version"] == sidecar["ConversionSoftwareVersion"]
+        assert prov["job"]["scheduler"] == "local" and prov["job"]["exit_code"] == 0
+        assert prov["files"] == ["Ax_3D_T1_4.json", "Ax_3D_T1_4.nii.gz"]
+        # The source DICOM is untouched.
+        assert len(xnat.files(scan, "DICOM")) == 12
+
+    data = status_json()
+    assert data["run"]["state"] == "done"
+    assert data["run"]["recipe"] == "dcm2niix" and data["run"]["target"] == "PTV000"
+    assert states(data) == dict.fromkeys(T1_SCANS, "uploaded")
+    for job in data["jobs"]:
+        assert job["exit_code"] == 0 and job["attempts"] == 0 and job["error"] is None
+        assert sorted(u["name"] for u in job["uploaded"]) == T1_OUTPUTS
+        assert {u["resource"] for u in job["uploaded"]} == {"NIFTI"}
+    assert data["counts"]["uploaded"] == 3
+    assert len(local_jobs(isolated_home)) == 3
+
+    table = cli("status")
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("run 1: dcm2niix over PTV000 (done, ")
+    assert lines[1].split() == ["SCAN", "STATE", "JOB", "SUBMITTED", "ENDED", "EXIT", "OUTPUT"]
+    rows = [line.split() for line in lines[2:5]]
+    assert [r[0] for r in rows] == T1_SCANS
+    assert all(r[1] == "uploaded" and r[-2:] == ["0", "NIFTI"] for r in rows)
+    assert sorted(r[2] for r in rows) == ["1", "2", "3"]
+    assert lines[5:] == ["3 uploaded"]
+    assert table.stderr == ""
+
+
+def test_one_scheduler_status_call_per_sync_pass_for_all_jobs(
+    xnat: Xnat, isolated_home: Path
+) -> None:
+    settings = load_settings()
+    scheduler = LocalScheduler(isolated_home / "local-jobs")
+    before = xnat.stats()
+    calls: list[int] = []
+    live: list[int] = []
+    deadline = time.monotonic() + WAIT_LIMIT
+
+    def bounded_sleep(seconds: float) -> None:
+        assert time.monotonic() < deadline, "the run did not end"
+        time.sleep(seconds)
+
+    with Ledger.for_settings(settings) as ledger, connect(settings) as client:
+        plan = start_run(settings, client, ledger, RunRequest("dcm2niix", "PTV000", ("4",)))
+        assert plan.run is not None and len(plan.scans) == 3
+
+        def on_pass(report: Any) -> None:
+            calls.append(scheduler.status_calls)
+            live.append(report.counts["submitted"] + report.counts["running"])
+
+        report = wait_run(
+            settings,
+            client,
+            ledger,
+            scheduler,
+            plan.run,
+            interval=0.2,
+            on_pass=on_pass,
+            sleep=bounded_sleep,
+        )
+    assert report.counts["uploaded"] == 3, report
+    per_pass = [b - a for a, b in zip([0, *calls], calls, strict=False)]
+    # The first pass submits (nothing to poll yet); every later pass polls all three jobs in
+    # one call, however many of them are still queued or running.
+    assert per_pass[0] == 0
+    assert len(per_pass) >= 2 and all(n == 1 for n in per_pass[1:]), per_pass
+    assert live[0] == 3  # all three were in the scheduler together, polled together
+    assert delta(before, xnat.stats())["sessions"] == 1
+
+
+# --- 3: --dry-run ----------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_plan_and_a_script_and_changes_nothing(
+    xnat: Xnat, isolated_home: Path
+) -> None:
+    # Open (and cache) the XNAT session first, so that what follows is only the dry run.
+    assert cli("ls", "PTV000").exit_code == 0
+    files_before = sorted(p.relative_to(isolated_home) for p in isolated_home.rglob("*"))
+    before = xnat.stats()
+    result = cli(*RUN_T1, "--dry-run")
+    after = xnat.stats()
+    assert result.exit_code == 0, result.output
+
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["SCAN", "TYPE", "ACTION"]
+    assert [line.split()[0] for line in lines[1:4]] == T1_SCANS
+    assert all(line.endswith("convert") for line in lines[1:4])
+    script = "\n".join(lines[4:])
+    assert script.startswith("#!/bin/bash")
+    assert "dcm2niix -z y -b y" in script
+    assert "hbN_Haofei01_MR1_4" in script
+    assert "3 scan(s) would be converted with dcm2niix on the local scheduler" in result.stderr
+    assert "nothing was changed" in result.stderr
+
+    # Nothing written anywhere: no ledger, no jobs, no work folder, no writes to XNAT.
+    assert not ledger_path(load_settings()).exists()
+    assert not (isolated_home / "local-jobs").exists()
+    assert not (isolated_home / "work").exists()
+    assert not (isolated_home / "jobs").exists()
+    assert sorted(p.relative_to(isolated_home) for p in isolated_home.rglob("*")) == files_before
+    change = delta(before, after)
+    assert change["sessions"] == 0
+    assert {m: n for m, n in change.items() if m in ("PUT", "POST", "DELETE") and n} == {}
+    assert change["GET"] >= 1
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "NIFTI") == []
+
+
+# --- 4: re-runs ------------------------------------------------------------------------------
+
+
+def test_a_second_run_skips_converted_scans_and_force_redoes_them(
+    xnat: Xnat, isolated_home: Path
+) -> None:
+    session = ["PTV000/Haofei01/Haofei01_MR1", "--scan", "4"]
+    first = hb("run", "dcm2niix", *session, "--wait", *FAST)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "1\n"
+
+    # The same again: nothing to do, no new run, nothing submitted or uploaded.
+    before = xnat.stats()
+    again = cli("run", "dcm2niix", *session, "--wait", *FAST)
+    assert again.exit_code == 0, again.output
+    assert again.stdout == ""
+    assert "PTV000/Haofei01/Haofei01_MR1/4: skipped, already converted by run 1" in again.stderr
+    assert "nothing to do" in again.stderr
+    assert delta(before, xnat.stats()).get("PUT", 0) == 0
+    assert len(local_jobs(isolated_home)) == 1
+    with Ledger.for_settings(load_settings()) as ledger:
+        assert [r.id for r in ledger.runs()] == [1]
+
+    # A dry run says so too.
+    dry = cli("run", "dcm2niix", *session, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "already converted by run 1 (use --force to redo)" in dry.stdout
+    assert "0 scan(s) would be converted" in dry.stderr
+
+    # Other parameters are another conversion: not skipped.
+    other = cli("run", "dcm2niix", *session, "--set", "gzip=false", "--dry-run")
+    assert "convert" in other.stdout.splitlines()[1]
+
+    forced = hb("run", "dcm2niix", *session, "--force", "--wait", *FAST)
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout == "2\n"
+    assert "skipped" not in forced.stderr
+    assert states(status_json(2)) == {T1_SCANS[0]: "uploaded"}
+    assert len(local_jobs(isolated_home)) == 2
+    assert xnat.files(T1_SCANS[0], "NIFTI") == T1_OUTPUTS
+    assert xnat.json_file(T1_SCANS[0], "NIFTI", PROVENANCE_FILE)["run"] == 2
+
+
+# --- 5: kill -9 and resume -------------------------------------------------------------------
+
+
+def assert_finished_exactly_once(xnat: Xnat, home: Path) -> None:
+    """Every T1 uploaded once, by one job each, with nothing submitted or uploaded twice."""
+    data = status_json(1)
+    assert data["run"]["state"] == "done"
+    assert states(data) == dict.fromkeys(T1_SCANS, "uploaded")
+    submitted = local_jobs(home)
+    assert len(submitted) == 3, submitted  # no duplicate submissions
+    assert sorted(j["job_id"] for j in data["jobs"]) == sorted(j["id"] for j in submitted)
+    assert sorted(j["work_dir"] for j in data["jobs"]) == sorted(j["work_dir"] for j in submitted)
+    with Ledger.for_settings(load_settings()) as ledger:
+        assert [r.id for r in ledger.runs()] == [1]
+        for job in ledger.jobs(1):
+            events = [str(e.to_state) for e in ledger.events(job.id)]
+            assert events.count("uploaded") == 1 and events.count("submitted") == 1, events
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "NIFTI") == T1_OUTPUTS
+    # Each output file was stored by XNAT exactly once: what arrived before the kill was
+    # recognised (same size and MD5) and not sent again.
+    assert len(xnat.stored) == 3 * len(T1_OUTPUTS), xnat.stored
+    assert set(xnat.stored.values()) == {1}, xnat.stored
+
+
+@pytest.mark.parametrize(
+    "kill_after",
+    [
+        r"run 1: 3 scan\(s\) planned",
+        r"Haofei01_MR1/4: submitted as job",
+        r"Haofei01_MR1/4: uploaded",
+    ],
+    ids=["planned", "first-submitted", "first-uploaded"],
+)
+def test_a_killed_run_is_finished_by_sync_with_nothing_done_twice(
+    xnat: Xnat, isolated_home: Path, bridge: Callable[..., Bridge], kill_after: str
+) -> None:
+    running = bridge(*RUN_T1, "--wait", *FAST)
+    running.wait_for(kill_after)
+    running.kill()
+    assert running.proc.returncode == -signal.SIGKILL
+
+    resumed = hb("sync", "--watch", *FAST)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert_finished_exactly_once(xnat, isolated_home)
+
+    # A further sync finds nothing to do.
+    later = hb("sync")
+    assert later.returncode == 0, later.stderr
+    assert len(local_jobs(isolated_home)) == 3
+
+
+def test_a_killed_run_resumes_when_the_same_run_command_is_repeated(
+    xnat: Xnat, isolated_home: Path, bridge: Callable[..., Bridge]
+) -> None:
+    running = bridge(*RUN_T1, "--wait", *FAST)
+    running.wait_for(r"submitted as job")
+    running.kill()
+
+    again = hb(*RUN_T1, "--wait", *FAST)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "1\n"  # the same run, carried on
+    assert "resuming run 1" in again.stderr
+    assert_finished_exactly_once(xnat, isolated_home)
+
+
+class Crash(BaseException):
+    """The bridge dying at one precise point (not an error anything may catch)."""
+
+
+def test_a_job_submitted_just_before_a_crash_is_adopted_not_submitted_again(
+    xnat: Xnat, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The narrowest window: the scheduler took the job, the ledger never heard of it."""
+    settings = load_settings()
+    scheduler = LocalScheduler(isolated_home / "local-jobs")
+    deadline = time.monotonic() + WAIT_LIMIT
+
+    def bounded_sleep(seconds: float) -> None:
+        assert time.monotonic() < deadline, "the run did not end"
+        time.sleep(seconds)
+
+    with Ledger.for_settings(settings) as ledger, connect(settings) as client:
+        plan = start_run(settings, client, ledger, RunRequest("dcm2niix", "PTV000", ("4",)))
+        assert plan.run is not None
+        transition = ledger.transition
+
+        def crash_on_submitted(job_id: int, to: Any, **kwargs: Any) -> Any:
+            if str(to) == "submitted":
+                raise Crash
+            return transition(job_id, to, **kwargs)
+
+        monkeypatch.setattr(ledger, "transition", crash_on_submitted)
+        with pytest.raises(Crash):
+            sync(settings, client, ledger, scheduler, plan.run)
+        monkeypatch.setattr(ledger, "transition", transition)
+        assert len(local_jobs(isolated_home)) == 1  # in the scheduler, not in the ledger
+        assert ledger.jobs(plan.run.id)[0].state.value == "staged"
+
+        report = wait_run(
+            settings, client, ledger, scheduler, plan.run, interval=0.2, sleep=bounded_sleep
+        )
+    assert report.counts["uploaded"] == 3, report
+    assert_finished_exactly_once(xnat, isolated_home)
+
+
+# --- 6: a failing job and retry --------------------------------------------------------------
+
+
+def test_a_failing_job_is_reported_with_its_log_and_retry_finishes_it(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "fail-marker"
+    marker.touch()
+    recipes = write_recipe(
+        tmp_path / "recipes",
+        "flaky",
+        f"if [ -e '{marker}' ]; then echo \"flaky: the marker is there\" >&2; exit 3; fi\n"
+        "ls {{ input_dir }} > {{ output_dir }}/listing.txt",
+        resource="LISTING",
+    )
+    args = ["run", "flaky", "PTV000", "--scan-type", "*T1*", "--recipes", str(recipes)]
+    failed = hb(*args, "--wait", *FAST)
+    assert failed.returncode == 3, failed.stderr
+    assert failed.stdout == "1\n"
+    assert failed.stderr.splitlines()[-1] == (
+        "hpcbridge: error: run 1 ended with 3 of 3 scan(s) failed or cancelled "
+        "(`hpcbridge status 1` shows why; `hpcbridge retry 1` tries them again)"
+    )
+
+    data = status_json(1)
+    assert data["run"]["state"] == "done"
+    assert states(data) == dict.fromkeys(T1_SCANS, "failed")
+    for job in data["jobs"]:
+        assert job["exit_code"] == 3
+        assert job["error"] == "exit code 3"
+        assert "flaky: the marker is there" in job["log_tail"]
+    table = cli("status", "1")
+    assert table.exit_code == 0
+    assert table.stdout.splitlines()[-1] == "3 failed"
+    assert f"--- {T1_SCANS[0]}: exit code 3" in table.stderr
+    assert table.stderr.count("flaky: the marker is there") == 3
+
+    marker.unlink()
+    retried = cli("retry", "1")
+    assert retried.exit_code == 0, retried.output
+    assert "run 1: retrying 3 job(s)" in retried.stderr
+    assert retried.stderr.count("submitted as job") == 3
+    done = hb("sync", "1", "--watch", *FAST)
+    assert done.returncode == 0, done.stderr
+
+    data = status_json(1)
+    assert data["run"]["state"] == "done"
+    assert states(data) == dict.fromkeys(T1_SCANS, "uploaded")
+    for job in data["jobs"]:
+        assert job["attempts"] == 1
+        assert job["exit_code"] == 0 and job["error"] is None and job["log_tail"] is None
+    assert len(local_jobs(isolated_home)) == 6  # three that failed, three retries
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "LISTING") == sorted(["listing.txt", PROVENANCE_FILE])
+        assert xnat.file(scan, "LISTING", "listing.txt").decode().split() == [
+            f"{i:04d}.dcm" for i in range(1, 13)
+        ]
+        prov = xnat.json_file(scan, "LISTING", PROVENANCE_FILE)
+        assert prov["recipe"] == "flaky" and prov["recipe_version"] == "7"
+        assert prov["parameters"] == {} and prov["converter_version"] is None
+
+    # Nothing left to retry.
+    nothing = cli("retry", "1")
+    assert nothing.exit_code == 0
+    assert "run 1 has no failed jobs to retry" in nothing.stderr
+
+
+# --- 7: cancel -------------------------------------------------------------------------------
+
+
+def test_cancel_run_stops_every_job_and_sync_then_does_nothing(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path
+) -> None:
+    recipes = write_recipe(tmp_path / "recipes", "sleepy", "sleep 120")
+    started = cli("run", "sleepy", "PTV000", "--scan-type", "*T1*", "--recipes", str(recipes))
+    assert started.exit_code == 0, started.output
+    assert started.stdout == "1\n"
+    assert started.stderr.count("submitted as job") == 3
+
+    def running() -> list[dict[str, Any]]:
+        found = [local_state(isolated_home, j["id"]) for j in local_jobs(isolated_home)]
+        return [s for s in found if s.get("state") == "running" and s.get("pgid")]
+
+    eventually(lambda: len(running()) >= 1, "a job to start")
+    groups = [int(s["pgid"]) for s in running()]
+    runners = [
+        int((isolated_home / "local-jobs" / j["id"] / "runner.pid").read_text())
+        for j in local_jobs(isolated_home)
+    ]
+
+    cancelled = cli("cancel", "--run", "1")
+    assert cancelled.exit_code == 0, cancelled.output
+    assert cancelled.stdout == "run 1: cancelled 3 job(s)\n"
+
+    data = status_json(1)
+    assert data["run"]["state"] == "cancelled"
+    assert states(data) == dict.fromkeys(T1_SCANS, "cancelled")
+    eventually(lambda: all(group_gone(g) for g in groups), f"the job processes {groups} to end")
+    eventually(lambda: all(gone(p) for p in runners), f"the local runners {runners} to exit")
+    finals = {local_state(isolated_home, j["id"]).get("state") for j in local_jobs(isolated_home)}
+    assert finals == {"cancelled"}
+
+    # The run is over: sync submits nothing, uploads nothing and changes no state.
+    before = xnat.stats()
+    after_sync = cli("sync", "1")
+    assert after_sync.exit_code == 3, after_sync.output  # ended, with scans cancelled
+    assert "run 1 ended with 3 of 3 scan(s) failed or cancelled" in after_sync.stderr
+    assert "submitted" not in after_sync.stderr
+    assert len(local_jobs(isolated_home)) == 3
+    assert status_json(1)["run"]["state"] == "cancelled"
+    assert states(status_json(1)) == dict.fromkeys(T1_SCANS, "cancelled")
+    assert delta(before, xnat.stats()).get("PUT", 0) == 0
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "RESULT") == []
+
+
+# --- 8: a scan that cannot be staged in ------------------------------------------------------
+
+
+def test_a_scan_without_dicom_fails_while_the_others_upload(
+    xnat: Xnat, isolated_home: Path
+) -> None:
+    session = "PTV000/Haofei01/Haofei01_MR1"
+    done = hb("run", "dcm2niix", session, "--scan", "4", "--scan", "99", "--wait", *FAST)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "1\n"
+    assert "Traceback" not in done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("hpcbridge: error: run 1 ended with 1 of 2 scan(s) failed")
+    assert "`hpcbridge status 1` shows why" in last
+    # The failure is said once, naming the scan once.
+    error = f"{session}/99: failed: resource DICOM holds no DICOM (1 other file(s))"
+    assert done.stderr.count("holds no DICOM") == 1, done.stderr
+    assert f"  {error}\n" in done.stderr
+
+    data = status_json(1)
+    assert states(data) == {f"{session}/4": "uploaded", f"{session}/99": "failed"}
+    bad = next(j for j in data["jobs"] if j["scan"].endswith("/99"))
+    assert bad["error"] == "resource DICOM holds no DICOM (1 other file(s))"
+    assert bad["job_id"] is None  # never submitted
+    assert len(local_jobs(isolated_home)) == 1
+    assert xnat.files(f"{session}/4", "NIFTI") == T1_OUTPUTS
+    assert xnat.files(f"{session}/99", "NIFTI") == []
+
+    table = cli("status")
+    assert table.stdout.splitlines()[-1] == "1 uploaded, 1 failed"
+    assert f"--- {session}/99: resource DICOM holds no DICOM" in table.stderr
+
+
+# --- 9: errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["run", "nope", "PTV000"], 1, "no recipe named 'nope'"),
+        (
+            ["run", "dcm2niix", "PTV000", "--scan-type", "nope*"],
+            1,
+            "no scan below PTV000 matches nope* (`hpcbridge ls PTV000` shows what is there)",
+        ),
+        (
+            ["run", "dcm2niix", "PTV000", "--set", "nope=1"],
+            1,
+            "recipe dcm2niix has no parameter 'nope' (parameters: gzip, filename, bids)",
+        ),
+        (["run", "dcm2niix", "PTV000", "--set", "gzip=maybe"], 1, "gzip"),
+        (["run", "dcm2niix", "NOPE000"], 1, "NOPE000"),
+        (["status", "999"], 1, "no run 999"),
+        (["sync", "999"], 1, "no run 999"),
+        (["retry", "999"], 1, "no run 999"),
+        (["cancel", "--run", "999"], 1, "no run 999"),
+        (["status"], 2, "no runs yet"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_errors_are_one_line_with_the_right_exit_code(
+    xnat: Xnat, isolated_home: Path, args: list[str], code: int, message: str
+) -> None:
+    before = xnat.stats()
+    result = cli(*args)
+    line = one_line_error(result, code)
+    assert message in line
+    # Nothing was started or written.
+    assert not (isolated_home / "local-jobs").exists()
+    assert not (isolated_home / "work").exists()
+    assert delta(before, xnat.stats()).get("PUT", 0) == 0
+    if ledger_path(load_settings()).exists():
+        with Ledger.for_settings(load_settings()) as ledger:
+            assert ledger.runs() == []
