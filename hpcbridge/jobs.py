@@ -22,7 +22,6 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from .schedulers.pbs import PbsScheduler
 from .schedulers.script import parse_script
 from .schedulers.slurm import SlurmScheduler
 from .transport import LocalTransport, Transport, remote_path
+from .units import utc_stamp
 
 __all__ = [
     "Job",
@@ -53,10 +53,6 @@ LOG_TAIL_LINES = 20
 #: How long a job the scheduler calls ended may go without its status file before it is judged
 #: by the scheduler alone: network file systems can show the file to the login node late.
 STATUS_FILE_GRACE = 30.0
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -255,7 +251,7 @@ def submit_script(
         script=target,
         work_dir=info.work_dir,
         name=info.name or local_script.stem,
-        submitted=_now(),
+        submitted=utc_stamp(),
         after=list(after),
         array=array,
         stdout=stdout,
@@ -327,7 +323,7 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
             state=(State.FAILED if bad else State.FINISHED).value,
             raw_state=status.raw_state if status else job.raw_state,
             exit_code=bad[0] if bad else 0,
-            end=max(ends) if ends else _now(),
+            end=max(ends) if ends else utc_stamp(),
             reason=_failure_reason(bad[0], status) if bad else "",
         )
     if status is not None and not status.state.is_final:
@@ -340,7 +336,7 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
             job,
             state=State.CANCELLED.value,
             raw_state=status.raw_state,
-            end=_now(),
+            end=utc_stamp(),
             reason=status.reason or "cancelled",
         )
     if not started and status is not None and status.state is State.FAILED:
@@ -350,7 +346,7 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
             state=State.FAILED.value,
             raw_state=status.raw_state,
             exit_code=status.exit_code,
-            end=_now(),
+            end=utc_stamp(),
             reason=status.reason or "failed before it started",
         )
     if not started:
@@ -358,7 +354,7 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
             job,
             state=State.CANCELLED.value,
             raw_state=status.raw_state if status else "",
-            end=_now(),
+            end=utc_stamp(),
             reason="ended before it started (cancelled, or its dependencies failed)",
         )
     now = time.time()
@@ -369,7 +365,7 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
         state=State.FAILED.value,
         raw_state=status.raw_state if status else job.raw_state,
         exit_code=status.exit_code if status else None,
-        end=_now(),
+        end=utc_stamp(),
         reason="ended without recording an exit code (killed: walltime, memory or node failure?)",
     )
 
@@ -401,7 +397,7 @@ def _resolve_by_scheduler(job: Job, status: JobStatus | None) -> Job:
         exit_code=status.exit_code,
         reason=status.reason
         or (f"exit code {status.exit_code}" if state is State.FAILED and status.exit_code else ""),
-        end=_now() if state.is_final else None,
+        end=utc_stamp() if state.is_final else None,
     )
 
 
@@ -478,7 +474,7 @@ def _cancel_orphans(store: JobStore, scheduler: Scheduler, by_id: dict[str, Job]
             new = replace(
                 job,
                 state=State.CANCELLED.value,
-                end=_now(),
+                end=utc_stamp(),
                 reason=f"cancelled by hpcbridge: job {parent} it depends on "
                 f"{everyone[parent].state}",
             )
@@ -511,7 +507,7 @@ def cancel_jobs(store: JobStore, scheduler: Scheduler, ids: Sequence[str]) -> li
                 submitted="",
             )
         if not job.final:
-            job = replace(job, state=State.CANCELLED.value, end=_now(), reason="cancelled")
+            job = replace(job, state=State.CANCELLED.value, end=utc_stamp(), reason="cancelled")
             store.save(job)
         done.append(job)
     if missing:

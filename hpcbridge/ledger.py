@@ -33,12 +33,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import LedgerError
+from .units import utc_stamp
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -261,10 +261,6 @@ class Event:
 _RUN_COLUMNS = ", ".join(f.name for f in fields(Run))
 _JOB_COLUMN_NAMES = tuple(f.name for f in fields(JobRow))
 _JOB_COLUMNS = ", ".join(_JOB_COLUMN_NAMES)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _dumps(value: Any, what: str) -> str:
@@ -693,7 +689,7 @@ class Ledger:
             target,
             profile,
             _dumps(dict(options), "the run options"),
-            _now(),
+            utc_stamp(),
             RunState.ACTIVE.value,
         )
         with self._tx(write=True) as conn:
@@ -757,7 +753,7 @@ class Ledger:
     ) -> JobRow:
         """Plan one scan's job; planning the same scan again returns the existing row as is,
         so a re-run of an interrupted ``run`` picks up where it was."""
-        now = _now()
+        now = utc_stamp()
         with self._tx(write=True) as conn:
             row = conn.execute(
                 "SELECT id FROM jobs WHERE run_id = ? AND address = ?", (run_id, address)
@@ -851,7 +847,7 @@ class Ledger:
         in one transaction. Moving to the state it is in records nothing new but the fields."""
         target = _job_state(to)
         values = _encode_fields(fields)
-        now = _now()
+        now = utc_stamp()
         with self._tx(write=True) as conn:
             job = self._job(conn, job_id)
             if job.state is target:
@@ -886,7 +882,7 @@ class Ledger:
         with self._tx(write=True) as conn:
             self._job(conn, job_id)
             if values:
-                self._set(conn, job_id, values, _now())
+                self._set(conn, job_id, values, utc_stamp())
             return self._job(conn, job_id)
 
     def events(self, job_id: int) -> list[Event]:

@@ -25,7 +25,6 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -39,6 +38,7 @@ from .schedulers.base import Scheduler, State
 from .stagein import Selection, safe_name, scan_folder, stage_in
 from .stageout import SAFE_PATH, collect, resolve_target, stage_out
 from .transport import LocalTransport, Transport
+from .units import utc_stamp
 from .xnat.address import Address
 from .xnat.browse import project_scans, scans_of
 from .xnat.client import XnatClient
@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 PROVENANCE_FILE = "hpcbridge-provenance.json"
 #: Sync passes a finished job's stage-out may fail before the job is marked failed.
 STAGE_OUT_TRIES = 3
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -624,7 +620,7 @@ def _submit_one(ctx: _Context, row: JobRow) -> JobRow:
     local.parent.mkdir(parents=True, exist_ok=True)
     local.write_text(script)
     digest = hashlib.sha256(script.encode()).hexdigest()
-    ctx.ledger.update(row.id, script_hash=digest, extra=dict(row.extra, submitting=_now()))
+    ctx.ledger.update(row.id, script_hash=digest, extra=dict(row.extra, submitting=utc_stamp()))
     job = submit_script(ctx.store, ctx.scheduler, local, host=ctx.settings.host or "")
     submitted = ctx.ledger.transition(
         row.id,

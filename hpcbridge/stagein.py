@@ -36,7 +36,7 @@ from typing import Any
 import requests
 
 from .errors import HpcBridgeError, StageError, XnatConnectionError, XnatNotFoundError
-from .units import human_size
+from .units import human_size, utc_stamp
 from .xnat.address import Address
 from .xnat.browse import require, scans_of
 from .xnat.client import XnatClient
@@ -353,7 +353,7 @@ class _Plan:
                 "quality": self.scan.quality,
             },
             "resource": self.resource,
-            "staged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "staged_at": utc_stamp(),
             "files": entries,
             "dicom": dicom,
         }

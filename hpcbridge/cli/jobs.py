@@ -263,10 +263,12 @@ def jobs_command(
 def _recent(job: Any) -> bool:
     from datetime import datetime, timedelta, timezone
 
+    from ..units import parse_utc_stamp
+
     if not job.final or not job.end:
         return True
     try:
-        ended = datetime.strptime(job.end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        ended = parse_utc_stamp(job.end)
     except ValueError:
         return True
     return datetime.now(timezone.utc) - ended < timedelta(days=1)

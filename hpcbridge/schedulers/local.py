@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from hpcbridge.errors import SchedulerError
 from hpcbridge.schedulers.base import JobStatus, Scheduler, State
 from hpcbridge.schedulers.script import ScriptInfo, walltime_seconds
 from hpcbridge.transport import LocalTransport, Transport
+from hpcbridge.units import utc_stamp
 
 __all__ = ["LocalScheduler", "array_indices", "run_job"]
 
@@ -46,10 +46,6 @@ _ARRAY = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
 _THROTTLE = re.compile(r"^[1-9]\d*$")
 _MAX_ARRAY = 10_000
 _KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL, as PBS and Slurm do by default
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def array_indices(spec: str) -> list[int]:
@@ -227,7 +223,7 @@ class LocalScheduler(Scheduler):
             "stderr": info.stderr or str(logs_dir / "job.err"),
             "walltime": walltime_seconds(info.walltime) if info.walltime else None,
             "max_jobs": self.max_jobs,
-            "submitted": _now(),
+            "submitted": utc_stamp(),
         }
         _write_json(job_dir / "job.json", spec)
         _write_json(job_dir / "state.json", {"state": "queued", "submitted": spec["submitted"]})
@@ -303,7 +299,7 @@ class LocalScheduler(Scheduler):
             elif state.get("state") == "queued" and not _runner_alive(job_dir):
                 _write_json(
                     job_dir / "state.json",
-                    dict(state, state="cancelled", reason="cancelled", end=_now()),
+                    dict(state, state="cancelled", reason="cancelled", end=utc_stamp()),
                 )
         return unknown
 
@@ -427,7 +423,7 @@ class _Runner:
                 stderr=err,
                 start_new_session=True,  # its own process group, so cancel reaches children
             )
-        self.record(state="running", pid=proc.pid, pgid=proc.pid, start=_now(), task=index)
+        self.record(state="running", pid=proc.pid, pgid=proc.pid, start=utc_stamp(), task=index)
         walltime = self.spec.get("walltime")
         deadline = time.monotonic() + walltime if walltime else None
         killed = ""
@@ -451,13 +447,13 @@ class _Runner:
         try:
             why = self.wait_for_dependencies()
             if why is not None:
-                self.record(state="cancelled", reason=why, end=_now())
+                self.record(state="cancelled", reason=why, end=utc_stamp())
                 return 0
             slot = self.take_slot()
         finally:
             _leave_line(self.root, self.spec["id"])
         if slot is None:
-            self.record(state="cancelled", reason="cancelled", end=_now())
+            self.record(state="cancelled", reason="cancelled", end=utc_stamp())
             return 0
         try:
             # A new run starts new logs (as qsub and sbatch do): in a reused work folder the
@@ -482,14 +478,14 @@ class _Runner:
             slot.close()
         exit_code = 128 + (-worst) if worst < 0 else worst
         if reason == "cancelled":
-            self.record(state="cancelled", reason="cancelled", exit_code=exit_code, end=_now())
+            self.record(state="cancelled", reason="cancelled", exit_code=exit_code, end=utc_stamp())
         else:
             self.record(
                 state="finished" if exit_code == 0 and not reason else "failed",
                 exit_code=exit_code,
                 signal=-worst if worst < 0 else None,
                 reason=reason,
-                end=_now(),
+                end=utc_stamp(),
             )
         return 0
 
