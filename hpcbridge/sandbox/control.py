@@ -19,6 +19,7 @@ from typing import Any
 
 from ..credentials import check_private
 from ..errors import SandboxError
+from ..processes import pid_alive
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -61,28 +62,12 @@ def read_ready(path: Path) -> dict[str, Any]:
     return dict(info)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        # Reap it if it is our own exited child (a CLI run in-process, as in tests).
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_sandbox_process(pid: int) -> bool:
     """Only ever signal a process that is our sandbox (a stale pid may be reused)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return _alive(pid)
+        return pid_alive(pid)
     return b"hpcbridge" in b" ".join(cmdline) and b"serve" in cmdline
 
 
@@ -91,7 +76,7 @@ def running(paths: SandboxPaths) -> dict[str, Any] | None:
     if not paths.ready.exists():
         return None
     info = read_ready(paths.ready)
-    if _alive(int(info["pid"])) and _is_sandbox_process(int(info["pid"])):
+    if pid_alive(int(info["pid"])) and _is_sandbox_process(int(info["pid"])):
         return info
     paths.ready.unlink(missing_ok=True)  # left behind by a sandbox that died
     return None
@@ -164,9 +149,9 @@ def stop(paths: SandboxPaths) -> bool:
     pid = int(info["pid"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if pid_alive(pid):
         raise SandboxError(f"the sandbox (pid {pid}) did not stop within {STOP_TIMEOUT:g} s")
     paths.ready.unlink(missing_ok=True)
     return True

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcbridge.errors import SchedulerError
+from hpcbridge.processes import pid_alive
 from hpcbridge.schedulers.base import JobStatus, Scheduler, State
 from hpcbridge.schedulers.script import ScriptInfo, walltime_seconds
 from hpcbridge.transport import LocalTransport, Transport
@@ -74,10 +75,15 @@ def array_indices(spec: str) -> list[int]:
     return sorted(set(indices))
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Replace ``path`` whole: a reader sees the old content or the new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=1))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -86,23 +92,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of this process is gone for our purposes.
-    with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            return False
-    return True
 
 
 @contextlib.contextmanager
@@ -122,7 +111,7 @@ def _runner_alive(job_dir: Path) -> bool:
         return True  # submitted this instant: the pid is being written
     except ValueError:
         return False
-    return _alive(pid)
+    return pid_alive(pid)
 
 
 def _job_state(job_dir: Path) -> tuple[dict[str, Any], str]:
@@ -178,7 +167,7 @@ class LocalScheduler(Scheduler):
             except (FileNotFoundError, ValueError):
                 last = 0
             job_id = str(last + 1)
-            _write_json_text(counter, job_id)
+            _write_text(counter, job_id)
         return job_id
 
     def submit(
@@ -246,7 +235,7 @@ class LocalScheduler(Scheduler):
             _write_json(job_dir / "state.json", {"state": "failed", "reason": str(exc)})
             raise SchedulerError(f"cannot start the local job runner: {exc}") from None
         # Only the runner writes state.json; its pid goes to a file of its own.
-        _write_json_text(job_dir / "runner.pid", str(runner.pid))
+        _write_text(job_dir / "runner.pid", str(runner.pid))
         return job_id
 
     def _status_of(self, job_id: str) -> JobStatus | None:
@@ -324,12 +313,6 @@ def _first_in_line(root: Path, job_id: str) -> bool:
             return False
         _leave_line(root, entry.name)  # its runner died: it will never take a slot
     return True
-
-
-def _write_json_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
 
 
 # --- the runner: one per job, in its own session --------------------------------------------
