@@ -42,6 +42,7 @@ __all__ = [
     "cancel_jobs",
     "open_scheduler",
     "open_transport",
+    "next_delay",
     "refresh",
     "submit_script",
     "wait_for",
@@ -550,5 +551,11 @@ def wait_for(
                 + ", ".join(j.id for j in report.jobs if not _settled(j)),
                 hint="they keep running; check later with `hpcbridge jobs`",
             )
-        delay = interval if report.changed else min(delay * 1.5, ceiling)
+        delay = next_delay(delay, interval, changed=bool(report.changed), ceiling=ceiling)
         sleep(delay)
+
+
+def next_delay(delay: float, interval: float, *, changed: bool, ceiling: float) -> float:
+    """The polite wait before the next poll: back to ``interval`` as soon as something changed,
+    otherwise half as long again as the last wait, up to ``ceiling``."""
+    return interval if changed else min(delay * 1.5, ceiling)

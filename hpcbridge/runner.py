@@ -31,10 +31,11 @@ from typing import Any
 from . import __version__
 from .config import Settings
 from .errors import HpcBridgeError, RecipeError, StageError
-from .jobs import Job, JobStore, cancel_jobs, refresh, submit_script
+from .jobs import Job, JobStore, cancel_jobs, next_delay, refresh, submit_script
 from .ledger import JobRow, JobState, Ledger, Run, RunState
 from .recipes import Recipe, find, render_script
 from .schedulers.base import Scheduler, State
+from .schedulers.pbs import PbsScheduler
 from .stagein import Selection, safe_name, scan_folder, stage_in
 from .stageout import SAFE_PATH, collect, resolve_target, stage_out
 from .transport import LocalTransport, Transport
@@ -236,21 +237,39 @@ def _unfinished_twin(
     return None
 
 
-def dry_run_script(settings: Settings, plan: Plan, scheduler_kind: str) -> str:
+def dry_run_script(settings: Settings, plan: Plan) -> str:
     """The job script the first planned scan would get, for ``run --dry-run``."""
     ref = plan.scans[0]
     folder = _work_root(settings) + "/run-N/" + _scan_relative(ref.experiment_label, ref)
+    # No cluster is asked in a dry run: the flavour is the profile's, PBS Pro when unset.
+    pbs_torque = settings.scheduler == "pbs" and settings.pbs_flavour == "torque"
+    template = "torque" if pbs_torque else settings.scheduler
+    name = f"hbN_{safe_name(ref.experiment_label)}_{safe_name(ref.scan_id)}"
+    return _job_script(settings, plan.recipe, template, plan.values, folder, name, ref)
+
+
+def _job_script(
+    settings: Settings,
+    recipe: Recipe,
+    template: str,
+    values: dict[str, Any],
+    folder: str,
+    name: str,
+    ref: ScanRef,
+) -> str:
+    """The job script for one scan's folder; the recipe's queue and account win over the
+    profile's."""
     return render_script(
-        plan.recipe,
-        scheduler_kind,
-        values=plan.values,
-        input_dir=f"{folder}/resources/{safe_name(plan.recipe.input_resource)}/files",
+        recipe,
+        template,
+        values=values,
+        input_dir=f"{folder}/resources/{safe_name(recipe.input_resource)}/files",
         output_dir=f"{folder}/out",
         work_dir=folder,
-        name=f"hbN_{safe_name(ref.experiment_label)}_{safe_name(ref.scan_id)}",
+        name=name,
         scan=ref.as_dict(),
-        queue=plan.recipe.resources.queue or settings.queue,
-        account=plan.recipe.resources.account or settings.account,
+        queue=recipe.resources.queue or settings.queue,
+        account=recipe.resources.account or settings.account,
     )
 
 
@@ -278,8 +297,10 @@ def _scan_relative(experiment: str, ref: ScanRef) -> str:
 
 
 def _scheduler_template(scheduler: Scheduler) -> str:
-    if scheduler.kind == "pbs":
-        return "torque" if getattr(scheduler, "_flavour", None) == "torque" else "pbs"
+    # Torque has its own skeleton (-l nodes=...:ppn=..., -A); asking the flavour here costs
+    # nothing more, since submitting asks it anyway.
+    if isinstance(scheduler, PbsScheduler):
+        return "torque" if scheduler.flavour == "torque" else "pbs"
     return scheduler.kind
 
 
@@ -594,8 +615,6 @@ def _submit_planned(ctx: _Context, report: SyncReport) -> None:
 
 def _submit_one(ctx: _Context, row: JobRow) -> JobRow:
     folder = ctx.remote_folder(row)
-    resource = safe_name(ctx.recipe.input_resource)
-    input_dir = f"{folder}/resources/{resource}/files"
     if row.state is JobState.PLANNED:
         _stage_in_one(ctx, row)
         row = ctx.ledger.transition(row.id, JobState.STAGED, work_dir=folder)
@@ -604,17 +623,14 @@ def _submit_one(ctx: _Context, row: JobRow) -> JobRow:
     adopted = _adopt(ctx, row)
     if adopted is not None:
         return adopted
-    script = render_script(
+    script = _job_script(
+        ctx.settings,
         ctx.recipe,
         _scheduler_template(ctx.scheduler),
-        values=ctx.run.params,
-        input_dir=input_dir,
-        output_dir=f"{folder}/out",
-        work_dir=folder,
-        name=row.name,
-        scan=_ref(row).as_dict(),
-        queue=ctx.recipe.resources.queue or ctx.settings.queue,
-        account=ctx.recipe.resources.account or ctx.settings.account,
+        ctx.run.params,
+        folder,
+        row.name,
+        _ref(row),
     )
     local = ctx.local_folder(row) / ".hpcbridge-submit" / "job.sh"
     local.parent.mkdir(parents=True, exist_ok=True)
@@ -735,6 +751,6 @@ def wait_run(
         if report.done:
             return report
         run = report.run
-        busy = report.submitted or report.uploaded or report.failed
-        delay = interval if busy else min(delay * 1.5, interval * 10)
+        busy = bool(report.submitted or report.uploaded or report.failed)
+        delay = next_delay(delay, interval, changed=busy, ceiling=interval * 10)
         sleep(delay)

@@ -54,15 +54,20 @@ def settings_of(ctx: click.Context) -> Settings:
     """Settings resolved once per invocation, on first use."""
     root = ctx.find_root()
     if "settings" not in root.meta:
-        p = root.params
-        root.meta["settings"] = load_settings(
-            profile=p.get("profile"),
-            config_path=p.get("config"),
-            verbose=p.get("verbose") or 0,
-            quiet=bool(p.get("quiet")),
-            json=bool(p.get("json_output")),
-        )
+        root.meta["settings"] = settings_for(ctx, root.params.get("profile"))
     return root.meta["settings"]  # type: ignore[no-any-return]
+
+
+def settings_for(ctx: click.Context, profile: str | None) -> Settings:
+    """The settings of ``profile`` with this invocation's global options (config, -v, -q...)."""
+    p = ctx.find_root().params
+    return load_settings(
+        profile=profile,
+        config_path=p.get("config"),
+        verbose=p.get("verbose") or 0,
+        quiet=bool(p.get("quiet")),
+        json=bool(p.get("json_output")),
+    )
 
 
 def emit_json(data: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..errors import HpcBridgeError, PartialFailure
-from .app import emit_json, main, settings_of
+from .app import emit_json, main, settings_for, settings_of
 
 DEMO_PROJECT = "PTV000"
 DEMO_SCAN_TYPE = "*T1*"
@@ -39,7 +39,6 @@ def demo_command(ctx: click.Context, interval: float) -> None:
       hpcbridge --profile sandbox status
       hpcbridge sandbox stop
     """
-    from ..config import load_settings
     from ..jobs import open_scheduler, open_transport
     from ..ledger import Ledger
     from ..runner import RunRequest, start_run, wait_run
@@ -57,9 +56,7 @@ def demo_command(ctx: click.Context, interval: float) -> None:
     info, started = start(SandboxPaths.under(outer.home))
     say = (lambda text: None) if outer.quiet else (lambda text: click.echo(text, err=True))
     say(f"sandbox XNAT {'started' if started else 'running'} at {info['url']}")
-    settings = load_settings(
-        profile="sandbox", config_path=outer.config_path, quiet=outer.quiet, json=outer.json
-    )
+    settings = settings_for(ctx, "sandbox")
     request = RunRequest(recipe="dcm2niix", address=DEMO_PROJECT, scan_types=(DEMO_SCAN_TYPE,))
     with Ledger.for_settings(settings) as ledger, connect(settings) as client:
         plan = start_run(settings, client, ledger, request)

@@ -27,7 +27,8 @@ def host_key_option(func: F) -> F:
 
 
 @contextlib.contextmanager
-def _connected(ctx: click.Context, accept_new_host_key: bool) -> Iterator[tuple[Any, Scheduler]]:
+def connected(ctx: click.Context, accept_new_host_key: bool) -> Iterator[tuple[Any, Scheduler]]:
+    """The profile's job records and scheduler, over one transport closed at the end."""
     from ..jobs import JobStore, open_scheduler, open_transport
 
     settings = settings_of(ctx)
@@ -166,7 +167,7 @@ def submit_command(
     from ..jobs import submit_script, wait_for
 
     settings = settings_of(ctx)
-    with _connected(ctx, accept_new_host_key) as (store, scheduler):
+    with connected(ctx, accept_new_host_key) as (store, scheduler):
         job = submit_script(
             store,
             scheduler,
@@ -228,7 +229,7 @@ def jobs_command(
     from ..jobs import refresh, wait_for
 
     settings = settings_of(ctx)
-    with _connected(ctx, accept_new_host_key) as (store, scheduler):
+    with connected(ctx, accept_new_host_key) as (store, scheduler):
         wanted = scheduler.check_ids(ids)
         if wanted:
             records = {i: store.get(i) for i in wanted}
@@ -313,7 +314,7 @@ def cancel_command(
     if run_id is not None:
         _cancel_run(ctx, run_id, accept_new_host_key)
         return
-    with _connected(ctx, accept_new_host_key) as (store, scheduler):
+    with connected(ctx, accept_new_host_key) as (store, scheduler):
         jobs = cancel_jobs(store, scheduler, ids)
     if settings.json:
         emit_json([j.to_json() for j in jobs])
@@ -331,7 +332,7 @@ def _cancel_run(ctx: click.Context, run_id: int, accept_new_host_key: bool) -> N
     settings = settings_of(ctx)
     with (
         Ledger.for_settings(settings) as ledger,
-        _connected(ctx, accept_new_host_key) as (
+        connected(ctx, accept_new_host_key) as (
             store,
             scheduler,
         ),

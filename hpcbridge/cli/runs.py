@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, PartialFailure
-from .app import emit_json, emit_table, main, settings_of
-from .jobs import host_key_option
+from .app import emit_json, emit_table, main, settings_for, settings_of
+from .jobs import connected, host_key_option
 from .recipes import _set_values, recipes_option
 
 
@@ -25,7 +25,6 @@ def adopt_run_profile(ctx: click.Context, run_id: int | None) -> int:
     """
     import os
 
-    from ..config import load_settings
     from ..ledger import Ledger
 
     settings = settings_of(ctx)
@@ -34,21 +33,13 @@ def adopt_run_profile(ctx: click.Context, run_id: int | None) -> int:
     root = ctx.find_root()
     explicit = root.params.get("profile") or os.environ.get("HPCBRIDGE_PROFILE")
     if not explicit and run.profile != settings.profile:
-        p = root.params
-        root.meta["settings"] = load_settings(
-            profile=run.profile,
-            config_path=p.get("config"),
-            verbose=p.get("verbose") or 0,
-            quiet=bool(p.get("quiet")),
-            json=bool(p.get("json_output")),
-        )
+        root.meta["settings"] = settings_for(ctx, run.profile)
     return int(run.id)
 
 
 @contextlib.contextmanager
 def _opened(ctx: click.Context, accept_new_host_key: bool = False) -> Iterator[dict[str, Any]]:
     """The ledger, the XNAT client, the transport and the scheduler, each opened once."""
-    from ..jobs import JobStore, open_scheduler, open_transport
     from ..ledger import Ledger
     from ..xnat import connect
 
@@ -56,14 +47,13 @@ def _opened(ctx: click.Context, accept_new_host_key: bool = False) -> Iterator[d
     with contextlib.ExitStack() as stack:
         ledger = stack.enter_context(Ledger.for_settings(settings))
         client = stack.enter_context(connect(settings))
-        transport = open_transport(settings, accept_new_host_key=accept_new_host_key)
-        stack.callback(transport.close)
+        store, scheduler = stack.enter_context(connected(ctx, accept_new_host_key))
         yield {
             "settings": settings,
             "ledger": ledger,
             "client": client,
-            "scheduler": open_scheduler(settings, transport),
-            "store": JobStore(settings.home, settings.profile),
+            "scheduler": scheduler,
+            "store": store,
         }
 
 
@@ -262,7 +252,7 @@ def _dry_run(ctx: click.Context, request: Any) -> None:
     )
     if plan.scans:
         click.echo(f"\n# job script for {plan.scans[0].address}:", err=True)
-        click.echo(dry_run_script(settings, plan, "torque" if kind == "torque" else kind))
+        click.echo(dry_run_script(settings, plan))
 
 
 _STATUS_COLUMNS = [
