@@ -98,10 +98,17 @@ def _safe_name(job_id: str) -> str:
 
 
 class JobStore:
-    """One JSON file per job, per profile (job ids are only unique per cluster)."""
+    """One JSON file per job, per profile (job ids are only unique per cluster).
+
+    ``all()`` reads every record once per store object and then keeps its own saves in step:
+    a run submits and polls many jobs through one store, and reading the whole folder again
+    for each submission and each poll made a run's cost grow with the square of its size.
+    ``get()`` always reads the file, for the freshest view of one job.
+    """
 
     def __init__(self, home: Path, profile: str) -> None:
         self.dir = Path(home) / "jobs" / _safe_name(profile)
+        self._all: dict[str, Job] | None = None
 
     def save(self, job: Job) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +116,9 @@ class JobStore:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
         tmp.write_text(json.dumps(asdict(job), indent=1) + "\n")
         os.replace(tmp, path)
+        if self._all is not None:
+            self._all.pop(job.id, None)  # the latest saved last, as on disk
+            self._all[job.id] = job
 
     def get(self, job_id: str) -> Job | None:
         path = self.dir / f"{_safe_name(job_id)}.json"
@@ -124,13 +134,15 @@ class JobStore:
         return Job(**{k: v for k, v in data.items() if k in known})
 
     def all(self) -> list[Job]:
-        jobs = []
-        for path in sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime):
-            with contextlib.suppress(SchedulerError):
-                job = self.get(path.stem)
-                if job is not None:
-                    jobs.append(job)
-        return jobs
+        """Every job, oldest change first."""
+        if self._all is None:
+            self._all = {}
+            for path in sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime):
+                with contextlib.suppress(SchedulerError):
+                    job = self.get(path.stem)
+                    if job is not None:
+                        self._all[job.id] = job
+        return list(self._all.values())
 
 
 # --- opening the transport and the scheduler from settings -----------------------------------
