@@ -310,23 +310,31 @@ def _read_json(transport: Transport, path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _outcomes(transport: Transport, job: Job) -> tuple[list[dict[str, Any] | None], bool]:
-    """The status file of each task (one for a plain job) and whether any task started."""
-    assert job.state_dir is not None
-    tags = [f".{i}" for i in array_indices(job.array)] if job.array else [""]
-    outcomes = [_read_json(transport, f"{job.state_dir}/status{tag}.json") for tag in tags]
-    started = any(outcomes) or any(
+def _task_tags(job: Job) -> list[str]:
+    """The suffix of each task's state files: ``.3`` for array task 3, none for a plain job."""
+    return [f".{i}" for i in array_indices(job.array)] if job.array else [""]
+
+
+def _started(transport: Transport, job: Job) -> bool:
+    return any(
         transport.read_text(f"{job.state_dir}/started{tag}.json", limit=4096) is not None
-        for tag in tags
+        for tag in _task_tags(job)
     )
-    return outcomes, started
 
 
 def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
     """The job after this poll: its status file decides, the scheduler fills in."""
     if job.state_dir is None:
         return _resolve_by_scheduler(job, status)
-    outcomes, started = _outcomes(transport, job)
+    if status is not None and status.state in (State.QUEUED, State.HELD):
+        # Not running: its folder holds no outcome of this attempt (a requeued job's is stale),
+        # so no file is read for it: over SSH each read is a round trip, per job, per poll.
+        return replace(
+            job, state=status.state.value, raw_state=status.raw_state, reason=status.reason
+        )
+    outcomes = [
+        _read_json(transport, f"{job.state_dir}/status{tag}.json") for tag in _task_tags(job)
+    ]
     if all(outcomes):
         codes = [int(o.get("exit_code", 1)) for o in outcomes if o]
         bad = [c for c in codes if c != 0]
@@ -343,6 +351,7 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
         return replace(
             job, state=status.state.value, raw_state=status.raw_state, reason=status.reason
         )
+    started = any(outcomes) or _started(transport, job)
     # The scheduler says it ended (or no longer knows it) and there is no status file yet.
     if status is not None and status.state is State.CANCELLED:
         return replace(

@@ -45,3 +45,23 @@ def test_all_reads_the_folder_once_and_follows_its_own_saves(
     monkeypatch.setattr(JobStore, "get", real_get)
     fresh = {j.id: j.state for j in JobStore(tmp_path, "ci").all()}
     assert len(fresh) == 51 and fresh["7"] == "finished"
+
+
+def test_a_queued_job_is_not_judged_by_a_status_file_left_in_its_folder(tmp_path: Path) -> None:
+    """A requeued job (or a folder reused by hand) may hold an old outcome: while the
+    scheduler says the job waits, that file is not this attempt's and is not read."""
+    from hpcbridge.jobs import _resolve
+    from hpcbridge.schedulers.base import JobStatus, State
+    from hpcbridge.transport import LocalTransport
+
+    record = job("9")
+    record.work_dir = str(tmp_path)
+    (tmp_path / ".hpcbridge").mkdir()
+    (tmp_path / ".hpcbridge" / "status.json").write_text('{"exit_code": 0, "end": "x"}')
+    waiting = JobStatus("9", State.QUEUED, "PENDING", reason="Priority")
+    after = _resolve(record, waiting, LocalTransport())
+    assert (after.state, after.raw_state, after.reason) == ("queued", "PENDING", "Priority")
+    assert after.exit_code is None
+    # once the scheduler has run it, the file is its outcome
+    ended = _resolve(record, JobStatus("9", State.FINISHED, "COMPLETED"), LocalTransport())
+    assert (ended.state, ended.exit_code) == ("finished", 0)
