@@ -30,7 +30,7 @@ from typing import Any
 
 from . import __version__
 from .config import Settings
-from .errors import HpcBridgeError, RecipeError, StageError
+from .errors import ConfigError, HpcBridgeError, StageError
 from .jobs import Job, JobStore, cancel_jobs, next_delay, refresh, submit_script
 from .ledger import JobRow, JobState, Ledger, Run, RunState
 from .recipes import Recipe, find, render_script
@@ -153,6 +153,7 @@ def start_run(
     dry_run: bool = False,
 ) -> Plan:
     """Plan the scans and (unless ``dry_run``) record the run and one planned job per scan."""
+    _work_root(settings)  # a profile that cannot place the data fails before anything is recorded
     recipe = _recipe(settings, request.recipe, request.recipe_dirs)
     values = recipe.values(dict(request.sets))
     address = Address.parse(request.address)
@@ -277,17 +278,19 @@ def _job_script(
 
 
 def _work_root(settings: Settings) -> str:
+    """Where runs keep their folders, on the side of the transport that runs the jobs."""
     if settings.work_root:
         root = settings.work_root
     elif settings.host:
-        raise RecipeError(
-            "set work_root in the profile: the absolute folder on the cluster where runs keep "
-            "their data (e.g. /scratch/PROJECT/hpcbridge)"
+        raise ConfigError(
+            f"profile {settings.profile!r} submits to {settings.host} but sets no work_root: "
+            "the absolute folder on the cluster where runs keep their data",
+            hint='add e.g. work_root = "/scratch/PROJECT/hpcbridge" to the profile',
         )
     else:
-        root = str(settings.home / "work")
+        root = str(settings.home.absolute() / "work")
     if not root.startswith("/"):
-        raise RecipeError(f"work_root must be an absolute path, not {root!r}")
+        raise ConfigError(f"work_root must be an absolute path, not {root!r}")
     return root.rstrip("/")
 
 

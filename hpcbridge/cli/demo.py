@@ -43,12 +43,14 @@ def demo_command(ctx: click.Context, interval: float) -> None:
     from ..ledger import Ledger
     from ..runner import RunRequest, start_run, wait_run
     from ..sandbox.control import SandboxPaths, start
+    from ..schedulers.local import job_search_path
     from ..xnat import connect
     from ..xnat.address import Address
     from ..xnat.browse import resources
 
     outer = settings_of(ctx)
-    if shutil.which("dcm2niix") is None:
+    # Where the local scheduler's jobs will look, not only this shell's PATH.
+    if shutil.which("dcm2niix", path=job_search_path()) is None:
         raise HpcBridgeError(
             "dcm2niix is not installed: the demo runs the real converter",
             hint="`pip install dcm2niix` (or your system's dcm2niix package)",

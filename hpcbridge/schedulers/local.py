@@ -40,13 +40,26 @@ from hpcbridge.schedulers.script import ScriptInfo, walltime_seconds
 from hpcbridge.transport import LocalTransport, Transport
 from hpcbridge.units import utc_stamp
 
-__all__ = ["LocalScheduler", "array_indices", "run_job"]
+__all__ = ["LocalScheduler", "array_indices", "job_search_path", "run_job"]
 
 _ID = re.compile(r"^\d+$")
 _ARRAY = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
 _THROTTLE = re.compile(r"^[1-9]\d*$")
 _MAX_ARRAY = 10_000
 _KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL, as PBS and Slurm do by default
+
+
+def job_search_path() -> str:
+    """The PATH local jobs run with: this one, after the folder of the Python running hpcbridge.
+
+    Tools installed beside this Python (pip's dcm2niix) are then found even when its
+    environment was not activated, as they would be for a job of the activated shell.
+    """
+    path = os.environ.get("PATH", "")
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir in path.split(os.pathsep):
+        return path
+    return os.pathsep.join(p for p in (bin_dir, path) if p)
 
 
 def array_indices(spec: str) -> list[int]:
@@ -382,12 +395,7 @@ class _Runner:
 
     def run_task(self, index: int | None) -> tuple[int, str]:
         """Run the script once; return (exit code, reason)."""
-        env = dict(os.environ, HPCBRIDGE_JOB_ID=self.spec["id"])
-        # Tools installed beside this Python (pip's dcm2niix) are found even when the
-        # environment was not activated, as they would be for a job of the activated shell.
-        bin_dir = str(Path(sys.executable).parent)
-        if bin_dir not in env.get("PATH", "").split(os.pathsep):
-            env["PATH"] = os.pathsep.join(p for p in (bin_dir, env.get("PATH", "")) if p)
+        env = dict(os.environ, HPCBRIDGE_JOB_ID=self.spec["id"], PATH=job_search_path())
         env.pop("HPCBRIDGE_ARRAY_INDEX", None)
         if index is not None:
             env["HPCBRIDGE_ARRAY_INDEX"] = str(index)
