@@ -369,3 +369,20 @@ def test_run_converts_every_t1_scan_through_ssh(kind: str, run_profile: Path, sa
     # a second run finds nothing left to do
     again = cli("run", "dcm2niix", "PTV000", "--scan-type", "*T1*")
     assert again.exit_code == 0 and "nothing to do" in again.stderr
+
+
+def test_a_hand_written_script_over_ssh_needs_a_work_folder(kind: str, tmp_path: Path) -> None:
+    script = tmp_path / "mine.sh"
+    script.write_text("#!/bin/bash\necho from-my-script\n")
+    refused = cli("submit", str(script))
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == (
+        f"hpcbridge: error: {script} was not rendered by hpcbridge, so it has no work folder "
+        "(pass --work DIR (an absolute folder on the login node to copy it into))"
+    )
+    work = tmp_path / "remote-work"
+    job_id = submit(script, "--work", str(work))
+    assert (work / "mine.sh").read_text() == script.read_text()  # copied by SFTP
+    waited = cli("jobs", job_id, "--wait", *WAIT)
+    assert waited.exit_code == 0, waited.output
+    assert job_record(job_id)["state"] == "finished"

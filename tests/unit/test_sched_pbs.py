@@ -359,3 +359,12 @@ def test_unknown_job(stderr: str, rc: int, unknown: bool) -> None:
 def test_unknown_job_ids() -> None:
     stderr = "qstat: Unknown Job Id 1.s\nqstat: Unknown Job Id Error 2.torque\n"
     assert pbs.unknown_job_ids(stderr) == {"1.s", "2.torque"}
+
+
+@pytest.mark.parametrize("path", ["job.out", "/w/logs/", "/w/my logs/job.out"])
+def test_submit_argv_refuses_log_paths_the_wrappers_cannot_take(path: str) -> None:
+    with pytest.raises(SchedulerError) as caught:
+        pbs.submit_argv("/w/job.pbs", flavour="wrapper", stdout=path)
+    assert str(caught.value) == (
+        f"invalid stdout path for qsub: {path!r} (need an absolute file path)"
+    )
