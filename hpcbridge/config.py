@@ -31,7 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from .errors import ConfigError
+from .errors import ConfigError, HpcBridgeError
 
 ENV_PREFIX = "HPCBRIDGE_"
 
@@ -63,6 +63,12 @@ DEFAULTS: dict[str, Any] = {
     # (an absolute path on the cluster when `host` is set); default $HPCBRIDGE_HOME/work.
     "work_root": None,
     "max_queued": 50,
+    # Job chains (`run --chain`): the command their transfer jobs run on the cluster (default:
+    # `hpcbridge` from the PATH there; this Python's when jobs run on this machine), the queue
+    # for those jobs (e.g. a data-transfer queue; default: the profile's queue), their walltime.
+    "bridge_command": None,
+    "transfer_queue": None,
+    "transfer_walltime": "01:00:00",
 }
 
 SCHEDULERS = ("local", "pbs", "torque", "slurm")
@@ -119,6 +125,9 @@ class Settings:
     ledger_mode: str = "wal"
     work_root: str | None = None
     max_queued: int = 50
+    bridge_command: str | None = None
+    transfer_queue: str | None = None
+    transfer_walltime: str = "01:00:00"
     verbose: int = 0
     quiet: bool = False
     json: bool = False
@@ -161,6 +170,16 @@ def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return convert
 
 
+def _walltime(value: Any) -> str:
+    from .recipes import parse_walltime
+
+    try:
+        parse_walltime(str(value), "")
+    except HpcBridgeError:
+        raise ValueError(value) from None
+    return str(value).strip()
+
+
 _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "timeout": (float, "a number"),
     "verify_tls": (_to_bool, "true or false"),
@@ -170,6 +189,7 @@ _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "local_max_jobs": (_positive(int), "a positive whole number"),
     "ledger_mode": (_choice("wal", "nfs"), "wal or nfs"),
     "max_queued": (_positive(int), "a positive whole number"),
+    "transfer_walltime": (_walltime, "a walltime like 01:00:00"),
 }
 
 

@@ -111,12 +111,7 @@ class TokenStore:
         return data
 
     def get(self, url: str) -> Secret | None:
-        entry = self._load()["servers"].get(server_key(url))
-        if not entry:
-            return None
-        return Secret(
-            entry["alias"], entry["secret"], "token", entry.get("expires"), entry.get("user")
-        )
+        return token_of(self._load(), url)
 
     def default_server(self) -> str | None:
         """The server of the last login, for a machine with no configured XNAT."""
@@ -126,8 +121,7 @@ class TokenStore:
 
     def put(self, url: str, *, user: str, alias: str, secret: str, expires: int | None) -> None:
         data = self._load()
-        entry = {"user": user, "alias": alias, "secret": secret, "expires": expires}
-        data["servers"][server_key(url)] = entry
+        data["servers"].update(token_entry(url, user, alias, secret, expires)["servers"])
         data["default"] = server_key(url)
         write_private(self.path, data)
 
@@ -139,6 +133,22 @@ class TokenStore:
             data.pop("default")
         write_private(self.path, data)
         return True
+
+
+def token_entry(
+    url: str, user: str, alias: str, secret: str, expires: int | None
+) -> dict[str, Any]:
+    """A token store holding one alias token (the shape of ``credentials.json``)."""
+    entry = {"user": user, "alias": alias, "secret": secret, "expires": expires}
+    return {"servers": {server_key(url): entry}, "default": server_key(url)}
+
+
+def token_of(data: dict[str, Any], url: str) -> Secret | None:
+    """The alias token a token store holds for ``url``."""
+    entry = data.get("servers", {}).get(server_key(url))
+    if not isinstance(entry, dict) or not entry.get("alias") or not entry.get("secret"):
+        return None
+    return Secret(entry["alias"], entry["secret"], "token", entry.get("expires"), entry.get("user"))
 
 
 @dataclass(frozen=True)

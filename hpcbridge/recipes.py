@@ -33,6 +33,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from .errors import RecipeError
+from .xnat.model import ScanRef
 
 SCHEDULERS = ("pbs", "torque", "slurm", "local")
 PARAM_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -467,6 +468,18 @@ def sample_context() -> dict[str, Any]:
             "type": "T1",
             "series_description": "T1",
         },
+    }
+
+
+def scan_variables(ref: ScanRef) -> dict[str, str]:
+    """The ``scan.*`` variables of a job's template (docs/recipes.md), for one scan."""
+    return {
+        "project": ref.project,
+        "subject": ref.subject_label,
+        "experiment": ref.experiment_label,
+        "id": ref.scan_id,
+        "type": ref.type,
+        "series_description": ref.series_description,
     }
 
 

@@ -15,12 +15,10 @@ outputs are copied back before they are uploaded.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import json
 import logging
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -28,16 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import __version__
+from . import __version__, chain
 from .config import Settings
 from .errors import ConfigError, HpcBridgeError, StageError
 from .jobs import Job, JobStore, cancel_jobs, next_delay, refresh, submit_script
 from .ledger import JobRow, JobState, Ledger, Run, RunState
-from .recipes import Recipe, find, render_script
+from .outputs import upload_outputs
+from .recipes import Recipe, find, job_name, render_script, scan_variables
 from .schedulers.base import Scheduler, State
 from .schedulers.pbs import PbsScheduler
+from .schedulers.script import parse_script
 from .stagein import Selection, safe_name, scan_folder, stage_in
-from .stageout import SAFE_PATH, collect, resolve_target, stage_out
 from .transport import LocalTransport, Transport
 from .units import utc_stamp
 from .xnat.address import Address
@@ -49,7 +48,6 @@ __all__ = ["RunRequest", "SyncReport", "cancel_run", "plan_scans", "retry_run", 
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_FILE = "hpcbridge-provenance.json"
 #: Sync passes a finished job's stage-out may fail before the job is marked failed.
 STAGE_OUT_TRIES = 3
 
@@ -66,6 +64,8 @@ class RunRequest:
     max_queued: int | None = None
     force: bool = False
     recipe_dirs: tuple[Path, ...] = ()
+    #: stage-in -> compute -> stage-out as dependent jobs on the cluster (see chain.py)
+    chain: bool = False
 
 
 @dataclass
@@ -185,6 +185,7 @@ def start_run(
         "max_queued": request.max_queued or settings.max_queued,
         "recipe_dirs": [str(p) for p in request.recipe_dirs],
         "recipe_version": recipe.version,
+        "chain": request.chain,
     }
     # The same `run` repeated (after a crash, a lost terminal) carries on with the run it
     # started: planning its unfinished scans in a new run would submit and upload them twice.
@@ -233,20 +234,39 @@ def _unfinished_twin(
             run.state is RunState.ACTIVE
             and (run.recipe, run.target, run.params) == (recipe, target, values)
             and all(run.options.get(k) == options[k] for k in same)
+            and bool(run.options.get("chain")) == options["chain"]
         ):
             return run
     return None
 
 
-def dry_run_script(settings: Settings, plan: Plan) -> str:
-    """The job script the first planned scan would get, for ``run --dry-run``."""
+def dry_run_scripts(settings: Settings, plan: Plan, *, chain_steps: bool = False) -> list[str]:
+    """The job script the first planned scan would get (a chain's three), for ``--dry-run``."""
     ref = plan.scans[0]
-    folder = _work_root(settings) + "/run-N/" + _scan_relative(ref.experiment_label, ref)
+    root = _work_root(settings) + "/run-N"
+    folder = root + "/" + _scan_relative(ref.experiment_label, ref)
     # No cluster is asked in a dry run: the flavour is the profile's, PBS Pro when unset.
     pbs_torque = settings.scheduler == "pbs" and settings.pbs_flavour == "torque"
     template = "torque" if pbs_torque else settings.scheduler
     name = f"hbN_{safe_name(ref.experiment_label)}_{safe_name(ref.scan_id)}"
-    return _job_script(settings, plan.recipe, template, plan.values, folder, name, ref)
+    compute = _job_script(settings, plan.recipe, template, plan.values, folder, name, ref)
+    if not chain_steps:
+        return [compute]
+    transfers = {
+        step: chain.transfer_script(
+            step,
+            template,
+            settings=settings,
+            bridge=chain.bridge_command(settings, local=not settings.host),
+            root=root,
+            folder=folder,
+            name=name,
+            ref=ref,
+            input_resource=plan.recipe.input_resource,
+        )
+        for step in ("stage-in", "stage-out")
+    }
+    return [transfers["stage-in"], compute, transfers["stage-out"]]
 
 
 def _job_script(
@@ -268,7 +288,7 @@ def _job_script(
         output_dir=f"{folder}/out",
         work_dir=folder,
         name=name,
-        scan=ref.as_dict(),
+        scan=scan_variables(ref),
         queue=recipe.resources.queue or settings.queue,
         account=recipe.resources.account or settings.account,
     )
@@ -334,6 +354,7 @@ class _Context:
         self.root = f"{_work_root(settings)}/run-{run.id}"
         self.staging = settings.home / "staging" / f"run-{run.id}"
         self.say = on_event or (lambda _text: None)
+        self.chain = bool(run.options.get("chain"))
 
     def remote_folder(self, job: JobRow) -> str:
         ref = _ref(job)
@@ -377,21 +398,37 @@ def sync(
     live = sum(report.counts.get(s.value, 0) for s in JobState if not s.final)
     if run.state is RunState.ACTIVE and live == 0:
         ledger.set_run_state(run.id, RunState.DONE)
+        if ctx.chain:
+            _chain_token_removed(ctx)
     report.run = ledger.run(run.id)
     return report
+
+
+def _native_ids(row: JobRow) -> list[str]:
+    """The scheduler's ids of a row's jobs: one, or a chain's three in order."""
+    ids = row.extra.get("chain")
+    if isinstance(ids, dict):
+        return [ids[step] for step in chain.STEPS if step in ids]
+    return [row.native_id] if row.native_id else []
 
 
 def _poll(ctx: _Context, report: SyncReport) -> None:
     in_scheduler = ctx.ledger.jobs(ctx.run.id, [JobState.SUBMITTED, JobState.RUNNING])
     records: list[Job] = []
+    polled_rows: list[JobRow] = []
     for row in in_scheduler:
-        job = ctx.store.get(row.native_id) if row.native_id else None
-        if job is None:
-            message = f"job {row.native_id} of {row.address} is not in the job records"
+        jobs = [ctx.store.get(i) for i in _native_ids(row)]
+        if not jobs or None in jobs:
+            missing = [i for i, j in zip(_native_ids(row), jobs, strict=True) if j is None]
+            message = (
+                f"job {', '.join(missing) or row.native_id} of {row.address} "
+                "is not in the job records"
+            )
             ctx.ledger.transition(row.id, JobState.FAILED, last_error=message)
             report.errors.append(message)
             continue
-        records.append(job)
+        records += [j for j in jobs if j is not None]
+        polled_rows.append(row)
     if not records:
         return
     polled = refresh(ctx.store, ctx.scheduler, records)
@@ -399,11 +436,12 @@ def _poll(ctx: _Context, report: SyncReport) -> None:
         report.errors.append(f"could not poll the scheduler: {polled.error.message}")
         return
     by_native = {j.id: j for j in polled.jobs}
-    for row in in_scheduler:
-        job = by_native.get(row.native_id or "")
-        if job is None:
-            continue
-        _apply(ctx, report, row, job)
+    for row in polled_rows:
+        if ctx.chain:
+            ids = row.extra["chain"]
+            _apply_chain(ctx, report, row, {s: by_native[ids[s]] for s in chain.STEPS})
+        else:
+            _apply(ctx, report, row, by_native[row.native_id or ""])
 
 
 def _apply(ctx: _Context, report: SyncReport, row: JobRow, job: Job) -> None:
@@ -436,6 +474,47 @@ def _apply(ctx: _Context, report: SyncReport, row: JobRow, job: Job) -> None:
     ctx.say(f"{row.address}: {final.value}" + (f" ({job.reason})" if job.reason else ""))
     _workflow(ctx, updated)
     report.failed.append(updated)
+
+
+def _apply_chain(ctx: _Context, report: SyncReport, row: JobRow, steps: dict[str, Job]) -> None:
+    """A chain's row from its three jobs: the first step that failed or was cancelled fails it
+    (the jobs after it are cancelled by the poll), a finished stage-out ends it."""
+    for step in chain.STEPS:
+        job = steps[step]
+        if job.state in (State.FAILED.value, State.CANCELLED.value):
+            final = JobState.FAILED if job.state == State.FAILED.value else JobState.CANCELLED
+            why = f"{step} job {job.id} {job.state}" + (f": {job.reason}" if job.reason else "")
+            updated = ctx.ledger.transition(
+                row.id,
+                final,
+                detail=why,
+                raw_state=f"{step} {job.raw_state}".strip(),
+                exit_code=job.exit_code,
+                last_error=why,
+                log_tail=job.log_tail,
+            )
+            ctx.say(f"{row.address}: {final.value} ({why})")
+            _workflow(ctx, updated)
+            report.failed.append(updated)
+            return
+    if steps["stage-out"].state == State.FINISHED.value:
+        ctx.ledger.transition(
+            row.id,
+            JobState.FINISHED,
+            raw_state=f"stage-out {steps['stage-out'].raw_state}".strip(),
+            exit_code=steps["compute"].exit_code,
+        )
+        return
+    # The step the chain is at: the first that has not finished.
+    step = next(s for s in chain.STEPS if steps[s].state != State.FINISHED.value)
+    raw = f"{step} {steps[step].raw_state}".strip()
+    moving = step != "stage-in" or steps[step].state == State.RUNNING.value
+    if moving and row.state is not JobState.RUNNING:
+        running = ctx.ledger.transition(row.id, JobState.RUNNING, raw_state=raw)
+        ctx.say(f"{row.address}: running ({step} job {steps[step].id})")
+        _workflow(ctx, running)
+    elif row.raw_state != raw:
+        ctx.ledger.update(row.id, raw_state=raw)
 
 
 #: XNAT workflow statuses (the experiment's History table) for the ledger's states.
@@ -480,7 +559,7 @@ def _workflow(ctx: _Context, row: JobRow) -> None:
 def _stage_out_finished(ctx: _Context, report: SyncReport) -> None:
     for row in ctx.ledger.jobs(ctx.run.id, [JobState.FINISHED]):
         try:
-            uploaded = _stage_out_one(ctx, row)
+            uploaded = _chain_uploaded(ctx, row) if ctx.chain else _stage_out_one(ctx, row)
         except HpcBridgeError as exc:
             # Uploads are idempotent, so a later sync may retry; but not forever: an error that
             # repeats (no outputs, a refused name) fails the job for `retry` to take up.
@@ -521,63 +600,29 @@ def _outputs_of(ctx: _Context, row: JobRow) -> Path:
     return out_local
 
 
-def _stage_out_one(ctx: _Context, row: JobRow) -> list[dict[str, Any]]:
-    out = _outputs_of(ctx, row)
-    address = Address.parse(row.address)
-    uploaded: list[dict[str, Any]] = []
-    by_resource: dict[str, list[Path]] = {}
-    outputs = ctx.recipe.outputs
-    _safe_output_names(out)
-    for output in outputs:
-        # The provenance file of an interrupted earlier stage-out is not an output of the job.
-        matches = sorted(
-            p for p in out.glob(output.glob) if p.is_file() and p.name != PROVENANCE_FILE
-        )
-        by_resource.setdefault(output.resource, []).extend(matches)
-    if not any(by_resource.values()):
-        raise StageError(
-            f"the job wrote no output matching {', '.join(o.glob for o in outputs)} in {out}"
-        )
-    for resource, paths in by_resource.items():
-        if not paths:
-            continue
-        provenance = _write_provenance(ctx, row, out, resource, paths)
-        files = collect([*paths, provenance])
-        fmt = next((o.format for o in outputs if o.resource == resource and o.format), None)
-        content = next((o.content for o in outputs if o.resource == resource and o.content), None)
-        target = resolve_target(ctx.client, address, resource)
-        # A re-run replaces the outputs of an earlier attempt: the ledger decides what is done.
-        stage_out(ctx.client, target, files, overwrite=True, fmt=fmt, content=content)
-        uploaded += [
-            {"resource": resource, "name": f.remote, "size": f.size, "md5": f.digest()}
-            for f in files
-        ]
+def _chain_uploaded(ctx: _Context, row: JobRow) -> list[dict[str, Any]]:
+    """What a chain's stage-out job uploaded, from the report it wrote before ending."""
+    path = chain.report_path(ctx.remote_folder(row))
+    text = ctx.transport.read_text(path)
+    try:
+        uploaded = json.loads(text)["uploaded"] if text else None
+    except (ValueError, KeyError, TypeError):
+        uploaded = None
+    if not isinstance(uploaded, list):
+        raise StageError(f"the stage-out job ended without a readable report at {path}")
     return uploaded
 
 
-def _safe_output_names(out: Path) -> None:
-    """Rename outputs whose names XNAT cannot address (dcm2niix copies protocol names such as
-    ``ep2d bold (rest)`` into file names) to the same name with those characters as ``_``."""
-    for path in sorted(out.iterdir()):
-        if not path.is_file() or SAFE_PATH.match(path.name):
-            continue
-        fixed = path.with_name(re.sub(r"[^A-Za-z0-9._-]", "_", path.name))
-        if not fixed.exists():
-            log.info("renaming output %s to %s for XNAT", path.name, fixed.name)
-            path.rename(fixed)
+def _stage_out_one(ctx: _Context, row: JobRow) -> list[dict[str, Any]]:
+    out = _outputs_of(ctx, row)
+    return upload_outputs(
+        ctx.client, Address.parse(row.address), out, ctx.recipe.outputs, _provenance(ctx, row)
+    )
 
 
-def _write_provenance(
-    ctx: _Context, row: JobRow, out: Path, resource: str, paths: list[Path]
-) -> Path:
-    """A small JSON file uploaded beside the outputs: what made them, from what, and when."""
-    tool_version = None
-    for path in paths:
-        if path.suffix == ".json" and path.name != PROVENANCE_FILE:
-            with contextlib.suppress(OSError, ValueError):
-                sidecar = json.loads(path.read_text())
-                tool_version = sidecar.get("ConversionSoftwareVersion") or tool_version
-    record = {
+def _provenance(ctx: _Context, row: JobRow) -> dict[str, Any]:
+    """What made a scan's outputs; the upload adds the converter version and the files."""
+    return {
         "tool": f"hpcbridge {__version__}",
         "recipe": ctx.recipe.name,
         "recipe_version": ctx.recipe.version,
@@ -587,23 +632,24 @@ def _write_provenance(
         "job": {"id": row.native_id, "scheduler": ctx.scheduler.kind, "exit_code": row.exit_code},
         "submitted": row.submitted_at,
         "ended": row.ended_at,
-        "converter_version": tool_version,
-        "resource": resource,
-        "files": sorted(p.name for p in paths),
     }
-    target = out / PROVENANCE_FILE
-    target.write_text(json.dumps(record, indent=2) + "\n")
-    return target
 
 
 def _submit_planned(ctx: _Context, report: SyncReport) -> None:
     cap = int(ctx.run.options.get("max_queued") or ctx.settings.max_queued)
     queued = len(ctx.ledger.jobs(ctx.run.id, [JobState.SUBMITTED, JobState.RUNNING]))
-    for row in ctx.ledger.jobs(ctx.run.id, [JobState.PLANNED, JobState.STAGED]):
+    todo = ctx.ledger.jobs(ctx.run.id, [JobState.PLANNED, JobState.STAGED])
+    if ctx.chain and todo and queued < cap:
+        try:
+            _chain_token(ctx, report)
+        except HpcBridgeError as exc:
+            report.errors.append(f"no chains submitted: {exc.message}")
+            return
+    for row in todo:
         if queued >= cap:
             return
         try:
-            submitted = _submit_one(ctx, row)
+            submitted = _submit_chain(ctx, row) if ctx.chain else _submit_one(ctx, row)
         except HpcBridgeError as exc:
             # Stage-in errors name the scan already; the ledger row and the line name it once.
             reason = exc.message.removeprefix(f"{row.address}: ")
@@ -613,7 +659,11 @@ def _submit_planned(ctx: _Context, report: SyncReport) -> None:
             continue
         queued += 1
         report.submitted.append(submitted)
-        ctx.say(f"{row.address}: submitted as job {submitted.native_id}")
+        if ctx.chain:
+            jobs = " -> ".join(_native_ids(submitted))
+            ctx.say(f"{row.address}: submitted as jobs {jobs} (stage-in -> compute -> stage-out)")
+        else:
+            ctx.say(f"{row.address}: submitted as job {submitted.native_id}")
 
 
 def _submit_one(ctx: _Context, row: JobRow) -> JobRow:
@@ -656,20 +706,154 @@ def _submit_one(ctx: _Context, row: JobRow) -> JobRow:
 def _adopt(ctx: _Context, row: JobRow) -> JobRow | None:
     if "submitting" not in row.extra:
         return None
-    folder, host = ctx.remote_folder(row), ctx.settings.host or ""
+    script = ctx.local_folder(row) / ".hpcbridge-submit" / "job.sh"
+    job = _find_submitted(ctx, row.name, ctx.remote_folder(row), row.extra["submitting"], script)
+    if job is None:
+        return None
+    return ctx.ledger.transition(
+        row.id,
+        JobState.SUBMITTED,
+        native_id=job.id,
+        extra={k: v for k, v in row.extra.items() if k != "submitting"},
+    )
+
+
+def _find_submitted(
+    ctx: _Context, name: str, work_dir: str, since: str, script: Path, after: Sequence[str] = ()
+) -> Job | None:
+    """The job submitted for ``work_dir`` since ``since`` that a crash kept out of the ledger.
+
+    First in hpcbridge's job records; when the crash came between qsub answering and that
+    record being written, in the scheduler itself, by the job's unique name (the local
+    scheduler's jobs by their work folder). A job found there that our records hold already is
+    an earlier attempt's, not this one.
+    """
+    host = ctx.settings.host or ""
+    wanted = job_name(name)
+    known: set[str] = set()
     for job in ctx.store.all():
-        # By name, or by work folder (unique per run and scan): the local scheduler's records
-        # carry the script's name ("job"), not the ledger's.
-        mine = job.name == row.name or (job.work_dir == folder and job.host == host)
-        if mine and job.submitted >= row.extra["submitting"]:
-            log.info("%s: found job %s submitted before a crash; adopting it", row.address, job.id)
-            return ctx.ledger.transition(
-                row.id,
-                JobState.SUBMITTED,
-                native_id=job.id,
-                extra={k: v for k, v in row.extra.items() if k != "submitting"},
+        known.add(job.id)
+        # By name, or by work folder (unique per run, scan and step): the local scheduler's
+        # records carry the script's file name, not the ledger's.
+        mine = job.name == wanted or (job.work_dir == work_dir and job.host == host)
+        if mine and job.submitted >= since:
+            log.info("%s: found job %s submitted before a crash; adopting it", work_dir, job.id)
+            return job
+    found = [i for i in ctx.scheduler.find_jobs(name=wanted, work_dir=work_dir) if i not in known]
+    if not found:
+        return None
+    job_id = found[-1]
+    log.info(
+        "%s: the scheduler has job %s, submitted before a crash; adopting it", work_dir, job_id
+    )
+    info = parse_script(script.read_text() if script.is_file() else "")
+    stdout, stderr = ctx.scheduler.log_paths(job_id, info)
+    job = Job(
+        id=job_id,
+        scheduler=ctx.scheduler.kind,
+        host=host,
+        script=f"{work_dir}/.hpcbridge/job.sh",
+        work_dir=work_dir,
+        name=wanted,
+        submitted=utc_stamp(),
+        after=list(after),
+        stdout=stdout,
+        stderr=stderr,
+    )
+    ctx.store.save(job)
+    return job
+
+
+def _submit_chain(ctx: _Context, row: JobRow) -> JobRow:
+    """Submit a scan's three jobs, each after the one before; record each id as it comes, so a
+    crash part-way resumes with the steps not yet submitted."""
+    folder = ctx.remote_folder(row)
+    if "submitting" not in row.extra:
+        row = ctx.ledger.update(row.id, extra=dict(row.extra, submitting=utc_stamp()))
+    ids: dict[str, str] = dict(row.extra.get("chain") or {})
+    template = _scheduler_template(ctx.scheduler)
+    scripts = ctx.local_folder(row) / ".hpcbridge-submit"
+    scripts.mkdir(parents=True, exist_ok=True)
+    after: list[str] = []
+    launched = None
+    for step in chain.STEPS:
+        if step in ids:
+            after = [ids[step]]
+            continue
+        work = chain.step_work(folder, step)
+        local = scripts / f"{step}.sh"
+        job = _find_submitted(
+            ctx, chain.step_name(row.name, step), work, row.extra["submitting"], local, after
+        )
+        if job is None:
+            if step == "compute":
+                script = _job_script(
+                    ctx.settings, ctx.recipe, template, ctx.run.params, folder, row.name, _ref(row)
+                )
+            else:
+                script = chain.transfer_script(
+                    step,
+                    template,
+                    settings=ctx.settings,
+                    bridge=chain.bridge_command(ctx.settings, local=ctx.local),
+                    root=ctx.root,
+                    folder=folder,
+                    name=row.name,
+                    ref=_ref(row),
+                    input_resource=ctx.recipe.input_resource,
+                )
+            if step == "stage-out":
+                provenance = _provenance(ctx, row)
+                provenance["job"].update(id=ids["compute"], exit_code=0)
+                spec = chain.stage_out_spec(ctx.recipe, folder, provenance)
+                ctx.transport.write_text(chain.spec_path(folder), json.dumps(spec, indent=1))
+            local.write_text(script)
+            job = submit_script(
+                ctx.store, ctx.scheduler, local, after=after, host=ctx.settings.host or ""
             )
-    return None
+        launched = launched or job.submitted
+        ids[step] = job.id
+        row = ctx.ledger.update(row.id, extra=dict(row.extra, chain=ids))
+        after = [job.id]
+    submitted = ctx.ledger.transition(
+        row.id,
+        JobState.SUBMITTED,
+        native_id=ids["compute"],
+        work_dir=folder,
+        extra=dict(
+            {k: v for k, v in row.extra.items() if k != "submitting"},
+            launched=launched or utc_stamp(),
+        ),
+    )
+    _workflow(ctx, submitted)
+    return submitted
+
+
+def _chain_token_removed(ctx: _Context) -> None:
+    """The run has ended: its chain token is of no more use, on the cluster or in XNAT."""
+    try:
+        token = chain.installed_token(ctx.transport, ctx.root, ctx.client.base)
+        if token is None:
+            return
+        mine = ctx.client.credentials
+        if mine is None or token.user != mine.user:  # issued for the chain, not the login's
+            ctx.client.invalidate_token(token.user)
+        chain.remove_token(ctx.transport, ctx.root)
+    except HpcBridgeError as exc:
+        log.warning("could not remove the chain's XNAT token: %s", exc.message)
+
+
+def _chain_token(ctx: _Context, report: SyncReport) -> None:
+    """Make sure the run's chain folder holds a token that lasts; warn when it may not."""
+    url = ctx.client.base
+    seconds = chain.chain_seconds(ctx.settings, ctx.recipe)
+    token = chain.installed_token(ctx.transport, ctx.root, url)
+    if token is None or chain.expiry_warning(token, seconds) is not None:
+        token = chain.fresh_token(ctx.client)
+        chain.install_token(ctx.transport, ctx.root, url, token, ctx.settings)
+    warning = chain.expiry_warning(token, seconds)
+    if warning:
+        report.errors.append(warning)
 
 
 def _stage_in_one(ctx: _Context, row: JobRow) -> None:
@@ -713,7 +897,8 @@ def retry_run(ledger: Ledger, run: Run, *, include_cancelled: bool = False) -> l
         ledger.transition(
             row.id,
             JobState.PLANNED,
-            extra={k: v for k, v in row.extra.items() if k != "stage_out_tries"},
+            # a retried chain is submitted whole again: stage-in skips what is staged already
+            extra={k: v for k, v in row.extra.items() if k not in ("stage_out_tries", "chain")},
         )
         for row in ledger.jobs(run.id, states)
     ]
@@ -725,7 +910,7 @@ def retry_run(ledger: Ledger, run: Run, *, include_cancelled: bool = False) -> l
 def cancel_run(ledger: Ledger, scheduler: Scheduler, run: Run, store: JobStore) -> list[JobRow]:
     """Cancel every job of the run that has not ended; the run is then cancelled."""
     live = [row for row in ledger.jobs(run.id) if not row.final and row.state != JobState.FINISHED]
-    in_scheduler = [r.native_id for r in live if r.native_id]
+    in_scheduler = [i for r in live for i in _native_ids(r)]
     if in_scheduler:
         cancel_jobs(store, scheduler, in_scheduler)
     done = [ledger.transition(r.id, JobState.CANCELLED, detail="run cancelled") for r in live]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -151,7 +154,7 @@ def _finish(failed: list, total: int) -> None:
 @main.command("stage-out")
 @click.argument("address")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--resource", required=True, metavar="LABEL", help="Target resource, e.g. NIFTI.")
+@click.option("--resource", metavar="LABEL", help="Target resource, e.g. NIFTI.")
 @click.option("--format", "fmt", metavar="F", help="Resource format when it is created.")
 @click.option("--content", metavar="C", help="Resource content when it is created.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files with different content.")
@@ -164,6 +167,13 @@ def _finish(failed: list, total: int) -> None:
     help="Which assessor resources (with --assessor).",
 )
 @click.option("--no-zip", is_flag=True, help="Upload small files one by one, not as one zip.")
+@click.option(
+    "--spec",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Upload a job's output folder as a run does: each output into the recipe's resource, "
+    "with a provenance record (the file `hpcbridge run --chain` writes for its stage-out jobs).",
+)
 @click.pass_context
 def stage_out_command(
     ctx: click.Context,
@@ -176,6 +186,7 @@ def stage_out_command(
     assessor: str | None,
     inout: str,
     no_zip: bool,
+    spec: Path | None,
 ) -> None:
     """Upload files (or folders' files) into a resource of a scan, then verify the listing.
 
@@ -192,6 +203,13 @@ def stage_out_command(
 
     settings = settings_of(ctx)
     where = Address.parse(address)
+    if spec is not None:
+        if resource or assessor or len(paths) != 1:
+            raise click.UsageError("--spec takes one output folder and no --resource or --assessor")
+        _stage_out_spec(settings, where, paths[0], spec)
+        return
+    if not resource:
+        raise click.UsageError("Missing option '--resource'.")
     files = collect(paths)
     bar = ProgressBar("stage-out", enabled=not (settings.quiet or settings.json))
     bar.set_total(sum(f.size for f in files))
@@ -223,5 +241,42 @@ def stage_out_command(
     click.echo(
         f"{report.target}: uploaded {len(report.uploaded)} file(s) "
         f"({human_size(report.bytes)}), skipped {len(report.skipped)} identical; "
+        "verified against XNAT's listing"
+    )
+
+
+def _stage_out_spec(settings: Any, where: Any, out: Path, spec_file: Path) -> None:
+    """The stage-out step of a job chain: upload as the run would, then report what went up."""
+    from ..errors import StageError
+    from ..outputs import upload_outputs
+    from ..recipes import Output
+    from ..xnat import connect
+
+    try:
+        spec = json.loads(spec_file.read_text())
+        outputs = [Output(**o) for o in spec["outputs"]]
+        provenance = dict(spec["provenance"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StageError(
+            f"{spec_file}: not a stage-out spec written by hpcbridge ({exc})"
+        ) from None
+    if not out.is_dir():
+        raise StageError(f"{out}: no such output folder")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        # the compute job's own record of when it ended, for the provenance
+        provenance["ended"] = json.loads(Path(spec["status_file"]).read_text())["end"]
+    with connect(settings) as client:
+        uploaded = upload_outputs(client, where, out, outputs, provenance)
+    if spec.get("report"):
+        from ..transport import LocalTransport
+
+        # whole or not at all: the bridge reads it once this job has ended
+        LocalTransport().write_text(spec["report"], json.dumps({"uploaded": uploaded}, indent=1))
+    if settings.json:
+        emit_json({"target": str(where), "uploaded": uploaded, "verified": True})
+        return
+    resources = sorted({u["resource"] for u in uploaded})
+    click.echo(
+        f"{where}: uploaded {len(uploaded)} file(s) into {', '.join(resources)}; "
         "verified against XNAT's listing"
     )

@@ -88,6 +88,7 @@ class _Progress:
         self.tty = sys.stderr.isatty()
 
     def __call__(self, report: Any) -> None:
+        _warn(report)  # also with --quiet: a cron job's mail should carry them
         if self.quiet:
             return
         counts = report.counts
@@ -99,13 +100,16 @@ class _Progress:
         if 0 < ended < total and elapsed > 0:
             rate = ended / elapsed
             line += f", {rate * 60:.1f}/min, ETA {int((total - ended) / rate)} s"
-        for error in report.errors:
-            click.echo(f"hpcbridge: warning: {error}", err=True)
         click.echo(("\r" + line + "\033[K") if self.tty else line, err=True, nl=not self.tty)
 
     def close(self) -> None:
         if self.tty and not self.quiet:
             click.echo("", err=True)
+
+
+def _warn(report: Any) -> None:
+    for error in report.errors:
+        click.echo(f"hpcbridge: warning: {error}", err=True)
 
 
 def _finish(report: Any) -> None:
@@ -134,6 +138,12 @@ def _finish(report: Any) -> None:
     help="At most N jobs in the scheduler at once [default: the profile's max_queued, 50].",
 )
 @click.option("--force", is_flag=True, help="Also redo scans already converted the same way.")
+@click.option(
+    "--chain",
+    is_flag=True,
+    help="Per scan, submit stage-in -> compute -> stage-out as dependent jobs that do the "
+    "transfers on the cluster (profile keys: transfer_queue, transfer_walltime, bridge_command).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan and one job script; change nothing.")
 @click.option("--wait", is_flag=True, help="Keep syncing until the run ends, with progress.")
 @click.option(
@@ -154,6 +164,7 @@ def run_command(
     sets: tuple[str, ...],
     max_queued: int | None,
     force: bool,
+    chain: bool,
     dry_run: bool,
     wait: bool,
     interval: float | None,
@@ -171,6 +182,7 @@ def run_command(
       hpcbridge run dcm2niix PTV000 --scan-type 'T1*' --dry-run
       hpcbridge run dcm2niix PTV000 --scan-type 'T1*' --max-queued 20
       hpcbridge --profile sandbox run dcm2niix PTV000/Haofei01/Haofei01_MR1 --wait
+      hpcbridge --profile artemis run dcm2niix PTV000 --scan-type 'T1*' --chain
     """
     from ..runner import RunRequest, start_run, sync, wait_run
 
@@ -183,6 +195,7 @@ def run_command(
         max_queued=max_queued,
         force=force,
         recipe_dirs=recipe_dirs,
+        chain=chain,
     )
     if dry_run:
         _dry_run(ctx, request)
@@ -217,6 +230,7 @@ def run_command(
             progress.close()
         else:
             report = sync(*args, on_event=say)
+            _warn(report)
     if settings.json:
         emit_json({"run": plan.run.id, "counts": report.counts, "state": report.run.state.value})
     else:
@@ -227,7 +241,7 @@ def run_command(
 def _dry_run(ctx: click.Context, request: Any) -> None:
     """Plan against XNAT (read-only) and print; no ledger, no files, no jobs."""
     from ..ledger import Ledger, ledger_path
-    from ..runner import dry_run_script, start_run
+    from ..runner import dry_run_scripts, start_run
     from ..xnat import connect
 
     settings = settings_of(ctx)
@@ -251,8 +265,11 @@ def _dry_run(ctx: click.Context, request: Any) -> None:
         err=True,
     )
     if plan.scans:
-        click.echo(f"\n# job script for {plan.scans[0].address}:", err=True)
-        click.echo(dry_run_script(settings, plan))
+        scripts = dry_run_scripts(settings, plan, chain_steps=request.chain)
+        titles = ["stage-in job", "compute job", "stage-out job"] if request.chain else ["job"]
+        for title, script in zip(titles, scripts, strict=True):
+            click.echo(f"\n# {title} script for {plan.scans[0].address}:", err=True)
+            click.echo(script)
 
 
 _STATUS_COLUMNS = [

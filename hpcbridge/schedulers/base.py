@@ -121,6 +121,12 @@ class Scheduler(ABC):
         """The ids, or a SchedulerError naming the ones this scheduler could never have issued."""
         return list(ids)
 
+    @abstractmethod
+    def find_jobs(self, *, name: str, work_dir: str | None = None) -> list[str]:
+        """Ids of the jobs the scheduler knows by this job name (queued, running or recently
+        ended), oldest first: a job submitted just before a crash, looked up before submitting
+        it again. A lookup that fails raises, so nothing is submitted twice on a guess."""
+
     def log_paths(self, job_id: str, info: ScriptInfo) -> tuple[str | None, str | None]:
         """Where the job's stdout and stderr go; the script's directives say, by default."""
         return info.stdout, info.stderr

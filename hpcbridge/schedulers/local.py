@@ -305,6 +305,19 @@ class LocalScheduler(Scheduler):
                 )
         return unknown
 
+    def find_jobs(self, *, name: str, work_dir: str | None = None) -> list[str]:
+        # Local scripts carry no name directive: their work folder (unique per job) finds them.
+        if not self.root.is_dir():
+            return []
+        found = []
+        for job_dir in self.root.iterdir():
+            spec = _read_json(job_dir / "job.json") if job_dir.name.isdigit() else None
+            if spec and (
+                spec.get("name") == name or (work_dir and spec.get("work_dir") == work_dir)
+            ):
+                found.append(job_dir.name)
+        return sorted(found, key=int)
+
 
 def _enter_line(root: Path, job_id: str) -> None:
     (root / "waiting").mkdir(exist_ok=True)

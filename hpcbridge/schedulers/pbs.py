@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from hpcbridge.errors import SchedulerError
 from hpcbridge.schedulers.base import JobStatus, Scheduler, State, chunk_ids, merge_array
 from hpcbridge.schedulers.script import ScriptInfo, without_pbs_project
-from hpcbridge.schedulers.slurm import poll_squeue
+from hpcbridge.schedulers.slurm import find_squeue, poll_squeue
 from hpcbridge.transport import Result, Transport
 
 __all__ = [
@@ -184,6 +184,19 @@ def status_argv(ids: Sequence[str], *, flavour: str, json_output: bool = False) 
     if flavour == "pbspro":
         argv.append("-x")
     return argv + _check_ids(ids)
+
+
+def find_argv(name: str, *, flavour: str) -> list[str]:
+    """``qselect -N NAME``: the ids of jobs by name; PBS Pro's ``-x`` adds ended jobs kept in
+    its history (Torque's qselect has no history to search)."""
+    _check_flavour(flavour)
+    argv = ["qselect", "-N", _check_value("job name", name)]
+    return argv[:1] + ["-x"] + argv[1:] if flavour == "pbspro" else argv
+
+
+def parse_found(stdout: str) -> list[str]:
+    """Job ids from ``qselect``, one per line, in the order given."""
+    return [line.strip() for line in stdout.splitlines() if line.strip()]
 
 
 def cancel_argv(ids: Sequence[str]) -> list[str]:
@@ -417,6 +430,14 @@ class PbsScheduler(Scheduler):
                 if job_id not in named:
                     found.update(self._status_group([job_id]))
         return found
+
+    def find_jobs(self, *, name: str, work_dir: str | None = None) -> list[str]:
+        if self.flavour == "wrapper":
+            return find_squeue(self.transport, name, timeout=self.timeout)
+        result = self.transport.run(find_argv(name, flavour=self.flavour), timeout=self.timeout)
+        if not result.ok:
+            raise SchedulerError(f"qselect could not look up jobs named {name}: {result.said()}")
+        return parse_found(result.stdout)
 
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
         if self.flavour == "wrapper":

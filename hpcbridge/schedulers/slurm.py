@@ -139,6 +139,29 @@ def status_argv(ids: Sequence[str]) -> list[str]:
     return ["squeue", "-h", "-t", "all", "-j", ",".join(_check_ids(ids)), "-o", SQUEUE_FORMAT]
 
 
+def find_argv(name: str) -> list[str]:
+    """The ids of the jobs named ``name``, ended ones too (``-t all``), one per line."""
+    return ["squeue", "-h", "-t", "all", "-n", _check_value("job name", name), "-o", "%i"]
+
+
+def parse_found(stdout: str) -> list[str]:
+    """Job ids from ``find_argv``'s output; array tasks (``123_4``) as their array (``123``)."""
+    found: list[str] = []
+    for line in stdout.split():
+        job_id = line.split("_", 1)[0]
+        if job_id.isdigit() and job_id not in found:
+            found.append(job_id)
+    return sorted(found, key=int)
+
+
+def find_squeue(transport: Transport, name: str, *, timeout: float = 60.0) -> list[str]:
+    """Jobs by name from squeue; shared with the PBS wrappers (their qselect is missing)."""
+    result = transport.run(find_argv(name), timeout=timeout)
+    if not result.ok:
+        raise SchedulerError(f"squeue could not look up jobs named {name}: {result.said()}")
+    return parse_found(result.stdout)
+
+
 def cancel_argv(ids: Sequence[str]) -> list[str]:
     """``scancel`` for all ``ids``."""
     if not ids:
@@ -310,6 +333,9 @@ class SlurmScheduler(Scheduler):
                 hint="check the resource requests (time, memory, partition, account) in the script",
             )
         return parse_submit(result.stdout)
+
+    def find_jobs(self, *, name: str, work_dir: str | None = None) -> list[str]:
+        return find_squeue(self.transport, name, timeout=self.timeout)
 
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
         statuses, calls = poll_squeue(self.transport, ids, timeout=self.timeout)

@@ -32,7 +32,8 @@ from click.testing import CliRunner, Result
 from hpcbridge.cli import main
 from hpcbridge.config import load_settings
 from hpcbridge.ledger import Ledger, ledger_path
-from hpcbridge.runner import PROVENANCE_FILE, RunRequest, start_run, sync, wait_run
+from hpcbridge.outputs import PROVENANCE_FILE
+from hpcbridge.runner import RunRequest, start_run, sync, wait_run
 from hpcbridge.sandbox import SandboxServer
 from hpcbridge.schedulers.local import LocalScheduler
 from hpcbridge.xnat import connect
@@ -593,6 +594,44 @@ def test_a_job_submitted_just_before_a_crash_is_adopted_not_submitted_again(
     assert_finished_exactly_once(xnat, isolated_home)
 
 
+def test_a_job_the_scheduler_took_but_no_record_of_ours_holds_is_found_in_the_scheduler(
+    xnat: Xnat, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Narrower still: qsub answered, then the bridge died before writing its job record.
+    The next pass asks the scheduler (here: the local one, by work folder) before submitting."""
+    from hpcbridge import jobs as jobs_module
+
+    settings = load_settings()
+    scheduler = LocalScheduler(isolated_home / "local-jobs")
+    deadline = time.monotonic() + WAIT_LIMIT
+
+    def bounded_sleep(seconds: float) -> None:
+        assert time.monotonic() < deadline, "the run did not end"
+        time.sleep(seconds)
+
+    with Ledger.for_settings(settings) as ledger, connect(settings) as client:
+        plan = start_run(settings, client, ledger, RunRequest("dcm2niix", "PTV000", ("4",)))
+        assert plan.run is not None
+
+        save = jobs_module.JobStore.save
+
+        def crash(self: Any, job: Any) -> None:
+            raise Crash
+
+        monkeypatch.setattr(jobs_module.JobStore, "save", crash)
+        with pytest.raises(Crash):
+            sync(settings, client, ledger, scheduler, plan.run)
+        monkeypatch.setattr(jobs_module.JobStore, "save", save)
+        assert len(local_jobs(isolated_home)) == 1
+        assert not list((isolated_home / "jobs").glob("*/*.json"))  # no record of ours
+
+        report = wait_run(
+            settings, client, ledger, scheduler, plan.run, interval=0.2, sleep=bounded_sleep
+        )
+    assert report.counts["uploaded"] == 3, report
+    assert_finished_exactly_once(xnat, isolated_home)
+
+
 # --- 6: a failing job and retry --------------------------------------------------------------
 
 
@@ -658,6 +697,22 @@ def test_a_failing_job_is_reported_with_its_log_and_retry_finishes_it(
     nothing = cli("retry", "1")
     assert nothing.exit_code == 0
     assert "run 1 has no failed jobs to retry" in nothing.stderr
+
+
+def test_a_recipe_sees_the_scan_variables_its_docs_promise(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path
+) -> None:
+    recipes = write_recipe(
+        tmp_path / "recipes",
+        "who",
+        "echo {{ scan.project }} {{ scan.subject }} {{ scan.experiment }} {{ scan.id }} "
+        "{{ scan.type }} > {{ output_dir }}/who.txt",
+        resource="WHO",
+    )
+    done = hb("run", "who", T1_SCANS[0], "--recipes", str(recipes), "--wait", *FAST)
+    assert done.returncode == 0, done.stderr
+    who = xnat.file(T1_SCANS[0], "WHO", "who.txt").decode()
+    assert who == "PTV000 Haofei01 Haofei01_MR1 4 Ax 3D T1\n"
 
 
 # --- 7: cancel -------------------------------------------------------------------------------

@@ -368,3 +368,22 @@ def test_submit_argv_refuses_log_paths_the_wrappers_cannot_take(path: str) -> No
     assert str(caught.value) == (
         f"invalid stdout path for qsub: {path!r} (need an absolute file path)"
     )
+
+
+# --- finding a job by name (before resubmitting after a crash) ---------------------------------
+
+
+def test_find_argv_searches_pbs_pro_history_but_not_torques() -> None:
+    assert pbs.find_argv("hb3_MR1_4", flavour="pbspro") == ["qselect", "-x", "-N", "hb3_MR1_4"]
+    assert pbs.find_argv("hb3_MR1_4", flavour="torque") == ["qselect", "-N", "hb3_MR1_4"]
+
+
+def test_find_argv_refuses_a_name_that_is_not_one_argument() -> None:
+    with pytest.raises(SchedulerError, match="invalid job name"):
+        pbs.find_argv("hb3 -u root", flavour="pbspro")
+
+
+def test_parse_found_keeps_qselects_ids_in_order() -> None:
+    out = "2238001.pbsserver\n2238007[].pbsserver\n\n"
+    assert pbs.parse_found(out) == ["2238001.pbsserver", "2238007[].pbsserver"]
+    assert pbs.parse_found("") == []

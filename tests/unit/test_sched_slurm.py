@@ -190,3 +190,22 @@ def test_parse_scontrol_no_job(text: str) -> None:
 )
 def test_unknown_job(stderr: str, rc: int, unknown: bool) -> None:
     assert slurm.unknown_job(stderr, rc) is unknown
+
+
+# --- finding a job by name (before resubmitting after a crash) ---------------------------------
+
+
+def test_find_argv_includes_ended_jobs() -> None:
+    assert slurm.find_argv("hb3_MR1_4") == [
+        "squeue", "-h", "-t", "all", "-n", "hb3_MR1_4", "-o", "%i"
+    ]  # fmt: skip
+
+
+def test_find_argv_refuses_a_name_that_is_not_one_argument() -> None:
+    with pytest.raises(SchedulerError, match="invalid job name"):
+        slurm.find_argv("a,b")
+
+
+def test_parse_found_folds_array_tasks_into_their_job_and_sorts() -> None:
+    assert slurm.parse_found("812\n799_1\n799_2\n799_[3-5]\n") == ["799", "812"]
+    assert slurm.parse_found("") == []

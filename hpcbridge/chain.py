@@ -1,0 +1,248 @@
+"""Job chains (``run --chain``): per scan a stage-in job, the compute job after it and a
+stage-out job after that, linked by afterok dependencies. The machine running hpcbridge then only
+submits and polls; the transfers run on the cluster (on a data-transfer queue, say), where they
+run ``hpcbridge stage-in`` and ``hpcbridge stage-out``.
+
+Their XNAT credentials are an alias token in a file only the user can read, in the run's own
+folder on the cluster (``<work_root>/run-<id>/.hpcbridge-chain/``: a 0700 folder holding a 0600
+``credentials.json`` and the ``config.toml`` naming the server). A secret never goes on a
+command line, into a job script or into ``qsub -v`` variables: other users of a cluster can read
+all three (``ps``, ``qstat -f``, ``scontrol show job``).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULTS, Settings
+from .credentials import Secret, token_entry, token_of
+from .errors import CredentialError, HpcBridgeError
+from .recipes import (
+    Recipe,
+    Resources,
+    format_walltime,
+    parse_walltime,
+    render_script,
+    scan_variables,
+)
+from .transport import Transport
+from .xnat.client import XnatClient, expiry_text
+from .xnat.model import ScanRef
+
+__all__ = [
+    "STEPS",
+    "bridge_command",
+    "chain_seconds",
+    "expiry_warning",
+    "install_token",
+    "installed_token",
+    "step_name",
+    "step_work",
+    "transfer_script",
+]
+
+STEPS = ("stage-in", "compute", "stage-out")
+CHAIN_DIR = ".hpcbridge-chain"
+TRANSFER_MEMORY_MB = 2048
+#: How long a chain may sit in queues on top of its walltimes, when judging whether the token
+#: lasts. Queue waits cannot be known in advance; the warning says this allowance was assumed.
+QUEUE_ALLOWANCE = 12 * 3600
+
+# The transfer jobs' settings come only from the chain's own files: a variable exported in the
+# shell that submitted them (qsub -V, sbatch's default --export=ALL) must not point them
+# elsewhere or hand them another password. (Not all HPCBRIDGE_* names: the local scheduler
+# passes the job its id in HPCBRIDGE_JOB_ID.)
+_SETTINGS_VARIABLES = sorted(
+    {f"HPCBRIDGE_{key.upper()}" for key in DEFAULTS}
+    | {"HPCBRIDGE_CONFIG", "HPCBRIDGE_PROFILE", "HPCBRIDGE_PASSWORD", "HPCBRIDGE_RECIPES"}
+    | {"XNAT_HOST", "XNAT_USER", "XNAT_PASS", "NETRC"}
+)
+_PREAMBLE = "unset " + " ".join(_SETTINGS_VARIABLES) + "\nexport HPCBRIDGE_HOME={{ params.home }}\n"
+
+_COMMANDS = {
+    "stage-in": _PREAMBLE
+    + "{{ params.bridge | raw }} --config {{ params.config }} --profile chain stage-in \\\n"
+    "    {{ params.experiment }} --scan {{ scan.id }} --resource {{ params.resource }} \\\n"
+    "    --dest {{ params.dest }}\n",
+    "stage-out": _PREAMBLE
+    + "{{ params.bridge | raw }} --config {{ params.config }} --profile chain stage-out \\\n"
+    "    {{ params.address }} --spec {{ params.spec }} {{ input_dir }}\n",
+}
+
+
+def bridge_command(settings: Settings, *, local: bool) -> list[str]:
+    """The command the transfer jobs run: the profile's ``bridge_command``; by default this
+    Python's hpcbridge when jobs run here, and ``hpcbridge`` from the PATH on a cluster."""
+    if settings.bridge_command:
+        return shlex.split(settings.bridge_command)
+    return [sys.executable, "-m", "hpcbridge"] if local else ["hpcbridge"]
+
+
+def transfer_walltime(settings: Settings) -> int:
+    return parse_walltime(settings.transfer_walltime, "transfer_walltime")
+
+
+def chain_seconds(settings: Settings, recipe: Recipe) -> int:
+    """The longest a chain can run once started: its three walltimes."""
+    return 2 * transfer_walltime(settings) + recipe.resources.walltime
+
+
+def home_of(root: str) -> str:
+    return f"{root}/{CHAIN_DIR}"
+
+
+def step_work(folder: str, step: str) -> str:
+    """Each step's work folder (its own, since a work folder holds one live job at a time)."""
+    return folder if step == "compute" else f"{folder}/chain/{step}"
+
+
+def step_name(name: str, step: str) -> str:
+    return {"stage-in": f"{name}_in", "compute": name, "stage-out": f"{name}_out"}[step]
+
+
+def spec_path(folder: str) -> str:
+    return f"{step_work(folder, 'stage-out')}/spec.json"
+
+
+def report_path(folder: str) -> str:
+    return f"{step_work(folder, 'stage-out')}/uploaded.json"
+
+
+def transfer_script(
+    step: str,
+    template: str,
+    *,
+    settings: Settings,
+    bridge: list[str],
+    root: str,
+    folder: str,
+    name: str,
+    ref: ScanRef,
+    input_resource: str,
+) -> str:
+    """The job script of a transfer step (``stage-in`` or ``stage-out``) for one scan."""
+    walltime = transfer_walltime(settings)
+    recipe = Recipe(
+        name=f"hpcbridge-{step}",
+        description=f"the {step} step of a job chain",
+        source=Path(f"<{step}>"),
+        origin="built-in",
+        command=_COMMANDS[step],
+        resources=Resources(cpus=1, memory_mb=TRANSFER_MEMORY_MB, walltime=walltime),
+    )
+    home = home_of(root)
+    params: dict[str, Any] = {
+        "bridge": " ".join(shlex.quote(word) for word in bridge),
+        "home": home,
+        "config": f"{home}/config.toml",
+        "experiment": f"{ref.project}/{ref.subject_label}/{ref.experiment_label}",
+        "address": ref.address,
+        "resource": input_resource,
+        "dest": root,
+        "spec": spec_path(folder),
+    }
+    inputs = f"{folder}/resources" if step == "stage-in" else f"{folder}/out"
+    return render_script(
+        recipe,
+        template,
+        values=params,
+        input_dir=inputs,
+        output_dir=step_work(folder, step),
+        work_dir=step_work(folder, step),
+        name=step_name(name, step),
+        scan=scan_variables(ref),
+        queue=settings.transfer_queue or settings.queue,
+        account=settings.account,
+    )
+
+
+def stage_out_spec(recipe: Recipe, folder: str, provenance: dict[str, Any]) -> dict[str, Any]:
+    """What the stage-out job uploads and records: ``hpcbridge stage-out --spec`` reads it."""
+    return {
+        "outputs": [asdict(o) for o in recipe.outputs],
+        "provenance": provenance,
+        # the compute job's own record of its end, for the provenance
+        "status_file": f"{step_work(folder, 'compute')}/.hpcbridge/status.json",
+        "report": report_path(folder),
+    }
+
+
+# --- the token the transfer jobs use -----------------------------------------------------
+
+
+def installed_token(transport: Transport, root: str, url: str) -> Secret | None:
+    """The alias token already in the run's chain folder, if any."""
+    text = transport.read_text(f"{home_of(root)}/credentials.json")
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return token_of(data, url) if isinstance(data, dict) else None
+
+
+def fresh_token(client: XnatClient) -> Secret:
+    """A new alias token for the chain's jobs, issued in this run's session; the login's own
+    token when the server will not issue one. Never a password: that stays on this machine."""
+    creds = client.credentials
+    try:
+        data = client.issue_token()
+    except HpcBridgeError as exc:
+        if creds is not None and creds.is_token and not creds.expired():
+            return creds
+        raise CredentialError(
+            f"cannot issue an XNAT alias token for the chain's transfer jobs: {exc.message}",
+            hint="run `hpcbridge login` (it stores a token the chains can use)",
+        ) from None
+    expires = data.get("estimatedExpirationTime")
+    return Secret(
+        str(data["alias"]),
+        str(data["secret"]),
+        "token",
+        int(expires) if isinstance(expires, (int, float)) else None,
+        creds.user if creds is not None else None,
+    )
+
+
+def install_token(
+    transport: Transport, root: str, url: str, token: Secret, settings: Settings
+) -> None:
+    """Write the chain folder: 0700, a 0600 token store and the config naming the server."""
+    home = home_of(root)
+    transport.makedirs(home)
+    transport.run(["chmod", "700", home]).check(f"making {home} private")
+    entry = token_entry(url, token.owner or "", token.user, token.secret, token.expires_ms)
+    transport.write_text(f"{home}/credentials.json", json.dumps(entry, indent=1), mode=0o600)
+    config = (
+        'default_profile = "chain"\n\n[profiles.chain]\n'
+        f"xnat = {json.dumps(url)}\n"
+        f"verify_tls = {'true' if settings.verify_tls else 'false'}\n"
+        f"timeout = {float(settings.timeout)!r}\n"
+    )
+    transport.write_text(f"{home}/config.toml", config, mode=0o600)
+
+
+def remove_token(transport: Transport, root: str) -> None:
+    transport.run(["rm", "-f", f"{home_of(root)}/credentials.json"])
+
+
+def expiry_warning(token: Secret, seconds: int, now: float | None = None) -> str | None:
+    """A warning when ``token`` may expire before a chain submitted now can end."""
+    if token.expires_ms is None:
+        return None
+    now = time.time() if now is None else now
+    if token.expires_ms / 1000 >= now + seconds + QUEUE_ALLOWANCE:
+        return None
+    return (
+        f"the XNAT token the chains use expires {expiry_text(token.expires_ms, now)}; a chain "
+        f"submitted now may need it for {format_walltime(seconds)} of walltime plus up to "
+        f"{QUEUE_ALLOWANCE // 3600} h queued, and a stage-out after it expires fails "
+        "(`hpcbridge login` again, then `hpcbridge retry`)"
+    )

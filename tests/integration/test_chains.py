@@ -1,0 +1,287 @@
+"""Job chains (`run --chain`) against a sandbox XNAT, the local scheduler and the real dcm2niix:
+per scan a stage-in job, the compute job after it and a stage-out job after that, the
+transfers done by `hpcbridge stage-in/stage-out` inside the jobs with a token from a private
+file. The helpers and fixtures are test_runs.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from test_runs import (  # noqa: F401  (fixtures are found by name)
+    FAST,
+    PROVENANCE_FILE,
+    RUN_T1,
+    T1_OUTPUTS,
+    T1_SCANS,
+    WAIT_LIMIT,
+    Crash,
+    T,
+    Xnat,
+    cli,
+    hb,
+    local_jobs,
+    nothing_left_running,
+    states,
+    status_json,
+    write_recipe,
+)
+
+from hpcbridge.config import load_settings
+from hpcbridge.ledger import Ledger
+from hpcbridge.runner import RunRequest, start_run, sync, wait_run
+from hpcbridge.schedulers.local import LocalScheduler
+from hpcbridge.xnat import connect
+
+CHAIN_T1 = [*RUN_T1, "--chain"]
+# distinctive, so a search for it in every file the run wrote finds only real leaks
+PASSWORD = "Chain-Pa55word-never-on-disk"
+
+
+@pytest.fixture()
+def xnat(make_sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Xnat]:
+    """The default profile pointed at a fresh sandbox whose admin password is PASSWORD."""
+    server = make_sandbox(admin_password=PASSWORD)
+    monkeypatch.setenv("HPCBRIDGE_XNAT", server.url)
+    monkeypatch.setenv("HPCBRIDGE_USER", server.user)
+    monkeypatch.setenv("HPCBRIDGE_PASSWORD", PASSWORD)
+    view = Xnat(server, monkeypatch)
+    yield view
+    view.http.close()
+
+
+STEPS = ["stage-in", "compute", "stage-out"]
+
+
+def chains(home: Path) -> dict[str, list[dict[str, Any]]]:
+    """The local scheduler's jobs per scan folder, in submission order."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for job in local_jobs(home):
+        folder = job["work_dir"].split("/chain/")[0]
+        found.setdefault(folder, []).append(job)
+    return found
+
+
+def step_of(job: dict[str, Any]) -> str:
+    return job["work_dir"].rsplit("/chain/", 1)[1] if "/chain/" in job["work_dir"] else "compute"
+
+
+def job_record(home: Path, job_id: str) -> dict[str, Any]:
+    """hpcbridge's own record of a job (what `hpcbridge jobs` shows)."""
+    data: dict[str, Any] = json.loads((home / "jobs" / "default" / f"{job_id}.json").read_text())
+    return data
+
+
+def every_file_text(*folders: Path) -> str:
+    text = []
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and path.suffix not in (".gz", ".dcm", ".sqlite", ".nii"):
+                text.append(path.read_text(errors="replace"))
+    return "\n".join(text)
+
+
+def test_a_chain_converts_every_t1_with_transfers_done_by_jobs(
+    xnat: Xnat, isolated_home: Path
+) -> None:
+    before = xnat.stats()
+    started = hb(*CHAIN_T1)  # one pass: plans and submits the chains
+    assert started.returncode == 0, started.stderr
+    assert started.stdout == "1\n"
+    assert started.stderr.count("(stage-in -> compute -> stage-out)") == 3
+
+    # The token the jobs use is in a private file of the run's folder, not the password.
+    home = isolated_home / "work" / "run-1" / ".hpcbridge-chain"
+    creds = home / "credentials.json"
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    stored = json.loads(creds.read_text())
+    token = next(iter(stored["servers"].values()))
+    assert token["secret"] and token["secret"] != PASSWORD
+    assert xnat.stats()["tokens_issued"] - before["tokens_issued"] == 1
+
+    # Three jobs per scan, each after the one before.
+    submitted = chains(isolated_home)
+    assert len(submitted) == 3
+    for jobs in submitted.values():
+        assert [step_of(j) for j in jobs] == STEPS
+        assert jobs[0]["after"] == []
+        assert jobs[1]["after"] == [jobs[0]["id"]] and jobs[2]["after"] == [jobs[1]["id"]]
+
+    done = hb("sync", "1", "--watch", *FAST)
+    assert done.returncode == 0, done.stderr
+    data = status_json(1)
+    assert states(data) == dict.fromkeys(T1_SCANS, "uploaded")
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "NIFTI") == T1_OUTPUTS
+        prov = xnat.json_file(scan, "NIFTI", PROVENANCE_FILE)
+        job = next(j for j in data["jobs"] if j["scan"] == scan)
+        assert prov["job"]["id"] == job["job_id"]  # the compute job's id
+        assert prov["recipe"] == "dcm2niix" and prov["converter_version"]
+        assert prov["ended"]  # from the compute job's own status file
+    for job in data["jobs"]:
+        assert sorted(u["name"] for u in job["uploaded"]) == T1_OUTPUTS
+
+    # The password appears in no script, spec, config, log or job record.
+    assert PASSWORD not in every_file_text(isolated_home)
+    # Once the run is done, its token is gone from the cluster and refused by XNAT.
+    assert not creds.exists()
+    refused = requests.get(
+        f"{xnat.server.url}/data/projects",
+        auth=(token["alias"], token["secret"]),
+        params={"format": "json"},
+        timeout=T,
+    )
+    assert refused.status_code == 401
+
+
+def test_a_failing_step_cancels_the_rest_of_its_chain_and_retry_redoes_it(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "fail-marker"
+    marker.touch()
+    recipes = write_recipe(
+        tmp_path / "recipes",
+        "flaky",
+        f"if [ -e '{marker}' ]; then echo \"flaky: the marker is there\" >&2; exit 3; fi\n"
+        "ls {{ input_dir }} > {{ output_dir }}/listing.txt",
+        resource="LISTING",
+    )
+    args = ["run", "flaky", "PTV000", "--scan-type", "*T1*", "--recipes", str(recipes), "--chain"]
+    failed = hb(*args, "--wait", *FAST)
+    assert failed.returncode == 3, failed.stderr
+    data = status_json(1)
+    assert states(data) == dict.fromkeys(T1_SCANS, "failed")
+    for job in data["jobs"]:
+        assert job["error"] == f"compute job {job['job_id']} failed: exit code 3"
+        assert "flaky: the marker is there" in job["log_tail"]
+    for jobs in chains(isolated_home).values():
+        assert job_record(isolated_home, jobs[2]["id"])["state"] == "cancelled"  # never ran
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "LISTING") == []
+
+    marker.unlink()
+    retried = cli("retry", "1")
+    assert retried.exit_code == 0, retried.output
+    assert retried.stderr.count("(stage-in -> compute -> stage-out)") == 3
+    done = hb("sync", "1", "--watch", *FAST)
+    assert done.returncode == 0, done.stderr
+    assert states(status_json(1)) == dict.fromkeys(T1_SCANS, "uploaded")
+    assert len(local_jobs(isolated_home)) == 18  # two whole chains per scan
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "LISTING") == sorted(["listing.txt", PROVENANCE_FILE])
+
+
+def test_a_stage_in_that_cannot_run_fails_the_chain_before_any_compute(
+    xnat: Xnat, isolated_home: Path
+) -> None:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "config.toml").write_text(
+        '[profiles.default]\nbridge_command = "/nonexistent/hpcbridge"\n'
+    )
+    failed = hb(*CHAIN_T1, "--scan", "4", "--wait", *FAST)
+    assert failed.returncode == 3, failed.stderr
+    for job in status_json(1)["jobs"]:
+        assert job["state"] == "failed"
+        assert job["error"].startswith("stage-in job ")
+        assert job["error"].endswith("failed: exit code 127")
+        assert "/nonexistent/hpcbridge" in job["log_tail"]
+    for jobs in chains(isolated_home).values():
+        for later in jobs[1:]:
+            assert job_record(isolated_home, later["id"])["state"] == "cancelled"
+
+
+def test_dry_run_with_chain_prints_the_three_scripts_and_changes_nothing(
+    xnat: Xnat, isolated_home: Path
+) -> None:
+    before = xnat.stats()
+    result = cli(*CHAIN_T1, "--dry-run")
+    assert result.exit_code == 0, result.output
+    for title in ("stage-in job", "compute job", "stage-out job"):
+        assert f"# {title} script for {T1_SCANS[0]}:" in result.stderr
+    assert result.stdout.count("#!/bin/bash") == 3
+    assert " stage-in " in result.stdout and " stage-out " in result.stdout
+    assert "dcm2niix -z y" in result.stdout
+    assert PASSWORD not in result.output
+    after = xnat.stats()
+    assert after["tokens_issued"] == before["tokens_issued"]
+    assert not (isolated_home / "ledger.sqlite").exists()
+    assert not (isolated_home / "work").exists()
+    assert local_jobs(isolated_home) == []
+
+
+def test_a_token_that_may_expire_before_the_chain_ends_is_warned_about(
+    make_sandbox: Any, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hpcbridge.sandbox.auth import AuthSettings
+
+    server = make_sandbox(auth=AuthSettings(token_lifetime=3600.0))
+    monkeypatch.setenv("HPCBRIDGE_XNAT", server.url)
+    monkeypatch.setenv("HPCBRIDGE_USER", server.user)
+    monkeypatch.setenv("HPCBRIDGE_PASSWORD", server.password)
+    started = cli(*CHAIN_T1, "--scan", "4")
+    assert started.exit_code == 0, started.output
+    warnings = [line for line in started.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, started.stderr
+    assert warnings[0].startswith("hpcbridge: warning: the XNAT token the chains use expires on ")
+    assert "02:20:00 of walltime plus up to 12 h queued" in warnings[0]
+    cli("cancel", "--run", "1")
+
+
+class SaveCrash(Crash):
+    pass
+
+
+def test_a_chain_cut_by_a_crash_between_its_jobs_is_completed_not_repeated(
+    xnat: Xnat, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bridge dies after the scheduler took a chain's compute job but before the job was
+    recorded anywhere of ours: the next pass finds it in the scheduler and submits only the
+    stage-out job."""
+    from hpcbridge import jobs as jobs_module
+
+    settings = load_settings()
+    scheduler = LocalScheduler(isolated_home / "local-jobs")
+    deadline = time.monotonic() + WAIT_LIMIT
+
+    def bounded_sleep(seconds: float) -> None:
+        assert time.monotonic() < deadline, "the run did not end"
+        time.sleep(seconds)
+
+    with Ledger.for_settings(settings) as ledger, connect(settings) as client:
+        plan = start_run(
+            settings, client, ledger, RunRequest("dcm2niix", "PTV000", ("4",), chain=True)
+        )
+        assert plan.run is not None
+        save = jobs_module.JobStore.save
+        saved: list[str] = []
+
+        def crash_on_second_save(self: Any, job: Any) -> None:
+            if len(saved) == 1:
+                raise SaveCrash
+            saved.append(job.id)
+            save(self, job)
+
+        monkeypatch.setattr(jobs_module.JobStore, "save", crash_on_second_save)
+        with pytest.raises(SaveCrash):
+            sync(settings, client, ledger, scheduler, plan.run)
+        monkeypatch.setattr(jobs_module.JobStore, "save", save)
+        assert len(local_jobs(isolated_home)) == 2  # stage-in and compute of the first scan
+
+        report = wait_run(
+            settings, client, ledger, scheduler, plan.run, interval=0.2, sleep=bounded_sleep
+        )
+    assert report.counts["uploaded"] == 3, report
+    submitted = chains(isolated_home)
+    assert len(local_jobs(isolated_home)) == 9  # nothing submitted twice
+    for jobs in submitted.values():
+        assert [step_of(j) for j in jobs] == STEPS
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "NIFTI") == T1_OUTPUTS
