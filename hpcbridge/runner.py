@@ -203,6 +203,7 @@ def start_run(
             profile=settings.profile,
             options=options,
         )
+    tag = run_tag(ledger, run)
     for ref in todo:
         ledger.add_job(
             run.id,
@@ -213,10 +214,19 @@ def start_run(
             experiment_id=ref.experiment_id,
             scan=ref.scan_id,
             scan_type=ref.type,
-            # Unique in the ledger and recognisable in qstat: run, experiment, scan.
-            name=f"hb{run.id}_{safe_name(ref.experiment_label)}_{safe_name(ref.scan_id)}",
+            # Unique, and recognisable in qstat: run, experiment, scan. The scheduler is asked
+            # for it by name after a crash, so it must not match another ledger's run 1.
+            name=f"hb{run.id}-{tag}_{safe_name(ref.experiment_label)}_{safe_name(ref.scan_id)}",
         )
     return Plan(run, recipe, values, todo, skipped, resumed=resumed)
+
+
+def run_tag(ledger: Ledger, run: Run) -> str:
+    """Four hex digits telling this run from the runs of the same number in other ledgers
+    (another user's, another HPCBRIDGE_HOME) in a shared scheduler's job names."""
+    return hashlib.sha256(f"{ledger.path.absolute()}|{run.id}|{run.created}".encode()).hexdigest()[
+        :4
+    ]
 
 
 def _unfinished_twin(
@@ -768,7 +778,10 @@ def _submit_chain(ctx: _Context, row: JobRow) -> JobRow:
     """Submit a scan's three jobs, each after the one before; record each id as it comes, so a
     crash part-way resumes with the steps not yet submitted."""
     folder = ctx.remote_folder(row)
-    if "submitting" not in row.extra:
+    # Only a chain cut short by a crash is looked for in the scheduler: the lookup costs a
+    # scheduler call per step.
+    resuming = "submitting" in row.extra
+    if not resuming:
         row = ctx.ledger.update(row.id, extra=dict(row.extra, submitting=utc_stamp()))
     ids: dict[str, str] = dict(row.extra.get("chain") or {})
     template = _scheduler_template(ctx.scheduler)
@@ -782,9 +795,10 @@ def _submit_chain(ctx: _Context, row: JobRow) -> JobRow:
             continue
         work = chain.step_work(folder, step)
         local = scripts / f"{step}.sh"
-        job = _find_submitted(
-            ctx, chain.step_name(row.name, step), work, row.extra["submitting"], local, after
-        )
+        job = None
+        if resuming:
+            since = row.extra["submitting"]
+            job = _find_submitted(ctx, chain.step_name(row.name, step), work, since, local, after)
         if job is None:
             if step == "compute":
                 script = _job_script(
