@@ -58,20 +58,6 @@ def cli(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
 
 
-@pytest.fixture(params=["pbs", "slurm"])
-def kind(request: pytest.FixtureRequest, cluster: dict[str, Any], isolated_home: Path) -> str:
-    """A profile `ci` submitting over SSH to qsub (the PBS wrappers) or to sbatch."""
-    isolated_home.mkdir(parents=True, exist_ok=True)
-    (isolated_home / "config.toml").write_text(
-        'default_profile = "ci"\n\n[profiles.ci]\n'
-        f'host = "{cluster["ssh"]["alias"]}"\n'
-        f'ssh_config = "{cluster["ssh"]["ssh_config"]}"\n'
-        f'scheduler = "{request.param}"\n'
-        "poll_interval = 0.3\n"
-    )
-    return str(request.param)
-
-
 @pytest.fixture()
 def recipes_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "recipes"
@@ -328,20 +314,6 @@ def test_refused_key_is_an_authentication_error(
 
 
 # --- whole runs: XNAT (the sandbox) -> SSH -> the scheduler -> XNAT ---------------------------
-
-
-@pytest.fixture()
-def run_profile(
-    kind: str, sandbox: Any, tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> Path:
-    """The ci profile plus the sandbox XNAT and a work_root on the cluster's side."""
-    work_root = tmp_path / "cluster-work"
-    config = isolated_home / "config.toml"
-    config.write_text(config.read_text() + f'work_root = "{work_root}"\n')
-    monkeypatch.setenv("HPCBRIDGE_XNAT", sandbox.url)
-    monkeypatch.setenv("HPCBRIDGE_USER", sandbox.user)
-    monkeypatch.setenv("HPCBRIDGE_PASSWORD", sandbox.password)
-    return work_root
 
 
 def test_run_converts_every_t1_scan_through_ssh(kind: str, run_profile: Path, sandbox: Any) -> None:
