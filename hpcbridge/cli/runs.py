@@ -344,6 +344,7 @@ def status_command(ctx: click.Context, run_id: int | None) -> None:
 def _job_json(job: Any) -> dict[str, Any]:
     return {
         "id": job.id,
+        "name": job.name,
         "scan": job.address,
         "scan_type": job.scan_type,
         "state": job.state.value,
