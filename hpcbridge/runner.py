@@ -28,6 +28,7 @@ from typing import Any
 
 from . import __version__, chain
 from .config import Settings
+from .credentials import Secret
 from .errors import ConfigError, HpcBridgeError, StageError
 from .jobs import Job, JobStore, cancel_jobs, next_delay, refresh, submit_script
 from .ledger import JobRow, JobState, Ledger, Run, RunState
@@ -849,22 +850,36 @@ def _chain_token_removed(ctx: _Context) -> None:
         token = chain.installed_token(ctx.transport, ctx.root, ctx.client.base)
         if token is None:
             return
-        mine = ctx.client.credentials
-        if mine is None or token.user != mine.user:  # issued for the chain, not the login's
-            ctx.client.invalidate_token(token.user)
+        _invalidate_chain_token(ctx, token)
         chain.remove_token(ctx.transport, ctx.root)
     except HpcBridgeError as exc:
         log.warning("could not remove the chain's XNAT token: %s", exc.message)
 
 
+def _invalidate_chain_token(ctx: _Context, token: Secret) -> None:
+    mine = ctx.client.credentials
+    if mine is not None and token.user == mine.user:
+        return  # the login's own token, which the user still needs
+    try:
+        ctx.client.invalidate_token(token.user)
+    except HpcBridgeError as exc:
+        log.warning("could not invalidate the chain's old XNAT token: %s", exc.message)
+
+
 def _chain_token(ctx: _Context, report: SyncReport) -> None:
-    """Make sure the run's chain folder holds a token that lasts; warn when it may not."""
+    """Make sure the run's chain folder holds a token that lasts; warn when it may not.
+
+    A token is replaced only when it would expire before a chain submitted now could end (its
+    walltimes); the one it replaces is invalidated, so a run holds one live token at a time.
+    """
     url = ctx.client.base
     seconds = chain.chain_seconds(ctx.settings, ctx.recipe)
     token = chain.installed_token(ctx.transport, ctx.root, url)
-    if token is None or chain.expiry_warning(token, seconds) is not None:
-        token = chain.fresh_token(ctx.client)
+    if token is None or token.expired(time.time() + seconds):
+        old, token = token, chain.fresh_token(ctx.client)
         chain.install_token(ctx.transport, ctx.root, url, token, ctx.settings)
+        if old is not None and old.user != token.user:
+            _invalidate_chain_token(ctx, old)
     warning = chain.expiry_warning(token, seconds)
     if warning:
         report.errors.append(warning)

@@ -217,7 +217,7 @@ def test_dry_run_with_chain_prints_the_three_scripts_and_changes_nothing(
     assert local_jobs(isolated_home) == []
 
 
-def test_a_token_that_may_expire_before_the_chain_ends_is_warned_about(
+def test_a_token_that_may_expire_before_the_chain_ends_is_warned_about_and_replaced(
     make_sandbox: Any, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from hpcbridge.sandbox.auth import AuthSettings
@@ -226,13 +226,21 @@ def test_a_token_that_may_expire_before_the_chain_ends_is_warned_about(
     monkeypatch.setenv("HPCBRIDGE_XNAT", server.url)
     monkeypatch.setenv("HPCBRIDGE_USER", server.user)
     monkeypatch.setenv("HPCBRIDGE_PASSWORD", server.password)
-    started = cli(*CHAIN_T1, "--scan", "4")
+    started = cli(*CHAIN_T1, "--max-queued", "1")
     assert started.exit_code == 0, started.output
     warnings = [line for line in started.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1, started.stderr
     assert warnings[0].startswith("hpcbridge: warning: the XNAT token the chains use expires on ")
     assert "02:20:00 of walltime plus up to 12 h queued" in warnings[0]
-    cli("cancel", "--run", "1")
+    assert len(server.store.tokens_of(server.user)) == 1
+
+    # Each pass that submits a chain needs a token lasting its walltimes: a new one replaces
+    # the old, which is invalidated; at the end of the run none is left.
+    done = hb("sync", "1", "--watch", *FAST)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("hpcbridge: warning: the XNAT token") == 2  # two more submissions
+    assert states(status_json(1)) == dict.fromkeys(T1_SCANS, "uploaded")
+    assert server.store.tokens_of(server.user) == []
 
 
 class SaveCrash(Crash):
