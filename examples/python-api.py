@@ -31,18 +31,18 @@ def convert(scan: Address) -> None:
         raise report.failed[0][1]
     shutil.rmtree(work / "out", ignore_errors=True)  # dcm2niix renames rather than overwrites
     script = work / "job.sh"
-    script.write_text(
-        recipes.render_script(
-            recipe,
-            settings.scheduler,
-            values=recipe.values(),
-            input_dir=str(report.staged[0].files_dir),
-            output_dir=str(work / "out"),
-            work_dir=str(work),
-        )
-    )
     with jobs.open_transport(settings) as transport:
         scheduler = jobs.open_scheduler(settings, transport)
+        script.write_text(
+            recipes.render_script(
+                recipe,
+                scheduler.template,
+                values=recipe.values(),
+                input_dir=str(report.staged[0].files_dir),
+                output_dir=str(work / "out"),
+                work_dir=str(work),
+            )
+        )
         store = jobs.JobStore(settings.home, settings.profile)
         job = jobs.submit_script(store, scheduler, script, host=settings.host or "")
         print(f"{scan}: job {job.id} submitted, waiting", file=sys.stderr)

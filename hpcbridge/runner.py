@@ -35,7 +35,6 @@ from .ledger import JobRow, JobState, Ledger, Run, RunState
 from .outputs import upload_outputs
 from .recipes import Recipe, find, job_name, render_script, scan_variables
 from .schedulers.base import Scheduler, State
-from .schedulers.pbs import PbsScheduler
 from .schedulers.script import parse_script
 from .stagein import Selection, safe_name, scan_folder, stage_in
 from .transport import LocalTransport, Transport
@@ -328,14 +327,6 @@ def _work_root(settings: Settings) -> str:
 def _scan_relative(experiment: str, ref: ScanRef) -> str:
     """The same folder stage-in makes for the scan: ``<experiment>/scans/<scan>-<type>``."""
     return f"{safe_name(experiment)}/scans/{scan_folder(Scan(ref.scan_id, ref.type))}"
-
-
-def _scheduler_template(scheduler: Scheduler) -> str:
-    # Torque has its own skeleton (-l nodes=...:ppn=..., -A); asking the flavour here costs
-    # nothing more, since submitting asks it anyway.
-    if isinstance(scheduler, PbsScheduler):
-        return "torque" if scheduler.flavour == "torque" else "pbs"
-    return scheduler.kind
 
 
 class _Context:
@@ -690,7 +681,7 @@ def _submit_one(ctx: _Context, row: JobRow) -> JobRow:
     script = _job_script(
         ctx.settings,
         ctx.recipe,
-        _scheduler_template(ctx.scheduler),
+        ctx.scheduler.template,
         ctx.run.params,
         folder,
         row.name,
@@ -785,7 +776,7 @@ def _submit_chain(ctx: _Context, row: JobRow) -> JobRow:
     if not resuming:
         row = ctx.ledger.update(row.id, extra=dict(row.extra, submitting=utc_stamp()))
     ids: dict[str, str] = dict(row.extra.get("chain") or {})
-    template = _scheduler_template(ctx.scheduler)
+    template = ctx.scheduler.template
     scripts = ctx.local_folder(row) / ".hpcbridge-submit"
     scripts.mkdir(parents=True, exist_ok=True)
     after: list[str] = []

@@ -94,6 +94,11 @@ class Scheduler(ABC):
         self.transport = transport
         self.status_calls = 0
 
+    @property
+    def template(self) -> str:
+        """The job-script skeleton for this scheduler (``render_script``'s ``scheduler``)."""
+        return self.kind
+
     def prepare_script(self, text: str) -> str:
         """The script as it should be uploaded; some flavours need directives moved."""
         return text

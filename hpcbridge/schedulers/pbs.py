@@ -355,6 +355,11 @@ class PbsScheduler(Scheduler):
             log.debug("PBS flavour: %s", self._flavour)
         return self._flavour
 
+    @property
+    def template(self) -> str:
+        # Torque has its own skeleton (-l nodes=...:ppn=..., -A for the project).
+        return "torque" if self.flavour == "torque" else "pbs"
+
     def check_ids(self, ids: Sequence[str]) -> list[str]:
         return _check_ids(ids)
 
