@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import requests
 from click.testing import CliRunner
@@ -28,13 +29,59 @@ def run(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+def _command_paths(group: click.Group = main, prefix: tuple[str, ...] = ()) -> list[list[str]]:
+    """Every command and group below ``group``, as the words that name it."""
+    paths: list[list[str]] = []
+    for name, command in sorted(group.commands.items()):
+        paths.append([*prefix, name])
+        if isinstance(command, click.Group):
+            paths += _command_paths(command, (*prefix, name))
+    return paths
+
+
+#: Commands whose --help has no example yet (reported; hpcbridge/cli is not this test's to
+#: change). Remove a name once its help gains one: the strict xfail then reminds you.
+MISSING_EXAMPLES = {"recipes list", "sandbox status", "sandbox stop"}
+
+
 def test_help_teaches_with_examples() -> None:
     result = run("--help")
     assert result.exit_code == 0
     assert "hpcbridge sandbox start" in result.output
-    for command in (["ls"], ["sandbox"], ["sandbox", "serve"], ["sandbox", "start"]):
-        out = run(*command, "--help").output
-        assert "Example" in out, command
+    assert len(_command_paths()) >= 25  # every command is below; a guard against finding none
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(
+            path,
+            id=" ".join(path),
+            marks=[pytest.mark.xfail(strict=True, reason="its --help has no example yet")]
+            if " ".join(path) in MISSING_EXAMPLES
+            else [],
+        )
+        for path in _command_paths()
+    ],
+)
+def test_every_help_has_a_summary_and_an_example(command: list[str]) -> None:
+    """`hpcbridge COMMAND --help`: a one-line summary first, then an example to copy."""
+    result = run(*command, "--help")
+    assert result.exit_code == 0, result.output
+    words = " ".join(command)
+    found = main.commands[command[0]]
+    for name in command[1:]:
+        assert isinstance(found, click.Group)
+        found = found.commands[name]
+    summary = (found.help or "").strip().split("\n\n", 1)[0]
+    assert "\n" not in summary and summary.endswith("."), summary
+    assert len(summary) <= 100, summary
+    examples = re.search(r"^  Examples?:\n((?:    .*\n)+)", result.output, re.M)
+    assert examples, f"no Example: section in `hpcbridge {words} --help`"
+    lines = examples.group(1).splitlines()
+    assert any(re.search(rf"hpcbridge (-\S+ (\S+ )?)*{re.escape(words)}\b", x) for x in lines), (
+        examples.group(1)
+    )
 
 
 def test_python_dash_m_works() -> None:
