@@ -26,6 +26,7 @@ end of its page, by its own id.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -263,6 +264,11 @@ def _run(block: Block, env: dict[str, str], work: Path) -> subprocess.CompletedP
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=30)
         pytest.fail(f"{block.where} did not finish within {BLOCK_TIMEOUT} s\n{block.text}{err}")
+    finally:
+        # A command the block put in the background (`serve &`) and left behind when it
+        # failed half-way is still in the block's process group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
