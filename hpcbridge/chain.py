@@ -229,8 +229,27 @@ def install_token(
     transport.write_text(f"{home}/config.toml", config, mode=0o600)
 
 
-def remove_token(transport: Transport, root: str) -> None:
-    transport.run(["rm", "-f", f"{home_of(root)}/credentials.json"])
+def cached_sessions(transport: Transport, root: str) -> list[str]:
+    """The XNAT sessions the transfer jobs cached (so that each job need not log in again)."""
+    folder = f"{home_of(root)}/sessions"
+    listing = transport.run(["find", folder, "-maxdepth", "1", "-name", "*.json"], timeout=60)
+    found = []
+    for path in listing.stdout.split() if listing.ok else []:
+        try:
+            data = json.loads(transport.read_text(path) or "{}")
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and data.get("jsessionid"):
+            found.append(str(data["jsessionid"]))
+    return found
+
+
+def remove_secrets(transport: Transport, root: str) -> None:
+    """Delete the token and the cached sessions from the run's chain folder."""
+    home = home_of(root)
+    transport.run(["rm", "-rf", f"{home}/credentials.json", f"{home}/sessions"]).check(
+        f"removing the chain's credentials from {home}"
+    )
 
 
 def expiry_warning(token: Secret, seconds: int, now: float | None = None) -> str | None:

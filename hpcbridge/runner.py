@@ -811,6 +811,7 @@ def _submit_chain(ctx: _Context, row: JobRow) -> JobRow:
             if step == "stage-out":
                 provenance = _provenance(ctx, row)
                 provenance["job"].update(id=ids["compute"], exit_code=0)
+                provenance["submitted"] = launched or row.extra["submitting"]
                 spec = chain.stage_out_spec(ctx.recipe, folder, provenance)
                 ctx.transport.write_text(chain.spec_path(folder), json.dumps(spec, indent=1))
             local.write_text(script)
@@ -836,13 +837,15 @@ def _submit_chain(ctx: _Context, row: JobRow) -> JobRow:
 
 
 def _chain_token_removed(ctx: _Context) -> None:
-    """The run has ended: its chain token is of no more use, on the cluster or in XNAT."""
+    """The run has ended: its chain token and the sessions its jobs opened are of no more use,
+    on the cluster or in XNAT."""
     try:
         token = chain.installed_token(ctx.transport, ctx.root, ctx.client.base)
-        if token is None:
-            return
-        _invalidate_chain_token(ctx, token)
-        chain.remove_token(ctx.transport, ctx.root)
+        if token is not None:
+            _invalidate_chain_token(ctx, token)
+        for session in chain.cached_sessions(ctx.transport, ctx.root):
+            ctx.client.end_session(session)
+        chain.remove_secrets(ctx.transport, ctx.root)
     except HpcBridgeError as exc:
         log.warning("could not remove the chain's XNAT token: %s", exc.message)
 

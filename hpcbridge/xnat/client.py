@@ -351,6 +351,17 @@ class XnatClient:
                 return int(expiry) if isinstance(expiry, (int, float)) else None
         return None
 
+    def end_session(self, session_id: str) -> None:
+        """End a server session this client does not hold (one a job cached), on its cookie."""
+        with requests.Session() as http:
+            http.verify = self.http.verify
+            http.headers["User-Agent"] = USER_AGENT
+            http.cookies.set("JSESSIONID", session_id)
+            try:
+                http.delete(self.base + "/data/JSESSION", timeout=self.timeout)
+            except requests.RequestException as exc:
+                raise XnatError(f"could not end a session at {self.base}: {_reason(exc)}") from None
+
     def invalidate_token(self, alias: str) -> None:
         # The alias alone identifies the token (XNAT looks it up without checking the secret),
         # so the secret never travels in a URL, where access logs would keep it.

@@ -126,13 +126,18 @@ def test_a_chain_converts_every_t1_with_transfers_done_by_jobs(
         assert prov["job"]["id"] == job["job_id"]  # the compute job's id
         assert prov["recipe"] == "dcm2niix" and prov["converter_version"]
         assert prov["ended"]  # from the compute job's own status file
+        assert prov["submitted"] and prov["submitted"] <= prov["ended"]
     for job in data["jobs"]:
         assert sorted(u["name"] for u in job["uploaded"]) == T1_OUTPUTS
 
     # The password appears in no script, spec, config, log or job record.
     assert PASSWORD not in every_file_text(isolated_home)
-    # Once the run is done, its token is gone from the cluster and refused by XNAT.
+    # Once the run is done, its token is gone from the cluster and refused by XNAT, and the
+    # sessions the transfer jobs shared are ended: only the bridge's own (kept for its next
+    # run) and this test's are live.
     assert not creds.exists()
+    assert not (home / "sessions").exists()
+    assert xnat.stats()["sessions_live"] == before["sessions_live"] + 1
     refused = requests.get(
         f"{xnat.server.url}/data/projects",
         auth=(token["alias"], token["secret"]),
