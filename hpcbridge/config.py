@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -180,7 +181,16 @@ def _walltime(value: Any) -> str:
     return str(value).strip()
 
 
+def _url(value: Any) -> str:
+    text = str(value).strip()
+    parts = urlsplit(text)
+    if text != "sandbox" and (parts.scheme not in ("http", "https") or not parts.hostname):
+        raise ValueError(value)
+    return text
+
+
 _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "xnat": (_url, "a URL such as https://xnat.example.org (or sandbox)"),
     "timeout": (float, "a number"),
     "verify_tls": (_to_bool, "true or false"),
     "scheduler": (_choice(*SCHEDULERS), "one of " + ", ".join(SCHEDULERS)),

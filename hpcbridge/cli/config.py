@@ -29,7 +29,9 @@ def config_group() -> None:
 @click.option("--name", default="default", show_default=True, help="Profile name.")
 @click.option("--xnat", metavar="URL", help="XNAT server URL (asked for on a terminal).")
 @click.option("--user", metavar="NAME", help="XNAT user name.")
-@click.option("--scheduler", type=click.Choice(["local", "pbs", "slurm"]), help="Batch scheduler.")
+@click.option(
+    "--scheduler", type=click.Choice(["local", "pbs", "torque", "slurm"]), help="Batch scheduler."
+)
 @click.option(
     "--default/--no-default",
     "make_default",

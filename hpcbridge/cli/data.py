@@ -22,7 +22,7 @@ from .app import ProgressBar, emit_json, main, settings_of
     "scan_types",
     multiple=True,
     metavar="GLOB",
-    help="Scan type glob, e.g. 'T1*' (repeatable).",
+    help="Scan type glob, e.g. '*T1*' (repeatable).",
 )
 @click.option(
     "--series",
@@ -84,7 +84,7 @@ def stage_in_command(
     \b
     Examples:
       hpcbridge stage-in PTV000/Haofei01/Haofei01_MR1/4 --dest /scratch/$USER/in
-      hpcbridge stage-in PTV000/Haofei01/Haofei01_MR1 --scan-type 'T1*' --dest in
+      hpcbridge stage-in PTV000/Haofei01/Haofei01_MR1 --scan-type '*T1*' --dest in
     """
     from ..stagein import Limits, Selection, stage_in
     from ..xnat import Address, connect

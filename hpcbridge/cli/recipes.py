@@ -88,7 +88,13 @@ def _set_values(pairs: tuple[str, ...]) -> dict[str, str]:
 @recipes_option
 @click.pass_context
 def recipes_list(ctx: click.Context, recipe_dirs: tuple[Path, ...]) -> None:
-    """The recipes found, and where each came from (a lab's overrides a built-in)."""
+    """The recipes found, and where each came from (a lab's overrides a built-in).
+
+    \b
+    Examples:
+      hpcbridge recipes list
+      hpcbridge recipes list --recipes ~/lab-recipes
+    """
     from ..recipes import discover
 
     settings = settings_of(ctx)

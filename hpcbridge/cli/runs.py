@@ -179,10 +179,10 @@ def run_command(
 
     \b
     Examples:
-      hpcbridge run dcm2niix PTV000 --scan-type 'T1*' --dry-run
-      hpcbridge run dcm2niix PTV000 --scan-type 'T1*' --max-queued 20
+      hpcbridge run dcm2niix PTV000 --scan-type '*T1*' --dry-run
+      hpcbridge run dcm2niix PTV000 --scan-type '*T1*' --max-queued 20
       hpcbridge --profile sandbox run dcm2niix PTV000/Haofei01/Haofei01_MR1 --wait
-      hpcbridge --profile artemis run dcm2niix PTV000 --scan-type 'T1*' --chain
+      hpcbridge --profile artemis run dcm2niix PTV000 --scan-type '*T1*' --chain
     """
     from ..runner import RunRequest, start_run, sync, wait_run
 

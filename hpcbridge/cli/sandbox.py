@@ -225,7 +225,12 @@ def sandbox_start(ctx: click.Context, seed: str, port: int) -> None:
 @sandbox_group.command("stop")
 @click.pass_context
 def sandbox_stop(ctx: click.Context) -> None:
-    """Stop the background sandbox (its archive is kept)."""
+    """Stop the background sandbox (its archive is kept).
+
+    \b
+    Example:
+      hpcbridge sandbox stop
+    """
     from ..sandbox.control import SandboxPaths, stop
 
     stopped = stop(SandboxPaths.under(settings_of(ctx).home))
@@ -235,7 +240,13 @@ def sandbox_stop(ctx: click.Context) -> None:
 @sandbox_group.command("status")
 @click.pass_context
 def sandbox_status(ctx: click.Context) -> None:
-    """Say whether the background sandbox runs, and where."""
+    """Say whether the background sandbox runs, and where (exit 1 when it does not).
+
+    \b
+    Examples:
+      hpcbridge sandbox status
+      hpcbridge --json sandbox status
+    """
     from ..sandbox.control import SandboxPaths, running
 
     settings = settings_of(ctx)
@@ -247,6 +258,8 @@ def sandbox_status(ctx: click.Context) -> None:
                 **({k: info[k] for k in ("url", "pid", "data")} if info else {}),
             }
         )
+        if info is None:
+            ctx.exit(EXIT_ERROR)  # as without --json: scripts may test the exit code alone
         return
     if info is None:
         click.echo("sandbox not running (start it with `hpcbridge sandbox start`)")

@@ -97,6 +97,34 @@ def test_bad_toml_and_bad_values(tmp_path: Path) -> None:
         load_settings(config_path=tmp_path / "none.toml", environ={"HPCBRIDGE_VERIFY_TLS": "maybe"})
 
 
+@pytest.mark.parametrize(
+    "value", ["xnat.example.org", "null", "ftp://xnat.example.org", "https://"]
+)
+def test_an_xnat_that_is_not_a_url_is_a_config_error(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_path=tmp_path / "none.toml", environ={"HPCBRIDGE_XNAT": value})
+    assert caught.value.message == (
+        "environment HPCBRIDGE_XNAT: xnat must be a URL such as https://xnat.example.org "
+        f"(or sandbox), not {value!r}"
+    )
+
+
+def test_urls_and_the_sandbox_are_servers(tmp_path: Path) -> None:
+    for value in ("https://xnat.example.org/", "http://127.0.0.1:8080", "sandbox"):
+        env = {"HPCBRIDGE_XNAT": value}
+        assert load_settings(config_path=tmp_path / "none.toml", environ=env).xnat == value
+
+
+def test_transfer_walltime_is_checked(tmp_path: Path) -> None:
+    env = {"HPCBRIDGE_TRANSFER_WALLTIME": "2h"}
+    with pytest.raises(ConfigError, match="transfer_walltime must be a walltime like 01:00:00"):
+        load_settings(config_path=tmp_path / "none.toml", environ=env)
+    env = {"HPCBRIDGE_TRANSFER_WALLTIME": "02:30:00"}
+    assert load_settings(config_path=tmp_path / "none.toml", environ=env).transfer_walltime == (
+        "02:30:00"
+    )
+
+
 def test_home_moves_state_and_config(tmp_path: Path) -> None:
     env = {"HPCBRIDGE_HOME": str(tmp_path / "state")}
     s = load_settings(environ=env)
