@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import xml.etree.ElementTree as ET
 
 import pytest
 import requests
 
 from hpcbridge.sandbox import Faults, SandboxServer
+from hpcbridge.sandbox.server import _Handler
 
 T = 10
 BOB = ("bob", "pw")
@@ -86,6 +88,26 @@ def test_stats_count_a_known_sequence_of_requests(make_sandbox):
     assert again["statuses"]["200"] == 5
     assert again["bytes_out"] == stats["bytes_out"] + len(resp.content)
     assert again["sessions_created"] == 2
+
+
+def test_answers_are_sent_without_waiting_for_acks(make_sandbox, monkeypatch):
+    # Nagle's algorithm would hold a reply's body until the client's delayed ACK of its
+    # headers: about 40 ms per request on a keep-alive connection, as one XNAT session uses.
+    seen: list[int] = []
+    handle = _Handler.handle
+
+    def recording(self: _Handler) -> None:
+        seen.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        handle(self)
+
+    monkeypatch.setattr(_Handler, "handle", recording)
+    sb = make_sandbox(seed=None)
+    with requests.Session() as http:
+        http.auth = admin(sb)
+        for _ in range(3):
+            assert http.get(sb.url + "/data/auth", timeout=T).status_code == 200
+    assert requests.get(sb.url + "/data/auth", auth=admin(sb), timeout=T).status_code == 200
+    assert len(seen) == 2 and all(seen), seen  # one keep-alive connection, then a fresh one
 
 
 # -- fault injection ------------------------------------------------------------------------------
