@@ -109,7 +109,7 @@ def logout_command(ctx: click.Context) -> None:
     store = TokenStore.under(settings.home)
     creds = resolve(url, user=settings.user, home=settings.home)
     if creds is None:
-        raise CredentialError(f"not logged in to {url}")
+        raise CredentialError(f"not logged in to {url}", hint=f"run `hpcbridge login --xnat {url}`")
     cache = SessionCache.under(settings.home)
     problem = None
     with XnatClient(

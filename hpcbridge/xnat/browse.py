@@ -212,7 +212,12 @@ def require(client: XnatClient, address: Address) -> None:
         try:
             client.request("GET", path, str(a), params={"format": "json"})
         except XnatNotFoundError:
-            raise XnatNotFoundError(f"not found: {a} ({missing})", status=404) from None
+            above = f"hpcbridge ls {str(a).rsplit('/', 1)[0]}" if a.depth > 1 else "hpcbridge ls"
+            raise XnatNotFoundError(
+                f"not found: {a} ({missing})",
+                hint=f"`{above}` lists what is there",
+                status=404,
+            ) from None
 
 
 def ls(client: XnatClient, address: Address, *, all_scans: bool = False) -> Listing:

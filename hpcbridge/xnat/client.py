@@ -81,7 +81,13 @@ def raise_for_response(resp: requests.Response, what: str) -> None:
     excerpt = _excerpt(resp)
     detail = f": {excerpt}" if excerpt else ""
     if status == 403:
-        raise XnatPermissionError(f"not allowed: {what}{detail}", status=status, url=url)
+        raise XnatPermissionError(
+            f"not allowed: {what}{detail}",
+            hint="`hpcbridge whoami` shows who you are logged in as; ask the project's owner "
+            "for access",
+            status=status,
+            url=url,
+        )
     if status == 404:
         raise XnatNotFoundError(f"not found: {what}", status=status, url=url)
     if status == 409:
@@ -247,7 +253,10 @@ class XnatClient:
                     self._pause(attempt, f"connection failed ({_reason(exc)})")
                     continue
                 raise XnatConnectionError(
-                    f"cannot reach XNAT at {self.base}: {_reason(exc)}", url=self.base
+                    f"cannot reach XNAT at {self.base}: {_reason(exc)}",
+                    hint="check the URL with `hpcbridge config show`, and that this machine "
+                    "can reach the server",
+                    url=self.base,
                 ) from None
             except requests.Timeout:
                 raise XnatConnectionError(

@@ -131,9 +131,15 @@ def test_a_loop_of_200_ls_calls_opens_one_server_session(env: SandboxServer) -> 
             ["ls", "PTV000/Haofei01/Haofei01_MR1/77"],
             1,
             "hpcbridge: error: not found: PTV000/Haofei01/Haofei01_MR1/77 "
-            "(no scan '77' in PTV000/Haofei01/Haofei01_MR1)",
+            "(no scan '77' in PTV000/Haofei01/Haofei01_MR1) "
+            "(`hpcbridge ls PTV000/Haofei01/Haofei01_MR1` lists what is there)",
         ),
-        (["ls", "NOPE"], 1, "hpcbridge: error: not found: NOPE (no project 'NOPE')"),
+        (
+            ["ls", "NOPE"],
+            1,
+            "hpcbridge: error: not found: NOPE (no project 'NOPE') "
+            "(`hpcbridge ls` lists what is there)",
+        ),
         (
             ["ls", "PTV000/x y"],
             2,
@@ -179,7 +185,8 @@ def test_unreachable_server(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(main, ["ls"])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        "hpcbridge: error: cannot reach XNAT at http://127.0.0.1:9: connection refused"
+        "hpcbridge: error: cannot reach XNAT at http://127.0.0.1:9: connection refused "
+        "(check the URL with `hpcbridge config show`, and that this machine can reach the server)"
     )
 
 

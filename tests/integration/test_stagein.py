@@ -226,7 +226,8 @@ def test_an_unknown_scan_is_not_found(shared: SandboxServer, tmp_path: Path) -> 
     assert result.exit_code == 1
     assert result.stderr == (
         "hpcbridge: error: not found: PTV000/Haofei01/Haofei01_MR1/77 "
-        "(no scan '77' in PTV000/Haofei01/Haofei01_MR1)\n"
+        "(no scan '77' in PTV000/Haofei01/Haofei01_MR1) "
+        "(`hpcbridge ls PTV000/Haofei01/Haofei01_MR1` lists what is there)\n"
     )
 
 
