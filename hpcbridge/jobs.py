@@ -237,9 +237,9 @@ def submit_script(
         state_dir = remote_path(f"{info.work_dir}/.hpcbridge")
         transport.makedirs(state_dir)
         # An old outcome in a reused work folder would make the new job look ended at once.
-        stale = ["find", state_dir, "-maxdepth", "1", "(", "-name", "status*.json", "-o"]
-        stale += ["-name", "started*.json", ")", "-delete"]
-        transport.run(stale).check("clearing the last run's status files")
+        for name in transport.files_in(state_dir):
+            if re.fullmatch(r"(status|started).*\.json", name):
+                transport.remove(f"{state_dir}/{name}")
         target = f"{state_dir}/job.sh"
         transport.write_text(target, scheduler.prepare_script(text), mode=0o700)
     elif work is not None:

@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from . import __version__, chain
@@ -341,6 +341,7 @@ class _Context:
         run: Run,
         *,
         on_event: Callable[[str], None] | None = None,
+        store: JobStore | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -348,7 +349,9 @@ class _Context:
         self.scheduler = scheduler
         self.transport: Transport = scheduler.transport
         self.local = isinstance(self.transport, LocalTransport)
-        self.store = JobStore(settings.home, settings.profile)
+        # One store for every pass of a process: it reads the profile's job records once, not
+        # once per pass (polls check every record for afterok orphans).
+        self.store = store or JobStore(settings.home, settings.profile)
         self.run = run
         self.recipe = _recipe(
             settings, run.recipe, [Path(p) for p in run.options.get("recipe_dirs", [])]
@@ -388,9 +391,10 @@ def sync(
     run: Run,
     *,
     on_event: Callable[[str], None] | None = None,
+    store: JobStore | None = None,
 ) -> SyncReport:
     """One pass over ``run``: poll, stage out, submit more. Safe to repeat at any time."""
-    ctx = _Context(settings, client, ledger, scheduler, run, on_event=on_event)
+    ctx = _Context(settings, client, ledger, scheduler, run, on_event=on_event, store=store)
     report = SyncReport(run)
     if run.state is RunState.ACTIVE:
         _poll(ctx, report)
@@ -594,11 +598,8 @@ def _outputs_of(ctx: _Context, row: JobRow) -> Path:
         return Path(out_remote)
     out_local = ctx.local_folder(row) / "out"
     out_local.mkdir(parents=True, exist_ok=True)
-    listing = ctx.transport.run(["find", out_remote, "-maxdepth", "1", "-type", "f"], timeout=120)
-    listing.check(f"listing the outputs of {row.address}")
-    for remote in listing.stdout.splitlines():
-        name = PurePosixPath(remote).name
-        ctx.transport.get(remote, out_local / name)
+    for name in ctx.transport.files_in(out_remote):
+        ctx.transport.get(f"{out_remote}/{name}", out_local / name)
     return out_local
 
 
@@ -952,11 +953,13 @@ def wait_run(
     on_pass: Callable[[SyncReport], None] | None = None,
     on_event: Callable[[str], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    store: JobStore | None = None,
 ) -> SyncReport:
     """Sync until the run ends, backing off while nothing changes."""
     delay = interval
+    store = store or JobStore(settings.home, settings.profile)
     while True:
-        report = sync(settings, client, ledger, scheduler, run, on_event=on_event)
+        report = sync(settings, client, ledger, scheduler, run, on_event=on_event, store=store)
         if on_pass is not None:
             on_pass(report)
         if report.done:

@@ -892,6 +892,35 @@ class SshTransport(Transport):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def files_in(self, folder: str) -> list[str]:
+        target = remote_path(folder)
+
+        def fn(sftp: paramiko.SFTPClient) -> list[str]:
+            try:
+                entries = sftp.listdir_attr(target)
+            except FileNotFoundError:
+                return []
+            return sorted(e.filename for e in entries if stat.S_ISREG(e.st_mode or 0))
+
+        try:
+            return self._sftp_call(f"list {target}", fn)
+        except OSError as exc:
+            raise self._failed("list", target, exc) from None
+
+    def remove(self, path: str) -> None:
+        target = remote_path(path)
+
+        def fn(sftp: paramiko.SFTPClient) -> None:
+            try:
+                sftp.remove(target)
+            except FileNotFoundError:
+                pass
+
+        try:
+            self._sftp_call(f"delete {target}", fn)
+        except OSError as exc:
+            raise self._failed("delete", target, exc) from None
+
     def makedirs(self, path: str) -> None:
         target = remote_path(path)
         try:

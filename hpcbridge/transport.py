@@ -97,6 +97,15 @@ class Transport(ABC):
     @abstractmethod
     def makedirs(self, path: str) -> None: ...
 
+    @abstractmethod
+    def files_in(self, folder: str) -> list[str]:
+        """The names of the regular files directly in ``folder``, sorted; [] when it is missing.
+        (Over SSH an SFTP listing: a shell command costs a login shell's start-up each time.)"""
+
+    @abstractmethod
+    def remove(self, path: str) -> None:
+        """Delete a file; a missing one is not an error."""
+
     def close(self) -> None:  # noqa: B027 - most transports hold nothing to close
         """Release connections; the default holds none."""
 
@@ -192,3 +201,18 @@ class LocalTransport(Transport):
             Path(remote_path(path)).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TransportError(f"cannot create {path}: {exc.strerror}") from None
+
+    def files_in(self, folder: str) -> list[str]:
+        try:
+            with os.scandir(remote_path(folder)) as entries:
+                return sorted(e.name for e in entries if e.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise TransportError(f"cannot list {folder}: {exc.strerror}") from None
+
+    def remove(self, path: str) -> None:
+        try:
+            Path(remote_path(path)).unlink(missing_ok=True)
+        except OSError as exc:
+            raise TransportError(f"cannot delete {path}: {exc.strerror}") from None

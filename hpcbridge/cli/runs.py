@@ -226,10 +226,11 @@ def run_command(
                 interval=interval or settings.poll_interval,
                 on_pass=progress,
                 on_event=say,
+                store=o["store"],
             )
             progress.close()
         else:
-            report = sync(*args, on_event=say)
+            report = sync(*args, on_event=say, store=o["store"])
             _warn(report)
     if settings.json:
         emit_json({"run": plan.run.id, "counts": report.counts, "state": report.run.state.value})
@@ -402,10 +403,14 @@ def sync_command(
         progress = _Progress(settings.quiet)
         if watch:
             report = wait_run(
-                *args, interval=interval or settings.poll_interval, on_pass=progress, on_event=say
+                *args,
+                interval=interval or settings.poll_interval,
+                on_pass=progress,
+                on_event=say,
+                store=o["store"],
             )
         else:
-            report = sync(*args, on_event=say)
+            report = sync(*args, on_event=say, store=o["store"])
             progress(report)
         progress.close()
     if settings.json:

@@ -326,6 +326,24 @@ def test_many_commands_and_transfers_share_one_connection(
     assert sshd.accepted() - before == 1
 
 
+def test_files_in_and_remove_use_the_one_connection(
+    sshd: Sshd, ssh: SshTransport, tmp_path: Path
+) -> None:
+    folder = tmp_path / "listed"
+    folder.mkdir()
+    (folder / "status.json").write_text("{}")
+    (folder / "out.nii.gz").write_bytes(b"\x1f\x8b")
+    (folder / "sub").mkdir()
+    ssh.run(["true"])  # connected
+    before = sshd.accepted()
+    assert ssh.files_in(str(folder)) == ["out.nii.gz", "status.json"]
+    assert ssh.files_in(str(tmp_path / "missing")) == []
+    ssh.remove(str(folder / "status.json"))
+    ssh.remove(str(folder / "status.json"))  # already gone: nothing to do
+    assert sorted(p.name for p in folder.iterdir()) == ["out.nii.gz", "sub"]
+    assert sshd.accepted() == before and ssh.connections_opened == 1
+
+
 def test_nothing_connects_until_first_use(sshd: Sshd, tmp_path: Path) -> None:
     before = sshd.accepted()
     transport = connect(sshd, tmp_path)

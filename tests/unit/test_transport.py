@@ -77,3 +77,17 @@ def test_remote_paths_are_absolute(path: str, message: str) -> None:
     with pytest.raises(TransportError) as err:
         remote_path(path)
     assert err.value.message == message
+
+
+def test_files_in_lists_regular_files_only_and_remove_forgets_missing_ones(
+    local: LocalTransport, tmp_path: Path
+) -> None:
+    (tmp_path / "b.json").write_text("{}")
+    (tmp_path / "a.nii.gz").write_bytes(b"\x1f\x8b")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a.nii.gz")
+    assert local.files_in(str(tmp_path)) == ["a.nii.gz", "b.json"]
+    assert local.files_in(str(tmp_path / "missing")) == []
+    local.remove(str(tmp_path / "b.json"))
+    local.remove(str(tmp_path / "b.json"))  # already gone: nothing to do
+    assert local.files_in(str(tmp_path)) == ["a.nii.gz"]
