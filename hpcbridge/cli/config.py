@@ -32,6 +32,17 @@ def config_group() -> None:
 @click.option(
     "--scheduler", type=click.Choice(["local", "pbs", "torque", "slurm"]), help="Batch scheduler."
 )
+@click.option("--host", metavar="SSH_HOST", help="Submit over SSH to this login node.")
+@click.option("--account", metavar="PROJECT", help="PBS -P project (Artemis) or Slurm account.")
+@click.option("--queue", metavar="QUEUE", help="Queue (PBS) or partition (Slurm) for jobs.")
+@click.option(
+    "--work-root",
+    metavar="DIR",
+    help="Absolute folder where runs keep their data, on the machine that runs the jobs.",
+)
+@click.option(
+    "--transfer-queue", metavar="QUEUE", help="Queue of a chain's transfer jobs, e.g. dtq."
+)
 @click.option(
     "--default/--no-default",
     "make_default",
@@ -47,6 +58,11 @@ def config_init(
     xnat: str | None,
     user: str | None,
     scheduler: str | None,
+    host: str | None,
+    account: str | None,
+    queue: str | None,
+    work_root: str | None,
+    transfer_queue: str | None,
     make_default: bool,
     force: bool,
 ) -> None:
@@ -55,10 +71,15 @@ def config_init(
     No secret goes into the file: run `hpcbridge login` afterwards for a token.
 
     \b
-    Example:
-      hpcbridge config init --name artemis --xnat https://xnat.example.org --user alice
+    Examples:
+      hpcbridge config init --name artemis --xnat https://xnat.example.org --user alice \\
+          --scheduler pbs --account PTV000 --work-root /scratch/PTV000/hpcbridge
+      hpcbridge config init --name slurm-ws --xnat https://xnat.example.org --user alice \\
+          --scheduler slurm --host login.cluster.example.org --work-root /scratch/alice/hb
     """
     settings = settings_of(ctx)
+    if work_root is not None and not work_root.startswith("/"):
+        raise ConfigError(f"--work-root must be an absolute path, not {work_root!r}")
     path = settings.config_path
     if name in read_config_file(path).get("profiles", {}) and not force:
         raise ConfigError(
@@ -77,6 +98,11 @@ def config_init(
         "xnat": xnat.rstrip("/"),
         "user": user or None,
         "scheduler": scheduler,
+        "host": host,
+        "account": account,
+        "queue": queue,
+        "work_root": work_root,
+        "transfer_queue": transfer_queue,
     }
     write_profile(path, name, values, make_default=make_default)
     click.echo(f"profile {name!r} written to {path}; next: hpcbridge login")

@@ -50,6 +50,23 @@ def test_init_writes_a_profile_that_settings_read(isolated_home: Path) -> None:
     assert load_settings(profile="gadi").xnat == "https://x.example.org"
 
 
+def test_init_writes_the_cluster_keys_a_first_run_needs(isolated_home: Path) -> None:
+    result = run(
+        "config", "init", "--name", "artemis", "--xnat", "https://xnat.example.org",
+        "--scheduler", "pbs", "--account", "PTV000", "--queue", "defaultQ",
+        "--work-root", "/scratch/PTV000/hpcbridge", "--transfer-queue", "dtq",
+        "--host", "hpc.example.org",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    s = load_settings()
+    assert (s.account, s.queue, s.work_root, s.transfer_queue, s.host) == (
+        "PTV000", "defaultQ", "/scratch/PTV000/hpcbridge", "dtq", "hpc.example.org"
+    )  # fmt: skip
+    relative = run("config", "init", "--name", "x", "--xnat", "https://a.org", "--work-root", "hb")
+    assert relative.exit_code == 2
+    assert relative.output == "hpcbridge: error: --work-root must be an absolute path, not 'hb'\n"
+
+
 def test_init_refuses_to_replace_without_force(isolated_home: Path) -> None:
     assert run("config", "init", "--xnat", "https://a.example.org").exit_code == 0
     again = run("config", "init", "--xnat", "https://b.example.org")
