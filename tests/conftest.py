@@ -6,7 +6,8 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,45 @@ def admin(demo_sandbox: SandboxServer) -> Iterator[requests.Session]:
         assert resp.status_code == 200
         yield http
         http.delete(demo_sandbox.url + "/data/JSESSION", timeout=10)
+
+
+def _runner_gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _stop_local_jobs(root: Path, timeout: float = 30.0) -> None:
+    """Cancel every job the local scheduler under ``root`` ran and wait for its runner to exit,
+    each by its own id and pid (never by name)."""
+    from hpcbridge.schedulers.local import LocalScheduler
+
+    ids = [p.name for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
+    if not ids:
+        return
+    LocalScheduler(root).cancel(ids)
+    deadline = time.monotonic() + timeout
+    for job_id in ids:
+        pid_file = root / job_id / "runner.pid"
+        if not pid_file.exists():
+            continue
+        pid = int(pid_file.read_text())
+        while not _runner_gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _runner_gone(pid), f"runner {pid} of local job {job_id} did not exit"
+
+
+@pytest.fixture()
+def stop_local_jobs() -> Callable[[Path], None]:
+    """``stop_local_jobs(root)``: end what a local scheduler under ``root`` still runs."""
+    return _stop_local_jobs
+
+
+@pytest.fixture()
+def no_local_jobs_left(isolated_home: Path) -> Iterator[None]:
+    """At teardown, cancel the local jobs a test left behind and wait for their runners."""
+    yield
+    _stop_local_jobs(isolated_home / "local-jobs")

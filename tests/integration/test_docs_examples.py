@@ -32,16 +32,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
 from hpcbridge.sandbox import SandboxServer
-from hpcbridge.schedulers.local import LocalScheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -174,7 +171,10 @@ def test_most_examples_run() -> None:
 
 @pytest.fixture()
 def page_env(
-    sandbox: SandboxServer, isolated_home: Path, tmp_path: Path
+    sandbox: SandboxServer,
+    isolated_home: Path,
+    tmp_path: Path,
+    stop_local_jobs: Callable[[Path], None],
 ) -> Iterator[tuple[dict[str, str], Path]]:
     """The environment and working folder of one page's examples (see the module docstring)."""
     home = tmp_path / "home"
@@ -199,11 +199,12 @@ def page_env(
     )
     env.pop("NETRC", None)
     yield env, work
-    _stop_leftovers(env, isolated_home)
+    _stop_sandbox(env, isolated_home)
+    stop_local_jobs(isolated_home / "local-jobs")
 
 
-def _stop_leftovers(env: dict[str, str], home: Path) -> None:
-    """Stop the background sandbox and the local jobs the examples started, each by its id."""
+def _stop_sandbox(env: dict[str, str], home: Path) -> None:
+    """Stop the background sandbox a page's examples started."""
     if (home / "sandbox" / "ready.json").exists():
         subprocess.run(
             [sys.executable, "-m", "hpcbridge", "sandbox", "stop"],
@@ -211,27 +212,6 @@ def _stop_leftovers(env: dict[str, str], home: Path) -> None:
             capture_output=True,
             timeout=60,
         )
-    root = home / "local-jobs"
-    ids = [p.name for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
-    if not ids:
-        return
-    LocalScheduler(root).cancel(ids)
-    deadline = time.monotonic() + 30
-    for job_id in ids:
-        pid_file = root / job_id / "runner.pid"
-        if not pid_file.exists():
-            continue
-        pid = int(pid_file.read_text())
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(pid), f"the runner {pid} of local job {job_id} did not exit"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _write_file(block: Block, env: dict[str, str], work: Path) -> None:

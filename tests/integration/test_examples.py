@@ -24,12 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import requests
 
 from hpcbridge.sandbox import SandboxServer
-from hpcbridge.schedulers.local import LocalScheduler
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 API_SCRIPT = EXAMPLES / "python-api.py"
@@ -60,13 +58,6 @@ def require_tool(name: str) -> None:
         if IN_CI:
             pytest.fail(f"{name} is not installed, but CI=true requires it")
         pytest.skip(f"{name} is not installed")
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def run(
@@ -153,23 +144,8 @@ def xnat(sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Xn
 
 
 @pytest.fixture(autouse=True)
-def nothing_left_running(isolated_home: Path) -> Iterator[None]:
-    """Cancel every local job a test left behind and wait for its runner process to exit."""
-    yield
-    root = isolated_home / "local-jobs"
-    ids = [p.name for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
-    if not ids:
-        return
-    LocalScheduler(root).cancel(ids)
-    deadline = time.monotonic() + 30
-    for job_id in ids:
-        pid_file = root / job_id / "runner.pid"
-        if not pid_file.exists():
-            continue
-        pid = int(pid_file.read_text())
-        while not gone(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert gone(pid), f"runner {pid} of local job {job_id} did not exit"
+def nothing_left_running(no_local_jobs_left: None) -> None:
+    """Every test ends with no local job left running (tests/conftest.py)."""
 
 
 # --- examples/python-api.py ------------------------------------------------------------------

@@ -11,15 +11,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 from click.testing import CliRunner, Result
 
 from hpcbridge.cli import main
-from hpcbridge.schedulers.local import LocalScheduler
 
 WAIT_FOR_GATE = 'for _ in $(seq 600); do [ -e "$HPCBRIDGE_WORK/gate" ] && break; sleep 0.1; done'
 WAIT = ["--interval", "0.1", "--timeout", "30"]
@@ -89,29 +87,9 @@ def script(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 @pytest.fixture(autouse=True)
-def no_runner_left_behind(isolated_home: Path) -> Iterator[None]:
-    yield
-    root = isolated_home / "local-jobs"
-    ids = [p.name for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
-    if not ids:
-        return
-    LocalScheduler(root).cancel(ids)
-    deadline = time.monotonic() + 30
-    for job_id in ids:
-        pid_file = root / job_id / "runner.pid"
-        if pid_file.exists():
-            pid = int(pid_file.read_text())
-            while not _gone(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert _gone(pid), f"runner {pid} of job {job_id} did not exit"
+def no_runner_left_behind(no_local_jobs_left: None) -> None:
+    """Every test ends with no local job left running (tests/conftest.py)."""
 
 
 def gate(tmp_path: Path, name: str) -> None:

@@ -230,22 +230,8 @@ def xnat(sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Xn
 
 
 @pytest.fixture(autouse=True)
-def nothing_left_running(isolated_home: Path) -> Iterator[None]:
-    """Cancel every local job a test left behind and wait for its runner to exit."""
-    yield
-    root = isolated_home / "local-jobs"
-    ids = [p.name for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
-    if not ids:
-        return
-    LocalScheduler(root).cancel(ids)
-    deadline = time.monotonic() + 30
-    for job_id in ids:
-        pid_file = root / job_id / "runner.pid"
-        if pid_file.exists():
-            pid = int(pid_file.read_text())
-            while not gone(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert gone(pid), f"runner {pid} of job {job_id} did not exit"
+def nothing_left_running(no_local_jobs_left: None) -> None:
+    """Every test ends with no local job left running (tests/conftest.py)."""
 
 
 class Bridge:
