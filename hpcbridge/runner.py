@@ -224,9 +224,8 @@ def start_run(
 def run_tag(ledger: Ledger, run: Run) -> str:
     """Four hex digits telling this run from the runs of the same number in other ledgers
     (another user's, another HPCBRIDGE_HOME) in a shared scheduler's job names."""
-    return hashlib.sha256(f"{ledger.path.absolute()}|{run.id}|{run.created}".encode()).hexdigest()[
-        :4
-    ]
+    seed = f"{ledger.path.absolute()}|{run.id}|{run.created}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:4]
 
 
 def _unfinished_twin(

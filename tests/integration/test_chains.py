@@ -298,3 +298,27 @@ def test_a_chain_cut_by_a_crash_between_its_jobs_is_completed_not_repeated(
         assert [step_of(j) for j in jobs] == STEPS
     for scan in T1_SCANS:
         assert xnat.files(scan, "NIFTI") == T1_OUTPUTS
+
+
+def test_stage_out_spec_errors_are_one_line(xnat: Xnat, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"outputs": "not a list of outputs"}')
+    scan = T1_SCANS[0]
+    bad = cli("stage-out", scan, "--spec", str(spec), str(out))
+    assert bad.exit_code == 1
+    assert bad.stderr.startswith(f"hpcbridge: error: {spec}: not a stage-out spec written by ")
+    assert len(bad.stderr.splitlines()) == 1
+    both = cli("stage-out", scan, "--spec", str(spec), "--resource", "NIFTI", str(out))
+    assert both.exit_code == 2
+    assert "--spec takes one output folder and no --resource or --assessor" in both.stderr
+    neither = cli("stage-out", scan, str(out))
+    assert neither.exit_code == 2 and "Missing option '--resource'." in neither.stderr
+    spec.write_text(json.dumps({"outputs": [{"glob": "*.txt", "resource": "R"}], "provenance": {}}))
+    missing = cli("stage-out", scan, "--spec", str(spec), str(tmp_path / "nope"))
+    assert missing.exit_code == 1
+    assert missing.stderr == f"hpcbridge: error: {tmp_path / 'nope'}: no such output folder\n"
+    empty = cli("stage-out", scan, "--spec", str(spec), str(out))
+    assert empty.exit_code == 1
+    assert empty.stderr == f"hpcbridge: error: the job wrote no output matching *.txt in {out}\n"
