@@ -186,8 +186,10 @@ try:
 except ImportError:
     pass
 for cls in transports:
-    for name in ("run", "write_text", "read_text", "put", "get", "makedirs"):
-        counting(cls, name)
+    # files_in and remove (SFTP listing and delete) exist from 43a1c56 on
+    for name in ("run", "write_text", "read_text", "put", "get", "makedirs", "files_in", "remove"):
+        if hasattr(cls, name):
+            counting(cls, name)
 
 # Every HTTP request the run makes, by method and path with the names and ids taken out.
 import re, requests
