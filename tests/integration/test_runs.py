@@ -350,13 +350,25 @@ def test_run_wait_converts_every_t1_and_records_provenance(xnat: Xnat, isolated_
 
 
 def test_one_scheduler_status_call_per_sync_pass_for_all_jobs(
-    xnat: Xnat, isolated_home: Path
+    xnat: Xnat, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from hpcbridge.jobs import JobStore
+
     settings = load_settings()
     scheduler = LocalScheduler(isolated_home / "local-jobs")
     before = xnat.stats()
     calls: list[int] = []
     live: list[int] = []
+    # Reading every job record of the profile is done once per process, not once per pass.
+    folder_reads: list[int] = []
+    all_records = JobStore.all
+
+    def counted(self: JobStore) -> Any:
+        if self._all is None:
+            folder_reads.append(1)
+        return all_records(self)
+
+    monkeypatch.setattr(JobStore, "all", counted)
     deadline = time.monotonic() + WAIT_LIMIT
 
     def bounded_sleep(seconds: float) -> None:
@@ -389,6 +401,7 @@ def test_one_scheduler_status_call_per_sync_pass_for_all_jobs(
     assert len(per_pass) >= 2 and all(n == 1 for n in per_pass[1:]), per_pass
     assert live[0] == 3  # all three were in the scheduler together, polled together
     assert delta(before, xnat.stats())["sessions"] == 1
+    assert len(folder_reads) == 1, f"{len(folder_reads)} reads of all job records"
 
 
 # --- 3: --dry-run ----------------------------------------------------------------------------
