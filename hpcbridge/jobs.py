@@ -100,28 +100,42 @@ def _safe_name(job_id: str) -> str:
 class JobStore:
     """One JSON file per job, per profile (job ids are only unique per cluster).
 
-    ``all()`` reads every record once per store object and then keeps its own saves in step:
-    a run submits and polls many jobs through one store, and reading the whole folder again
-    for each submission and each poll made a run's cost grow with the square of its size.
-    ``get()`` always reads the file, for the freshest view of one job.
+    Records of jobs that ended go to ``ended/``: a profile's history grows without end, and
+    what every submission and poll needs is the jobs still live (a busy work folder, afterok
+    children to cancel). ``live()`` reads the live records once per store object and keeps
+    its own saves in step, since a run submits and polls many jobs through one store; ``all()``
+    adds the ended ones, for listings. ``get()`` always reads the file, for the freshest view.
     """
 
     def __init__(self, home: Path, profile: str) -> None:
         self.dir = Path(home) / "jobs" / _safe_name(profile)
-        self._all: dict[str, Job] | None = None
+        self.ended_dir = self.dir / "ended"
+        self._live: dict[str, Job] | None = None
+
+    def _path(self, job_id: str, *, ended: bool) -> Path:
+        return (self.ended_dir if ended else self.dir) / f"{_safe_name(job_id)}.json"
 
     def save(self, job: Job) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"{_safe_name(job.id)}.json"
+        path = self._path(job.id, ended=job.final)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
         tmp.write_text(json.dumps(asdict(job), indent=1) + "\n")
         os.replace(tmp, path)
-        if self._all is not None:
-            self._all.pop(job.id, None)  # the latest saved last, as on disk
-            self._all[job.id] = job
+        if job.final:
+            self._path(job.id, ended=False).unlink(missing_ok=True)
+        if self._live is not None:
+            self._live.pop(job.id, None)  # the latest saved last, as on disk
+            if not job.final:
+                self._live[job.id] = job
 
     def get(self, job_id: str) -> Job | None:
-        path = self.dir / f"{_safe_name(job_id)}.json"
+        for ended in (False, True):
+            job = self._read(self._path(job_id, ended=ended), job_id)
+            if job is not None:
+                return job
+        return None
+
+    def _read(self, path: Path, job_id: str) -> Job | None:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -133,16 +147,51 @@ class JobStore:
         known = {f.name for f in fields(Job)}
         return Job(**{k: v for k, v in data.items() if k in known})
 
-    def all(self) -> list[Job]:
-        """Every job, oldest change first."""
-        if self._all is None:
-            self._all = {}
-            for path in sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime):
-                with contextlib.suppress(SchedulerError):
-                    job = self.get(path.stem)
-                    if job is not None:
-                        self._all[job.id] = job
-        return list(self._all.values())
+    def _load(self, folder: Path, *, since: float | None = None) -> list[Job]:
+        """The records in ``folder``, oldest change first (changed after ``since`` only)."""
+        stamped = []
+        for path in folder.glob("*.json"):
+            with contextlib.suppress(FileNotFoundError):
+                mtime = path.stat().st_mtime
+                if since is None or mtime >= since:
+                    stamped.append((mtime, path))
+        jobs = []
+        for _mtime, path in sorted(stamped):
+            with contextlib.suppress(SchedulerError):
+                job = self._read(path, path.stem)
+                if job is not None:
+                    jobs.append(job)
+        return jobs
+
+    def live(self) -> list[Job]:
+        """Every job that has not ended, oldest change first."""
+        if self._live is None:
+            self._live = {}
+            for job in self._load(self.dir):
+                if job.final:  # recorded before ended/ existed: file it there now
+                    self.save(job)
+                else:
+                    self._live[job.id] = job
+        return list(self._live.values())
+
+    def all(self, *, ended_since: float | None = None) -> list[Job]:
+        """Every job, oldest change first; of the ended ones only those whose record changed
+        after ``ended_since`` (a time.time()) when given."""
+        ended = self._load(self.ended_dir, since=ended_since)
+        live = self.live()
+        mtimes = {}
+        for job in live:
+            with contextlib.suppress(FileNotFoundError):
+                mtimes[job.id] = self._path(job.id, ended=False).stat().st_mtime
+        merged = [(mtimes.get(j.id, float("inf")), 0, j) for j in live]
+        merged += [(self._mtime(j.id), 1, j) for j in ended]
+        return [j for _m, _o, j in sorted(merged, key=lambda t: (t[0], t[1]))]
+
+    def _mtime(self, job_id: str) -> float:
+        try:
+            return self._path(job_id, ended=True).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
 
 
 # --- opening the transport and the scheduler from settings -----------------------------------
@@ -275,7 +324,7 @@ def submit_script(
 
 
 def _check_work_dir_free(store: JobStore, scheduler: Scheduler, work_dir: str, host: str) -> None:
-    busy = [j for j in store.all() if j.work_dir == work_dir and j.host == host and not j.final]
+    busy = [j for j in store.live() if j.work_dir == work_dir and j.host == host]
     if busy:
         # The records may be stale: a job that ended since the last poll frees the folder.
         busy = [j for j in refresh(store, scheduler, busy).jobs if not j.final]
@@ -476,8 +525,14 @@ def refresh(store: JobStore, scheduler: Scheduler, jobs: Iterable[Job] | None = 
 
 def _cancel_orphans(store: JobStore, scheduler: Scheduler, by_id: dict[str, Job]) -> list[Job]:
     """Cancel live jobs whose afterok parent failed or was cancelled, down the whole chain."""
-    everyone = {j.id: j for j in store.all()}
+    everyone = {j.id: j for j in store.live()}
     everyone.update(by_id)
+    # Parents that ended are read one by one: only live jobs' parents matter here.
+    for parent in {a for j in list(everyone.values()) if not j.final for a in j.after}:
+        if parent not in everyone:
+            found = store.get(parent)
+            if found is not None:
+                everyone[parent] = found
     cancelled: list[Job] = []
     while True:
         dead = {

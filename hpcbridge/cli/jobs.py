@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -197,6 +198,10 @@ def submit_command(
     _end_of_wait(jobs)
 
 
+#: Without --all, `jobs` shows the jobs that ended within this many seconds.
+RECENT = 24 * 3600
+
+
 @main.command("jobs")
 @click.argument("ids", nargs=-1, metavar="[JOBID]...")
 @click.option("--all", "show_all", is_flag=True, help="Include every job this profile submitted.")
@@ -238,7 +243,8 @@ def jobs_command(
                 _untracked(scheduler, unknown)
             jobs = [j for j in records.values() if j is not None]
         else:
-            jobs = store.all()
+            # Ended records older than a day are not shown without --all: not read either.
+            jobs = store.all(ended_since=None if show_all else time.time() - RECENT)
         if wait:
             jobs = wait_for(
                 store,
@@ -272,7 +278,7 @@ def _recent(job: Any) -> bool:
         ended = parse_utc_stamp(job.end)
     except ValueError:
         return True
-    return datetime.now(timezone.utc) - ended < timedelta(days=1)
+    return datetime.now(timezone.utc) - ended < timedelta(seconds=RECENT)
 
 
 def _untracked(scheduler: Scheduler, ids: list[str]) -> None:

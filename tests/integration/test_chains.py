@@ -75,8 +75,11 @@ def step_of(job: dict[str, Any]) -> str:
 
 def job_record(home: Path, job_id: str) -> dict[str, Any]:
     """hpcbridge's own record of a job (what `hpcbridge jobs` shows)."""
-    data: dict[str, Any] = json.loads((home / "jobs" / "default" / f"{job_id}.json").read_text())
-    return data
+    from hpcbridge.jobs import JobStore
+
+    job = JobStore(home, "default").get(job_id)
+    assert job is not None, f"no record of job {job_id}"
+    return job.to_json()
 
 
 def every_file_text(*folders: Path) -> str:

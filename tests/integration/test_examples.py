@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import requests
 
+from hpcbridge.jobs import JobStore
 from hpcbridge.sandbox import SandboxServer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -175,9 +176,9 @@ def test_python_api_script_converts_one_scan_into_its_nifti_resource(
     provenance = json.loads(xnat.file(SCAN, "hpcbridge-provenance.json"))
     assert provenance["files"] == ["Ax_3D_T1_4.json", "Ax_3D_T1_4.nii.gz"]
     # The job went through the profile's scheduler (local here) and finished there.
-    jobs = list((isolated_home / "jobs" / "default").glob("*.json"))
+    jobs = JobStore(isolated_home, "default").all()
     assert len(jobs) == 1
-    record = json.loads(jobs[0].read_text())
+    record = jobs[0].to_json()
     assert (record["scheduler"], record["state"], record["exit_code"]) == ("local", "finished", 0)
     assert provenance["job"] == record["id"]
     # The password it used came from the environment; it wrote it nowhere.
@@ -189,7 +190,7 @@ def test_python_api_script_converts_one_scan_into_its_nifti_resource(
     again = run([sys.executable, str(API_SCRIPT), SCAN])
     assert again.returncode == 0, again.stderr
     assert sorted(xnat.files(SCAN)) == T1_OUTPUTS
-    assert len(list((isolated_home / "jobs" / "default").glob("*.json"))) == 2
+    assert len(JobStore(isolated_home, "default").all()) == 2
 
 
 def test_python_api_script_reports_a_missing_scan_in_one_line_and_submits_nothing(

@@ -359,16 +359,16 @@ def test_one_scheduler_status_call_per_sync_pass_for_all_jobs(
     before = xnat.stats()
     calls: list[int] = []
     live: list[int] = []
-    # Reading every job record of the profile is done once per process, not once per pass.
+    # Reading the profile's live job records is done once per process, not once per pass.
     folder_reads: list[int] = []
-    all_records = JobStore.all
+    live_records = JobStore.live
 
     def counted(self: JobStore) -> Any:
-        if self._all is None:
+        if self._live is None:
             folder_reads.append(1)
-        return all_records(self)
+        return live_records(self)
 
-    monkeypatch.setattr(JobStore, "all", counted)
+    monkeypatch.setattr(JobStore, "live", counted)
     deadline = time.monotonic() + WAIT_LIMIT
 
     def bounded_sleep(seconds: float) -> None:

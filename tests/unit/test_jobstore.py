@@ -17,7 +17,7 @@ def job(job_id: str, state: str = "queued") -> Job:
     )  # fmt: skip
 
 
-def test_all_reads_the_folder_once_and_follows_its_own_saves(
+def test_live_reads_the_folder_once_and_follows_its_own_saves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writer = JobStore(tmp_path, "ci")
@@ -25,26 +25,79 @@ def test_all_reads_the_folder_once_and_follows_its_own_saves(
         writer.save(job(str(n)))
     store = JobStore(tmp_path, "ci")
     reads: list[str] = []
-    real_get = JobStore.get
+    real_read = JobStore._read
 
-    def counting_get(self: JobStore, job_id: str) -> Job | None:
+    def counting_read(self: JobStore, path: Path, job_id: str) -> Job | None:
         reads.append(job_id)
-        return real_get(self, job_id)
+        return real_read(self, path, job_id)
 
-    monkeypatch.setattr(JobStore, "get", counting_get)
-    assert sorted(j.id for j in store.all()) == sorted(str(n) for n in range(50))
+    monkeypatch.setattr(JobStore, "_read", counting_read)
+    assert sorted(j.id for j in store.live()) == sorted(str(n) for n in range(50))
     assert len(reads) == 50
     # a run submits and polls through one store: no second pass over the folder
     store.save(job("7", state="finished"))
     store.save(job("50"))
-    listed = store.all()
+    live = store.live()
     assert len(reads) == 50
-    assert [j.id for j in listed][-2:] == ["7", "50"]  # latest change last, as on disk
-    assert next(j for j in listed if j.id == "7").state == "finished"
-    # a fresh store sees the same on disk
-    monkeypatch.setattr(JobStore, "get", real_get)
-    fresh = {j.id: j.state for j in JobStore(tmp_path, "ci").all()}
-    assert len(fresh) == 51 and fresh["7"] == "finished"
+    assert [j.id for j in live][-1] == "50"  # latest change last, as on disk
+    assert "7" not in {j.id for j in live}  # it ended
+    # a fresh store sees the same on disk; listings have the ended one too, changed last but one
+    monkeypatch.setattr(JobStore, "_read", real_read)
+    fresh = JobStore(tmp_path, "ci")
+    assert len(fresh.live()) == 50
+    everyone = fresh.all()
+    assert len(everyone) == 51 and [j.id for j in everyone][-2:] == ["7", "50"]
+    assert fresh.get("7") is not None and fresh.get("7").state == "finished"  # type: ignore[union-attr]
+
+
+def test_ended_jobs_leave_the_live_folder_so_a_long_history_costs_polls_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = JobStore(tmp_path, "ci")
+    for n in range(200):
+        store.save(job(str(n), state="finished" if n < 198 else "running"))
+    assert len(list(store.dir.glob("*.json"))) == 2
+    assert len(list(store.ended_dir.glob("*.json"))) == 198
+    reads: list[str] = []
+    real_read = JobStore._read
+
+    def counting_read(self: JobStore, path: Path, job_id: str) -> Job | None:
+        reads.append(job_id)
+        return real_read(self, path, job_id)
+
+    monkeypatch.setattr(JobStore, "_read", counting_read)
+    assert sorted(j.id for j in JobStore(tmp_path, "ci").live()) == ["198", "199"]
+    assert sorted(reads) == ["198", "199"]
+    # a listing of what ended lately reads only records changed since then
+    import os
+    import time
+
+    for n in range(190):
+        path = store.ended_dir / f"{n}.json"
+        os.utime(path, (time.time() - 3 * 86400,) * 2)
+    reads.clear()
+    recent = JobStore(tmp_path, "ci").all(ended_since=time.time() - 86400)
+    assert sorted(j.id for j in recent) == sorted(
+        ["198", "199", *(str(n) for n in range(190, 198))]
+    )
+    assert len(reads) == 10
+
+
+def test_records_from_before_the_ended_folder_are_moved_there_on_first_read(
+    tmp_path: Path,
+) -> None:
+    import json
+    from dataclasses import asdict
+
+    folder = tmp_path / "jobs" / "ci"
+    folder.mkdir(parents=True)
+    for n, state in enumerate(["finished", "failed", "queued"]):
+        (folder / f"{n}.json").write_text(json.dumps(asdict(job(str(n), state=state))))
+    store = JobStore(tmp_path, "ci")
+    assert [j.id for j in store.live()] == ["2"]
+    assert sorted(p.name for p in store.ended_dir.iterdir()) == ["0.json", "1.json"]
+    assert sorted(p.name for p in folder.glob("*.json")) == ["2.json"]
+    assert {j.id for j in store.all()} == {"0", "1", "2"}
 
 
 def test_a_queued_job_is_not_judged_by_a_status_file_left_in_its_folder(tmp_path: Path) -> None:
