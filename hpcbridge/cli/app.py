@@ -153,8 +153,17 @@ def main(
 
     \b
     Try it with no cluster and no XNAT server:
-      hpcbridge sandbox start
+      hpcbridge demo                        (sandbox XNAT + local scheduler + dcm2niix)
       hpcbridge --profile sandbox ls PTV000/Haofei01/Haofei01_MR1
+
+    \b
+    With your XNAT and cluster:
+      hpcbridge config init --xnat https://xnat.example.org --user alice --scheduler pbs
+      hpcbridge login
+      hpcbridge run dcm2niix PROJECT --scan-type '*T1*' --dry-run
+
+    Every command has --help with examples. Exit codes: 0 success, 1 error, 2 usage error,
+    3 partial success.
     """
     _setup_logging(verbose, quiet)
 
