@@ -77,6 +77,9 @@ def experiment(
         where = "/".join(p for p in (project, subject, ident) if p)
         path = f"/data/projects/{project}" + (f"/subjects/{subject}" if subject else "")
         path += f"/experiments/{ident}"
+    known = client.memo.get(f"experiment {path}")
+    if isinstance(known, Experiment):
+        return known
     try:
         data = client.get_json(path, f"experiment {where}")
         item = data["items"][0]
@@ -93,7 +96,9 @@ def experiment(
         "date": fields.get("date", ""),
         "subject_ID": fields.get("subject_ID", ""),
     }
-    return Experiment.from_row(row)
+    found = Experiment.from_row(row)
+    client.memo[f"experiment {path}"] = found
+    return found
 
 
 def scans_of(client: XnatClient, address: Address) -> tuple[str, str, list[Scan]]:

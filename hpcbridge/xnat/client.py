@@ -143,6 +143,9 @@ class XnatClient:
         self.http.headers["User-Agent"] = USER_AGENT
         self.session_id: str | None = None
         self.logins = 0  # server sessions this client opened
+        #: Answers that cannot change while this client lives (an experiment's ID for its
+        #: label), kept so that a run asks once per session, not once per scan and step.
+        self.memo: dict[str, Any] = {}
 
     def __enter__(self) -> XnatClient:
         return self

@@ -347,3 +347,32 @@ def test_experiment_lookup_by_label_or_accession_id(demo_sandbox: SandboxServer)
         assert by_label.id.startswith("XNAT_E") and by_label.subject_id.startswith("XNAT_S")
         with pytest.raises(XnatNotFoundError, match="not found: experiment Haofei02_MR1"):
             experiment(client, "Haofei02_MR1")  # a label needs its project, as on XNAT
+
+
+def test_an_experiment_is_looked_up_once_per_client(demo_sandbox: SandboxServer) -> None:
+    """A run stages in and out many scans of a session through one client: its ID is asked once."""
+    from hpcbridge.xnat import Secret, XnatClient
+    from hpcbridge.xnat.browse import experiment
+
+    creds = Secret(demo_sandbox.user, demo_sandbox.password, "environment")
+    admin = requests.Session()
+    admin.auth = (demo_sandbox.user, demo_sandbox.password)
+
+    def gets() -> int:
+        stats = admin.get(demo_sandbox.url + "/sandbox/stats", timeout=10).json()
+        return int(stats["requests"].get("GET", 0))
+
+    with XnatClient(demo_sandbox.url, creds) as client:
+        first = experiment(client, "Haofei03_MR1", project="PTV000", subject="Haofei03")
+        before = gets()
+        again = [
+            experiment(client, "Haofei03_MR1", project="PTV000", subject="Haofei03")
+            for _ in range(5)
+        ]
+        assert gets() - before == 1  # the stats call itself only
+    assert all(e == first for e in again)
+    with XnatClient(demo_sandbox.url, creds) as fresh:  # a new client asks again
+        before = gets()
+        experiment(fresh, "Haofei03_MR1", project="PTV000", subject="Haofei03")
+        assert gets() - before == 2
+    admin.close()
