@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import DEFAULTS, Settings
 from .credentials import Secret, token_entry, token_of
-from .errors import CredentialError, HpcBridgeError
+from .errors import ConfigError, CredentialError, HpcBridgeError, TransportError
 from .recipes import (
     Recipe,
     Resources,
@@ -82,6 +82,34 @@ def bridge_command(settings: Settings, *, local: bool) -> list[str]:
     if settings.bridge_command:
         return shlex.split(settings.bridge_command)
     return [sys.executable, "-m", "hpcbridge"] if local else ["hpcbridge"]
+
+
+def check_bridge(transport: Transport, bridge: list[str], where: str) -> str | None:
+    """Run the transfer jobs' command with ``--version`` where the jobs are submitted, so that
+    a missing or wrong ``bridge_command`` stops a run before it queues chains that would all
+    fail; a warning when its version differs from this one (the stage-out spec may differ)."""
+    from . import __version__
+
+    try:
+        result = transport.run([*bridge, "--version"], timeout=120)
+        said = None if result.ok else result.said()
+    except TransportError as exc:  # this machine says so at once: no such command
+        said = exc.message
+    if said is not None:
+        raise ConfigError(
+            f"the chain's transfer jobs would run `{shlex.join(bridge)}`, which fails on "
+            f"{where}: {said}",
+            hint="install hpcbridge there and set bridge_command in the profile to its "
+            "absolute path, e.g. /home/you/venvs/hpcbridge/bin/hpcbridge",
+        )
+    words = result.stdout.split()
+    theirs = words[-1] if words else "?"
+    if theirs != __version__:
+        return (
+            f"the transfer jobs run hpcbridge {theirs} on {where}, this is {__version__}; "
+            "install the same version there"
+        )
+    return None
 
 
 def transfer_walltime(settings: Settings) -> int:

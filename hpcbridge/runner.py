@@ -642,6 +642,19 @@ def _submit_planned(ctx: _Context, report: SyncReport) -> None:
     queued = len(ctx.ledger.jobs(ctx.run.id, [JobState.SUBMITTED, JobState.RUNNING]))
     todo = ctx.ledger.jobs(ctx.run.id, [JobState.PLANNED, JobState.STAGED])
     if ctx.chain and todo and queued < cap:
+        # A bridge_command that cannot run is the profile's to fix: stop here (ConfigError),
+        # before queueing chains whose every stage-in would fail.
+        where = ctx.settings.host or "this machine"
+        bridge = chain.bridge_command(ctx.settings, local=ctx.local)
+        try:
+            mismatch = chain.check_bridge(ctx.transport, bridge, where)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"run {ctx.run.id}: {exc.message}",
+                hint=f"{exc.hint}; then `hpcbridge sync {ctx.run.id}` goes on",
+            ) from None
+        if mismatch:
+            report.errors.append(mismatch)
         try:
             _chain_token(ctx, report)
         except HpcBridgeError as exc:

@@ -187,20 +187,51 @@ def test_a_failing_step_cancels_the_rest_of_its_chain_and_retry_redoes_it(
         assert xnat.files(scan, "LISTING") == sorted(["listing.txt", PROVENANCE_FILE])
 
 
-def test_a_stage_in_that_cannot_run_fails_the_chain_before_any_compute(
+def test_a_bridge_command_that_cannot_run_stops_the_run_before_any_chain(
     xnat: Xnat, isolated_home: Path
 ) -> None:
     isolated_home.mkdir(parents=True, exist_ok=True)
+    config = isolated_home / "config.toml"
+    config.write_text('[profiles.default]\nbridge_command = "/nonexistent/hpcbridge"\n')
+    stopped = cli(*CHAIN_T1, "--scan", "4")
+    assert stopped.exit_code == 2, stopped.output
+    lines = stopped.stderr.splitlines()
+    assert lines[-1].startswith(
+        "hpcbridge: error: run 1: the chain's transfer jobs would run `/nonexistent/hpcbridge`, "
+        "which fails on this machine: "
+    )
+    assert lines[-1].endswith("; then `hpcbridge sync 1` goes on)")
+    assert "set bridge_command in the profile to its absolute path" in lines[-1]
+    assert local_jobs(isolated_home) == []  # nothing queued that would fail
+    assert set(states(status_json(1)).values()) == {"planned"}
+
+    config.write_text("")  # the default: this Python's hpcbridge
+    done = hb("sync", "1", "--watch", *FAST)
+    assert done.returncode == 0, done.stderr
+    assert states(status_json(1)) == dict.fromkeys(T1_SCANS, "uploaded")
+
+
+def test_a_failing_stage_in_cancels_the_rest_of_its_chain(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path
+) -> None:
+    from hpcbridge import __version__
+
+    fake = tmp_path / "fake-bridge.sh"
+    fake.write_text(
+        'case "$*" in *--version*) echo "hpcbridge, version ' + __version__ + '"; exit 0;; esac\n'
+        "echo 'fake: stage-in refused' >&2\nexit 1\n"
+    )
+    isolated_home.mkdir(parents=True, exist_ok=True)
     (isolated_home / "config.toml").write_text(
-        '[profiles.default]\nbridge_command = "/nonexistent/hpcbridge"\n'
+        f'[profiles.default]\nbridge_command = "/bin/sh {fake}"\n'
     )
     failed = hb(*CHAIN_T1, "--scan", "4", "--wait", *FAST)
     assert failed.returncode == 3, failed.stderr
     for job in status_json(1)["jobs"]:
         assert job["state"] == "failed"
         assert job["error"].startswith("stage-in job ")
-        assert job["error"].endswith("failed: exit code 127")
-        assert "/nonexistent/hpcbridge" in job["log_tail"]
+        assert job["error"].endswith("failed: exit code 1")
+        assert "fake: stage-in refused" in job["log_tail"]
     for jobs in chains(isolated_home).values():
         for later in jobs[1:]:
             assert job_record(isolated_home, later["id"])["state"] == "cancelled"
