@@ -483,6 +483,12 @@ def scan_variables(ref: ScanRef) -> dict[str, str]:
     }
 
 
+def uses_scan_variables(recipe: Recipe) -> bool:
+    """Whether the recipe's command reads any ``scan.*`` variable."""
+    parsed = command_environment().parse(recipe.command)
+    return "scan" in jinja2.meta.find_undeclared_variables(parsed)
+
+
 def render_command(recipe: Recipe, values: dict[str, Any], context: dict[str, Any]) -> str:
     env = command_environment()
     res = recipe.resources

@@ -233,6 +233,12 @@ def recipes_new(ctx: click.Context, name: str, folder: Path | None) -> None:
     help="Job work folder (status files, logs) [default: parent of --output].",
 )
 @click.option("--name", help="Job name [default: the recipe's].")
+@click.option(
+    "--scan",
+    "scan_address",
+    metavar="PROJECT/SUBJECT/SESSION/SCAN",
+    help="The scan the job is for: fills the recipe's scan.* variables (asks XNAT its type).",
+)
 @click.option("--queue", help="Queue or partition (overrides the recipe).")
 @click.option("--account", help="Account or project (overrides the recipe).")
 @click.option("--mail", help="Mail address for job begin/end/abort.")
@@ -254,6 +260,7 @@ def render_command(
     output_dir: Path,
     work_dir: Path | None,
     name: str | None,
+    scan_address: str | None,
     queue: str | None,
     account: str | None,
     mail: str | None,
@@ -266,11 +273,19 @@ def render_command(
     Examples:
       hpcbridge render dcm2niix --scheduler pbs --input /scratch/in --output /scratch/out
       hpcbridge render dcm2niix --scheduler slurm --set gzip=false --input in --output out -o job.sh
+      hpcbridge render my-recipe --scan PTV000/Haofei01/Haofei01_MR1/4 --input in --output out
     """
-    from ..recipes import find, render_script
+    from ..recipes import find, render_script, uses_scan_variables
 
     settings = settings_of(ctx)
     found = find(recipe, list(recipe_dirs), settings.home)
+    scan = _scan_variables(settings, scan_address) if scan_address else None
+    if scan is None and uses_scan_variables(found):
+        click.echo(
+            f"hpcbridge: warning: recipe {found.name} uses scan.* variables; without --scan "
+            "they hold placeholders (P, S, E, 1, T1)",
+            err=True,
+        )
     script = render_script(
         found,
         scheduler or settings.scheduler,
@@ -279,6 +294,7 @@ def render_command(
         output_dir=str(output_dir.absolute()),
         work_dir=str((work_dir or output_dir.absolute().parent).absolute()),
         name=name,
+        scan=scan,
         # The recipe's own queue/account win over the profile's, an option over both.
         queue=queue or found.resources.queue or settings.queue,
         account=account or found.resources.account or settings.account,
@@ -292,3 +308,35 @@ def render_command(
     tmp.chmod(0o755)
     tmp.replace(out_file)
     click.echo(f"wrote {out_file}", err=True)
+
+
+def _scan_variables(settings: Any, text: str) -> dict[str, str]:
+    """The scan.* values of the scan at ``text``, its type and description from XNAT."""
+    from ..errors import StageError
+    from ..recipes import scan_variables
+    from ..xnat import Address, connect
+    from ..xnat.browse import scans_of
+    from ..xnat.model import ScanRef
+
+    address = Address.parse(text)
+    if address.depth != 4:
+        raise StageError(f"--scan needs PROJECT/SUBJECT/SESSION/SCAN, not {text!r}")
+    with connect(settings) as client:
+        experiment_id, label, scans = scans_of(client, address)
+    found = next((s for s in scans if s.id == address.scan), None)
+    if found is None:
+        raise StageError(
+            f"no scan {address.scan!r} in {Address(address.project, address.subject, label)}",
+            hint=f"`hpcbridge ls {Address(address.project, address.subject, label)}` lists them",
+        )
+    ref = ScanRef(
+        address.project or "",
+        address.subject or "",
+        experiment_id,
+        label,
+        found.id,
+        found.type,
+        found.series_description,
+        found.quality,
+    )
+    return scan_variables(ref)

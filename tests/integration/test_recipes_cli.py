@@ -93,3 +93,38 @@ def test_render_errors_are_one_line(tmp_path: Path) -> None:
         result = run(*argv)
         assert result.exit_code == 1, argv
         assert result.output.startswith(line), (argv, result.output)
+
+
+def test_render_fills_scan_variables_from_xnat_or_warns_of_placeholders(
+    tmp_path: Path, isolated_home: Path, demo_sandbox, monkeypatch
+) -> None:
+    monkeypatch.setenv("HPCBRIDGE_XNAT", demo_sandbox.url)
+    monkeypatch.setenv("HPCBRIDGE_USER", demo_sandbox.user)
+    monkeypatch.setenv("HPCBRIDGE_PASSWORD", demo_sandbox.password)
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "who.toml").write_text(
+        'name = "who"\n[run]\ncommand = "echo {{ scan.subject }} {{ scan.type }} > '
+        '{{ output_dir }}/who.txt"\n'
+    )
+    common = ["render", "who", "--recipes", str(recipes), "--input", "/in", "--output", "/out"]
+    scan = "PTV000/Haofei01/Haofei01_MR1/5"
+    filled = run(*common, "--scheduler", "local", "--scan", scan)
+    assert filled.exit_code == 0, filled.output
+    assert "echo Haofei01 'ep2d bold (rest)' > /out/who.txt" in filled.stdout
+    assert "warning" not in filled.stderr
+    placeholders = run(*common, "--scheduler", "local")
+    assert placeholders.exit_code == 0
+    assert "echo S T1 > /out/who.txt" in placeholders.stdout
+    assert placeholders.stderr == (
+        "hpcbridge: warning: recipe who uses scan.* variables; without --scan they hold "
+        "placeholders (P, S, E, 1, T1)\n"
+    )
+    missing = run(*common, "--scheduler", "local", "--scan", "PTV000/Haofei01/Haofei01_MR1/77")
+    assert missing.exit_code == 1
+    assert missing.stderr == (
+        "hpcbridge: error: no scan '77' in PTV000/Haofei01/Haofei01_MR1 "
+        "(`hpcbridge ls PTV000/Haofei01/Haofei01_MR1` lists them)\n"
+    )
+    # the built-in dcm2niix uses no scan.* variable: no warning
+    assert run("render", "dcm2niix", "--input", "/in", "--output", "/out").stderr == ""
