@@ -147,8 +147,9 @@ class JobStore:
         known = {f.name for f in fields(Job)}
         return Job(**{k: v for k, v in data.items() if k in known})
 
-    def _load(self, folder: Path, *, since: float | None = None) -> list[Job]:
-        """The records in ``folder``, oldest change first (changed after ``since`` only)."""
+    def _load(self, folder: Path, *, since: float | None = None) -> list[tuple[float, Job]]:
+        """(time of last change, job) for the records in ``folder``, oldest change first
+        (those changed after ``since`` only)."""
         stamped = []
         for path in folder.glob("*.json"):
             with contextlib.suppress(FileNotFoundError):
@@ -156,18 +157,18 @@ class JobStore:
                 if since is None or mtime >= since:
                     stamped.append((mtime, path))
         jobs = []
-        for _mtime, path in sorted(stamped):
+        for mtime, path in sorted(stamped):
             with contextlib.suppress(SchedulerError):
                 job = self._read(path, path.stem)
                 if job is not None:
-                    jobs.append(job)
+                    jobs.append((mtime, job))
         return jobs
 
     def live(self) -> list[Job]:
         """Every job that has not ended, oldest change first."""
         if self._live is None:
             self._live = {}
-            for job in self._load(self.dir):
+            for _mtime, job in self._load(self.dir):
                 if job.final:  # recorded before ended/ existed: file it there now
                     self.save(job)
                 else:
@@ -177,21 +178,14 @@ class JobStore:
     def all(self, *, ended_since: float | None = None) -> list[Job]:
         """Every job, oldest change first; of the ended ones only those whose record changed
         after ``ended_since`` (a time.time()) when given."""
-        ended = self._load(self.ended_dir, since=ended_since)
-        live = self.live()
-        mtimes = {}
-        for job in live:
-            with contextlib.suppress(FileNotFoundError):
-                mtimes[job.id] = self._path(job.id, ended=False).stat().st_mtime
-        merged = [(mtimes.get(j.id, float("inf")), 0, j) for j in live]
-        merged += [(self._mtime(j.id), 1, j) for j in ended]
-        return [j for _m, _o, j in sorted(merged, key=lambda t: (t[0], t[1]))]
-
-    def _mtime(self, job_id: str) -> float:
-        try:
-            return self._path(job_id, ended=True).stat().st_mtime
-        except FileNotFoundError:
-            return 0.0
+        merged = [(mtime, 1, job) for mtime, job in self._load(self.ended_dir, since=ended_since)]
+        for job in self.live():
+            try:
+                mtime = self._path(job.id, ended=False).stat().st_mtime
+            except FileNotFoundError:
+                mtime = float("inf")  # saved by this store and not on disk: the newest
+            merged.append((mtime, 0, job))
+        return [job for _mtime, _order, job in sorted(merged, key=lambda t: (t[0], t[1]))]
 
 
 # --- opening the transport and the scheduler from settings -----------------------------------
