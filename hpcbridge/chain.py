@@ -16,6 +16,7 @@ import json
 import shlex
 import sys
 import time
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,24 @@ def bridge_command(settings: Settings, *, local: bool) -> list[str]:
     return [sys.executable, "-m", "hpcbridge"] if local else ["hpcbridge"]
 
 
+#: check_bridge's answers, per transport (one process's connection): the command is run once,
+#: not on every pass that submits chains (over SSH a command starts a login shell).
+_BRIDGES_CHECKED: weakref.WeakKeyDictionary[Transport, dict[tuple[str, ...], str | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def check_bridge(transport: Transport, bridge: list[str], where: str) -> str | None:
     """Run the transfer jobs' command with ``--version`` where the jobs are submitted, so that
     a missing or wrong ``bridge_command`` stops a run before it queues chains that would all
     fail; a warning when its version differs from this one (the stage-out spec may differ)."""
+    checked = _BRIDGES_CHECKED.setdefault(transport, {})
+    if tuple(bridge) not in checked:
+        checked[tuple(bridge)] = _check_bridge(transport, bridge, where)
+    return checked[tuple(bridge)]
+
+
+def _check_bridge(transport: Transport, bridge: list[str], where: str) -> str | None:
     from . import __version__
 
     try:

@@ -292,10 +292,20 @@ def test_a_chain_cut_by_a_crash_between_its_jobs_is_completed_not_repeated(
     """The bridge dies after the scheduler took a chain's compute job but before the job was
     recorded anywhere of ours: the next pass finds it in the scheduler and submits only the
     stage-out job."""
+    from hpcbridge import chain as chain_module
     from hpcbridge import jobs as jobs_module
 
     settings = load_settings()
     scheduler = LocalScheduler(isolated_home / "local-jobs")
+    # the bridge command is tried once per connection, not on every pass that submits chains
+    tried: list[list[str]] = []
+    check = chain_module._check_bridge
+
+    def counted_check(transport: Any, bridge: list[str], where: str) -> str | None:
+        tried.append(bridge)
+        return check(transport, bridge, where)
+
+    monkeypatch.setattr(chain_module, "_check_bridge", counted_check)
     deadline = time.monotonic() + WAIT_LIMIT
 
     def bounded_sleep(seconds: float) -> None:
@@ -326,6 +336,7 @@ def test_a_chain_cut_by_a_crash_between_its_jobs_is_completed_not_repeated(
             settings, client, ledger, scheduler, plan.run, interval=0.2, sleep=bounded_sleep
         )
     assert report.counts["uploaded"] == 3, report
+    assert len(tried) == 1, tried  # two passes submitted chains
     submitted = chains(isolated_home)
     assert len(local_jobs(isolated_home)) == 9  # nothing submitted twice
     for jobs in submitted.values():
