@@ -181,7 +181,8 @@ def _walltime(value: Any) -> str:
     return str(value).strip()
 
 
-def _url(value: Any) -> str:
+def xnat_url(value: Any) -> str:
+    """An XNAT server as settings accept it: http(s)://host[...] or ``sandbox``."""
     text = str(value).strip()
     parts = urlsplit(text)
     if text != "sandbox" and (parts.scheme not in ("http", "https") or not parts.hostname):
@@ -190,7 +191,7 @@ def _url(value: Any) -> str:
 
 
 _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "xnat": (_url, "a URL such as https://xnat.example.org (or sandbox)"),
+    "xnat": (xnat_url, "a URL such as https://xnat.example.org (or sandbox)"),
     "timeout": (float, "a number"),
     "verify_tls": (_to_bool, "true or false"),
     "scheduler": (_choice(*SCHEDULERS), "one of " + ", ".join(SCHEDULERS)),

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..config import read_config_file, write_profile
+from ..config import read_config_file, write_profile, xnat_url
 from ..credentials import resolve
 from ..errors import ConfigError, HpcBridgeError
 from ..xnat.client import expiry_text
@@ -90,8 +90,10 @@ def config_init(
         xnat = click.prompt("XNAT server URL")
     if not xnat:
         raise ConfigError("an XNAT server URL is needed", hint="pass --xnat URL")
-    if not xnat.startswith(("https://", "http://")) and xnat != "sandbox":
-        raise ConfigError(f"{xnat!r} is not an http(s) URL")
+    try:
+        xnat_url(xnat)  # the rule settings apply when they load the profile
+    except ValueError:
+        raise ConfigError(f"{xnat!r} is not an http(s) URL") from None
     if user is None and interactive:
         user = click.prompt("XNAT user (empty for token-only)", default="", show_default=False)
     values: dict[str, Any] = {

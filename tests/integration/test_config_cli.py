@@ -85,6 +85,9 @@ def test_init_needs_a_url_when_not_interactive() -> None:
     assert result.output == "hpcbridge: error: an XNAT server URL is needed (pass --xnat URL)\n"
     bad = run("config", "init", "--xnat", "xnat.example.org")
     assert bad.output == "hpcbridge: error: 'xnat.example.org' is not an http(s) URL\n"
+    hostless = run("config", "init", "--xnat", "https://")  # would write a profile that never loads
+    assert hostless.exit_code == 2
+    assert hostless.output == "hpcbridge: error: 'https://' is not an http(s) URL\n"
 
 
 def test_show_masks_secrets_and_names_sources(monkeypatch: pytest.MonkeyPatch) -> None:
