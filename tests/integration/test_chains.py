@@ -29,6 +29,7 @@ from test_runs import (  # noqa: F401  (fixtures are found by name)
     hb,
     local_jobs,
     nothing_left_running,
+    sleep_until,
     states,
     status_json,
     write_recipe,
@@ -306,11 +307,7 @@ def test_a_chain_cut_by_a_crash_between_its_jobs_is_completed_not_repeated(
         return check(transport, bridge, where)
 
     monkeypatch.setattr(chain_module, "_check_bridge", counted_check)
-    deadline = time.monotonic() + WAIT_LIMIT
-
-    def bounded_sleep(seconds: float) -> None:
-        assert time.monotonic() < deadline, "the run did not end"
-        time.sleep(seconds)
+    bounded_sleep = sleep_until(time.monotonic() + WAIT_LIMIT)
 
     with Ledger.for_settings(settings) as ledger, connect(settings) as client:
         plan = start_run(

@@ -93,6 +93,16 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> N
         time.sleep(0.05)
 
 
+def sleep_until(deadline: float) -> Callable[[float], None]:
+    """A sleep for wait_run that fails the test once ``deadline`` (monotonic) has passed."""
+
+    def sleep(seconds: float) -> None:
+        assert time.monotonic() < deadline, "the run did not end"
+        time.sleep(seconds)
+
+    return sleep
+
+
 def status_json(run_id: int | None = None) -> dict[str, Any]:
     result = cli("--json", "status", *([str(run_id)] if run_id is not None else []))
     assert result.exit_code == 0, result.output
@@ -369,11 +379,7 @@ def test_one_scheduler_status_call_per_sync_pass_for_all_jobs(
         return live_records(self)
 
     monkeypatch.setattr(JobStore, "live", counted)
-    deadline = time.monotonic() + WAIT_LIMIT
-
-    def bounded_sleep(seconds: float) -> None:
-        assert time.monotonic() < deadline, "the run did not end"
-        time.sleep(seconds)
+    bounded_sleep = sleep_until(time.monotonic() + WAIT_LIMIT)
 
     with Ledger.for_settings(settings) as ledger, connect(settings) as client:
         plan = start_run(settings, client, ledger, RunRequest("dcm2niix", "PTV000", ("4",)))
@@ -563,11 +569,7 @@ def test_a_job_submitted_just_before_a_crash_is_adopted_not_submitted_again(
     """The narrowest window: the scheduler took the job, the ledger never heard of it."""
     settings = load_settings()
     scheduler = LocalScheduler(isolated_home / "local-jobs")
-    deadline = time.monotonic() + WAIT_LIMIT
-
-    def bounded_sleep(seconds: float) -> None:
-        assert time.monotonic() < deadline, "the run did not end"
-        time.sleep(seconds)
+    bounded_sleep = sleep_until(time.monotonic() + WAIT_LIMIT)
 
     with Ledger.for_settings(settings) as ledger, connect(settings) as client:
         plan = start_run(settings, client, ledger, RunRequest("dcm2niix", "PTV000", ("4",)))
@@ -602,11 +604,7 @@ def test_a_job_the_scheduler_took_but_no_record_of_ours_holds_is_found_in_the_sc
 
     settings = load_settings()
     scheduler = LocalScheduler(isolated_home / "local-jobs")
-    deadline = time.monotonic() + WAIT_LIMIT
-
-    def bounded_sleep(seconds: float) -> None:
-        assert time.monotonic() < deadline, "the run did not end"
-        time.sleep(seconds)
+    bounded_sleep = sleep_until(time.monotonic() + WAIT_LIMIT)
 
     with Ledger.for_settings(settings) as ledger, connect(settings) as client:
         plan = start_run(settings, client, ledger, RunRequest("dcm2niix", "PTV000", ("4",)))
