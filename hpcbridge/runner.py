@@ -658,7 +658,7 @@ def _submit_planned(ctx: _Context, report: SyncReport) -> None:
         try:
             _chain_token(ctx, report)
         except HpcBridgeError as exc:
-            report.errors.append(f"no chains submitted: {exc.message}")
+            report.errors.append(f"no chains submitted: {exc}")  # with its hint: what to do
             return
     for row in todo:
         if queued >= cap:

@@ -364,3 +364,52 @@ def test_stage_out_spec_errors_are_one_line(xnat: Xnat, tmp_path: Path) -> None:
     empty = cli("stage-out", scan, "--spec", str(spec), str(out))
     assert empty.exit_code == 1
     assert empty.stderr == f"hpcbridge: error: the job wrote no output matching *.txt in {out}\n"
+
+
+def test_a_stage_out_job_that_reports_nothing_fails_its_scan_after_three_passes(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path
+) -> None:
+    import shlex
+    import sys
+
+    real = shlex.join([sys.executable, "-m", "hpcbridge"])
+    fake = tmp_path / "bridge.sh"  # the real stage-in; a stage-out that ends 0 having done nothing
+    fake.write_text(f'case "$*" in *stage-out*) exit 0;; esac\nexec {real} "$@"\n')
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "config.toml").write_text(
+        f'[profiles.default]\nbridge_command = "/bin/sh {fake}"\n'
+    )
+    failed = hb(*CHAIN_T1, "--scan", "4", "--wait", *FAST)
+    assert failed.returncode == 3, failed.stderr
+    for job in status_json(1)["jobs"]:
+        folder = job["work_dir"]
+        assert job["state"] == "failed"
+        assert job["error"] == (
+            "stage-out failed: the stage-out job ended without a readable report at "
+            f"{folder}/chain/stage-out/uploaded.json"
+        )
+    assert failed.stderr.count("stage-out failed, will retry") == 6  # two retries per scan
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "NIFTI") == []
+
+
+def test_a_server_that_issues_no_token_stops_chains_with_one_warning(
+    xnat: Xnat, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hpcbridge.errors import XnatPermissionError
+    from hpcbridge.xnat.client import XnatClient
+
+    def refuse(self: XnatClient) -> dict[str, Any]:
+        raise XnatPermissionError("not allowed: issuing an alias token")
+
+    monkeypatch.setattr(XnatClient, "issue_token", refuse)
+    started = cli(*CHAIN_T1, "--scan", "4")
+    assert started.exit_code == 0, started.output
+    warnings = [line for line in started.stderr.splitlines() if "warning" in line]
+    assert warnings == [
+        "hpcbridge: warning: no chains submitted: cannot issue an XNAT alias token for the "
+        "chain's transfer jobs: not allowed: issuing an alias token (run `hpcbridge login` "
+        "(it stores a token the chains can use))"
+    ]
+    assert local_jobs(isolated_home) == []
+    assert set(states(status_json(1)).values()) == {"planned"}

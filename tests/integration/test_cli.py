@@ -222,6 +222,10 @@ def test_sandbox_start_status_stop_and_profile(isolated_home: Path) -> None:
     assert not (isolated_home / "sandbox" / "ready.json").exists()
     status = CliRunner().invoke(main, ["sandbox", "status"])
     assert status.exit_code == 1
+    assert status.output == "sandbox not running (start it with `hpcbridge sandbox start`)\n"
+    as_json = CliRunner().invoke(main, ["--json", "sandbox", "status"])
+    assert as_json.exit_code == 1  # as without --json
+    assert json.loads(as_json.stdout) == {"running": False}
 
 
 def test_group_readable_ready_file_is_refused(isolated_home: Path) -> None:

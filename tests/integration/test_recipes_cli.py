@@ -126,5 +126,11 @@ def test_render_fills_scan_variables_from_xnat_or_warns_of_placeholders(
         "hpcbridge: error: no scan '77' in PTV000/Haofei01/Haofei01_MR1 "
         "(`hpcbridge ls PTV000/Haofei01/Haofei01_MR1` lists them)\n"
     )
+    session = run(*common, "--scheduler", "local", "--scan", "PTV000/Haofei01/Haofei01_MR1")
+    assert session.exit_code == 1
+    assert session.stderr == (
+        "hpcbridge: error: --scan needs PROJECT/SUBJECT/SESSION/SCAN, "
+        "not 'PTV000/Haofei01/Haofei01_MR1'\n"
+    )
     # the built-in dcm2niix uses no scan.* variable: no warning
     assert run("render", "dcm2niix", "--input", "/in", "--output", "/out").stderr == ""
