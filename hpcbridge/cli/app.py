@@ -1,20 +1,15 @@
 """The ``hpcbridge`` command line: parse options, call the library, format results and errors.
 
-This is the only module that prints or exits. Library errors (``hpcbridge.errors``) become one
-line on stderr, ``hpcbridge: error: ...``, and the exit codes of CLI.md: 1 for a user-facing
-error, 2 for a usage error, 3 for partial success. ``-v`` adds the traceback.
+This is where commands exit, and ``output`` is where everything is printed. Library errors
+(``hpcbridge.errors``) become one line on stderr, ``hpcbridge: error: ...``, and the exit codes
+of CLI.md: 1 for a user-facing error, 2 for a usage error, 3 for partial success. ``-v`` adds
+the traceback.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import sys
-import threading
-import time
 import traceback
-from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import click
@@ -22,7 +17,11 @@ import click
 from .. import __version__
 from ..config import Settings, load_settings
 from ..errors import HpcBridgeError
-from ..units import human_size
+from .output import ProgressBar as ProgressBar
+from .output import echo, error_line, log_handler
+from .output import emit_json as emit_json
+from .output import emit_table as emit_table
+from .output import fit_widths as fit_widths
 
 log = logging.getLogger("hpcbridge")
 
@@ -42,11 +41,9 @@ class BridgeGroup(click.Group):
 def _fail(ctx: click.Context, message: str, code: int, *, hint: str | None = None) -> NoReturn:
     verbose = (ctx.find_root().params.get("verbose") or 0) > 0
     if verbose:
-        traceback.print_exc(file=sys.stderr)
-    line = f"hpcbridge: error: {message}"
-    if hint:
-        line += f" ({hint})"
-    click.echo(line, err=True)
+        # The exception's message may quote a server: its traceback is escaped like the rest.
+        echo(traceback.format_exc(), err=True, nl=False, multiline=True)
+    error_line(message, hint)
     ctx.exit(code)
 
 
@@ -70,50 +67,6 @@ def settings_for(ctx: click.Context, profile: str | None) -> Settings:
     )
 
 
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
-
-
-def emit_table(
-    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *, indent: str = ""
-) -> None:
-    """Print rows as aligned columns (``columns`` is (key, heading) pairs).
-
-    On a terminal the widest columns are shortened with an ellipsis to fit its width; piped
-    output keeps every character (scripts should prefer --json).
-    """
-    if not rows:
-        return
-    heads = [h.strip() for _, h in columns]
-    cells = [[str(row.get(key, "")) for key, _ in columns] for row in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    if sys.stdout.isatty():
-        widths = fit_widths(widths, shutil.get_terminal_size().columns - len(indent))
-    click.echo(indent + _line(heads, widths))
-    for line in cells:
-        click.echo(indent + _line(line, widths))
-
-
-def fit_widths(widths: list[int], limit: int, floor: int = 6) -> list[int]:
-    """Shrink the widest columns until the row (with 2-space gaps) fits ``limit``."""
-    widths = list(widths)
-    while sum(widths) + 2 * (len(widths) - 1) > limit:
-        widest = max(range(len(widths)), key=lambda i: widths[i])
-        if widths[widest] <= floor:
-            break
-        widths[widest] -= 1
-    return widths
-
-
-def _line(values: Sequence[str], widths: Sequence[int]) -> str:
-    out = []
-    for value, width in zip(values, widths, strict=True):
-        if len(value) > width:
-            value = value[: max(width - 1, 0)] + "\u2026"
-        out.append(value.ljust(width))
-    return "  ".join(out).rstrip()
-
-
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING
     if quiet:
@@ -122,10 +75,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         level = logging.DEBUG
     elif verbose == 1:
         level = logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("hpcbridge: %(levelname)s: %(message)s"))
     root = logging.getLogger("hpcbridge")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [log_handler()]
     root.setLevel(level)
 
 
@@ -166,40 +117,3 @@ def main(
     3 partial success.
     """
     _setup_logging(verbose, quiet)
-
-
-class ProgressBar:
-    """Bytes, rate and ETA on one stderr line, only on a terminal (never when piped)."""
-
-    def __init__(self, label: str, *, enabled: bool) -> None:
-        self.label = label
-        self.enabled = enabled and sys.stderr.isatty()
-        self.total = 0
-        self.done = 0
-        self.start = time.monotonic()
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def set_total(self, total: int) -> None:
-        self.total = total
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.done += n
-            now = time.monotonic()
-            if self.enabled and (now - self._last > 0.2 or self.done >= self.total > 0):
-                self._last = now
-                click.echo("\r" + self._line(now), err=True, nl=False)
-
-    def _line(self, now: float) -> str:
-        elapsed = max(now - self.start, 1e-6)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate and self.total else 0
-        return (
-            f"{self.label}: {human_size(self.done)} / {human_size(self.total)}  "
-            f"{human_size(rate)}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}   "
-        )
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            click.echo("", err=True)

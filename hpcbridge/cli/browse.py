@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .app import emit_json, emit_table, main, settings_of
+from .app import main, settings_of
+from .output import echo, emit_json, emit_table
 
 LS_COLUMNS = {
     "projects": [("ID", "ID"), ("name", "NAME"), ("description", "DESCRIPTION")],
@@ -62,15 +63,11 @@ def ls_command(ctx: click.Context, address: str, all_scans: bool) -> None:
         emit_json(listing.rows())
         return
     if not listing.items:
-        click.echo(
-            f"no {listing.kind.replace('project-', '')} at {where or 'the server'}", err=True
-        )
+        echo(f"no {listing.kind.replace('project-', '')} at {where or 'the server'}", err=True)
         return
     if listing.kind == "resources":
         for res in listing.items:
-            click.echo(
-                f"{res.label}  format={res.format}  {res.file_count} files  {res.file_size} bytes"
-            )
+            echo(f"{res.label}  format={res.format}  {res.file_count} files  {res.file_size} bytes")
             emit_table(
                 [{"path": f.path, "size": f.size, "digest": f.digest} for f in res.files],
                 [("path", "  FILE"), ("size", "SIZE"), ("digest", "MD5")],

@@ -11,7 +11,8 @@ import click
 
 from ..errors import PartialFailure
 from ..units import human_size
-from .app import ProgressBar, emit_json, main, settings_of
+from .app import main, settings_of
+from .output import ProgressBar, echo, emit_json
 
 
 @main.command("stage-in")
@@ -129,10 +130,10 @@ def stage_in_command(
             if row["status"] == "failed":
                 if len(rows) == 1:
                     continue  # _finish reports the one failure as the error line itself
-                click.echo(f"scan {row['scan']}: failed: {row['error']}", err=True)
+                echo(f"scan {row['scan']}: failed: {row['error']}", err=True)
             else:
                 note = " (already staged, unchanged)" if row["status"] == "skipped" else ""
-                click.echo(
+                echo(
                     f"scan {row['scan']}: {row['files']} files, "
                     f"{human_size(row['bytes'])} -> {row['folder']}{note}"
                 )
@@ -238,7 +239,7 @@ def stage_out_command(
             }
         )
         return
-    click.echo(
+    echo(
         f"{report.target}: uploaded {len(report.uploaded)} file(s) "
         f"({human_size(report.bytes)}), skipped {len(report.skipped)} identical; "
         "verified against XNAT's listing"
@@ -276,7 +277,7 @@ def _stage_out_spec(settings: Any, where: Any, out: Path, spec_file: Path) -> No
         emit_json({"target": str(where), "uploaded": uploaded, "verified": True})
         return
     resources = sorted({u["resource"] for u in uploaded})
-    click.echo(
+    echo(
         f"{where}: uploaded {len(uploaded)} file(s) into {', '.join(resources)}; "
         "verified against XNAT's listing"
     )

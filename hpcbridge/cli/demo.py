@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from ..errors import HpcBridgeError, PartialFailure
-from .app import emit_json, main, settings_for, settings_of
+from .app import main, settings_for, settings_of
+from .output import echo, emit_json
 
 DEMO_PROJECT = "PTV000"
 DEMO_SCAN_TYPE = "*T1*"
@@ -56,7 +57,7 @@ def demo_command(ctx: click.Context, interval: float) -> None:
             hint="`pip install dcm2niix` (or your system's dcm2niix package)",
         )
     info, started = start(SandboxPaths.under(outer.home))
-    say = (lambda text: None) if outer.quiet else (lambda text: click.echo(text, err=True))
+    say = (lambda text: None) if outer.quiet else (lambda text: echo(text, err=True))
     say(f"sandbox XNAT {'started' if started else 'running'} at {info['url']}")
     settings = settings_for(ctx, "sandbox")
     request = RunRequest(recipe="dcm2niix", address=DEMO_PROJECT, scan_types=(DEMO_SCAN_TYPE,))
@@ -100,11 +101,13 @@ def demo_command(ctx: click.Context, interval: float) -> None:
             {"sandbox": info["url"], "run": plan.run.id if plan.run else None, "outputs": landed}
         )
     else:
-        click.echo(f"\nNIfTI outputs in the sandbox XNAT ({info['url']}):")
+        echo()
+        echo(f"NIfTI outputs in the sandbox XNAT ({info['url']}):")
         for item in landed:
-            click.echo(f"  {item['scan']}  resource {item['resource']}: {', '.join(item['files'])}")
-        click.echo(
-            "\nNext: `hpcbridge --profile sandbox ls "
+            echo(f"  {item['scan']}  resource {item['resource']}: {', '.join(item['files'])}")
+        echo()
+        echo(
+            "Next: `hpcbridge --profile sandbox ls "
             f"{landed[0]['scan'] if landed else DEMO_PROJECT}` shows the files, "
             "`hpcbridge --profile sandbox status` the run, `hpcbridge sandbox stop` stops the "
             "sandbox."

@@ -12,7 +12,8 @@ import click
 
 from ..errors import PartialFailure, SchedulerError
 from ..schedulers.base import Scheduler, State
-from .app import emit_json, emit_table, main, settings_of
+from .app import main, settings_of
+from .output import echo, emit_json, emit_table, warn
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,13 +72,14 @@ def _show(jobs: list[Any], *, json_output: bool) -> None:
         emit_json([j.to_json() for j in jobs])
         return
     if not jobs:
-        click.echo("no jobs", err=True)
+        echo("no jobs", err=True)
         return
     emit_table(_rows(jobs), _COLUMNS)
     for job in jobs:
         if job.state == State.FAILED.value and job.log_tail:
-            click.echo(f"\n--- job {job.id} ({job.name}) failed; last lines of its log:", err=True)
-            click.echo(job.log_tail, err=True)
+            echo(err=True)
+            echo(f"--- job {job.id} ({job.name}) failed; last lines of its log:", err=True)
+            echo(job.log_tail, err=True, multiline=True)
 
 
 def _progress(quiet: bool) -> Callable[[Any], None]:
@@ -88,9 +90,9 @@ def _progress(quiet: bool) -> Callable[[Any], None]:
             extra = (
                 f", exit code {job.exit_code}" if job.final and job.exit_code is not None else ""
             )
-            click.echo(f"job {job.id} ({job.name}): {job.state}{extra}", err=True)
+            echo(f"job {job.id} ({job.name}): {job.state}{extra}", err=True)
         if report.error is not None:
-            click.echo(f"hpcbridge: warning: poll failed, will retry: {report.error}", err=True)
+            warn(f"poll failed, will retry: {report.error}")
 
     return on_poll
 
@@ -182,10 +184,10 @@ def submit_command(
             if settings.json:
                 emit_json(job.to_json())
             else:
-                click.echo(job.id)
+                echo(job.id)
             return
         if not settings.quiet:
-            click.echo(f"submitted job {job.id}; waiting for it to end", err=True)
+            echo(f"submitted job {job.id}; waiting for it to end", err=True)
         jobs = wait_for(
             store,
             scheduler,
@@ -326,7 +328,7 @@ def cancel_command(
         emit_json([j.to_json() for j in jobs])
         return
     for job in jobs:
-        click.echo(f"{job.id}: {job.state}")
+        echo(f"{job.id}: {job.state}")
 
 
 def _cancel_run(ctx: click.Context, run_id: int, accept_new_host_key: bool) -> None:
@@ -348,4 +350,4 @@ def _cancel_run(ctx: click.Context, run_id: int, accept_new_host_key: bool) -> N
     if settings.json:
         emit_json({"run": run_id, "cancelled": [r.address for r in rows]})
         return
-    click.echo(f"run {run_id}: cancelled {len(rows)} job(s)")
+    echo(f"run {run_id}: cancelled {len(rows)} job(s)")

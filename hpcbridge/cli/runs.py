@@ -12,8 +12,9 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, PartialFailure
-from .app import emit_json, emit_table, main, settings_for, settings_of
+from .app import main, settings_for, settings_of
 from .jobs import connected, host_key_option
+from .output import echo, emit_json, emit_table, status_line, warn
 from .recipes import _set_values, recipes_option
 
 
@@ -74,7 +75,7 @@ def _run_of(ledger: Any, settings: Any, run_id: int | None) -> Any:
 def _say(quiet: bool) -> Any:
     def say(text: str) -> None:
         if not quiet:
-            click.echo(f"  {text}", err=True)
+            echo(f"  {text}", err=True)
 
     return say
 
@@ -100,16 +101,16 @@ class _Progress:
         if 0 < ended < total and elapsed > 0:
             rate = ended / elapsed
             line += f", {rate * 60:.1f}/min, ETA {int((total - ended) / rate)} s"
-        click.echo(("\r" + line + "\033[K") if self.tty else line, err=True, nl=not self.tty)
+        status_line(line, in_place=self.tty)
 
     def close(self) -> None:
         if self.tty and not self.quiet:
-            click.echo("", err=True)
+            echo(err=True)
 
 
 def _warn(report: Any) -> None:
     for error in report.errors:
-        click.echo(f"hpcbridge: warning: {error}", err=True)
+        warn(error)
 
 
 def _finish(report: Any) -> None:
@@ -205,12 +206,12 @@ def run_command(
         plan = start_run(settings, o["client"], o["ledger"], request)
         for ref, why in plan.skipped:
             if not settings.quiet:
-                click.echo(f"  {ref.address}: skipped, {why}", err=True)
+                echo(f"  {ref.address}: skipped, {why}", err=True)
         if plan.run is None:
-            click.echo("nothing to do: every matching scan is converted already", err=True)
+            echo("nothing to do: every matching scan is converted already", err=True)
             return
         if not settings.quiet:
-            click.echo(
+            echo(
                 f"resuming run {plan.run.id} (started {plan.run.created} with the same "
                 "arguments, not ended yet)"
                 if plan.resumed
@@ -235,7 +236,7 @@ def run_command(
     if settings.json:
         emit_json({"run": plan.run.id, "counts": report.counts, "state": report.run.state.value})
     else:
-        click.echo(plan.run.id)
+        echo(plan.run.id)
     _finish(report)
 
 
@@ -260,8 +261,9 @@ def _dry_run(ctx: click.Context, request: Any) -> None:
         emit_json({"recipe": plan.recipe.name, "parameters": plan.values, "scans": rows})
         return
     emit_table(rows, [("scan", "SCAN"), ("type", "TYPE"), ("action", "ACTION")])
-    click.echo(
-        f"\n{len(plan.scans)} scan(s) would be converted with {plan.recipe.name} on the {kind} "
+    echo(err=True)
+    echo(
+        f"{len(plan.scans)} scan(s) would be converted with {plan.recipe.name} on the {kind} "
         "scheduler; nothing was changed.",
         err=True,
     )
@@ -269,8 +271,9 @@ def _dry_run(ctx: click.Context, request: Any) -> None:
         scripts = dry_run_scripts(settings, plan, chain_steps=request.chain)
         titles = ["stage-in job", "compute job", "stage-out job"] if request.chain else ["job"]
         for title, script in zip(titles, scripts, strict=True):
-            click.echo(f"\n# {title} script for {plan.scans[0].address}:", err=True)
-            click.echo(script)
+            echo(err=True)
+            echo(f"# {title} script for {plan.scans[0].address}:", err=True)
+            echo(script, multiline=True)
 
 
 _STATUS_COLUMNS = [
@@ -320,7 +323,7 @@ def status_command(ctx: click.Context, run_id: int | None) -> None:
             }
         )
         return
-    click.echo(f"run {run.id}: {run.recipe} over {run.target} ({run.state.value}, {run.created})")
+    echo(f"run {run.id}: {run.recipe} over {run.target} ({run.state.value}, {run.created})")
     rows = [
         {
             "scan": j.address,
@@ -334,12 +337,13 @@ def status_command(ctx: click.Context, run_id: int | None) -> None:
         for j in jobs
     ]
     emit_table(rows, _STATUS_COLUMNS)
-    click.echo(", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no jobs")
+    echo(", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no jobs")
     for job in jobs:
         if job.state.value in ("failed", "cancelled") and (job.last_error or job.log_tail):
-            click.echo(f"\n--- {job.address}: {job.last_error}", err=True)
+            echo(err=True)
+            echo(f"--- {job.address}: {job.last_error}", err=True)
             if job.log_tail:
-                click.echo(job.log_tail, err=True)
+                echo(job.log_tail, err=True, multiline=True)
 
 
 def _job_json(job: Any) -> dict[str, Any]:
@@ -441,9 +445,9 @@ def retry_command(
         run = o["ledger"].run(run_id)
         again = retry_run(o["ledger"], run, include_cancelled=cancelled and not only_failed)
         if not again:
-            click.echo(f"run {run_id} has no failed jobs to retry", err=True)
+            echo(f"run {run_id} has no failed jobs to retry", err=True)
             return
-        click.echo(f"run {run_id}: retrying {len(again)} job(s)", err=True)
+        echo(f"run {run_id}: retrying {len(again)} job(s)", err=True)
         report = sync(
             settings, o["client"], o["ledger"], o["scheduler"], o["ledger"].run(run_id),
             on_event=_say(settings.quiet),

@@ -10,7 +10,8 @@ from typing import Any
 import click
 
 from ..errors import EXIT_ERROR, SandboxError
-from .app import emit_json, log, main, settings_of
+from .app import log, main, settings_of
+from .output import echo, emit_json
 
 
 @main.group("sandbox")
@@ -169,7 +170,7 @@ def sandbox_serve(
     try:
         if ready_file:
             server.write_ready_file(ready_file)
-        click.echo(
+        echo(
             f"sandbox XNAT at {server.url}  (user {server.user}, password "
             f"{server.password}; data in {server.data_dir})",
             err=settings_of(ctx).json,
@@ -216,7 +217,7 @@ def sandbox_start(ctx: click.Context, seed: str, port: int) -> None:
         emit_json(dict(public, started=started))
         return
     verb = "started" if started else "already running"
-    click.echo(
+    echo(
         f"sandbox XNAT {verb} at {info['url']} (pid {info['pid']}); "
         f"use it with: hpcbridge --profile sandbox ls"
     )
@@ -234,7 +235,7 @@ def sandbox_stop(ctx: click.Context) -> None:
     from ..sandbox.control import SandboxPaths, stop
 
     stopped = stop(SandboxPaths.under(settings_of(ctx).home))
-    click.echo("sandbox stopped" if stopped else "no sandbox was running", err=not stopped)
+    echo("sandbox stopped" if stopped else "no sandbox was running", err=not stopped)
 
 
 @sandbox_group.command("status")
@@ -262,6 +263,6 @@ def sandbox_status(ctx: click.Context) -> None:
             ctx.exit(EXIT_ERROR)  # as without --json: scripts may test the exit code alone
         return
     if info is None:
-        click.echo("sandbox not running (start it with `hpcbridge sandbox start`)")
+        echo("sandbox not running (start it with `hpcbridge sandbox start`)")
         ctx.exit(EXIT_ERROR)
-    click.echo(f"sandbox running at {info['url']} (pid {info['pid']}, data {info['data']})")
+    echo(f"sandbox running at {info['url']} (pid {info['pid']}, data {info['data']})")
