@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import logging
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
+import hpcbridge.cli
 from hpcbridge.cli.output import PrintableFormatter
 from hpcbridge.text import printable
 
@@ -101,3 +105,40 @@ def test_tracebacks_in_log_records_keep_their_lines() -> None:
     assert "\x1b" not in text and "\u202e" not in text
     assert "ValueError: body: \\x1b[2J\\u202e" in text
     assert text.count("\n") >= 3  # "failed", "Traceback...", a frame, the error
+
+
+# Modules of other areas that still print with click.echo. Most of what they print is local
+# (settings, recipe files, paths), but `login`/`whoami` show the user name XNAT returns and
+# `render --scan` prints scan.* values from XNAT inside the script: switch those calls to
+# output.echo (multiline=True for the script), then remove the module's name here.
+NOT_YET_THROUGH_OUTPUT = {"auth.py", "config.py", "recipes.py"}
+
+
+def _direct_writes(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        if name in ("print", "click.echo", "click.secho", "click.echo_via_pager") or re.fullmatch(
+            r"(sys\.(stdout|stderr)(\.buffer)?\.write|traceback\.print_\w+|os\.write)", name
+        ):
+            found.append(f"line {node.lineno}: {name}")
+    return found
+
+
+def test_commands_print_only_through_the_output_module() -> None:
+    """A command that printed with click.echo would show server text raw: none may."""
+    cli = Path(hpcbridge.cli.__file__).parent
+    offenders = {}
+    for path in sorted(cli.glob("*.py")):
+        if path.name in {"output.py", *NOT_YET_THROUGH_OUTPUT}:
+            continue
+        found = _direct_writes(ast.parse(path.read_text(), str(path)))
+        if found:
+            offenders[path.name] = found
+    assert not offenders, f"print with hpcbridge.cli.output.echo/emit_*/warn instead: {offenders}"
+    assert _direct_writes(ast.parse("import click\nclick.echo('x')\nprint(1)\n")) == [
+        "line 2: click.echo",
+        "line 3: print",
+    ]
