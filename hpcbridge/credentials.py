@@ -20,12 +20,26 @@ import netrc
 import os
 import stat
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import CredentialError
+
+#: The environment variables that hold a secret or name a file of secrets: hpcbridge's password,
+#: xnatpy's password and session id, and the netrc file both read. None of them may reach a job:
+#: a job that writes its environment into its outputs would upload them to XNAT, and PBS shows
+#: the variables a job was given to every user (``qstat -f``'s Variable_List).
+SECRET_ENV = ("HPCBRIDGE_PASSWORD", "NETRC", "XNATPY_JSESSION", "XNATPY_PASS", "XNAT_PASS")
+
+
+def scrubbed_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``environ`` (default: this process's) without the :data:`SECRET_ENV` variables,
+    for every process hpcbridge starts that may start or become a job."""
+    env = os.environ if environ is None else environ
+    return {name: value for name, value in env.items() if name not in SECRET_ENV}
 
 
 def check_private(path: Path) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 
+from .credentials import SECRET_ENV, scrubbed_environ
 from .errors import TransportError
 
 READ_LIMIT = 1024 * 1024
@@ -65,10 +66,23 @@ def remote_path(path: str) -> str:
     return str(PurePosixPath(text))
 
 
+def unset_secrets(argv: Sequence[str]) -> list[str]:
+    """``argv`` behind ``env -u NAME ...``: it runs without the :data:`SECRET_ENV` variables
+    whatever the shell that starts it exports."""
+    return ["env", *(arg for name in SECRET_ENV for arg in ("-u", name)), *argv]
+
+
 class Transport(ABC):
     """Run commands and move files on the machine that talks to the scheduler."""
 
     name = "transport"
+
+    def without_secrets(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as it must run to submit a job: without the secret variables, which a job
+        would otherwise inherit. A remote command runs in the login shell's environment, which
+        hpcbridge does not build (a ``~/.bashrc`` may export a password), so they are unset
+        on the command line."""
+        return unset_secrets(argv)
 
     @abstractmethod
     def run(
@@ -126,6 +140,10 @@ class LocalTransport(Transport):
 
     name = "local"
 
+    def without_secrets(self, argv: Sequence[str]) -> list[str]:
+        # run() already gives every command an environment without them.
+        return list(argv)
+
     def run(
         self,
         argv: Sequence[str],
@@ -138,8 +156,16 @@ class LocalTransport(Transport):
         if not args:
             raise TransportError("no command given")
         try:
+            # Scrubbed for every command, not only qsub and sbatch: whatever runs here may start
+            # a job, and none of them needs a secret.
             done = subprocess.run(
-                args, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+                args,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                env=scrubbed_environ(),
             )
         except FileNotFoundError:
             raise TransportError(f"{args[0]}: command not found on this machine") from None

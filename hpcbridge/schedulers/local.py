@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpcbridge.credentials import scrubbed_environ
 from hpcbridge.errors import SchedulerError
 from hpcbridge.processes import pid_alive
 from hpcbridge.schedulers.base import JobStatus, Scheduler, State
@@ -242,6 +243,7 @@ class LocalScheduler(Scheduler):
                     stderr=log_fh,
                     start_new_session=True,  # survives the CLI and its terminal's signals
                     close_fds=True,
+                    env=scrubbed_environ(),  # the runner's environment is the job's
                 )
         except OSError as exc:
             _leave_line(self.root, job_id)
@@ -408,7 +410,8 @@ class _Runner:
 
     def run_task(self, index: int | None) -> tuple[int, str]:
         """Run the script once; return (exit code, reason)."""
-        env = dict(os.environ, HPCBRIDGE_JOB_ID=self.spec["id"], PATH=job_search_path())
+        # Again here: the runner is an entry point of its own, started with any environment.
+        env = dict(scrubbed_environ(), HPCBRIDGE_JOB_ID=self.spec["id"], PATH=job_search_path())
         env.pop("HPCBRIDGE_ARRAY_INDEX", None)
         if index is not None:
             env["HPCBRIDGE_ARRAY_INDEX"] = str(index)

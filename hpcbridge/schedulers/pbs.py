@@ -387,7 +387,10 @@ class PbsScheduler(Scheduler):
             stdout=info.stdout if wrapper else None,
             stderr=info.stderr if wrapper else None,
         )
-        result = self.transport.run(argv, timeout=self.timeout, retry=False)
+        # Slurm's qsub wrapper exports the whole environment, as does qsub -V on PBS itself.
+        result = self.transport.run(
+            self.transport.without_secrets(argv), timeout=self.timeout, retry=False
+        )
         if not result.ok:
             raise SchedulerError(
                 f"qsub refused the job: {result.said()}",

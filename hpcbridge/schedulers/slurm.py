@@ -99,8 +99,15 @@ def submit_argv(
     partition: str | None = None,
     account: str | None = None,
 ) -> list[str]:
-    """The ``sbatch --parsable`` argv submitting ``script_path``."""
-    argv = ["sbatch", "--parsable"]
+    """The ``sbatch --parsable`` argv submitting ``script_path``.
+
+    ``--export=ALL`` is explicit so that ``SBATCH_EXPORT`` (a site's or a user's default) does
+    not decide what a job inherits: every job gets the environment it was submitted from (its
+    PATH finds the tools, as on the local scheduler), which the submission has already cleared
+    of secrets (:meth:`~hpcbridge.transport.Transport.without_secrets`). ``NONE`` would swap
+    it for the login environment on the compute node, which ``srun`` steps then inherit too.
+    """
+    argv = ["sbatch", "--parsable", "--export=ALL"]
     if partition is not None:
         argv.append("--partition=" + _check_value("partition", partition))
     if account is not None:
@@ -320,7 +327,9 @@ class SlurmScheduler(Scheduler):
             partition=None if info.queue else self.partition,
             account=None if info.project else self.account,
         )
-        result = self.transport.run(argv, timeout=self.timeout, retry=False)
+        result = self.transport.run(
+            self.transport.without_secrets(argv), timeout=self.timeout, retry=False
+        )
         if result.exit_code == 127:
             raise SchedulerError(
                 "sbatch is not installed where jobs are submitted",

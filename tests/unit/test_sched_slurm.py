@@ -20,17 +20,27 @@ def _read(name: str) -> str:
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({}, ["sbatch", "--parsable", "/w/job.sh"]),
+        ({}, ["sbatch", "--parsable", "--export=ALL", "/w/job.sh"]),
         (
             {"partition": "batch", "account": "neuro-lab"},
-            ["sbatch", "--parsable", "--partition=batch", "--account=neuro-lab", "/w/job.sh"],
+            [
+                "sbatch",
+                "--parsable",
+                "--export=ALL",
+                "--partition=batch",
+                "--account=neuro-lab",
+                "/w/job.sh",
+            ],
         ),
         (
             {"after": ["1", "2"]},
-            ["sbatch", "--parsable", "--dependency=afterok:1:2", "/w/job.sh"],
+            ["sbatch", "--parsable", "--export=ALL", "--dependency=afterok:1:2", "/w/job.sh"],
         ),
-        ({"array": "1-10"}, ["sbatch", "--parsable", "--array=1-10", "/w/job.sh"]),
-        ({"array": "1-10%2"}, ["sbatch", "--parsable", "--array=1-10%2", "/w/job.sh"]),
+        ({"array": "1-10"}, ["sbatch", "--parsable", "--export=ALL", "--array=1-10", "/w/job.sh"]),
+        (
+            {"array": "1-10%2"},
+            ["sbatch", "--parsable", "--export=ALL", "--array=1-10%2", "/w/job.sh"],
+        ),
     ],
 )
 def test_submit_argv(kwargs: dict[str, object], expected: list[str]) -> None:
@@ -40,7 +50,7 @@ def test_submit_argv(kwargs: dict[str, object], expected: list[str]) -> None:
 def test_submit_argv_path_is_one_element() -> None:
     path = "/w/my job's $(dir)/job.sh"
     argv = slurm.submit_argv(path, partition="batch")
-    assert argv == ["sbatch", "--parsable", "--partition=batch", path]
+    assert argv == ["sbatch", "--parsable", "--export=ALL", "--partition=batch", path]
 
 
 @pytest.mark.parametrize(
