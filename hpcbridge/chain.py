@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULTS, Settings
-from .credentials import Secret, token_entry, token_of
+from .credentials import SECRET_ENV, Secret, token_entry, token_of
 from .errors import ConfigError, CredentialError, HpcBridgeError, TransportError
 from .recipes import (
     Recipe,
@@ -68,8 +68,9 @@ QUEUE_ALLOWANCE = 12 * 3600
 # passes the job its id in HPCBRIDGE_JOB_ID.)
 _SETTINGS_VARIABLES = sorted(
     {f"HPCBRIDGE_{key.upper()}" for key in DEFAULTS}
-    | {"HPCBRIDGE_CONFIG", "HPCBRIDGE_PROFILE", "HPCBRIDGE_PASSWORD", "HPCBRIDGE_RECIPES"}
-    | {"XNAT_HOST", "XNAT_USER", "XNAT_PASS", "NETRC"}
+    | {"HPCBRIDGE_CONFIG", "HPCBRIDGE_PROFILE", "HPCBRIDGE_RECIPES"}
+    | {"XNAT_HOST", "XNAT_USER"}
+    | set(SECRET_ENV)
 )
 _PREAMBLE = "unset " + " ".join(_SETTINGS_VARIABLES) + "\nexport HPCBRIDGE_HOME={{ params.home }}\n"
 

@@ -1,6 +1,8 @@
 #!/bin/bash
 # Local job written by hpcbridge: dcm2niix (1 cpu, 2048 MB,
 # walltime 00:20:00; the local scheduler enforces the walltime)
+# Secrets stop here, whether qsub -V, a site's default export or a login shell passed them on.
+unset HPCBRIDGE_PASSWORD NETRC XNATPY_JSESSION XNATPY_PASS XNAT_PASS
 set -uo pipefail
 HPCBRIDGE_WORK=/work
 HPCBRIDGE_STATE="$HPCBRIDGE_WORK/.hpcbridge"

@@ -7,6 +7,8 @@
 #SBATCH --output=/work/.hpcbridge/job.out
 #SBATCH --error=/work/.hpcbridge/job.err
 # Slurm job written by hpcbridge
+# Secrets stop here, whether qsub -V, a site's default export or a login shell passed them on.
+unset HPCBRIDGE_PASSWORD NETRC XNATPY_JSESSION XNATPY_PASS XNAT_PASS
 set -uo pipefail
 HPCBRIDGE_WORK=/work
 HPCBRIDGE_STATE="$HPCBRIDGE_WORK/.hpcbridge"

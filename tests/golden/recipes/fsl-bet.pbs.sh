@@ -5,6 +5,8 @@
 #PBS -o /work/.hpcbridge/job.out
 #PBS -e /work/.hpcbridge/job.err
 # PBS Pro job written by hpcbridge
+# Secrets stop here, whether qsub -V, a site's default export or a login shell passed them on.
+unset HPCBRIDGE_PASSWORD NETRC XNATPY_JSESSION XNATPY_PASS XNAT_PASS
 set -uo pipefail
 HPCBRIDGE_WORK=/work
 HPCBRIDGE_STATE="$HPCBRIDGE_WORK/.hpcbridge"
