@@ -18,6 +18,7 @@ XNAT started by ``hpcbridge sandbox start`` and runs jobs with the local schedul
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
@@ -44,6 +45,13 @@ DEFAULTS: dict[str, Any] = {
     "scheduler": "local",
     "timeout": 60.0,
     "verify_tls": True,
+    # Plain http is refused for every host but this machine's own (the sandbox): it carries the
+    # password, the token and the session in clear text. A server without TLS needs this opt-in,
+    # and every session opened with it logs a warning.
+    "allow_insecure_http": False,
+    # A CA file (PEM) or c_rehash'd folder to check XNAT's certificate against, for sites whose
+    # CA is not in certifi's list; unset: REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, else certifi.
+    "ca_bundle": None,
     # Where jobs are submitted: empty runs qsub/sbatch here (on the login node); otherwise an
     # SSH destination ([user@]host, a Host alias from ~/.ssh/config, or ssh://user@host:port).
     "host": None,
@@ -114,6 +122,8 @@ class Settings:
     scheduler: str = "local"
     timeout: float = 60.0
     verify_tls: bool = True
+    allow_insecure_http: bool = False
+    ca_bundle: str | None = None
     host: str | None = None
     queue: str | None = None
     account: str | None = None
@@ -138,6 +148,23 @@ class Settings:
         """(key, value, source) for every profile key, for ``config show``."""
         return [(k, getattr(self, k), self.sources.get(k, "default")) for k in DEFAULTS]
 
+    @property
+    def tls_verify(self) -> bool | str:
+        """requests' ``verify``: False, the CA bundle to trust, or True (certifi's list)."""
+        if not self.verify_tls:
+            return False
+        return self.ca_bundle or True
+
+
+class Unfit(ValueError):
+    """A value refused with a message of its own, for when "KEY must be ..., not VALUE" would
+    quote a secret (a password in a URL) or not say what is wrong (a missing file)."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
 
 def _to_bool(value: Any) -> bool:
     if isinstance(value, bool):
@@ -161,12 +188,40 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
     return convert
 
 
-def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def convert(value: Any) -> Any:
-        number = kind(value)
-        if number <= 0:
+#: Upper bounds far beyond any sensible value, yet low enough that sleeps, socket timeouts and
+#: date arithmetic cannot overflow (``time.sleep(1e300)`` raises; a walltime of 10^11 hours
+#: overflows a datetime).
+MAX_SECONDS = 86400
+MAX_JOBS = 1024
+MAX_QUEUED = 100_000
+MAX_WALLTIME_HOURS = 8760
+
+
+def _seconds(value: Any) -> float:
+    # bool is an int to Python, but `timeout = true` is a mistake, not one second.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    number = float(value)
+    if not 0 < number <= MAX_SECONDS:  # written so that nan, which compares false, fails too
+        raise ValueError(value)
+    return number
+
+
+def _whole(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        if isinstance(value, float):
+            if not value.is_integer():  # 2.5 jobs is a mistake; int() would make it 2
+                raise ValueError(value)
+            value = int(value)
+        elif isinstance(value, str):
+            value = int(value.strip())
+        elif not isinstance(value, int):
+            raise TypeError(value)
+        if not low <= value <= high:
             raise ValueError(value)
-        return number
+        return value
 
     return convert
 
@@ -174,33 +229,147 @@ def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
 def _walltime(value: Any) -> str:
     from .recipes import parse_walltime
 
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise TypeError(value)
     try:
-        parse_walltime(str(value), "")
+        seconds = parse_walltime(value, "")
     except HpcBridgeError:
         raise ValueError(value) from None
-    return str(value).strip()
+    if seconds > MAX_WALLTIME_HOURS * 3600:
+        raise ValueError(value)
+    return value.strip()
+
+
+def _ca_bundle(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError(value)
+    path = Path(value.strip()).expanduser().absolute()
+    if not path.exists():
+        raise Unfit(
+            f"ca_bundle must be a readable PEM file of CA certificates, or a folder of them: "
+            f"{path} does not exist"
+        )
+    if not (path.is_file() or path.is_dir()):
+        raise Unfit(
+            f"ca_bundle must be a readable PEM file of CA certificates, or a folder of them: "
+            f"{path} is neither a file nor a folder"
+        )
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise Unfit(
+            f"ca_bundle must be a readable PEM file of CA certificates, or a folder of them: "
+            f"{path} is not readable by you"
+        )
+    return str(path)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with whatever may be a user or password (all before the last ``@`` after the
+    scheme) masked. Cutting at the last ``@`` masks passwords that hold ``@``, ``/`` or ``?``,
+    which a URL parser would read as part of the host or path and leave in view."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    if "@" not in rest:
+        return text
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+
+
+def display_url(text: str) -> str:
+    """A URL as messages may show it: no user, no password, no query or fragment (where tokens
+    travel)."""
+    return redact_url(text).split("?", 1)[0].split("#", 1)[0]
+
+
+CREDENTIALS_IN_URL_HINT = (
+    "give the user name with --user or the profile's `user`, and the password to "
+    "`hpcbridge login`, which asks for it"
+)
 
 
 def xnat_url(value: Any) -> str:
-    """An XNAT server as settings accept it: http(s)://host[...] or ``sandbox``."""
+    """An XNAT server as settings accept it: http(s)://host[:port][/path], or ``sandbox``.
+
+    A URL holding a user or password is refused: the config file is readable by others, and the
+    URL is shown by ``config show`` and in messages. So is a query or fragment, which the paths
+    the client appends would break.
+    """
     text = str(value).strip()
+    if text == "sandbox":
+        return text
+    if redact_url(text) != text:
+        raise Unfit(
+            f"the XNAT URL {display_url(text)} contains credentials", hint=CREDENTIALS_IN_URL_HINT
+        )
+    if "?" in text or "#" in text:
+        raise Unfit(
+            f"the XNAT URL {display_url(text)} has a query or fragment (?... or #...)",
+            hint="give the server's address only, such as https://xnat.example.org/xnat",
+        )
     parts = urlsplit(text)
-    if text != "sandbox" and (parts.scheme not in ("http", "https") or not parts.hostname):
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(c.isspace() for c in text)
+    ):
         raise ValueError(value)
+    _ = parts.port  # raises ValueError for a port that is not a number in range
     return text
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (localhost, 127.0.0.0/8, ::1)."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_http(url: str) -> bool:
+    """Whether ``url`` is plain http to another machine than this one."""
+    parts = urlsplit(url)
+    return parts.scheme.lower() == "http" and not is_loopback(parts.hostname or "")
+
+
+def check_xnat_url(url: str, *, allow_insecure_http: bool, origin: str | None = None) -> str:
+    """``url`` as :func:`xnat_url` accepts it, and http only to this machine unless the profile
+    opted in; else a one-line ConfigError starting with ``origin``, quoting no secret."""
+    where = f"{origin}: " if origin else ""
+    try:
+        text = xnat_url(url)
+    except Unfit as exc:
+        raise ConfigError(where + exc.message, hint=exc.hint) from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}xnat must be {_URL_WANTED}, not {url!r}") from None
+    if insecure_http(text) and not allow_insecure_http:
+        raise ConfigError(
+            f"{where}{display_url(text)} would carry your password and token in clear text",
+            hint="use the server's https:// address; only for a server without TLS on a network "
+            "you trust, set allow_insecure_http = true in the profile",
+        )
+    return text
+
+
+_URL_WANTED = "a URL such as https://xnat.example.org (or sandbox)"
+
 _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "xnat": (xnat_url, "a URL such as https://xnat.example.org (or sandbox)"),
-    "timeout": (float, "a number"),
+    "xnat": (xnat_url, _URL_WANTED),
+    "timeout": (_seconds, f"a number of seconds above 0 and at most {MAX_SECONDS}"),
     "verify_tls": (_to_bool, "true or false"),
+    "allow_insecure_http": (_to_bool, "true or false"),
+    "ca_bundle": (_ca_bundle, "the path of a PEM file of CA certificates"),
     "scheduler": (_choice(*SCHEDULERS), "one of " + ", ".join(SCHEDULERS)),
     "pbs_flavour": (_choice("pbspro", "torque", "wrapper"), "pbspro, torque or wrapper"),
-    "poll_interval": (_positive(float), "a positive number of seconds"),
-    "local_max_jobs": (_positive(int), "a positive whole number"),
+    "poll_interval": (_seconds, f"a number of seconds above 0 and at most {MAX_SECONDS}"),
+    "local_max_jobs": (_whole(1, MAX_JOBS), f"a whole number from 1 to {MAX_JOBS}"),
     "ledger_mode": (_choice("wal", "nfs"), "wal or nfs"),
-    "max_queued": (_positive(int), "a positive whole number"),
-    "transfer_walltime": (_walltime, "a walltime like 01:00:00"),
+    "max_queued": (_whole(1, MAX_QUEUED), f"a whole number from 1 to {MAX_QUEUED}"),
+    "transfer_walltime": (
+        _walltime,
+        f"a walltime like 01:00:00, above zero and at most {MAX_WALLTIME_HOURS}:00:00",
+    ),
 }
 
 
@@ -210,7 +379,9 @@ def _convert(key: str, value: Any, origin: str) -> Any:
     convert, wanted = _CONVERTERS[key]
     try:
         return convert(value)
-    except (TypeError, ValueError):
+    except Unfit as exc:
+        raise ConfigError(f"{origin}: {exc.message}", hint=exc.hint) from None
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{origin}: {key} must be {wanted}, not {value!r}") from None
 
 
@@ -296,19 +467,37 @@ def load_settings(
     name = profile or env.get("HPCBRIDGE_PROFILE") or data.get("default_profile") or "default"
     values: dict[str, Any] = dict(DEFAULTS)
     sources: dict[str, str] = {}
+    origins: dict[str, str] = {}  # where each value came from, as error messages name it
     for key, value in _profile_table(data, name, path, explicit).items():
-        values[key] = _convert(key, value, f"{path} [profiles.{name}]")
+        origins[key] = f"{path} [profiles.{name}]"
+        values[key] = _convert(key, value, origins[key])
         sources[key] = "builtin profile" if name in BUILTIN_PROFILES else f"file {path}"
     for key in DEFAULTS:
         for var in (ENV_PREFIX + key.upper(), *ENV_ALIASES.get(key, ())):
             if env.get(var):
-                values[key] = _convert(key, env[var], f"environment {var}")
-                sources[key] = f"environment {var}"
+                origins[key] = f"environment {var}"
+                values[key] = _convert(key, env[var], origins[key])
+                sources[key] = origins[key]
                 break
     for key, value in (flags or {}).items():
         if value is not None and key in DEFAULTS:
-            values[key] = _convert(key, value, f"option --{key}")
+            origins[key] = f"option --{key.replace('_', '-')}"
+            values[key] = _convert(key, value, origins[key])
             sources[key] = "flag"
+    # requests' own variables, below the profile's ca_bundle: a site-wide REQUESTS_CA_BUNDLE
+    # must not override the CA a profile names for its server.
+    if values["ca_bundle"] is None and values["verify_tls"]:
+        for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            if env.get(var):
+                values["ca_bundle"] = _convert("ca_bundle", env[var], f"environment {var}")
+                sources["ca_bundle"] = f"environment {var}"
+                break
+    if values["xnat"] not in (None, "sandbox"):
+        check_xnat_url(
+            values["xnat"],
+            allow_insecure_http=values["allow_insecure_http"],
+            origin=origins.get("xnat"),
+        )
     known = {f.name for f in fields(Settings)}
     return Settings(
         home=default_home(env),

@@ -7,6 +7,7 @@ import time
 
 import click
 
+from ..config import check_xnat_url
 from ..credentials import Secret, SessionCache, TokenStore, resolve
 from ..errors import CredentialError, PartialFailure, XnatError
 from ..xnat import XnatClient, connect, server_url
@@ -27,14 +28,20 @@ def _read_secret(from_stdin: bool, prompt: str) -> str:
     return secret
 
 
-def _resolve_url(ctx: click.Context, url: str | None) -> str:
+def _resolve_url(ctx: click.Context, url: str | None) -> tuple[str, bool]:
+    """The server to log in or out of, and whether plain http to it is allowed."""
     settings = settings_of(ctx)
+    if url is not None:
+        url = check_xnat_url(
+            url, allow_insecure_http=settings.allow_insecure_http, origin="option --xnat"
+        )
     url = url or server_url(settings)
     if url == "sandbox":
         from ..sandbox.control import SandboxPaths, read_ready
 
-        url = str(read_ready(SandboxPaths.under(settings.home).ready)["url"])
-    return url.rstrip("/")
+        # The sandbox is http only, with a throwaway password (see xnat.connect).
+        return str(read_ready(SandboxPaths.under(settings.home).ready)["url"]).rstrip("/"), True
+    return url.rstrip("/"), settings.allow_insecure_http
 
 
 @main.command("login")
@@ -65,13 +72,19 @@ def login_command(
       hpcbridge login --xnat https://xnat.example.org --alias 61e4f5db-33e0-4f06-86e7-a59217d65f5c
     """
     settings = settings_of(ctx)
-    url = _resolve_url(ctx, url)
+    url, insecure_ok = _resolve_url(ctx, url)
     if alias:
         secret = Secret(alias, _read_secret(password_stdin, "Token secret"), "token")
     else:
         name = user or settings.user or click.prompt("XNAT user")
         secret = Secret(name, _read_secret(password_stdin, "Password"), "password")
-    with XnatClient(url, secret, timeout=settings.timeout, verify=settings.verify_tls) as client:
+    with XnatClient(
+        url,
+        secret,
+        timeout=settings.timeout,
+        verify=settings.tls_verify,
+        allow_insecure_http=insecure_ok,
+    ) as client:
         client.login()
         if alias:
             owner, token_alias, token_secret = client.whoami(), alias, secret.secret
@@ -105,7 +118,7 @@ def logout_command(ctx: click.Context) -> None:
       hpcbridge logout
     """
     settings = settings_of(ctx)
-    url = _resolve_url(ctx, None)
+    url, insecure_ok = _resolve_url(ctx, None)
     store = TokenStore.under(settings.home)
     creds = resolve(url, user=settings.user, home=settings.home)
     if creds is None:
@@ -113,7 +126,12 @@ def logout_command(ctx: click.Context) -> None:
     cache = SessionCache.under(settings.home)
     problem = None
     with XnatClient(
-        url, creds, timeout=settings.timeout, verify=settings.verify_tls, session_cache=cache
+        url,
+        creds,
+        timeout=settings.timeout,
+        verify=settings.tls_verify,
+        session_cache=cache,
+        allow_insecure_http=insecure_ok,
     ) as client:
         try:
             if creds.is_token:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..config import read_config_file, write_profile, xnat_url
+from ..config import Unfit, check_xnat_url, read_config_file, write_profile, xnat_url
 from ..credentials import resolve
 from ..errors import ConfigError, HpcBridgeError
 from ..xnat.client import expiry_text
@@ -44,6 +44,11 @@ def config_group() -> None:
     "--transfer-queue", metavar="QUEUE", help="Queue of a chain's transfer jobs, e.g. dtq."
 )
 @click.option(
+    "--allow-insecure-http",
+    is_flag=True,
+    help="Allow an http:// XNAT on another machine (password and token in clear text).",
+)
+@click.option(
     "--default/--no-default",
     "make_default",
     default=True,
@@ -63,6 +68,7 @@ def config_init(
     queue: str | None,
     work_root: str | None,
     transfer_queue: str | None,
+    allow_insecure_http: bool,
     make_default: bool,
     force: bool,
 ) -> None:
@@ -91,9 +97,13 @@ def config_init(
     if not xnat:
         raise ConfigError("an XNAT server URL is needed", hint="pass --xnat URL")
     try:
-        xnat_url(xnat)  # the rule settings apply when they load the profile
+        xnat_url(xnat)
+    except Unfit:
+        pass  # its own message, which check_xnat_url gives below
     except ValueError:
         raise ConfigError(f"{xnat!r} is not an http(s) URL") from None
+    # The rule settings apply when they load the profile, so init never writes one they refuse.
+    xnat = check_xnat_url(xnat, allow_insecure_http=allow_insecure_http, origin="option --xnat")
     if user is None and interactive:
         user = click.prompt("XNAT user (empty for token-only)", default="", show_default=False)
     values: dict[str, Any] = {
@@ -105,6 +115,7 @@ def config_init(
         "queue": queue,
         "work_root": work_root,
         "transfer_queue": transfer_queue,
+        "allow_insecure_http": True if allow_insecure_http else None,
     }
     write_profile(path, name, values, make_default=make_default)
     click.echo(f"profile {name!r} written to {path}; next: hpcbridge login")

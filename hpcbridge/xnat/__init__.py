@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import Settings
+from ..config import Settings, check_xnat_url
 from ..credentials import Secret, SessionCache, TokenStore, resolve
 from ..errors import ConfigError, CredentialError
 from .address import Address
@@ -13,14 +13,22 @@ __all__ = ["Address", "Secret", "XnatClient", "connect", "raise_for_response", "
 
 def server_url(settings: Settings) -> str:
     """The XNAT the settings point at: the profile's, else the server of the last login."""
-    url = settings.xnat or TokenStore.under(settings.home).default_server()
+    if settings.xnat:
+        return settings.xnat  # checked when the settings were read
+    store = TokenStore.under(settings.home)
+    url = store.default_server()
     if not url:
         raise ConfigError(
             "no XNAT server configured",
             hint="run `hpcbridge login --xnat URL`, use `--profile sandbox` after "
             "`hpcbridge sandbox start`, or set HPCBRIDGE_XNAT",
         )
-    return url
+    # A login by an older hpcbridge may have stored a URL today's rules refuse.
+    return check_xnat_url(
+        url,
+        allow_insecure_http=settings.allow_insecure_http,
+        origin=f"{store.path} (the server of the last login)",
+    )
 
 
 def connect(settings: Settings, *, cache_session: bool = True) -> XnatClient:
@@ -34,7 +42,11 @@ def connect(settings: Settings, *, cache_session: bool = True) -> XnatClient:
 
         info = read_ready(SandboxPaths.under(settings.home).ready)
         url, secret = info["url"], Secret(info["user"], info["password"], "sandbox")
+        # The sandbox speaks only http, with a throwaway password, also when `sandbox start
+        # --host` made it listen beyond loopback (and warned then).
+        insecure_ok = True
     else:
+        insecure_ok = settings.allow_insecure_http
         found = resolve(url, user=settings.user, home=settings.home)
         if found is None:
             raise CredentialError(
@@ -45,5 +57,10 @@ def connect(settings: Settings, *, cache_session: bool = True) -> XnatClient:
         secret = found
     cache = SessionCache.under(settings.home) if cache_session else None
     return XnatClient(
-        url, secret, timeout=settings.timeout, verify=settings.verify_tls, session_cache=cache
+        url,
+        secret,
+        timeout=settings.timeout,
+        verify=settings.tls_verify,
+        session_cache=cache,
+        allow_insecure_http=insecure_ok,
     )

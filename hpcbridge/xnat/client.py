@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
+from ..config import check_xnat_url, display_url, insecure_http
 from ..credentials import Secret, SessionCache
 from ..errors import (
     XnatAuthError,
@@ -38,6 +42,32 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = (502, 503, 504)
 USER_AGENT = "hpcbridge"
 LOGIN_HINT = "run `hpcbridge login`"
+#: Same-origin redirects followed per request (XNAT's trailing-slash and context-path ones).
+MAX_REDIRECTS = 5
+TLS_HELP = "see docs/troubleshooting.md#tls"
+
+Origin = tuple[str, str, int | None]
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> Origin:
+    """(scheme, host, port) with the scheme's default port filled in; what cookies and
+    credentials are bound to here. A port that is not a number gives an origin no URL has."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:  # "http://[bad", "https://host:99999"
+        return "", "", -1
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """Session-wide "no Authorization header". Without an auth of its own, a requests session
+    adds ~/.netrc's password for the host to every request (and to every redirect target), and
+    this client sends credentials on exactly one request: the login."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        return r
 
 
 def looks_like_login_page(resp: requests.Response) -> bool:
@@ -127,20 +157,27 @@ class XnatClient:
         credentials: Secret | None,
         *,
         timeout: float = 60.0,
-        verify: bool = True,
+        verify: bool | str = True,
         retries: int = 3,
         backoff: float = 0.5,
         session_cache: SessionCache | None = None,
+        allow_insecure_http: bool = False,
     ) -> None:
-        self.base = url.rstrip("/")
+        self.base = check_xnat_url(url, allow_insecure_http=allow_insecure_http).rstrip("/")
+        self.origin = origin_of(self.base)
         self.credentials = credentials
         self.timeout = timeout
+        #: requests' ``verify`` (False, a CA bundle, or True), given on every request: set on
+        #: the session instead, REQUESTS_CA_BUNDLE would override a False or a CA bundle.
+        self.verify = verify
         self.retries = retries
         self.backoff = backoff
         self.session_cache = session_cache
         self.http = requests.Session()
         self.http.verify = verify
+        self.http.auth = _NoAuth()
         self.http.headers["User-Agent"] = USER_AGENT
+        self._warned_clear_text = False
         self.session_id: str | None = None
         self.logins = 0  # server sessions this client opened
         #: Answers that cannot change while this client lives (an experiment's ID for its
@@ -164,9 +201,20 @@ class XnatClient:
         self.http.cookies.set("JSESSIONID", session_id)
         self.session_id = session_id
 
+    def _warn_clear_text(self) -> None:
+        if insecure_http(self.base) and not self._warned_clear_text:
+            self._warned_clear_text = True
+            log.warning(
+                "%s sends your password, token and XNAT session in clear text: anyone on the "
+                "network path can read and reuse them (allow_insecure_http is set; use https "
+                "if the server offers it)",
+                self.base,
+            )
+
     def _resume_or_login(self) -> None:
         if self.session_id is not None:
             return
+        self._warn_clear_text()
         creds = self.credentials
         cached = (
             self.session_cache.get(self.base, creds.user)
@@ -184,6 +232,7 @@ class XnatClient:
         creds = self.credentials
         if creds is None:
             raise XnatAuthError(f"no credentials for {self.base}", hint=LOGIN_HINT)
+        self._warn_clear_text()
         self.http.cookies.clear()
         resp = self._send("POST", "/data/JSESSION", auth=(creds.user, creds.secret))
         if resp.status_code == 401 or looks_like_login_page(resp):
@@ -250,7 +299,11 @@ class XnatClient:
         url = self.base + path
         for attempt in range(attempts):
             try:
-                resp = self.http.request(method, url, timeout=self.timeout, **kwargs)
+                resp = self._follow(method, url, kwargs)
+            except requests.exceptions.SSLError as exc:
+                # Before ConnectionError, its base class: a certificate does not get better
+                # by asking again, and its reason must be told whole.
+                raise _tls_error(exc, self.base) from None
             except requests.ConnectionError as exc:
                 if attempt + 1 < attempts:
                     self._pause(attempt, f"connection failed ({_reason(exc)})")
@@ -270,6 +323,73 @@ class XnatClient:
                 continue
             return resp
         raise AssertionError("unreachable")
+
+    def _follow(self, method: str, url: str, kwargs: dict[str, Any]) -> requests.Response:
+        """Send, following redirects within the XNAT origin only.
+
+        requests would follow any redirect, and its session's cookie jar sends a cookie set
+        without a domain (the JSESSIONID) to every host, and a host's cookie to any port and to
+        plain http. So redirects are followed here, and every request this client sends goes
+        through this one check of its origin (scheme, host and port): the session cookie and
+        the login's Authorization header reach the configured XNAT and nothing else.
+        """
+        first = urlsplit(url).path
+        for _ in range(MAX_REDIRECTS + 1):
+            # Checked on the URL as requests will send it too: its parser and urlsplit may
+            # read an odd URL's host differently.
+            if {origin_of(url), origin_of(_as_sent(url))} != {self.origin}:
+                # A path from a listing ("@evil.example/...", ".evil.example/...") can move
+                # the host when appended to the base URL.
+                raise XnatServerError(
+                    f"refusing to send {method} {display_url(url)}: it is not on XNAT at "
+                    f"{self.base}",
+                    url=self.base,
+                )
+            resp = self.http.request(
+                method,
+                url,
+                timeout=self.timeout,
+                verify=self.verify,
+                allow_redirects=False,
+                **kwargs,
+            )
+            if not resp.is_redirect:
+                return resp
+            target = urljoin(resp.url, resp.headers["Location"])
+            resp.close()
+            if origin_of(target) != self.origin:
+                raise self._refused_redirect(method, first, target, resp.status_code)
+            method, kwargs = _redirected(method, resp.status_code, kwargs)
+            url = target
+        raise XnatServerError(
+            f"XNAT at {self.base} redirected {method} {first} more than {MAX_REDIRECTS} times",
+            status=resp.status_code,
+            url=self.base,
+        )
+
+    def _refused_redirect(self, method: str, path: str, target: str, status: int) -> XnatError:
+        scheme = origin_of(target)[0]
+        if scheme == "http" and self.origin[0] == "https":
+            why = "from https to plain http"
+            hint = (
+                "a server or proxy that sends https requests to plain http is misconfigured: "
+                "tell the XNAT administrators"
+            )
+        else:
+            why = "another origin"
+            hint = (
+                "if the XNAT administrators say the server has moved there, set "
+                f"xnat = {json.dumps(_root(target))} in the profile"
+                if scheme == "https"
+                else "tell the XNAT administrators"
+            )
+        return XnatError(
+            f"XNAT at {self.base} redirected {method} {path} to {display_url(target)}: {why}; "
+            "refusing to follow it with your credentials",
+            hint=hint,
+            status=status,
+            url=self.base,
+        )
 
     def _pause(self, attempt: int, why: str) -> None:
         delay = self.backoff * 2**attempt
@@ -365,14 +485,18 @@ class XnatClient:
 
     def end_session(self, session_id: str) -> None:
         """End a server session this client does not hold (one a job cached), on its cookie."""
-        with requests.Session() as http:
-            http.verify = self.http.verify
-            http.headers["User-Agent"] = USER_AGENT
-            http.cookies.set("JSESSIONID", session_id)
+        # A client of its own, so that this cookie too goes only where _follow lets it.
+        with XnatClient(
+            self.base, None, timeout=self.timeout, verify=self.verify, retries=0,
+            allow_insecure_http=True,  # this client's own URL, already allowed
+        ) as other:  # fmt: skip
+            other._use_session(session_id)
             try:
-                http.delete(self.base + "/data/JSESSION", timeout=self.timeout)
-            except requests.RequestException as exc:
-                raise XnatError(f"could not end a session at {self.base}: {_reason(exc)}") from None
+                other._send("DELETE", "/data/JSESSION")
+            except XnatError as exc:
+                raise XnatError(f"could not end a session at {self.base}: {exc.message}") from None
+            finally:
+                other.session_id = None  # ended (or not ours to end again) either way
 
     def invalidate_token(self, alias: str) -> None:
         # The alias alone identifies the token (XNAT looks it up without checking the secret),
@@ -398,6 +522,105 @@ def _number(key: str, value: Any) -> Any:
     return value
 
 
+def _redirected(method: str, status: int, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The method and arguments of the request a redirect asks for, as browsers (and requests)
+    make it: 303, and 301/302 after a POST, become a GET without a body; 307 and 308 repeat the
+    request, body and all. The Location already holds the query, so ``params`` is dropped."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "params"}
+    if method != "HEAD" and (status == 303 or (status in (301, 302) and method == "POST")):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("data", "json", "files")}
+        return "GET", kwargs
+    body = kwargs.get("data")
+    if body is not None and not isinstance(body, (bytes, str, dict)):
+        if not hasattr(body, "seek"):
+            raise XnatError(f"XNAT redirected a streamed {method}, which cannot be sent again")
+        body.seek(0)
+    return method, kwargs
+
+
+def _as_sent(url: str) -> str:
+    """``url`` as requests will send it (or "" if it will not)."""
+    prepared = requests.PreparedRequest()
+    try:
+        prepared.prepare_url(url, None)
+    except (requests.RequestException, ValueError):
+        return ""
+    return prepared.url or ""
+
+
+def _root(url: str) -> str:
+    parts = urlsplit(display_url(url))
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception inside it: requests wraps urllib3's, which wraps ssl's, in
+    ``args``, ``reason``, ``__cause__`` and ``__context__`` by turns."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        item = todo.pop(0)
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo += [*item.args, getattr(item, "reason", None), item.__cause__, item.__context__]
+
+
+# OpenSSL's X509_V_ERR_* codes, grouped by what the user can do about them.
+_UNTRUSTED = {2, 18, 19, 20, 21}  # no issuer known, self-signed (leaf or in the chain)
+_EXPIRED = {9, 10}  # not yet valid, expired
+_MISMATCH = {62, 64}  # host name, IP address
+
+
+def _tls_error(exc: BaseException, base: str) -> XnatConnectionError:
+    """The TLS failure in plain words, whole, with what to do about it."""
+    host = urlsplit(base).netloc
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            code = cause.verify_code
+            detail = cause.verify_message or _ssl_text(cause)
+            if code in _MISMATCH:
+                detail = f"the certificate is not for that name ({detail.rstrip('.')})"
+                hint = (
+                    "use the host name the certificate names in the XNAT URL; "
+                    "see docs/troubleshooting.md#tls"
+                )
+            elif code in _EXPIRED:
+                hint = (
+                    "the XNAT administrators must renew it, or this machine's clock is wrong; "
+                    "see docs/troubleshooting.md#tls"
+                )
+            elif code in _UNTRUSTED:
+                hint = (
+                    "set ca_bundle in the profile to your site's CA file; "
+                    "see docs/troubleshooting.md#tls"
+                )
+            else:
+                hint = TLS_HELP
+            return XnatConnectionError(
+                f"cannot verify the TLS certificate of {host}: {detail}", hint=hint, url=base
+            )
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLError):
+            return XnatConnectionError(
+                f"the TLS handshake with {host} failed: {_ssl_text(cause)}",
+                hint="check that the server speaks https at that port; "
+                "see docs/troubleshooting.md#tls",
+                url=base,
+            )
+    return XnatConnectionError(
+        f"the TLS connection to {host} failed: {_reason(exc)}", hint=TLS_HELP, url=base
+    )
+
+
+def _ssl_text(exc: ssl.SSLError) -> str:
+    """'[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)': the words only."""
+    text = exc.strerror or str(exc)
+    text = re.sub(r"^\[[A-Z_: ]+\]\s*", "", text)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text).strip() or type(exc).__name__
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc)
     for marker in (
@@ -410,4 +633,11 @@ def _reason(exc: BaseException) -> str:
     ):
         if marker in text:
             return marker.lower()
-    return text.split(":")[-1].strip()[:120] or type(exc).__name__
+    # The innermost error says what happened; requests' and urllib3's wrappers around it add
+    # pool names and "Max retries exceeded", and cutting their text at a colon left half words.
+    innermost = exc
+    for cause in _causes(exc):
+        innermost = cause
+    text = re.sub(r"^<[^>]*>:\s*", "", str(innermost))
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", text).strip()
+    return text[:200] or type(innermost).__name__
