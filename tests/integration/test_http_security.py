@@ -517,3 +517,20 @@ def test_the_cli_prints_the_whole_reason(
     result = CliRunner().invoke(main, ["ls"])
     assert result.exit_code == 0, result.output
     assert "P1" in result.stdout
+
+
+def test_a_proxy_failure_is_told_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = FakeServer()  # answers CONNECT with 501, as a proxy that refuses tunnels
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        with _client("https://xnat.example.org", retries=0) as client:
+            with pytest.raises(XnatConnectionError) as caught:
+                client.whoami()
+    finally:
+        proxy.stop()
+    assert caught.value.message == (
+        "cannot reach XNAT at https://xnat.example.org: Tunnel connection failed: "
+        "501 Unsupported method ('CONNECT')"
+    )
