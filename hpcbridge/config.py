@@ -276,8 +276,10 @@ def redact_url(text: str) -> str:
 
 def display_url(text: str) -> str:
     """A URL as messages may show it: no user, no password, no query or fragment (where tokens
-    travel)."""
-    return redact_url(text).split("?", 1)[0].split("#", 1)[0]
+    travel), and no control characters (a redirect's Location is the server's text, and an
+    escape sequence in it would act on the user's terminal)."""
+    shown = redact_url(text).split("?", 1)[0].split("#", 1)[0]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
 
 
 CREDENTIALS_IN_URL_HINT = (

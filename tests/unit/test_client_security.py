@@ -29,7 +29,8 @@ def _login(m: requests_mock.Mocker, url: str = URL) -> None:
 
 
 def _assert_clean(text: str) -> None:
-    assert PASSWORD not in text and SESSION not in text and "\n" not in text
+    assert PASSWORD not in text and SESSION not in text
+    assert all(c.isprintable() for c in text)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +85,11 @@ def test_a_login_redirected_to_http_never_sends_the_password() -> None:
         (f"https://alice:{PASSWORD}@evil.example/x?token={SESSION}", "https://***@evil.example/x"),
         (f"https://evil.example/x#{SESSION}", "https://evil.example/x"),
         ("https://xnat.example.org:99999/x", "https://xnat.example.org:99999/x"),
+        # A Location is the server's text: escape sequences must not reach the terminal.
+        (
+            "https://evil.example/x\x1b]0;owned\x07\x1b[2J",
+            "https://evil.example/x\\x1b]0;owned\\x07\\x1b[2J",
+        ),
     ],
 )
 def test_another_https_origin_is_refused_and_its_url_masked(location: str, shown: str) -> None:
