@@ -206,6 +206,24 @@ def from_netrc(url: str, path: Path | None = None) -> Secret | None:
     return Secret(entry[0], entry[2], "netrc")
 
 
+def secret_files(home: Path, environ: dict[str, str] | None = None) -> list[Path]:
+    """Every file of hpcbridge's that holds a secret, for the state folder ``home`` (a chain's
+    ``.hpcbridge-chain`` folder is one too): the token store, the cached sessions, the
+    sandbox's ready-file (its admin password), and the netrc that ``from_netrc`` would read.
+    Some may not exist. Stage-out refuses to upload any of them, however it is reached."""
+    env = os.environ if environ is None else environ
+    home = Path(home)
+    sessions = SessionCache.under(home).folder
+    try:
+        cached = sorted(p for p in sessions.iterdir() if p.suffix == ".json")
+    except OSError:
+        cached = []
+    # SandboxPaths.ready, spelled out: importing the sandbox package costs every command 60 ms
+    ready = home / "sandbox" / "ready.json"
+    netrc_file = Path(env.get("NETRC") or Path.home() / ".netrc")
+    return [TokenStore.under(home).path, *cached, ready, netrc_file]
+
+
 def resolve(
     url: str, *, user: str | None, home: Path, environ: dict[str, str] | None = None
 ) -> Secret | None:
