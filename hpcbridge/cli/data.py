@@ -13,6 +13,7 @@ from ..errors import PartialFailure
 from ..units import human_size
 from .app import main, settings_of
 from .output import ProgressBar, echo, emit_json
+from .params import Number
 
 
 @main.command("stage-in")
@@ -58,7 +59,7 @@ from .output import ProgressBar, echo, emit_json
     "--max-ratio",
     default=200.0,
     show_default=True,
-    type=click.FloatRange(1),
+    type=Number(1),
     help="Refuse zip entries that expand more than this (zip bombs).",
 )
 @click.pass_context

@@ -10,6 +10,7 @@ import click
 from ..errors import HpcBridgeError, PartialFailure
 from .app import main, settings_for, settings_of
 from .output import echo, emit_json
+from .params import SECONDS
 
 DEMO_PROJECT = "PTV000"
 DEMO_SCAN_TYPE = "*T1*"
@@ -18,7 +19,7 @@ DEMO_SCAN_TYPE = "*T1*"
 @main.command("demo")
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0, min_open=True),
+    type=SECONDS,
     default=0.5,
     show_default=True,
     metavar="SECONDS",

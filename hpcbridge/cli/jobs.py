@@ -14,6 +14,7 @@ from ..errors import PartialFailure, SchedulerError
 from ..schedulers.base import Scheduler, State
 from .app import main, settings_of
 from .output import echo, emit_json, emit_table, warn
+from .params import SECONDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,13 +110,13 @@ def _end_of_wait(jobs: list[Any]) -> None:
 def _wait_options(func: F) -> F:
     func = click.option(
         "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
+        type=SECONDS,
         metavar="SECONDS",
         help="With --wait: give up waiting after this long (the jobs keep running).",
     )(func)
     func = click.option(
         "--interval",
-        type=click.FloatRange(min=0, min_open=True),
+        type=SECONDS,
         metavar="SECONDS",
         help="With --wait: seconds between polls, growing while nothing changes "
         "[default: the profile's poll_interval, 30].",

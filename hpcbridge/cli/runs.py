@@ -15,6 +15,7 @@ from ..errors import ConfigError, PartialFailure
 from .app import main, settings_for, settings_of
 from .jobs import connected, host_key_option
 from .output import echo, emit_json, emit_table, status_line, warn
+from .params import SECONDS
 from .recipes import _set_values, recipes_option
 
 
@@ -149,7 +150,7 @@ def _finish(report: Any) -> None:
 @click.option("--wait", is_flag=True, help="Keep syncing until the run ends, with progress.")
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0, min_open=True),
+    type=SECONDS,
     metavar="SECONDS",
     help="With --wait: seconds between passes [default: the profile's poll_interval].",
 )
@@ -372,7 +373,7 @@ def _job_json(job: Any) -> dict[str, Any]:
 @click.option("--watch", is_flag=True, help="Keep syncing until the run ends.")
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0, min_open=True),
+    type=SECONDS,
     metavar="SECONDS",
     help="With --watch: seconds between passes [default: the profile's poll_interval].",
 )

@@ -12,6 +12,7 @@ import click
 from ..errors import EXIT_ERROR, SandboxError
 from .app import log, main, settings_of
 from .output import echo, emit_json
+from .params import Number
 
 
 @main.group("sandbox")
@@ -65,14 +66,14 @@ def sandbox_group() -> None:
     "--session-timeout",
     default=900.0,
     show_default=True,
-    type=click.FloatRange(0.1),
+    type=Number(0.1),
     help="Seconds an idle session lives.",
 )
 @click.option(
     "--token-lifetime",
     default=172800.0,
     show_default=True,
-    type=click.FloatRange(0.1),
+    type=Number(0.1),
     help="Seconds an alias token lives.",
 )
 @click.option(
@@ -86,11 +87,11 @@ def sandbox_group() -> None:
     "--lockout",
     default=3600.0,
     show_default=True,
-    type=click.FloatRange(0),
+    type=Number(0),
     help="Seconds an account stays locked.",
 )
 @click.option(
-    "--latency", default=0.0, type=click.FloatRange(0), help="Fault: seconds added to every answer."
+    "--latency", default=0.0, type=Number(0), help="Fault: seconds added to every answer."
 )
 @click.option(
     "--fail-every", default=0, type=click.IntRange(0), help="Fault: every Nth request answers 503."
