@@ -9,24 +9,43 @@ recipe's output resources, and upload a provenance record beside them.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
+import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import StageError
 from .recipes import Output
-from .stageout import SAFE_PATH, collect, resolve_target, stage_out
+from .stageout import (
+    SAFE_PATH,
+    LocalFile,
+    check_file,
+    kind_of,
+    link_refusal,
+    open_folder,
+    open_subfolder,
+    refusal,
+    resolve_target,
+    secret_ids,
+    stage_out,
+)
 from .xnat.address import Address
 from .xnat.client import XnatClient
 
-__all__ = ["PROVENANCE_FILE", "upload_outputs"]
+__all__ = ["PROVENANCE_FILE", "SCAN", "upload_outputs"]
 
 log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "hpcbridge-provenance.json"
+#: What a refused output keeps from XNAT: every output of its scan.
+SCAN = "of this scan"
+#: A sidecar is read for its converter version; a "sidecar" of gigabytes is not read whole.
+SIDECAR_LIMIT = 1024 * 1024
 
 
 def upload_outputs(
@@ -35,66 +54,218 @@ def upload_outputs(
     out: Path,
     outputs: Sequence[Output],
     provenance: dict[str, Any],
+    *,
+    root: Path | None = None,
+    home: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Upload what the job wrote in ``out`` into the scan at ``address``; the files uploaded.
 
     ``provenance`` is the record of what made the outputs (recipe, parameters, job); the
     converter version, the resource and its files are added per resource. Existing files are
     replaced: a re-run replaces the outputs of an earlier attempt, the ledger decides what is done.
+
+    The job wrote ``out``, so nothing in it is trusted to be what it seems: an output that is a
+    symbolic link (or lies behind one, or is ``out`` itself, or any folder between ``root`` and
+    it), a FIFO, socket or device, or one of hpcbridge's secret files (those of ``home``, by
+    default this process's) is refused with a StageError naming it, and then nothing of the scan
+    is uploaded: every output of every resource is checked before the first request that
+    changes anything.
     """
-    safe_output_names(out)
-    by_resource: dict[str, list[Path]] = {}
-    for output in outputs:
-        # The provenance file of an interrupted earlier stage-out is not an output of the job.
-        matches = sorted(
-            p for p in out.glob(output.glob) if p.is_file() and p.name != PROVENANCE_FILE
-        )
-        by_resource.setdefault(output.resource, []).extend(matches)
-    if not any(by_resource.values()):
-        raise StageError(
-            f"the job wrote no output matching {', '.join(o.glob for o in outputs)} in {out}"
-        )
-    uploaded: list[dict[str, Any]] = []
-    for resource, paths in by_resource.items():
-        if not paths:
-            continue
-        record = _write_provenance(out, dict(provenance), resource, paths)
-        files = collect([*paths, record])
-        fmt = next((o.format for o in outputs if o.resource == resource and o.format), None)
-        content = next((o.content for o in outputs if o.resource == resource and o.content), None)
-        target = resolve_target(client, address, resource)
-        stage_out(client, target, files, overwrite=True, fmt=fmt, content=content)
-        uploaded += [
-            {"resource": resource, "name": f.remote, "size": f.size, "md5": f.digest()}
-            for f in files
-        ]
+    secrets = secret_ids(home, near=[out])
+    fd = open_folder(out, below=root, scope=SCAN)
+    try:
+        _safe_output_names(fd)
+        by_resource: dict[str, list[LocalFile]] = {}
+        for output in outputs:
+            found = by_resource.setdefault(output.resource, [])
+            for rel in _matches(fd, out, output.glob):
+                if all(f.path != out / rel for f in found):
+                    size, ident = check_file(
+                        rel, dir_fd=fd, shown_as=out / rel, secrets=secrets, scope=SCAN
+                    )
+                    found.append(LocalFile(out / rel, Path(rel).name, size, identity=ident))
+        if not any(by_resource.values()):
+            raise StageError(
+                f"the job wrote no output matching {', '.join(o.glob for o in outputs)} in {out}"
+            )
+        batches = {r: _named(found) for r, found in by_resource.items() if found}
+        uploaded: list[dict[str, Any]] = []
+        for resource, found in batches.items():
+            _write_provenance(fd, dict(provenance), resource, found)
+            size, ident = check_file(
+                PROVENANCE_FILE, dir_fd=fd, shown_as=out / PROVENANCE_FILE, scope=SCAN
+            )
+            record = LocalFile(out / PROVENANCE_FILE, PROVENANCE_FILE, size, identity=ident)
+            files = [*found, record]
+            fmt = next((o.format for o in outputs if o.resource == resource and o.format), None)
+            content = next(
+                (o.content for o in outputs if o.resource == resource and o.content), None
+            )
+            target = resolve_target(client, address, resource)
+            stage_out(client, target, files, overwrite=True, fmt=fmt, content=content)
+            uploaded += [
+                {"resource": resource, "name": f.remote, "size": f.size, "md5": f.digest()}
+                for f in files
+            ]
+    finally:
+        os.close(fd)
     return uploaded
 
 
-def safe_output_names(out: Path) -> None:
-    """Rename outputs whose names XNAT cannot address (dcm2niix copies protocol names such as
-    ``ep2d bold (rest)`` into file names) to the same name with those characters as ``_``."""
-    for path in sorted(out.iterdir()):
-        if not path.is_file() or SAFE_PATH.match(path.name):
+def _named(files: list[LocalFile]) -> list[LocalFile]:
+    """The files in upload order, refusing two that XNAT would store under one name."""
+    by_name: dict[str, LocalFile] = {}
+    for item in sorted(files, key=lambda f: f.path):
+        if not SAFE_PATH.match(item.remote):
+            raise StageError(
+                f"{item.path}: the name {item.remote!r} has characters XNAT cannot address "
+                "reliably",
+                hint="rename it to letters, digits, '.', '_', '-' and '+'",
+            )
+        if item.remote in by_name:
+            raise StageError(
+                f"two files would both be uploaded as {item.remote!r}: "
+                f"{by_name[item.remote].path} and {item.path}"
+            )
+        by_name[item.remote] = item
+    return list(by_name.values())
+
+
+def _matches(fd: int, out: Path, pattern: str) -> list[str]:
+    """The paths below the open folder ``fd`` that ``pattern`` matches as ``Path.glob`` would
+    (``*`` within a name, ``**`` any folders), found without following a link: a link or
+    special file the pattern matches, or a link to a folder it would look into, is refused.
+    Folders it matches are left out, as are provenance records of earlier attempts."""
+    parts = [p for p in pattern.split("/") if p not in ("", ".")]
+    found: list[str] = []
+    _match_in(fd, out, "", parts, _closure(parts, {0}), found)
+    return sorted(found)
+
+
+def _closure(parts: list[str], states: set[int]) -> set[int]:
+    """Pattern positions reachable without consuming a name: ``**`` may match no folder."""
+    todo, seen = list(states), set(states)
+    while todo:
+        i = todo.pop()
+        if i < len(parts) and parts[i] == "**" and i + 1 not in seen:
+            seen.add(i + 1)
+            todo.append(i + 1)
+    return seen
+
+
+def _match_in(
+    fd: int, folder: Path, prefix: str, parts: list[str], states: set[int], found: list[str]
+) -> None:
+    for name in sorted(os.listdir(fd)):
+        named: set[int] = set()  # a part of the pattern matches this name
+        for i in states:
+            if i < len(parts) and parts[i] != "**" and fnmatch.fnmatchcase(name, parts[i]):
+                named.add(i + 1)
+        named = _closure(parts, named)
+        # ** takes this name too, and may take more; but, as in Path.glob, not through a link
+        after = _closure(parts, named | {i for i in states if i < len(parts) and parts[i] == "**"})
+        # A pattern ending in ** matches folders only (as Path.glob), and folders are no outputs.
+        whole = len(parts) in named and parts[-1:] != ["**"]
+        deeper = any(i < len(parts) for i in after)
+        if not (whole or deeper) or name == PROVENANCE_FILE:
             continue
-        fixed = path.with_name(re.sub(r"[^A-Za-z0-9._-]", "_", path.name))
-        if not fixed.exists():
-            log.info("renaming output %s to %s for XNAT", path.name, fixed.name)
-            path.rename(fixed)
+        try:
+            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            continue
+        path = folder / name
+        into = any(i < len(parts) for i in named)
+        if stat.S_ISLNK(mode) and (whole or into and _leads_to_folder(fd, name)):
+            try:
+                target: str | None = os.readlink(name, dir_fd=fd)
+            except OSError:
+                target = None
+            raise link_refusal(path, target, SCAN)
+        if stat.S_ISLNK(mode):
+            continue  # not matched, and not a folder the pattern would look into
+        if stat.S_ISDIR(mode):
+            if deeper:
+                sub = open_subfolder(fd, name, path, SCAN)
+                try:
+                    _match_in(sub, path, f"{prefix}{name}/", parts, after, found)
+                finally:
+                    os.close(sub)
+            continue
+        what = kind_of(mode)
+        if what is not None:
+            if whole:
+                raise refusal(path, what, SCAN)
+            continue
+        if whole:
+            found.append(f"{prefix}{name}")
 
 
-def _write_provenance(out: Path, record: dict[str, Any], resource: str, paths: list[Path]) -> Path:
-    """A small JSON file uploaded beside the outputs: what made them, from what, and when."""
+def _leads_to_folder(fd: int, name: str) -> bool:
+    """Whether a link points to a folder (stat follows it, but opens nothing)."""
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=fd).st_mode)
+    except OSError:
+        return False
+
+
+def _safe_output_names(fd: int) -> None:
+    """Rename outputs whose names XNAT cannot address (dcm2niix copies protocol names such as
+    ``ep2d bold (rest)`` into file names) to the same name with those characters as ``_``.
+    Regular files only, in the open output folder: a link is not an output to tidy up."""
+    for name in sorted(os.listdir(fd)):
+        fixed = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        if SAFE_PATH.match(name) or not _is_file(fd, name) or _exists(fd, fixed):
+            continue
+        log.info("renaming output %s to %s for XNAT", name, fixed)
+        os.rename(name, fixed, src_dir_fd=fd, dst_dir_fd=fd)
+
+
+def _is_file(fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _exists(fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _write_provenance(
+    fd: int, record: dict[str, Any], resource: str, files: list[LocalFile]
+) -> None:
+    """A small JSON file uploaded beside the outputs: what made them, from what, and when.
+
+    Written to a new name and renamed over ``PROVENANCE_FILE`` in the open output folder: a
+    link the job left under that name is replaced, not written through."""
     tool_version = None
-    for path in paths:
-        if path.suffix == ".json" and path.name != PROVENANCE_FILE:
-            with contextlib.suppress(OSError, ValueError):
-                sidecar = json.loads(path.read_text())
+    for item in files:
+        if item.path.suffix == ".json":
+            with contextlib.suppress(OSError, ValueError, StageError), item.open() as fh:
+                sidecar = json.loads(fh.read(SIDECAR_LIMIT))
                 if isinstance(sidecar, dict):
                     tool_version = sidecar.get("ConversionSoftwareVersion") or tool_version
     record.update(
-        converter_version=tool_version, resource=resource, files=sorted(p.name for p in paths)
+        converter_version=tool_version,
+        resource=resource,
+        files=sorted(f.path.name for f in files),
     )
-    target = out / PROVENANCE_FILE
-    target.write_text(json.dumps(record, indent=2) + "\n")
-    return target
+    tmp = f".{PROVENANCE_FILE}.{os.getpid()}.part"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=fd)
+        # O_EXCL: a new file, never an existing one nor a link's target
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666, dir_fd=fd)
+        with os.fdopen(out, "w") as fh:
+            fh.write(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, PROVENANCE_FILE, src_dir_fd=fd, dst_dir_fd=fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=fd)
+        raise StageError(
+            f"cannot write {PROVENANCE_FILE} in the output folder: {exc.strerror}"
+        ) from None

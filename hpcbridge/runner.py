@@ -32,11 +32,12 @@ from .credentials import Secret
 from .errors import ConfigError, HpcBridgeError, StageError
 from .jobs import Job, JobStore, cancel_jobs, next_delay, refresh, submit_script
 from .ledger import JobRow, JobState, Ledger, Run, RunState
-from .outputs import upload_outputs
+from .outputs import SCAN, upload_outputs
 from .recipes import Recipe, find, job_name, render_script, scan_variables
 from .schedulers.base import Scheduler, State
 from .schedulers.script import parse_script
 from .stagein import Selection, safe_name, scan_folder, stage_in
+from .stageout import RefusedFileError
 from .transport import LocalTransport, Transport
 from .units import utc_stamp
 from .xnat.address import Address
@@ -567,9 +568,10 @@ def _stage_out_finished(ctx: _Context, report: SyncReport) -> None:
             uploaded = _chain_uploaded(ctx, row) if ctx.chain else _stage_out_one(ctx, row)
         except HpcBridgeError as exc:
             # Uploads are idempotent, so a later sync may retry; but not forever: an error that
-            # repeats (no outputs, a refused name) fails the job for `retry` to take up.
+            # repeats (no outputs, a refused name) fails the job for `retry` to take up, and an
+            # output that must not be read (a link, a FIFO) at once: retrying finds the same.
             tries = int(row.extra.get("stage_out_tries", 0)) + 1
-            if tries >= STAGE_OUT_TRIES:
+            if tries >= STAGE_OUT_TRIES or isinstance(exc, RefusedFileError):
                 failed = ctx.ledger.transition(
                     row.id, JobState.FAILED, last_error=f"stage-out failed: {exc.message}"
                 )
@@ -590,16 +592,20 @@ def _stage_out_finished(ctx: _Context, report: SyncReport) -> None:
         report.uploaded.append(done)
 
 
-def _outputs_of(ctx: _Context, row: JobRow) -> Path:
-    """The job's output folder on this machine (copied back first when jobs run elsewhere)."""
+def _outputs_of(ctx: _Context, row: JobRow) -> tuple[Path, Path]:
+    """The job's output folder on this machine (copied back first when jobs run elsewhere),
+    and the folder above it that the job did not write (nothing between is a link)."""
     out_remote = f"{ctx.remote_folder(row)}/out"
     if ctx.local:
-        return Path(out_remote)
+        return Path(out_remote), Path(ctx.root)
+    from .ssh import SshTransport  # paramiko: loaded only where jobs run over SSH
+
+    if not isinstance(ctx.transport, SshTransport):
+        raise StageError(f"cannot copy outputs back over a {ctx.transport.name} transport")
     out_local = ctx.local_folder(row) / "out"
     out_local.mkdir(parents=True, exist_ok=True)
-    for name in ctx.transport.files_in(out_remote):
-        ctx.transport.get(f"{out_remote}/{name}", out_local / name)
-    return out_local
+    ctx.transport.get_files(out_remote, out_local, below=ctx.root, scope=SCAN)
+    return out_local, ctx.staging
 
 
 def _chain_uploaded(ctx: _Context, row: JobRow) -> list[dict[str, Any]]:
@@ -616,9 +622,15 @@ def _chain_uploaded(ctx: _Context, row: JobRow) -> list[dict[str, Any]]:
 
 
 def _stage_out_one(ctx: _Context, row: JobRow) -> list[dict[str, Any]]:
-    out = _outputs_of(ctx, row)
+    out, root = _outputs_of(ctx, row)
     return upload_outputs(
-        ctx.client, Address.parse(row.address), out, ctx.recipe.outputs, _provenance(ctx, row)
+        ctx.client,
+        Address.parse(row.address),
+        out,
+        ctx.recipe.outputs,
+        _provenance(ctx, row),
+        root=root,
+        home=ctx.settings.home,
     )
 
 

@@ -16,6 +16,7 @@ says so instead of guessing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import errno
 import getpass
@@ -891,6 +892,114 @@ class SshTransport(Transport):
             raise self._failed("copy", source, exc) from None
         finally:
             tmp.unlink(missing_ok=True)
+
+    def get_files(
+        self, folder: str, local: Path, *, below: str | None = None, scope: str = "given"
+    ) -> list[str]:
+        """Copy the regular files directly in ``folder`` into ``local``; their names, sorted.
+
+        For what a job wrote: nothing is read through a symbolic link. ``folder`` must not be a
+        link, nor (with ``below``, an ancestor) any folder between the two; in it, a link, FIFO,
+        socket or device is refused (a RefusedFileError naming it, before anything is copied);
+        sub-folders are left, as ``files_in`` leaves them. SFTP's listing reports lstat
+        attributes, but its open follows links, so each file's attributes are compared with
+        those of the opened handle and of a fresh lstat after the copy: a file swapped for a
+        link meanwhile is refused too. A missing ``folder`` holds no files.
+        """
+        from .stageout import kind_of, link_refusal, refusal, replaced
+
+        target = remote_path(folder)
+
+        def check(sftp: paramiko.SFTPClient, path: str, attrs: paramiko.SFTPAttributes) -> None:
+            mode = attrs.st_mode or 0
+            if stat.S_ISLNK(mode):
+                try:
+                    to: str | None = sftp.readlink(path)
+                except OSError:
+                    to = None
+                raise link_refusal(path, to, scope)
+            what = kind_of(mode)
+            if what is not None:
+                raise refusal(path, what, scope)
+
+        def same(a: paramiko.SFTPAttributes, b: paramiko.SFTPAttributes) -> bool:
+            return stat.S_ISREG(b.st_mode or 0) and (a.st_size, a.st_mtime, a.st_uid) == (
+                b.st_size,
+                b.st_mtime,
+                b.st_uid,
+            )
+
+        def fn(sftp: paramiko.SFTPClient) -> list[str]:
+            try:
+                self._no_link_between(sftp, below, target, check)
+                entries = sftp.listdir_attr(target)
+            except FileNotFoundError:
+                return []
+            for entry in entries:
+                check(sftp, f"{target}/{entry.filename}", entry)
+            files = sorted(
+                (e for e in entries if stat.S_ISREG(e.st_mode or 0)), key=lambda e: e.filename
+            )
+            for entry in files:
+                source = f"{target}/{entry.filename}"
+                dest = local / entry.filename
+                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+                try:
+                    with sftp.open(source, "rb") as remote:
+                        if not same(entry, remote.stat()):
+                            raise replaced(source)
+                        remote.prefetch()
+                        self._copy_into(remote, tmp, dest)
+                    if not same(entry, sftp.lstat(source)):
+                        raise replaced(source)
+                    try:
+                        os.replace(tmp, dest)
+                    except OSError as exc:
+                        raise TransportError(f"cannot write {dest}: {_reason(exc)}") from None
+                finally:
+                    tmp.unlink(missing_ok=True)
+            return [e.filename for e in files]
+
+        try:
+            return self._sftp_call(f"copy the files of {target} to {local}", fn)
+        except OSError as exc:
+            raise self._failed("copy the files of", target, exc) from None
+
+    @staticmethod
+    def _no_link_between(
+        sftp: paramiko.SFTPClient,
+        below: str | None,
+        folder: str,
+        check: Callable[[paramiko.SFTPClient, str, paramiko.SFTPAttributes], None],
+    ) -> None:
+        """Refuse ``folder`` if it, or a folder between ``below`` and it, is a link: one round
+        trip for each when none is (realpath below + the rest == realpath of folder), one lstat
+        per part to name the link when there is one."""
+        start = remote_path(below) if below else None
+        if start is None or not folder.startswith(f"{start.rstrip('/')}/"):
+            check(sftp, folder, sftp.lstat(folder))
+            return
+        rest = PurePosixPath(folder).relative_to(start)
+        with contextlib.suppress(FileNotFoundError):  # a dangling link: found below
+            if sftp.normalize(folder) == str(PurePosixPath(sftp.normalize(start)) / rest):
+                return
+        here = PurePosixPath(start)
+        for part in rest.parts:
+            here = here / part
+            check(sftp, str(here), sftp.lstat(str(here)))
+
+    @staticmethod
+    def _copy_into(remote: paramiko.SFTPFile, tmp: Path, dest: Path) -> None:
+        try:
+            fh = open(tmp, "wb")  # closed by the with below
+        except OSError as exc:
+            raise TransportError(f"cannot write {dest}: {_reason(exc)}") from None
+        with fh:
+            while chunk := remote.read(_CHUNK * 8):
+                try:
+                    fh.write(chunk)
+                except OSError as exc:
+                    raise TransportError(f"cannot write {dest}: {_reason(exc)}") from None
 
     def files_in(self, folder: str) -> list[str]:
         target = remote_path(folder)
