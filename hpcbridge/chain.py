@@ -277,6 +277,16 @@ def install_token(
         f"verify_tls = {'true' if settings.verify_tls else 'false'}\n"
         f"timeout = {float(settings.timeout)!r}\n"
     )
+    if settings.allow_insecure_http:
+        config += "allow_insecure_http = true\n"
+    if settings.ca_bundle and Path(settings.ca_bundle).is_file():
+        # The profile's CA file is on this machine, not necessarily on the cluster: the transfer
+        # jobs get a copy beside their config (certificates are public, nothing secret).
+        bundle = f"{home}/ca-bundle.pem"
+        transport.write_text(bundle, Path(settings.ca_bundle).read_text(), mode=0o600)
+        config += f"ca_bundle = {json.dumps(bundle)}\n"
+    elif settings.ca_bundle:  # a folder of certificates: the same path must exist there
+        config += f"ca_bundle = {json.dumps(settings.ca_bundle)}\n"
     transport.write_text(f"{home}/config.toml", config, mode=0o600)
 
 
