@@ -13,6 +13,7 @@ from ..errors import CredentialError, PartialFailure, XnatError
 from ..xnat import XnatClient, connect, server_url
 from ..xnat.client import expiry_text
 from .app import emit_json, main, settings_of
+from .output import echo, warn
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -105,7 +106,7 @@ def login_command(
         emit_json({"server": url, "user": owner, "token_expires": expires})
         return
     until = f"expires {expiry_text(expires)}" if expires else "expiry unknown"
-    click.echo(f"logged in to {url} as {owner}; alias token stored ({until})")
+    echo(f"logged in to {url} as {owner}; alias token stored ({until})")
 
 
 @main.command("logout")
@@ -147,7 +148,7 @@ def logout_command(ctx: click.Context) -> None:
             f"local credentials deleted, but the server could not be told: {problem}"
         )
     what = "alias token invalidated and deleted" if removed else "server session ended"
-    click.echo(f"logged out of {url}: {what}")
+    echo(f"logged out of {url}: {what}")
 
 
 @main.command("whoami")
@@ -176,12 +177,10 @@ def whoami_command(ctx: click.Context) -> None:
     if settings.json:
         emit_json({"server": server, "user": user, "auth": auth, "token_expires": expires})
     else:
-        click.echo(f"server  {server}\nuser    {user}\nauth    {auth}")
+        echo(f"server  {server}")
+        echo(f"user    {user}")
+        echo(f"auth    {auth}")
         if expires:
-            click.echo(f"expires {expiry_text(expires)}")
+            echo(f"expires {expiry_text(expires)}")
     if expires and expires - time.time() * 1000 < DAY_MS:
-        click.echo(
-            f"hpcbridge: warning: the alias token expires {expiry_text(expires)}; "
-            "run `hpcbridge login` to renew it",
-            err=True,
-        )
+        warn(f"the alias token expires {expiry_text(expires)}; run `hpcbridge login` to renew it")

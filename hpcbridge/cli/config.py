@@ -12,6 +12,7 @@ from ..credentials import resolve
 from ..errors import ConfigError, HpcBridgeError
 from ..xnat.client import expiry_text
 from .app import emit_json, emit_table, main, settings_of
+from .output import echo
 
 
 @main.group("config")
@@ -118,7 +119,7 @@ def config_init(
         "allow_insecure_http": True if allow_insecure_http else None,
     }
     write_profile(path, name, values, make_default=make_default)
-    click.echo(f"profile {name!r} written to {path}; next: hpcbridge login")
+    echo(f"profile {name!r} written to {path}; next: hpcbridge login")
 
 
 @config_group.command("show")
