@@ -11,14 +11,23 @@ on the way out (one ``finalize`` hook, so no template can forget it); ``{{ x | r
 for values the recipe itself controls. Values that go into scheduler directive lines are
 validated instead of quoted: a label with a space, a quote, ``$(...)``, a backtick or a newline
 can never change what the script does.
+
+A recipe is data from a shared folder, not code: every template renders in Jinja's immutable
+sandbox (no attribute walks into Python's internals), discovery only parses templates (it never
+renders one), a recipe folder or file that every user may write is refused, and resources are
+bounded. One broken recipe is reported (``Catalog.broken``) and never hides the others.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import shlex
+import stat
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
 from pathlib import Path
@@ -26,6 +35,9 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import jinja2.nodes
+import jinja2.sandbox
+from jinja2.exceptions import SecurityError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +46,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 from .errors import RecipeError
 from .xnat.model import ScanRef
+
+log = logging.getLogger(__name__)
 
 SCHEDULERS = ("pbs", "torque", "slurm", "local")
 PARAM_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -69,6 +83,16 @@ COMMAND_VARS = {
 SAFE_DIRECTIVE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./+@-]*$")
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+SCAN_KEYS = ("project", "subject", "experiment", "id", "type", "series_description")
+
+# Bounds on what a recipe may ask of a scheduler (docs/recipes.md). Generous, since one node of
+# the largest machines has a few hundred cores and tens of TB; a value beyond them is a typo or
+# an attack, and would only come back as a scheduler's rejection long after the recipe loaded.
+MAX_CPUS = 4096
+MAX_GPUS = 64
+MAX_MEMORY_MB = 64 * 1024 * 1024  # 64 TB
+MAX_WALLTIME = 365 * 24 * 3600  # one year, in seconds
+_MEMORY_UNITS = {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024 * 1024}
 
 
 class Raw(str):
@@ -84,15 +108,27 @@ def shell_quote(value: Any) -> str:
     return shlex.quote(str(value))
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_memory(text: str | int, where: str) -> int:
     """Memory in MB from ``'2GB'``, ``'512mb'``, ``'1.5g'`` or a number of MB."""
+    limit = f"{where}: memory {text!r} is more than any node has (at most 64TB)"
     if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        if text > MAX_MEMORY_MB:
+            raise RecipeError(limit)
         return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*", str(text), re.IGNORECASE)
+    # ASCII digits only: ``\d`` would also take other scripts' digits, which float() accepts.
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)b?\s*", str(text), re.IGNORECASE)
     if not match:
         raise RecipeError(f"{where}: memory {text!r} is not a size like '2GB' or '512MB'")
+    if len(match.group(1).split(".")[0].lstrip("0")) > 12:  # float() of more digits may be inf
+        raise RecipeError(limit)
     number, unit = float(match.group(1)), match.group(2).lower()
-    mb = number * {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024 * 1024}[unit]
+    mb = number * _MEMORY_UNITS[unit]
+    if not math.isfinite(mb) or mb > MAX_MEMORY_MB:
+        raise RecipeError(limit)
     if mb < 1:
         raise RecipeError(f"{where}: memory {text!r} is less than 1 MB")
     return int(round(mb))
@@ -100,14 +136,37 @@ def parse_memory(text: str | int, where: str) -> int:
 
 def parse_walltime(text: str, where: str) -> int:
     """Seconds from ``'HH:MM:SS'`` (hours may exceed 24) or ``'MM:SS'``."""
-    match = re.fullmatch(r"(?:(\d+):)?([0-5]?\d):([0-5]\d)", str(text).strip())
+    match = re.fullmatch(r"(?:([0-9]+):)?([0-5]?[0-9]):([0-5][0-9])", str(text).strip())
     if not match:
         raise RecipeError(f"{where}: walltime {text!r} is not HH:MM:SS")
+    limit = f"{where}: walltime {text!r} is longer than a year (at most 8760:00:00)"
+    if match.group(1) and len(match.group(1).lstrip("0")) > 6:  # int() of it could be huge
+        raise RecipeError(limit)
     hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
     total = hours * 3600 + minutes * 60 + seconds
     if total <= 0:
         raise RecipeError(f"{where}: walltime {text!r} must be longer than zero")
+    if total > MAX_WALLTIME:
+        raise RecipeError(limit)
     return total
+
+
+def check_resources(res: Resources, where: str) -> None:
+    """Refuse requests no scheduler could accept, whoever built ``res`` (a file, an override)."""
+    if not (_whole(res.cpus) and 1 <= res.cpus <= MAX_CPUS):
+        raise RecipeError(f"{where}: cpus {res.cpus!r} must be a whole number from 1 to {MAX_CPUS}")
+    if not (_whole(res.gpus) and 0 <= res.gpus <= MAX_GPUS):
+        raise RecipeError(f"{where}: gpus {res.gpus!r} must be a whole number from 0 to {MAX_GPUS}")
+    if not (_whole(res.memory_mb) and 1 <= res.memory_mb <= MAX_MEMORY_MB):
+        raise RecipeError(
+            f"{where}: memory_mb {res.memory_mb!r} must be a whole number of MB from 1 to "
+            f"{MAX_MEMORY_MB} (64TB)"
+        )
+    if not (_whole(res.walltime) and 1 <= res.walltime <= MAX_WALLTIME):
+        raise RecipeError(
+            f"{where}: walltime {res.walltime!r} must be a whole number of seconds from 1 to "
+            f"{MAX_WALLTIME} (a year)"
+        )
 
 
 def format_walltime(seconds: int) -> str:
@@ -180,6 +239,8 @@ class Recipe:
     scan_types: tuple[str, ...] = ("*",)
     outputs: tuple[Output, ...] = ()
     version: str = ""
+    # How errors name the command: "[run] command", or "[run] command_file NAME" for a file.
+    command_field: str = "[run] command"
 
     def values(self, overrides: dict[str, str] | None = None) -> dict[str, Any]:
         """Parameter values: defaults, then ``--set`` overrides (checked against their types)."""
@@ -212,6 +273,9 @@ def load_recipe(path: Path, origin: str = "") -> Recipe:
     """Read and validate one recipe file; errors name the file and the field."""
     path = Path(path)
     where = str(path)
+    problem = _file_problem(path)
+    if problem:
+        raise RecipeError(problem)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -227,7 +291,7 @@ def load_recipe(path: Path, origin: str = "") -> Recipe:
     params = _parameters(_table(data, "parameters", where), where)
     run = _table(data, "run", where)
     _unknown(run, RUN_KEYS, f"{where} [run]")
-    command = _command(run, path, where)
+    command, command_field = _command(run, path, where)
     env = _table(data, "environment", where)
     _unknown(env, ENV_KEYS, f"{where} [environment]")
     inputs = _table(data, "inputs", where)
@@ -246,7 +310,9 @@ def load_recipe(path: Path, origin: str = "") -> Recipe:
         scan_types=tuple(_strings(inputs.get("scan_types", ["*"]), f"{where} [inputs] scan_types")),
         outputs=_outputs(data.get("outputs", []), where),
         version=str(data.get("version", "")),
+        command_field=command_field,
     )
+    # Only parsed, never rendered: loading (and so discovering) a recipe runs none of it.
     _check_template(recipe, where)
     return recipe
 
@@ -282,17 +348,11 @@ def _parameters(table: dict[str, Any], where: str) -> dict[str, Parameter]:
 def _resources(table: dict[str, Any], where: str) -> Resources:
     at = f"{where} [resources]"
     _unknown(table, RESOURCE_KEYS, at)
-    for key in ("cpus", "gpus"):
-        value = table.get(key, 1 if key == "cpus" else 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (key == "cpus"):
-            raise RecipeError(
-                f"{at}: {key} must be a whole number" + (" of at least 1" if key == "cpus" else "")
-            )
     for key in ("queue", "account"):
         value = table.get(key, "")
         if value and not (isinstance(value, str) and SAFE_DIRECTIVE.match(value)):
             raise RecipeError(f"{at}: {key} {value!r} may only hold letters, digits and '_.@+-'")
-    return Resources(
+    res = Resources(
         cpus=table.get("cpus", 1),
         memory_mb=parse_memory(table.get("memory", "2GB"), at),
         walltime=parse_walltime(table.get("walltime", "01:00:00"), at),
@@ -300,6 +360,8 @@ def _resources(table: dict[str, Any], where: str) -> Resources:
         account=table.get("account", ""),
         gpus=table.get("gpus", 0),
     )
+    check_resources(res, at)
+    return res
 
 
 def _outputs(items: Any, where: str) -> tuple[Output, ...]:
@@ -328,13 +390,17 @@ def _outputs(items: Any, where: str) -> tuple[Output, ...]:
     return tuple(outs)
 
 
-def _command(run: dict[str, Any], path: Path, where: str) -> str:
+def _command(run: dict[str, Any], path: Path, where: str) -> tuple[str, str]:
+    """The command template and how errors name it."""
     if "command" in run and "command_file" in run:
         raise RecipeError(f"{where} [run]: give command or command_file, not both")
     if "command_file" in run:
         file = path.parent / str(run["command_file"])
+        problem = _file_problem(file)
+        if problem:
+            raise RecipeError(f"{where} [run] command_file: {problem}")
         try:
-            return file.read_text()
+            return file.read_text(), f"[run] command_file {run['command_file']}"
         except OSError as exc:
             raise RecipeError(
                 f"{where} [run] command_file: cannot read {file}: {exc.strerror}"
@@ -342,30 +408,98 @@ def _command(run: dict[str, Any], path: Path, where: str) -> str:
     command = run.get("command")
     if not isinstance(command, str) or not command.strip():
         raise RecipeError(f"{where}: [run] command is missing")
-    return command
+    return command, "[run] command"
+
+
+# Attributes the sandbox refuses, named here too so that discovery reports a recipe that tries
+# them as broken before anyone picks it. The sandbox stays the guard: a name built at render
+# time (``attr('_' ~ '_class__')``) is only caught there.
+_UNSAFE_ATTRIBUTES = frozenset(
+    {"mro"}
+    | jinja2.sandbox.UNSAFE_FUNCTION_ATTRIBUTES
+    | jinja2.sandbox.UNSAFE_METHOD_ATTRIBUTES
+    | jinja2.sandbox.UNSAFE_GENERATOR_ATTRIBUTES
+    | jinja2.sandbox.UNSAFE_COROUTINE_ATTRIBUTES
+    | jinja2.sandbox.UNSAFE_ASYNC_GENERATOR_ATTRIBUTES
+)
+# A replacement field of str.format that walks into an attribute or item named with '_'.
+_UNSAFE_FORMAT = re.compile(r"\{[^{}]*?[.\[]\s*(_\w*)")
+_NOT_CODE = "a recipe may use its variables, filters and tests, not Python's internals"
+
+
+def _unsafe_name(name: Any) -> bool:
+    return isinstance(name, str) and (name.startswith("_") or name in _UNSAFE_ATTRIBUTES)
+
+
+def _in_reading_order(node: jinja2.nodes.Node) -> Iterator[jinja2.nodes.Node]:
+    """Children before their parent: ``a.b.c`` gives ``a.b`` before ``(a.b).c``."""
+    for child in node.iter_child_nodes():
+        yield from _in_reading_order(child)
+    yield node
+
+
+def _unsafe_reach(ast: jinja2.nodes.Template) -> tuple[str, int] | None:
+    """The first attribute the template names that the sandbox would refuse, and its line."""
+    for node in _in_reading_order(ast):
+        name: Any = None
+        if isinstance(node, jinja2.nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const):
+            name = node.arg.value
+        elif isinstance(node, jinja2.nodes.Filter) and node.name == "attr" and node.args:
+            if isinstance(node.args[0], jinja2.nodes.Const):
+                name = node.args[0].value
+        elif (
+            isinstance(node, jinja2.nodes.Call)
+            and isinstance(node.node, jinja2.nodes.Getattr)
+            and node.node.attr in ("format", "format_map")
+            and isinstance(node.node.node, jinja2.nodes.Const)
+            and isinstance(node.node.node.value, str)
+        ):
+            field = _UNSAFE_FORMAT.search(node.node.node.value)
+            name = field.group(1) if field else None
+        if _unsafe_name(name):
+            return name, node.lineno
+    return None
+
+
+def _parse(text: str, where: str) -> jinja2.nodes.Template:
+    """The template's syntax tree, after the checks that need no rendering."""
+    env = command_environment()
+    try:
+        ast = env.parse(text)
+        # Compiling finds unknown filters and tests; it generates code but runs none of it.
+        env.compile(ast)
+    except jinja2.TemplateSyntaxError as exc:
+        raise RecipeError(
+            f"{where}: template error on line {exc.lineno}: {_one_line(exc.message or '')}"
+        ) from None
+    unsafe = _unsafe_reach(ast)
+    if unsafe:
+        raise RecipeError(
+            f"{where}: template tries to reach an unsafe attribute {unsafe[0]!r} on line "
+            f"{unsafe[1]} ({_NOT_CODE})"
+        )
+    return ast
 
 
 def _check_template(recipe: Recipe, where: str) -> None:
-    """Catch unknown variables now, not on the cluster at 3 a.m."""
-    env = command_environment()
-    try:
-        ast = env.parse(recipe.command)
-    except jinja2.TemplateSyntaxError as exc:
-        raise RecipeError(
-            f"{where} [run] command: template error on line {exc.lineno}: {exc.message}"
-        ) from None
+    """Catch unknown variables now, not on the cluster at 3 a.m., without rendering anything."""
+    at = f"{where} {recipe.command_field}"
+    ast = _parse(recipe.command, at)
     unknown = sorted(jinja2.meta.find_undeclared_variables(ast) - COMMAND_VARS)
     if unknown:
         raise RecipeError(
-            f"{where} [run] command: unknown variable {unknown[0]!r} (known: "
+            f"{at}: unknown variable {unknown[0]!r} (known: "
             f"{', '.join(sorted(COMMAND_VARS))}, and params.NAME)"
         )
-    # Check every params.NAME / params['NAME'] in the template, not only those the sample render
-    # reaches: a typo inside {% if params.robust %} (false by default) would otherwise pass here
-    # and fail at render time with `--set robust=true`, as jinja's "'dict object' has no attribute".
+    # Check every params.NAME / params['NAME'] in the template, not only those a sample render
+    # would reach: a typo inside {% if params.robust %} (false by default) would otherwise pass
+    # here and fail at render time with `--set robust=true`, as jinja's "'dict object' has no
+    # attribute". The same for scan.NAME.
     for node in ast.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem)):
         target = getattr(node, "node", None)
-        if not (isinstance(target, jinja2.nodes.Name) and target.name == "params"):
+        if not (isinstance(target, jinja2.nodes.Name) and target.name in ("params", "scan")):
             continue
         if isinstance(node, jinja2.nodes.Getattr):
             if hasattr(dict, node.attr):  # params.items() and friends are the dict's own
@@ -375,15 +509,27 @@ def _check_template(recipe: Recipe, where: str) -> None:
             key = node.arg.value
         else:
             continue
-        if key not in recipe.parameters:
+        if target.name == "scan" and key not in SCAN_KEYS:
+            raise RecipeError(f"{at}: unknown variable scan.{key} (known: {', '.join(SCAN_KEYS)})")
+        if target.name == "params" and key not in recipe.parameters:
             raise RecipeError(
-                f"{where} [run] command: unknown parameter params.{key} "
+                f"{at}: unknown parameter params.{key} "
                 f"(parameters: {', '.join(recipe.parameters) or 'none'})"
             )
-    try:
-        render_command(recipe, recipe.values(), sample_context())
-    except jinja2.UndefinedError as exc:
-        raise RecipeError(f"{where} [run] command: {exc.message}") from None
+    setup = f"{where} [environment] setup"
+    unknown = sorted(jinja2.meta.find_undeclared_variables(_parse(recipe.setup, setup)))
+    if unknown:
+        raise RecipeError(
+            f"{setup}: unknown variable {unknown[0]!r} (setup is the recipe's own shell text; "
+            "it has no variables)"
+        )
+
+
+def check_render(recipe: Recipe) -> None:
+    """Render the recipe (sandboxed) with its defaults and stand-in paths: the errors only a
+    render finds (a type error, a value the sandbox refuses) show before a job is planned."""
+    render_command(recipe, recipe.values(), sample_context())
+    render_setup(recipe)
 
 
 # -- discovery -------------------------------------------------------------------------------
@@ -416,32 +562,228 @@ def _files_in(folder: Path) -> list[Path]:
     return found
 
 
-def discover(extra: list[Path] | None = None, home: Path | None = None) -> dict[str, Recipe]:
-    """Every recipe by name; the first found of a name wins (labs override built-ins)."""
-    recipes: dict[str, Recipe] = {}
+def _open_to_all(path: Path, *, sticky_ok: bool = False) -> int | None:
+    """The mode of ``path`` when every user may write it (else None); ``sticky_ok`` spares a
+    sticky folder such as /tmp, where nobody may rename or delete another user's entries."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    if mode & stat.S_IWOTH and not (sticky_ok and mode & stat.S_ISVTX):
+        return mode
+    return None
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why the recipes of ``folder`` cannot be trusted, as OpenSSH's StrictModes would say it:
+    any user who may write the folder, or replace it through a parent, writes the recipes."""
+    mode = _open_to_all(folder)
+    if mode is not None:
+        return (
+            f"{folder} is writable by every user (mode {mode:04o}); refusing its recipes "
+            f"(run `chmod o-w {shlex.quote(str(folder))}`)"
+        )
+    absolute = Path(os.path.abspath(folder))
+    parents = dict.fromkeys([*absolute.parents, *absolute.resolve().parents])
+    for parent in parents:
+        mode = _open_to_all(parent, sticky_ok=True)
+        if mode is not None:
+            return (
+                f"{parent} is writable by every user (mode {mode:04o}), so anyone may replace "
+                f"{folder}; refusing its recipes (run `chmod o-w {shlex.quote(str(parent))}`)"
+            )
+    return None
+
+
+def _file_problem(file: Path) -> str | None:
+    """Why a recipe's file (the TOML or its command_file) cannot be trusted, or None."""
+    mode = _open_to_all(file)
+    if mode is not None:
+        return (
+            f"{file} is writable by every user (mode {mode:04o}); refusing it "
+            f"(run `chmod o-w {shlex.quote(str(file))}`)"
+        )
+    problem = _folder_problem(file.parent)
+    if problem is None and file.is_symlink():
+        problem = _folder_problem(file.resolve().parent)
+    return problem
+
+
+@dataclass(frozen=True)
+class BrokenRecipe:
+    """A recipe file, or a whole folder, that could not be used, and why (one line)."""
+
+    path: Path
+    origin: str
+    error: str
+    name: str = ""  # the recipe name it holds; "" for a refused folder
+
+
+class Catalog(dict[str, Recipe]):
+    """The usable recipes by name, plus what could not be used (``broken``).
+
+    A broken file still holds its name: a lab's broken ``dcm2niix.toml`` makes ``dcm2niix``
+    an error (``blocked``), never a silent fall-back to the built-in the lab meant to replace.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken: list[BrokenRecipe] = []
+        self.blocked: dict[str, BrokenRecipe] = {}
+
+    def _claim(self, name: str, item: Recipe | BrokenRecipe) -> None:
+        if name in self or name in self.blocked:
+            return
+        if isinstance(item, Recipe):
+            self[name] = item
+        else:
+            self.blocked[name] = item
+
+
+def _name_of(file: Path, readable: bool) -> str:
+    """The name a recipe file claims: its ``name`` key where it can be read, else its path's."""
+    if readable:
+        try:
+            name = tomllib.loads(file.read_text()).get("name")
+        except (OSError, ValueError):  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+            name = None
+        if isinstance(name, str) and NAME.match(name):
+            return name
+    return file.parent.name if file.name == "recipe.toml" else file.stem
+
+
+def discover(extra: list[Path] | None = None, home: Path | None = None) -> Catalog:
+    """Every recipe by name; the first found of a name wins (labs override built-ins).
+
+    Never raises for a bad recipe or folder: it goes to ``broken`` (and holds its name in
+    ``blocked``) and the others stay usable. Templates are parsed here, never rendered.
+    """
+    catalog = Catalog()
     for folder, origin in search_path(extra, home):
-        for file in _files_in(folder):
-            recipe = load_recipe(file, origin)
-            recipes.setdefault(recipe.name, recipe)
-    return recipes
+        files = _files_in(folder)
+        refused = _folder_problem(folder) if files else None
+        if refused:
+            whole = BrokenRecipe(folder, origin, refused)
+            catalog.broken.append(whole)
+            for file in files:  # names from paths only: nothing in the folder is read
+                catalog._claim(_name_of(file, readable=False), whole)
+            continue
+        for file in files:
+            try:
+                recipe = load_recipe(file, origin)
+            except RecipeError as exc:
+                trusted = _file_problem(file) is None
+                broken = BrokenRecipe(file, origin, str(exc), _name_of(file, trusted))
+                catalog.broken.append(broken)
+                catalog._claim(broken.name, broken)
+            else:
+                catalog._claim(recipe.name, recipe)
+    return catalog
+
+
+# Broken recipes already reported by this process: `run` looks its recipe up more than once.
+_reported: set[tuple[str, str]] = set()
+
+
+def _report_broken(broken: list[BrokenRecipe]) -> None:
+    """One warning line (through logging: the CLI shows it on stderr) for new broken recipes."""
+    new = [b for b in broken if (str(b.path), b.error) not in _reported]
+    _reported.update((str(b.path), b.error) for b in new)
+    if len(new) == 1:
+        log.warning("skipped a broken recipe: %s", new[0].error)
+    elif new:
+        paths = ", ".join(str(b.path) for b in new)
+        log.warning(
+            "skipped %d broken recipes (%s); `hpcbridge recipes list` shows why", len(new), paths
+        )
 
 
 def find(name: str, extra: list[Path] | None = None, home: Path | None = None) -> Recipe:
-    """One recipe by name, or by path to its file."""
+    """One recipe by name, or by path to its file, checked by a (sandboxed) sample render.
+
+    Only this recipe is rendered. A broken recipe of this name is the error; once this one is
+    found good, broken recipes of other names are logged as one warning (a failed lookup says
+    only why it failed, in one line).
+    """
     if name.endswith(".toml") or "/" in name:
-        return load_recipe(Path(name), str(Path(name).parent))
+        recipe = load_recipe(Path(name), str(Path(name).parent))
+        check_render(recipe)
+        return recipe
     recipes = discover(extra, home)
+    if name in recipes.blocked:
+        raise RecipeError(recipes.blocked[name].error)
     if name not in recipes:
         raise RecipeError(
             f"no recipe named {name!r}",
             hint=f"known: {', '.join(sorted(recipes)) or 'none'}; see `hpcbridge recipes list`",
         )
-    return recipes[name]
+    recipe = recipes[name]
+    check_render(recipe)
+    _report_broken(recipes.broken)
+    return recipe
 
 
 # -- rendering -------------------------------------------------------------------------------
+# Values a template may build with `*` and `**` (characters, items, bits): far beyond any job
+# script, and far below what would exhaust the memory of a shared login node.
+_MAX_BUILT = 1_000_000
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox: no attribute walks into Python's internals, no calls that
+    change a value; plus a bound on the size of what ``*`` and ``**`` build."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        # Jinja returns an undefined that fails only when used; a chain such as
+        # attr(a)|attr(b) then fails on b as "no attribute", hiding the refusal. Fail at once.
+        raise SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and _whole(times):
+                    if len(seq) * times > _MAX_BUILT:
+                        raise SecurityError(f"it builds a value of more than {_MAX_BUILT} items")
+        elif _whole(left) and _whole(right) and abs(left) > 1:
+            if right * max(left.bit_length(), 1) > _MAX_BUILT:
+                raise SecurityError(f"it builds a number of more than {_MAX_BUILT} bits")
+        return super().call_binop(context, operator, left, right)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _render(env: jinja2.Environment, text: str, where: str, variables: dict[str, Any]) -> str:
+    """``text`` rendered in ``env``; whatever goes wrong is one RecipeError naming ``where``."""
+    try:
+        return env.from_string(text).render(**variables)
+    except SecurityError as exc:
+        match = re.search(r"attribute '([^']*)'", str(exc))
+        what = (
+            f"tries to reach an unsafe attribute {match.group(1)!r} ({_NOT_CODE})"
+            if match
+            else f"refused: {_one_line(str(exc))}"
+        )
+        raise RecipeError(f"{where}: template {what}; nothing was run") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise RecipeError(
+            f"{where}: template error on line {exc.lineno}: {_one_line(exc.message or '')}"
+        ) from None
+    except jinja2.TemplateError as exc:
+        raise RecipeError(f"{where}: {_one_line(exc.message or str(exc))}") from None
+    except Exception as exc:  # a template is the lab's code: its bug is its error, not ours
+        raise RecipeError(
+            f"{where}: template failed: {type(exc).__name__}: {_one_line(str(exc))}"
+        ) from None
+
+
 def command_environment() -> jinja2.Environment:
-    env = jinja2.Environment(
+    env = _Sandbox(
         undefined=jinja2.StrictUndefined,
         finalize=shell_quote,
         trim_blocks=True,
@@ -452,6 +794,12 @@ def command_environment() -> jinja2.Environment:
     env.filters["raw"] = lambda value: Raw(value)
     env.filters["q"] = lambda value: Raw(shell_quote(value))
     return env
+
+
+def setup_environment() -> jinja2.Environment:
+    """``[environment] setup`` is the recipe's own shell text: Jinja's default options (no
+    quoting), but sandboxed like every other template a recipe controls."""
+    return _Sandbox(undefined=jinja2.StrictUndefined)
 
 
 def sample_context() -> dict[str, Any]:
@@ -489,8 +837,11 @@ def uses_scan_variables(recipe: Recipe) -> bool:
     return "scan" in jinja2.meta.find_undeclared_variables(parsed)
 
 
+def render_setup(recipe: Recipe) -> str:
+    return _render(setup_environment(), recipe.setup, f"{recipe.source} [environment] setup", {})
+
+
 def render_command(recipe: Recipe, values: dict[str, Any], context: dict[str, Any]) -> str:
-    env = command_environment()
     res = recipe.resources
     variables = dict(
         context,
@@ -500,7 +851,8 @@ def render_command(recipe: Recipe, values: dict[str, Any], context: dict[str, An
         walltime=format_walltime(res.walltime),
         gpus=res.gpus,
     )
-    return env.from_string(recipe.command).render(**variables)
+    where = f"{recipe.source} {recipe.command_field}"
+    return _render(command_environment(), recipe.command, where, variables)
 
 
 @dataclass(frozen=True)
@@ -577,6 +929,9 @@ def render_script(
     if mail and not re.fullmatch(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+", mail):
         raise RecipeError(f"mail address {mail!r} is not valid")
     res = recipe.resources
+    # Resources may not come from a file (a Recipe built in code, a replaced value): check them
+    # here too, where they become directives.
+    check_resources(res, f"recipe {recipe.name} [resources]")
     job = JobSpec(
         name=job_name(name or recipe.name),
         cpus=res.cpus,
@@ -590,13 +945,13 @@ def render_script(
         mail=mail or "",
     )
     command = render_command(recipe, values, context)
-    setup = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(recipe.setup)
+    setup = render_setup(recipe)
     raw_job = {k: Raw(str(v)) if isinstance(v, str) else v for k, v in job.__dict__.items()}
     template = scheduler_environment().get_template(f"{scheduler}.sh.j2")
     return template.render(
         job=raw_job,
         command=Raw(command),
-        setup=Raw(setup.render()),
+        setup=Raw(setup),
         modules=recipe.modules,
         recipe_name=recipe.name,
         **context,

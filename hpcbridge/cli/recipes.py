@@ -90,6 +90,9 @@ def _set_values(pairs: tuple[str, ...]) -> dict[str, str]:
 def recipes_list(ctx: click.Context, recipe_dirs: tuple[Path, ...]) -> None:
     """The recipes found, and where each came from (a lab's overrides a built-in).
 
+    Recipes that cannot be used (invalid, unsafe, or in a folder every user may write) are
+    listed after the others with the reason; they never hide the good ones.
+
     \b
     Examples:
       hpcbridge recipes list
@@ -99,14 +102,34 @@ def recipes_list(ctx: click.Context, recipe_dirs: tuple[Path, ...]) -> None:
 
     settings = settings_of(ctx)
     found = discover(list(recipe_dirs), settings.home)
-    rows = [
-        {"name": r.name, "description": r.description, "origin": r.origin, "file": str(r.source)}
+    rows: list[dict[str, Any]] = [
+        {
+            "name": r.name,
+            "description": r.description,
+            "origin": r.origin,
+            "file": str(r.source),
+            "error": None,
+        }
         for r in sorted(found.values(), key=lambda r: r.name)
     ]
+    broken = [
+        {
+            "name": b.name or None,
+            "description": "",
+            "origin": b.origin,
+            "file": str(b.path),
+            "error": b.error,
+        }
+        for b in found.broken
+    ]
     if settings.json:
-        emit_json(rows)
+        emit_json(rows + broken)
         return
     emit_table(rows, [("name", "NAME"), ("origin", "FROM"), ("description", "DESCRIPTION")])
+    if broken:
+        click.echo(f"\nbroken, not used ({len(broken)}):")
+        for row in broken:
+            click.echo(f"  {row['error']}")
 
 
 @recipes_group.command("show")
