@@ -280,6 +280,10 @@ def load_recipe(path: Path, origin: str = "") -> Recipe:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{where}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{where}: not valid TOML: not UTF-8 text") from None
+    except RecursionError:  # tomllib recurses into nested arrays and tables
+        raise RecipeError(f"{where}: not valid TOML: nested too deeply") from None
     except OSError as exc:
         raise RecipeError(f"{where}: cannot read: {exc.strerror}") from None
     _unknown(data, TOP_KEYS, where)
@@ -337,6 +341,8 @@ def _parameters(table: dict[str, Any], where: str) -> dict[str, Parameter]:
             raise RecipeError(f"{at}: type {kind!r} is not one of {', '.join(PARAM_TYPES)}")
         if "default" not in spec:
             raise RecipeError(f"{at}: a default is needed")
+        if not isinstance(spec.get("choices", []), list):
+            raise RecipeError(f"{at}: choices must be a list")
         param = Parameter(
             name, kind, None, str(spec.get("help", "")), tuple(spec.get("choices", ()))
         )
@@ -405,6 +411,10 @@ def _command(run: dict[str, Any], path: Path, where: str) -> tuple[str, str]:
             raise RecipeError(
                 f"{where} [run] command_file: cannot read {file}: {exc.strerror}"
             ) from None
+        except ValueError as exc:  # not UTF-8, or a NUL in the name
+            raise RecipeError(
+                f"{where} [run] command_file: cannot read {str(file)!r}: {_one_line(str(exc))}"
+            ) from None
     command = run.get("command")
     if not isinstance(command, str) or not command.strip():
         raise RecipeError(f"{where}: [run] command is missing")
@@ -412,8 +422,8 @@ def _command(run: dict[str, Any], path: Path, where: str) -> tuple[str, str]:
 
 
 # Attributes the sandbox refuses, named here too so that discovery reports a recipe that tries
-# them as broken before anyone picks it. The sandbox stays the guard: a name built at render
-# time (``attr('_' ~ '_class__')``) is only caught there.
+# them as broken before anyone picks it. The sandbox stays the guard: a name known only at
+# render time (``attr(params.name)``) is only caught there.
 _UNSAFE_ATTRIBUTES = frozenset(
     {"mro"}
     | jinja2.sandbox.UNSAFE_FUNCTION_ATTRIBUTES
@@ -470,11 +480,13 @@ def _parse(text: str, where: str) -> jinja2.nodes.Template:
         ast = env.parse(text)
         # Compiling finds unknown filters and tests; it generates code but runs none of it.
         env.compile(ast)
+        unsafe = _unsafe_reach(ast)
     except jinja2.TemplateSyntaxError as exc:
         raise RecipeError(
             f"{where}: template error on line {exc.lineno}: {_one_line(exc.message or '')}"
         ) from None
-    unsafe = _unsafe_reach(ast)
+    except RecursionError:  # parsing, compiling and the walk above recurse into nesting
+        raise RecipeError(f"{where}: template error: nested too deeply") from None
     if unsafe:
         raise RecipeError(
             f"{where}: template tries to reach an unsafe attribute {unsafe[0]!r} on line "
@@ -567,7 +579,7 @@ def _open_to_all(path: Path, *, sticky_ok: bool = False) -> int | None:
     sticky folder such as /tmp, where nobody may rename or delete another user's entries."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in a command_file name
         return None
     if mode & stat.S_IWOTH and not (sticky_ok and mode & stat.S_ISVTX):
         return mode
@@ -577,6 +589,8 @@ def _open_to_all(path: Path, *, sticky_ok: bool = False) -> int | None:
 def _folder_problem(folder: Path) -> str | None:
     """Why the recipes of ``folder`` cannot be trusted, as OpenSSH's StrictModes would say it:
     any user who may write the folder, or replace it through a parent, writes the recipes."""
+    if not folder.name:  # "." (a recipe named by a bare file name) says nothing in a message
+        folder = Path(os.path.abspath(folder))
     mode = _open_to_all(folder)
     if mode is not None:
         return (
@@ -645,7 +659,7 @@ def _name_of(file: Path, readable: bool) -> str:
     if readable:
         try:
             name = tomllib.loads(file.read_text()).get("name")
-        except (OSError, ValueError):  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        except (OSError, ValueError, RecursionError):  # ValueError: TOML and UTF-8 errors
             name = None
         if isinstance(name, str) and NAME.match(name):
             return name
@@ -671,9 +685,14 @@ def discover(extra: list[Path] | None = None, home: Path | None = None) -> Catal
         for file in files:
             try:
                 recipe = load_recipe(file, origin)
-            except RecipeError as exc:
+            except Exception as exc:  # one lab's file must never stop every lookup
+                error = (
+                    str(exc)
+                    if isinstance(exc, RecipeError)
+                    else f"{file}: cannot be loaded: {type(exc).__name__}: {_one_line(str(exc))}"
+                )
                 trusted = _file_problem(file) is None
-                broken = BrokenRecipe(file, origin, str(exc), _name_of(file, trusted))
+                broken = BrokenRecipe(file, origin, error, _name_of(file, trusted))
                 catalog.broken.append(broken)
                 catalog._claim(broken.name, broken)
             else:

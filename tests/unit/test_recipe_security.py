@@ -329,6 +329,40 @@ def test_broken_recipes_are_kept_apart_and_reported_once(
     assert err.value.message == f"{no_command}: [run] command is missing"
 
 
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ("a = " + "[" * 50000 + "]" * 50000, "{path}: not valid TOML: nested too deeply"),
+        (
+            '[run]\ncommand = "{{ ' + "(" * 50000 + "1" + ")" * 50000 + ' }}"\n',
+            "{path} [run] command: template error: nested too deeply",
+        ),
+        (b"[run]\ncommand = '\xff\xfe'\n", "{path}: not valid TOML: not UTF-8 text"),
+        (
+            '[parameters.x]\ndefault = 1\nchoices = 5\n[run]\ncommand = "echo"\n',
+            "{path} [parameters.x]: choices must be a list",
+        ),
+        (
+            '[run]\ncommand_file = "a\\u0000b"\n',
+            "{path} [run] command_file: cannot read '{lab}/a\\x00b': embedded null byte",
+        ),
+    ],
+    ids=["deep TOML", "deep template", "not UTF-8", "choices", "NUL in command_file"],
+)
+def test_files_that_crashed_the_loader_are_broken_recipes(
+    lab: Path, content: str | bytes, error: str
+) -> None:
+    path = lab / "odd.toml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    (lab / "good.toml").write_text(GOOD)
+    found = recipes.discover([lab])
+    assert "good" in found
+    assert [(b.name, b.error) for b in found.broken] == [("odd", error.format(path=path, lab=lab))]
+
+
 def test_a_broken_lab_override_is_an_error_not_the_builtin(lab: Path) -> None:
     path = lab / "dcm2niix.toml"
     path.write_text('name = "dcm2niix"\n[run]\ncommand = "dcm2niix {{ inputdir }}"\n')
