@@ -586,6 +586,14 @@ def _open_to_all(path: Path, *, sticky_ok: bool = False) -> int | None:
     return None
 
 
+def _real(path: Path) -> Path:
+    """``path`` with its links resolved, as far as they resolve."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a link loop, before Python 3.13
+        return Path(os.path.abspath(path))
+
+
 def _folder_problem(folder: Path) -> str | None:
     """Why the recipes of ``folder`` cannot be trusted, as OpenSSH's StrictModes would say it:
     any user who may write the folder, or replace it through a parent, writes the recipes."""
@@ -598,7 +606,7 @@ def _folder_problem(folder: Path) -> str | None:
             f"(run `chmod o-w {shlex.quote(str(folder))}`)"
         )
     absolute = Path(os.path.abspath(folder))
-    parents = dict.fromkeys([*absolute.parents, *absolute.resolve().parents])
+    parents = dict.fromkeys([*absolute.parents, *_real(absolute).parents])
     for parent in parents:
         mode = _open_to_all(parent, sticky_ok=True)
         if mode is not None:
@@ -619,7 +627,7 @@ def _file_problem(file: Path) -> str | None:
         )
     problem = _folder_problem(file.parent)
     if problem is None and file.is_symlink():
-        problem = _folder_problem(file.resolve().parent)
+        problem = _folder_problem(_real(file).parent)
     return problem
 
 

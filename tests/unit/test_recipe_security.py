@@ -363,6 +363,16 @@ def test_files_that_crashed_the_loader_are_broken_recipes(
     assert [(b.name, b.error) for b in found.broken] == [("odd", error.format(path=path, lab=lab))]
 
 
+def test_a_link_loop_is_a_broken_recipe(lab: Path) -> None:
+    (lab / "loop.toml").symlink_to(lab / "loop.toml")
+    (lab / "good.toml").write_text(GOOD)
+    found = recipes.discover([lab])
+    assert "good" in found
+    assert [(b.name, b.error.split(": ")[0]) for b in found.broken] == [
+        ("loop", str(lab / "loop.toml"))
+    ]
+
+
 def test_a_broken_lab_override_is_an_error_not_the_builtin(lab: Path) -> None:
     path = lab / "dcm2niix.toml"
     path.write_text('name = "dcm2niix"\n[run]\ncommand = "dcm2niix {{ inputdir }}"\n')
