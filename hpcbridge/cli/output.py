@@ -40,6 +40,18 @@ def echo(text: object = "", *, err: bool = False, nl: bool = True, multiline: bo
     click.echo(printable(text, multiline=multiline), err=err, nl=nl)
 
 
+def emit_document(text: str) -> None:
+    """A whole file (a rendered job script) on stdout.
+
+    On a terminal it is shown escaped like any other text; redirected to a file or a pipe it is
+    the file itself, byte for byte, as ``-o FILE`` would write it.
+    """
+    if sys.stdout.isatty():
+        echo(text, nl=False, multiline=True)
+    else:
+        click.echo(text, nl=False)
+
+
 def warn(message: object) -> None:
     """``hpcbridge: warning: ...`` on stderr."""
     echo(f"hpcbridge: warning: {printable(message)}", err=True)

@@ -9,6 +9,7 @@ import click
 
 from ..errors import RecipeError
 from .app import emit_json, emit_table, main, settings_of
+from .output import echo, emit_document, warn
 
 recipes_option = click.option(
     "--recipes",
@@ -127,9 +128,9 @@ def recipes_list(ctx: click.Context, recipe_dirs: tuple[Path, ...]) -> None:
         return
     emit_table(rows, [("name", "NAME"), ("origin", "FROM"), ("description", "DESCRIPTION")])
     if broken:
-        click.echo(f"\nbroken, not used ({len(broken)}):")
+        echo(f"\nbroken, not used ({len(broken)}):", multiline=True)
         for row in broken:
-            click.echo(f"  {row['error']}")
+            echo(f"  {row['error']}")
 
 
 @recipes_group.command("show")
@@ -173,28 +174,28 @@ def recipes_show(ctx: click.Context, name: str, recipe_dirs: tuple[Path, ...]) -
     if settings.json:
         emit_json(info)
         return
-    click.echo(f"{recipe.name}: {recipe.description}\n  from {recipe.origin} ({recipe.source})")
-    click.echo("\nparameters:")
+    echo(f"{recipe.name}: {recipe.description}")
+    echo(f"  from {recipe.origin} ({recipe.source})")
+    echo("\nparameters:", multiline=True)
     for p in recipe.parameters.values():
-        click.echo(f"  {p.name} ({p.type}, default {p.default!r})  {p.help}")
-    click.echo(
-        f"\nresources: {res.cpus} cpu, {res.memory_mb} MB, walltime "
+        echo(f"  {p.name} ({p.type}, default {p.default!r})  {p.help}")
+    echo()
+    echo(
+        f"resources: {res.cpus} cpu, {res.memory_mb} MB, walltime "
         f"{format_walltime(res.walltime)}"
         + (f", queue {res.queue}" if res.queue else "")
         + (f", account {res.account}" if res.account else "")
         + (f", {res.gpus} gpu" if res.gpus else "")
     )
     if recipe.modules:
-        click.echo(f"modules: {', '.join(recipe.modules)}")
-    click.echo(
-        f"inputs: resource {recipe.input_resource}, scan types {', '.join(recipe.scan_types)}"
-    )
+        echo(f"modules: {', '.join(recipe.modules)}")
+    echo(f"inputs: resource {recipe.input_resource}, scan types {', '.join(recipe.scan_types)}")
     for o in recipe.outputs:
-        click.echo(
+        echo(
             f"output: {o.glob} -> resource {o.resource}"
             + (f" ({o.format}/{o.content})" if o.format else "")
         )
-    click.echo("\ncommand:\n" + recipe.command.rstrip())
+    echo("\ncommand:\n" + recipe.command.rstrip(), multiline=True)
 
 
 @recipes_group.command("new")
@@ -224,7 +225,7 @@ def recipes_new(ctx: click.Context, name: str, folder: Path | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     target.write_text(SCAFFOLD.format(name=name))
     load_recipe(target)
-    click.echo(f"wrote {target}; edit it, then: hpcbridge recipes show {name} --recipes {folder}")
+    echo(f"wrote {target}; edit it, then: hpcbridge recipes show {name} --recipes {folder}")
 
 
 @main.command("render")
@@ -304,10 +305,9 @@ def render_command(
     found = find(recipe, list(recipe_dirs), settings.home)
     scan = _scan_variables(settings, scan_address) if scan_address else None
     if scan is None and uses_scan_variables(found):
-        click.echo(
-            f"hpcbridge: warning: recipe {found.name} uses scan.* variables; without --scan "
-            "they hold placeholders (P, S, E, 1, T1)",
-            err=True,
+        warn(
+            f"recipe {found.name} uses scan.* variables; without --scan "
+            "they hold placeholders (P, S, E, 1, T1)"
         )
     script = render_script(
         found,
@@ -324,13 +324,13 @@ def render_command(
         mail=mail,
     )
     if out_file is None:
-        click.echo(script, nl=False)
+        emit_document(script)
         return
     tmp = out_file.with_name(f".{out_file.name}.part")
     tmp.write_text(script)
     tmp.chmod(0o755)
     tmp.replace(out_file)
-    click.echo(f"wrote {out_file}", err=True)
+    echo(f"wrote {out_file}", err=True)
 
 
 def _scan_variables(settings: Any, text: str) -> dict[str, str]:

@@ -107,13 +107,6 @@ def test_tracebacks_in_log_records_keep_their_lines() -> None:
     assert text.count("\n") >= 3  # "failed", "Traceback...", a frame, the error
 
 
-# Modules of other areas that still print with click.echo. Most of what they print is local
-# (settings, recipe files, paths), but `login`/`whoami` show the user name XNAT returns and
-# `render --scan` prints scan.* values from XNAT inside the script: switch those calls to
-# output.echo (multiline=True for the script), then remove the module's name here.
-NOT_YET_THROUGH_OUTPUT = {"recipes.py"}
-
-
 def _direct_writes(tree: ast.AST) -> list[str]:
     found = []
     for node in ast.walk(tree):
@@ -132,7 +125,7 @@ def test_commands_print_only_through_the_output_module() -> None:
     cli = Path(hpcbridge.cli.__file__).parent
     offenders = {}
     for path in sorted(cli.glob("*.py")):
-        if path.name in {"output.py", *NOT_YET_THROUGH_OUTPUT}:
+        if path.name in {"output.py"}:
             continue
         found = _direct_writes(ast.parse(path.read_text(), str(path)))
         if found:
@@ -142,3 +135,19 @@ def test_commands_print_only_through_the_output_module() -> None:
         "line 2: click.echo",
         "line 3: print",
     ]
+
+
+def test_a_rendered_script_is_escaped_on_a_terminal_and_exact_when_redirected(
+    monkeypatch, capsys
+) -> None:
+    from hpcbridge.cli import output
+
+    script = "#!/bin/bash\ndcm2niix -f 'T1\x1b]0;pwned\x07\u202e' in\n"
+    monkeypatch.setattr(output.sys.stdout, "isatty", lambda: True, raising=False)
+    output.emit_document(script)
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\u202e" not in shown
+    assert "T1\\x1b]0;pwned\\x07\\u202e" in shown and shown.count("\n") == 2
+    monkeypatch.setattr(output.sys.stdout, "isatty", lambda: False, raising=False)
+    output.emit_document(script)
+    assert capsys.readouterr().out == script
