@@ -373,7 +373,7 @@ def test_a_bad_scheduler_setting_is_a_config_error(command: list[str]) -> None:
 
 def test_a_bad_local_max_jobs_is_a_config_error() -> None:
     line = one_line_error(run("jobs", env={"HPCBRIDGE_LOCAL_MAX_JOBS": "0"}), 2)
-    assert "local_max_jobs must be a positive whole number" in line
+    assert "local_max_jobs must be a whole number from 1 to 1024, not '0'" in line
 
 
 def test_a_host_with_the_local_scheduler_is_refused(
