@@ -64,9 +64,9 @@ def upload_outputs(
     converter version, the resource and its files are added per resource. Existing files are
     replaced: a re-run replaces the outputs of an earlier attempt, the ledger decides what is done.
 
-    The job wrote ``out``, so nothing in it is trusted to be what it seems: an output that is a
-    symbolic link (or lies behind one, or is ``out`` itself, or any folder between ``root`` and
-    it), a FIFO, socket or device, or one of hpcbridge's secret files (those of ``home``, by
+    The job wrote ``out``, so nothing in it is trusted to be what it seems: a symbolic link
+    anywhere in it (matched by an output pattern or not; or ``out`` itself, or any folder
+    between ``root`` and it), a FIFO, socket or device, or one of hpcbridge's secret files (those of ``home``, by
     default this process's) is refused with a StageError naming it, and then nothing of the scan
     is uploaded: every output of every resource is checked before the first request that
     changes anything.
@@ -74,6 +74,7 @@ def upload_outputs(
     secrets = secret_ids(home, near=[out])
     fd = open_folder(out, below=root, scope=SCAN)
     try:
+        _refuse_links_and_specials(fd, out)
         _safe_output_names(fd)
         by_resource: dict[str, list[LocalFile]] = {}
         for output in outputs:
@@ -198,6 +199,35 @@ def _match_in(
             continue
         if whole:
             found.append(f"{prefix}{name}")
+
+
+def _refuse_links_and_specials(fd: int, folder: Path) -> None:
+    """Refuse the scan if anything in its output folder is a link, FIFO, socket or device,
+    whether or not a recipe's pattern matches it: such a thing in a job's outputs is either a
+    tool linking its inputs (which XNAT has already) or an attempt to make us read elsewhere,
+    and a scan's outputs are uploaded whole or not at all."""
+    for name in sorted(os.listdir(fd)):
+        try:
+            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            continue
+        path = folder / name
+        if stat.S_ISLNK(mode):
+            try:
+                target: str | None = os.readlink(name, dir_fd=fd)
+            except OSError:
+                target = None
+            raise link_refusal(path, target, SCAN)
+        if stat.S_ISDIR(mode):
+            sub = open_subfolder(fd, name, path, SCAN)
+            try:
+                _refuse_links_and_specials(sub, path)
+            finally:
+                os.close(sub)
+            continue
+        what = kind_of(mode)
+        if what is not None:
+            raise refusal(path, what, SCAN)
 
 
 def _leads_to_folder(fd: int, name: str) -> bool:

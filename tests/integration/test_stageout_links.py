@@ -340,6 +340,13 @@ RUN_CASES = {
     ),
     "hard link": ("ln {home}/credentials.json {out}/stolen.txt", "stolen.txt", "same"),
     "FIFO": ("mkfifo {out}/stolen.txt", "stolen.txt", "a named pipe (FIFO)"),
+    # Not matched by the recipe's *.txt: still a link among the scan's outputs.
+    "link no pattern matches": ("ln -s {home} {out}/state.dat", "state.dat", None),
+    "FIFO in a sub-folder": (
+        "mkdir {out}/sub && mkfifo {out}/sub/pipe",
+        "sub/pipe",
+        "a named pipe (FIFO)",
+    ),
     "output folder a link": ("rm -r {out} && ln -s {home} {out}", "", None),
 }
 
