@@ -127,7 +127,9 @@ class PrintableFormatter(logging.Formatter):
     lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        return printable(super().formatMessage(record))
+        # "hpcbridge: warning: ..." as warn() prints it, whichever of the two a warning took
+        shown = logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()})
+        return printable(super().formatMessage(shown))
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
         return printable(super().formatException(ei), multiline=True)

@@ -65,7 +65,7 @@ def _one_error(result: Result) -> str:
 
 def _warning(lab: Path) -> str:
     return (
-        f"hpcbridge: WARNING: skipped 2 broken recipes ({lab / 'evil.toml'}, "
+        f"hpcbridge: warning: skipped 2 broken recipes ({lab / 'evil.toml'}, "
         f"{lab / 'setup.toml'}); `hpcbridge recipes list` shows why\n"
     )
 
@@ -139,7 +139,7 @@ def test_a_folder_every_user_may_write(lab: Path) -> None:
         assert _one_error(run("render", "dcm2niix", "--recipes", str(lab), *IO)) == error
         other = run("render", "fsl-bet", "--recipes", str(lab), *IO)
         assert other.exit_code == 0
-        assert other.stderr == f"hpcbridge: WARNING: skipped a broken recipe: {error}\n"
+        assert other.stderr == f"hpcbridge: warning: skipped a broken recipe: {error}\n"
     finally:
         lab.chmod(0o755)
 
@@ -179,4 +179,4 @@ def test_dry_run_of_a_hostile_recipe_fails_and_runs_nothing(
     assert good.exit_code == 0, good.output
     assert "echo " in good.stdout and "/seen" in good.stdout
     assert good.stderr.startswith(_warning(lab))
-    assert good.stderr.count("WARNING") == 1
+    assert good.stderr.count("hpcbridge: warning:") == 1

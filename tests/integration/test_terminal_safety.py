@@ -244,7 +244,7 @@ def test_verbose_log_lines_show_file_names_escaped(env: SandboxServer, tmp_path:
     result = run("-vv", "stage-out", f"{SESSION}/5", "--spec", str(spec), str(out))
     assert result.exit_code == 0, result.output
     assert_safe(result.stdout, result.stderr)
-    assert f"hpcbridge: INFO: renaming output {shown('out')}.txt to " in result.stderr
+    assert f"hpcbridge: info: renaming output {shown('out')}.txt to " in result.stderr
 
 
 def test_job_log_tails_in_jobs_and_status_are_escaped(

@@ -92,7 +92,7 @@ def test_log_records_are_escaped_and_stay_one_line() -> None:
     record = logging.LogRecord(
         "hpcbridge.x", logging.WARNING, __file__, 1, "renaming %s\n%s", ("\x1b]0;t\x07", "x"), None
     )
-    assert formatter.format(record) == "hpcbridge: WARNING: renaming \\x1b]0;t\\x07\\nx"
+    assert formatter.format(record) == "hpcbridge: warning: renaming \\x1b]0;t\\x07\\nx"
 
 
 def test_tracebacks_in_log_records_keep_their_lines() -> None:
