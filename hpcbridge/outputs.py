@@ -66,10 +66,10 @@ def upload_outputs(
 
     The job wrote ``out``, so nothing in it is trusted to be what it seems: a symbolic link
     anywhere in it (matched by an output pattern or not; or ``out`` itself, or any folder
-    between ``root`` and it), a FIFO, socket or device, or one of hpcbridge's secret files (those of ``home``, by
-    default this process's) is refused with a StageError naming it, and then nothing of the scan
-    is uploaded: every output of every resource is checked before the first request that
-    changes anything.
+    between ``root`` and it), a FIFO, socket or device, or one of hpcbridge's secret files
+    (those of ``home``, by default this process's) is refused with a StageError naming it, and
+    then nothing of the scan is uploaded: every output of every resource is checked before the
+    first request that changes anything.
     """
     secrets = secret_ids(home, near=[out])
     fd = open_folder(out, below=root, scope=SCAN)
