@@ -288,6 +288,23 @@ CREDENTIALS_IN_URL_HINT = (
 )
 
 
+def ssh_destination(value: Any) -> str:
+    """An SSH destination as settings accept it: ``[user@]host[:port]``, a Host alias or
+    ``ssh://[user@]host[:port]``, never with a password (hpcbridge logs in with keys only, and
+    a password in the config would be printed by ``config show`` and quoted by errors)."""
+    text = str(value).strip()
+    if not text:
+        raise ValueError(text)
+    user = text.partition("://")[2] if "://" in text else text
+    if "@" in user and ":" in user.rpartition("@")[0]:
+        raise Unfit(
+            f"the SSH destination {redact_url(text)} contains a password",
+            hint="hpcbridge logs in with SSH keys (the agent or IdentityFile) only: "
+            "give the host as [user@]host[:port]",
+        )
+    return text
+
+
 def xnat_url(value: Any) -> str:
     """An XNAT server as settings accept it: http(s)://host[:port][/path], or ``sandbox``.
 
@@ -358,6 +375,7 @@ _URL_WANTED = "a URL such as https://xnat.example.org (or sandbox)"
 
 _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "xnat": (xnat_url, _URL_WANTED),
+    "host": (ssh_destination, "an SSH destination such as alice@login.example.org"),
     "timeout": (_seconds, f"a number of seconds above 0 and at most {MAX_SECONDS}"),
     "verify_tls": (_to_bool, "true or false"),
     "allow_insecure_http": (_to_bool, "true or false"),

@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import paramiko
 
+from .config import redact_url
 from .errors import ConfigError, HostKeyError, SshAuthError, SshConnectionError, TransportError
 from .transport import READ_LIMIT, Result, Transport, remote_path
 
@@ -106,6 +107,13 @@ class _Dropped(Exception):
         self.sent = sent
 
 
+def _shown(destination: str) -> str:
+    """A destination as an error may quote it: a password in it (which settings refuse, but a
+    destination may come from elsewhere) masked with the user part."""
+    rest = destination.partition("://")[2] or destination
+    return redact_url(destination) if ":" in rest.rpartition("@")[0] else destination
+
+
 def _split_destination(text: str) -> tuple[str | None, str, int | None]:
     """``[user@]host[:port]`` or ``ssh://[user@]host[:port]`` as (user, host, port)."""
     raw = text.strip()
@@ -115,12 +123,12 @@ def _split_destination(text: str) -> tuple[str | None, str, int | None]:
         parts = urlsplit(raw)
         if parts.path not in ("", "/") or parts.query or parts.fragment or parts.password:
             raise ConfigError(
-                f"invalid SSH destination {text!r}: expected ssh://[user@]host[:port]"
+                f"invalid SSH destination {_shown(text)!r}: expected ssh://[user@]host[:port]"
             )
         try:
             port = parts.port
         except ValueError:
-            raise ConfigError(f"invalid SSH destination {text!r}: bad port") from None
+            raise ConfigError(f"invalid SSH destination {_shown(text)!r}: bad port") from None
         user = unquote(parts.username) if parts.username else None
         host = parts.hostname or ""
     else:
@@ -131,7 +139,7 @@ def _split_destination(text: str) -> tuple[str | None, str, int | None]:
             close = rest.find("]")
             tail = rest[close + 1 :] if close > 0 else "?"
             if close < 0 or (tail and not tail.startswith(":")):
-                raise ConfigError(f"invalid SSH destination {text!r}")
+                raise ConfigError(f"invalid SSH destination {_shown(text)!r}")
             host = rest[1:close]
             port_text = tail[1:] if tail else None
         elif rest.count(":") == 1:
@@ -140,7 +148,7 @@ def _split_destination(text: str) -> tuple[str | None, str, int | None]:
             port_text = None  # a bare IPv6 address has several colons and no port
         if port_text is not None:
             if not port_text.isdigit():
-                raise ConfigError(f"invalid SSH destination {text!r}: bad port")
+                raise ConfigError(f"invalid SSH destination {_shown(text)!r}: bad port")
             port = int(port_text)
     if (
         not host
@@ -148,9 +156,11 @@ def _split_destination(text: str) -> tuple[str | None, str, int | None]:
         or any(c.isspace() or c in "/@" for c in host)
         or (user is not None and (not user or any(c.isspace() for c in user)))
     ):
-        raise ConfigError(f"invalid SSH destination {text!r}: expected [user@]host or ssh://...")
+        raise ConfigError(
+            f"invalid SSH destination {_shown(text)!r}: expected [user@]host or ssh://..."
+        )
     if port is not None and not 0 < port < 65536:
-        raise ConfigError(f"invalid SSH destination {text!r}: port out of range")
+        raise ConfigError(f"invalid SSH destination {_shown(text)!r}: port out of range")
     return user, host, port
 
 

@@ -394,3 +394,41 @@ def test_plain_http_is_refused_by_login_and_config_init(tmp_path: Path, url: str
     assert "allow_insecure_http = true" in (tmp_path / "c.toml").read_text()
     shown = _cli("config", "show", env=env)
     assert shown.exit_code == 0 and url in shown.stdout
+
+
+# -- SSH destinations: keys only, so a password in one is refused unquoted ---------------------
+
+SSH_WITH_PASSWORD = [
+    f"ssh://alice:{SECRET}@login.example.org",
+    f"ssh://alice:{SECRET}@login.example.org:2222",
+    f"alice:{SECRET}@login.example.org",
+    f"alice:{SECRET}@[::1]:22",
+    f"ssh://alice:{SECRET}/x@login.example.org",
+]
+
+
+@pytest.mark.parametrize("host", SSH_WITH_PASSWORD)
+def test_a_password_in_the_ssh_destination_is_refused_without_quoting_it(
+    tmp_path: Path, host: str
+) -> None:
+    text = _refused(tmp_path, {"HPCBRIDGE_HOST": host})
+    assert SECRET not in text
+    assert text.startswith("environment HPCBRIDGE_HOST: the SSH destination ")
+    assert "contains a password" in text
+    text = _refused(tmp_path, toml=f'[profiles.lab]\nhost = "{host}"\n')
+    assert SECRET not in text and "[profiles.lab]" in text
+
+
+@pytest.mark.parametrize(
+    "host", ["login.example.org", "alice@login.example.org:22", "ssh://alice@h:2222", "[::1]:22"]
+)
+def test_ssh_destinations_without_a_password_still_load(tmp_path: Path, host: str) -> None:
+    assert _load(tmp_path, {"HPCBRIDGE_HOST": host}).host == host
+
+
+def test_config_show_never_prints_an_ssh_password() -> None:
+    result = _cli(
+        "--profile", "sandbox", "config", "show", env={"HPCBRIDGE_HOST": SSH_WITH_PASSWORD[0]}
+    )
+    assert result.exit_code == 2
+    assert SECRET not in result.output
