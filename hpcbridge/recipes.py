@@ -197,8 +197,11 @@ class Parameter:
                 raise ValueError(value)
             else:
                 out = value
-        except ValueError:
+        except (ValueError, OverflowError):
             raise RecipeError(f"{where}: {value!r} is not a {self.type}") from None
+        if kind is float and not math.isfinite(out):
+            # nan and inf parse as floats (TOML has them too) but no tool means them
+            raise RecipeError(f"{where}: {value!r} is not a finite number")
         if self.choices and out not in self.choices:
             raise RecipeError(
                 f"{where}: {value!r} is not one of {', '.join(map(str, self.choices))}"

@@ -617,3 +617,35 @@ def test_render_checks_resources_that_did_not_come_from_a_file(
         with pytest.raises(RecipeError) as err:
             recipes.render_script(changed, scheduler, values={}, **PATHS)
         assert err.value.message == f"recipe good [resources]: {error}"
+
+
+# -- parameters: a float no tool means is refused ------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "1e999", "-1e400"])
+def test_a_float_parameter_refuses_nan_and_inf_from_set(lab: Path, text: str) -> None:
+    (lab / "fp.toml").write_text(
+        '[parameters.frac]\ntype = "float"\ndefault = 0.5\n'
+        '[run]\ncommand = "bet -f {{ params.frac }}"\n'
+    )
+    recipe = recipes.find("fp", [lab])
+    with pytest.raises(RecipeError, match=rf"--set frac: '{text}' is not a finite number"):
+        recipe.values({"frac": text})
+    assert recipe.values({"frac": "0.25"})["frac"] == 0.25
+
+
+@pytest.mark.parametrize("default", ["nan", "inf", "-inf"])
+def test_a_float_parameter_refuses_a_toml_nan_or_inf_default(lab: Path, default: str) -> None:
+    (lab / "fp.toml").write_text(
+        f'[parameters.frac]\ntype = "float"\ndefault = {default}\n[run]\ncommand = "bet"\n'
+    )
+    with pytest.raises(RecipeError, match="default: .* is not a finite number"):
+        recipes.find("fp", [lab])
+
+
+def test_a_huge_whole_number_for_a_float_parameter_is_refused(lab: Path) -> None:
+    (lab / "fp.toml").write_text(
+        f'[parameters.frac]\ntype = "float"\ndefault = {10**400}\n[run]\ncommand = "bet"\n'
+    )
+    with pytest.raises(RecipeError, match="is not a float"):
+        recipes.find("fp", [lab])
