@@ -14,10 +14,13 @@ and an atomic rename, in a 0700 folder, so a crash never leaves a half-written c
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import netrc
 import os
+import secrets
 import stat
 import time
 from collections.abc import Mapping
@@ -27,6 +30,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import CredentialError
+
+log = logging.getLogger(__name__)
 
 #: The environment variables that hold a secret or name a file of secrets: hpcbridge's password,
 #: xnatpy's password and session id, and the netrc file both read. None of them may reach a job:
@@ -53,32 +58,84 @@ def check_private(path: Path) -> None:
         )
 
 
+#: A writer's temporary file (``.<name>.<unique>.part``) younger than this says the file is being
+#: replaced right now, so a reader that finds it missing looks again instead of giving up.
+REPLACING_SECONDS = 60.0
+READ_ATTEMPTS = 5
+READ_PAUSE = 0.05
+
+
 def write_private(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON readable by the owner only, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write JSON readable by the owner only, atomically.
+
+    Many processes may write the same file at once (a chain's transfer jobs, on several nodes
+    of one file system, saving the session they opened): each writes a temporary file of its
+    own, named with its pid and a random part (pids repeat across machines), and renames it
+    over the target, so a reader sees one whole version or another, never a mix.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise CredentialError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=1)
+            fh.flush()
+            # without it a crash soon after the rename can leave an empty file in its place
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CredentialError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
 
 
 def read_private(path: Path) -> dict[str, Any] | None:
-    """The JSON in a private file, or None when there is none."""
+    """The JSON in a private file, or None when there is none.
+
+    A file another process is replacing is read whole, old or new: a moment's absence while
+    a writer without atomic renames swaps it (an SFTP server without posix-rename), a stale
+    handle on NFS, or a torn read are looked at again a few times before they count.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        last = attempt == READ_ATTEMPTS - 1
+        try:
+            check_private(path)
+            with open(path) as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            if last or not _being_replaced(path):
+                return None
+        except (OSError, ValueError) as exc:
+            transient = isinstance(exc, ValueError) or exc.errno == errno.ESTALE
+            if last or not transient:
+                raise CredentialError(f"cannot read {path}: {exc}") from None
+        else:
+            return data if isinstance(data, dict) else None
+        time.sleep(READ_PAUSE * (attempt + 1))
+    return None
+
+
+def _being_replaced(path: Path) -> bool:
+    """Whether a writer's temporary file for ``path`` is there, and fresh."""
+    prefix = f".{path.name}."
     try:
-        check_private(path)
-        with open(path) as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise CredentialError(f"cannot read {path}: {exc}") from None
-    return data if isinstance(data, dict) else None
+        with os.scandir(path.parent) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix) and entry.name.endswith(".part"):
+                    try:
+                        age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+                    except OSError:
+                        continue
+                    if age < REPLACING_SECONDS:
+                        return True
+    except OSError:
+        return False
+    return False
 
 
 def server_key(url: str) -> str:
@@ -180,15 +237,36 @@ class SessionCache:
         return self.folder / f"{digest}.json"
 
     def get(self, url: str, user: str) -> str | None:
-        data = read_private(self._path(url, user))
+        path = self._path(url, user)
+        try:
+            data = read_private(path)
+        except CredentialError as exc:
+            if path.exists() and not _private(path):
+                raise  # a cache others can read is a leak to report, not a miss
+            # Only a cache: a damaged entry (a crash mid-write on an older version) is a miss,
+            # and the next login replaces it, instead of failing every job that shares it.
+            log.debug("ignoring the cached XNAT session: %s", exc.message)
+            return None
         return str(data["jsessionid"]) if data and data.get("jsessionid") else None
 
     def put(self, url: str, user: str, jsessionid: str) -> None:
         data = {"server": server_key(url), "user": user, "jsessionid": jsessionid}
-        write_private(self._path(url, user), dict(data, saved=int(time.time())))
+        try:
+            write_private(self._path(url, user), dict(data, saved=int(time.time())))
+        except CredentialError as exc:
+            # The session works; only the next run's reuse of it is lost.
+            log.warning("could not save the XNAT session for the next run: %s", exc.message)
 
     def delete(self, url: str, user: str) -> None:
         self._path(url, user).unlink(missing_ok=True)
+
+
+def _private(path: Path) -> bool:
+    try:
+        check_private(path)
+    except (CredentialError, OSError):
+        return False
+    return True
 
 
 def from_netrc(url: str, path: Path | None = None) -> Secret | None:

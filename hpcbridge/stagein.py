@@ -15,13 +15,16 @@ Layout under ``dest`` (XNAT's own zip layout, as the Artemis guide uses)::
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
+import socket
 import stat
 import threading
 import time
@@ -196,18 +199,75 @@ def stage_in(
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, 8))) as pool:
         list(pool.map(run, todo))
-    _remove_empty(dest / STAGING)
     report.staged.sort(key=lambda s: s.scan.id)
     return report
 
 
-def _remove_empty(folder: Path) -> None:
-    """Remove the staging tree once nothing is left in it (another run may still use it)."""
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [folder]:
+# -- the staging tree, shared by every stage-in into the same destination ----------------------
+# A chain's stage-in jobs run at once, on several nodes, into one work root: each download
+# gets a folder of its own under the scan's, named so that no other process (here or on
+# another host) can pick the same, and each process removes only its own folder. Parents are
+# removed only when empty, and a sibling may create or remove them at any moment.
+_HOST = safe_name(socket.gethostname().split(".")[0]).replace("-", "_") or "host"
+MKDIR_ATTEMPTS = 5
+
+
+def _own_name() -> str:
+    """``<host>-<pid>-<random>``: unique among processes sharing a file system."""
+    return f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _make_own_folder(parent: Path) -> Path:
+    """A new folder of this process's under ``parent``."""
+    for _ in range(MKDIR_ATTEMPTS):
+        folder = parent / _own_name()
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir()
+            return folder
+        except FileNotFoundError:
+            continue  # a sibling's clean-up removed an empty parent in between: make it again
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = parent / _own_name()
+    folder.mkdir()
+    return folder
+
+
+def _remove_own_folder(folder: Path, top: Path) -> None:
+    """Remove ``folder`` (this process's), then its parents up to ``top`` while empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    path = folder.parent
+    while path == top or top in path.parents:
         try:
             path.rmdir()
         except OSError:
-            pass
+            return  # not empty (a sibling's folder is in it), or already gone
+        path = path.parent
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Remove the folders that dead processes of this host left under ``parent`` (a killed
+    job's); those of live processes, and of other hosts, which this one cannot check, stay."""
+    try:
+        names = [entry.name for entry in os.scandir(parent) if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for name in names:
+        host, _, rest = name.rpartition("-")[0].rpartition("-")
+        pid = rest if host else ""
+        if host != _HOST or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(parent / name, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's process
+        return True
+    return True
 
 
 def _check_space(dest: Path, needed: int, limits: Limits) -> None:
@@ -232,6 +292,9 @@ class _Plan:
     staging: Path
     listing: list[FileEntry]
     address: str
+    #: The manifest up_to_date verified: read once, as a stage-in of the same scan elsewhere
+    #: may be swapping the folder meanwhile.
+    manifest: dict[str, Any] | None = None
 
     @property
     def total(self) -> int:
@@ -246,7 +309,7 @@ class _Plan:
 
     def up_to_date(self) -> bool:
         """The manifest is there, agrees with XNAT's listing, and the files still verify."""
-        manifest = _read_manifest(self.folder / MANIFEST)
+        manifest = self.manifest = _read_manifest(self.folder / MANIFEST)
         if manifest is None:
             return False
         recorded = {f["path"]: f for f in manifest.get("files", [])}
@@ -257,7 +320,7 @@ class _Plan:
         return all(_file_matches(self.folder / "files" / p, r) for p, r in recorded.items())
 
     def skipped(self) -> StagedScan:
-        manifest = _read_manifest(self.folder / MANIFEST) or {}
+        manifest = self.manifest or {}
         return StagedScan(
             self.scan, self.folder, True, len(self.listing), self.total, manifest.get("dicom", {})
         )
@@ -265,12 +328,13 @@ class _Plan:
     def fetch(
         self, client: XnatClient, allow_non_dicom: bool, limits: Limits, progress: Progress | None
     ) -> StagedScan:
-        shutil.rmtree(self.staging, ignore_errors=True)  # whatever an earlier run left
+        _remove_abandoned(self.staging)
+        own: Path | None = None
         try:
-            self.staging.mkdir(parents=True)
-            zip_path = self.staging / "download.zip.part"
+            own = _make_own_folder(self.staging)
+            zip_path = own / "download.zip.part"
             self._download(client, zip_path, progress)
-            files_dir = self.staging / self.resource_dirname / "files"
+            files_dir = own / self.resource_dirname / "files"
             entries = _extract(
                 zip_path, files_dir, self._prefix(), self.listing, limits, self.address
             )
@@ -292,7 +356,8 @@ class _Plan:
                 f"{self.address}: cannot write {where}: {exc.strerror or exc}"
             ) from None
         finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            if own is not None:
+                _remove_own_folder(own, self.staging.parents[1])
         return StagedScan(self.scan, self.folder, False, len(entries), self.total, dicom)
 
     @property
@@ -551,12 +616,24 @@ def _copy_out(
 
 
 def _place(built: Path, final: Path) -> None:
-    """Swap the finished folder into place; an old copy is replaced only once the new is whole."""
+    """Swap the finished folder into place; an old copy is replaced only once the new is whole.
+
+    Another process staging the same scan at the same time (an overlapping retry) may put its
+    copy in place between the two renames; that copy was verified against the same listing, so
+    it is kept and this one dropped.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
+    old = final.with_name(f".{final.name}.old-{_own_name()}")
+    try:
         os.rename(final, old)
-    os.rename(built, final)
+    except FileNotFoundError:
+        pass
+    try:
+        os.rename(built, final)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(built, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
 
 

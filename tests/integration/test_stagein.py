@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import zipfile
 from collections import namedtuple
 from collections.abc import Iterator
@@ -545,7 +546,7 @@ def test_a_disk_filling_up_while_writing_fails_cleanly(
             return real_write_text(self, *args, **kwargs)
 
         monkeypatch.setattr(pathlib.Path, "write_text", write_text)
-        target = staging / "DICOM/manifest.json"
+        target = "DICOM/manifest.json"
     else:
         mode = "wb" if stage == "download" else "xb"
 
@@ -554,12 +555,18 @@ def test_a_disk_filling_up_while_writing_fails_cleanly(
             return _FullDisk(fh) if how == mode else fh
 
         monkeypatch.setattr(stagein, "open", full_open, raising=False)
-        target = staging / ("download.zip.part" if stage == "download" else "DICOM/files/0001.dcm")
+        target = "download.zip.part" if stage == "download" else "DICOM/files/0001.dcm"
     result = run("stage-in", SCAN4, "--dest", str(dest))
     assert result.exit_code == 1
-    assert result.stderr == (
-        f"hpcbridge: error: {SCAN4}: cannot write {target}: No space left on device\n"
+    said = re.fullmatch(
+        f"hpcbridge: error: {re.escape(SCAN4)}: cannot write (.+): No space left on device\n",
+        result.stderr,
     )
+    assert said, result.stderr
+    # in a folder of this process's own under the scan's staging folder (<host>-<pid>-<random>)
+    own, *rest = Path(said[1]).relative_to(staging).parts
+    assert "/".join(rest) == target
+    assert own.split("-")[1] == str(os.getpid())
     assert nothing_staged(dest)
 
 
