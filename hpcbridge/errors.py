@@ -7,6 +7,8 @@ code. Every error a user can cause says what went wrong and, where there is one,
 
 from __future__ import annotations
 
+from typing import Any
+
 #: Exit codes of the command-line contract (CLI.md).
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -129,3 +131,13 @@ class PartialFailure(HpcBridgeError):
 class LedgerError(HpcBridgeError):
     """The run ledger cannot be opened, is locked, is from a newer hpcbridge, or was asked for
     something it does not hold or allow (an unknown run or job, an illegal state change)."""
+
+
+class RunBusyError(HpcBridgeError):
+    """Another process holds the run's lock (``sync``, ``run``, ``retry`` or ``cancel`` of the
+    same run); ``holder`` says who, ``run_id`` which run."""
+
+    def __init__(self, message: str, *, hint: str | None = None, run_id: int, holder: Any) -> None:
+        super().__init__(message, hint=hint)
+        self.run_id = run_id
+        self.holder = holder

@@ -719,6 +719,31 @@ class Ledger:
             rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs {where} ORDER BY id", args)
             return [_run_from(row) for row in rows]
 
+    def overview(
+        self, profile: str | None = None, *, limit: int | None = None
+    ) -> list[tuple[Run, dict[str, int], str]]:
+        """Runs newest first, each with its jobs per state (as :meth:`counts`) and its last
+        activity: the latest change to any of its jobs, else its creation."""
+        where, args = ("WHERE profile = ?", [profile]) if profile is not None else ("", [])
+        page = f" LIMIT {int(limit)}" if limit is not None else ""
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs {where} ORDER BY id DESC{page}", args
+            ).fetchall()
+            runs = [_run_from(row) for row in rows]
+            ids = [run.id for run in runs]
+            per_state = conn.execute(
+                "SELECT run_id, state, COUNT(*) AS n, MAX(updated_at) AS last FROM jobs"
+                f" WHERE run_id IN ({', '.join('?' * len(ids))}) GROUP BY run_id, state",
+                ids,
+            ).fetchall()
+        counts = {i: {state.value: 0 for state in JobState} for i in ids}
+        last = {run.id: run.created for run in runs}
+        for row in per_state:
+            counts[row["run_id"]][row["state"]] = row["n"]
+            last[row["run_id"]] = max(last[row["run_id"]], row["last"])
+        return [(run, counts[run.id], last[run.id]) for run in runs]
+
     def set_run_state(self, run_id: int, state: RunState | str) -> Run:
         try:
             value = RunState(state)

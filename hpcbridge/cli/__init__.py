@@ -15,6 +15,7 @@ SHORT_HELP = {
     "logout": "Invalidate the stored token and forget it.",
     "ls": "Browse projects, subjects, sessions, scans and files.",
     "run": "Convert every matching scan: stage in, submit, stage out.",
+    "runs": "The runs, newest first, with their states.",
     "sandbox": "The XNAT-compatible sandbox server, for demos and tests.",
     "stage-in": "Download scans, verify and unpack them, with a manifest.",
     "stage-out": "Upload files into a scan's resource, verified.",

@@ -310,6 +310,9 @@ def cancel_command(
 ) -> None:
     """Cancel jobs (qdel, scancel, or the local scheduler's equivalent), or a whole run.
 
+    With --run, if another hpcbridge is moving the run (a sync, a run --wait), wait up to
+    30 s for it, then give up naming it (exit 1).
+
     \b
     Examples:
       hpcbridge cancel 4242 4243
@@ -333,13 +336,15 @@ def cancel_command(
 
 
 def _cancel_run(ctx: click.Context, run_id: int, accept_new_host_key: bool) -> None:
+    from .. import runlock
     from ..ledger import Ledger
     from ..runner import cancel_run
-    from .runs import adopt_run_profile
+    from .runs import adopt_run_profile, take_run_lock
 
     adopt_run_profile(ctx, run_id)
     settings = settings_of(ctx)
     with (
+        take_run_lock(ctx, run_id, "cancel", wait=runlock.BUSY_WAIT),
         Ledger.for_settings(settings) as ledger,
         connected(ctx, accept_new_host_key) as (
             store,

@@ -11,10 +11,10 @@ from typing import Any
 
 import click
 
-from ..errors import ConfigError, PartialFailure
+from ..errors import ConfigError, HpcBridgeError, PartialFailure, RunBusyError
 from .app import main, settings_for, settings_of
 from .jobs import connected, host_key_option
-from .output import echo, emit_json, emit_table, status_line, warn
+from .output import echo, emit_json, emit_table, error_line, status_line, warn
 from .params import SECONDS
 from .recipes import _set_values, recipes_option
 
@@ -37,6 +37,45 @@ def adopt_run_profile(ctx: click.Context, run_id: int | None) -> int:
     if not explicit and run.profile != settings.profile:
         root.meta["settings"] = settings_for(ctx, run.profile)
     return int(run.id)
+
+
+def _profile_given(ctx: click.Context) -> bool:
+    import os
+
+    return bool(ctx.find_root().params.get("profile") or os.environ.get("HPCBRIDGE_PROFILE"))
+
+
+def take_run_lock(ctx: click.Context, run_id: int, command: str, *, wait: float | None) -> Any:
+    """The run's lock, held (release it with ``with``), or RunBusyError naming its holder
+    after ``wait`` seconds (None: wait for as long as it takes, saying so once)."""
+    from ..runlock import RunLock
+
+    settings = settings_of(ctx)
+
+    def waiting(holder: Any) -> None:
+        if not settings.quiet and wait != 0:
+            limit = "" if wait is None else f" up to {wait:g} s"
+            echo(f"run {run_id} is busy: {holder.describe()}; waiting{limit}", err=True)
+
+    lock = RunLock.for_settings(settings, run_id, command=command)
+    return lock.acquire(wait=wait, on_busy=waiting)
+
+
+def _skipped(exc: RunBusyError) -> dict[str, Any]:
+    # Not an error: a cron pass that finds another pass at work has nothing to do.
+    echo(f"{exc.message}; skipped", err=True)
+    return {"run": exc.run_id, "busy": exc.holder.to_json()}
+
+
+def _checked(lock: Any, on_pass: Any) -> Any:
+    """``on_pass`` that first makes sure the lock is still ours: a waiting loop that lost it
+    (stopped longer than the stale limit) must not go on beside the process that took it."""
+
+    def check(report: Any) -> None:
+        lock.check()
+        on_pass(report)
+
+    return check
 
 
 @contextlib.contextmanager
@@ -221,19 +260,31 @@ def run_command(
             )
         say = _say(settings.quiet)
         args = (settings, o["client"], o["ledger"], o["scheduler"], plan.run)
-        if wait:
-            progress = _Progress(settings.quiet)
-            report = wait_run(
-                *args,
-                interval=interval or settings.poll_interval,
-                on_pass=progress,
-                on_event=say,
-                store=o["store"],
-            )
-            progress.close()
-        else:
-            report = sync(*args, on_event=say, store=o["store"])
-            _warn(report)
+        command = "run --wait" if wait else "run"
+        try:
+            # --wait outlasts a cron pass that got in first: wait for it rather than give up.
+            lock = take_run_lock(ctx, plan.run.id, command, wait=None if wait else 0)
+        except RunBusyError as exc:
+            busy = _skipped(exc)
+            if settings.json:
+                emit_json(busy)
+            else:
+                echo(plan.run.id)
+            return
+        with lock:
+            if wait:
+                progress = _Progress(settings.quiet)
+                report = wait_run(
+                    *args,
+                    interval=interval or settings.poll_interval,
+                    on_pass=_checked(lock, progress),
+                    on_event=say,
+                    store=o["store"],
+                )
+                progress.close()
+            else:
+                report = sync(*args, on_event=say, store=o["store"])
+                _warn(report)
     if settings.json:
         emit_json({"run": plan.run.id, "counts": report.counts, "state": report.run.state.value})
     else:
@@ -370,7 +421,7 @@ def _job_json(job: Any) -> dict[str, Any]:
 
 @main.command("sync")
 @click.argument("run_id", required=False, type=int)
-@click.option("--watch", is_flag=True, help="Keep syncing until the run ends.")
+@click.option("--watch", is_flag=True, help="Keep syncing until the run (or every run) ends.")
 @click.option(
     "--interval",
     type=SECONDS,
@@ -388,19 +439,54 @@ def sync_command(
 ) -> None:
     """Move a run on: poll its jobs in one call, stage out finished ones, submit more.
 
-    One pass by default (for cron); --watch repeats until the run ends. Safe to run at any
-    time, also after a crash: nothing done is done twice.
+    One pass by default (for cron); --watch repeats until the run ends. Without RUN_ID, every
+    active run (of --profile, if given) gets its pass, each with its own profile. A run that
+    another hpcbridge is moving is skipped with one line saying who. Safe to run at any time,
+    also after a crash: nothing done is done twice.
 
     \b
     Examples:
       hpcbridge sync
-      */10 * * * * hpcbridge --quiet --profile artemis sync 12     (crontab)
+      */10 * * * * hpcbridge --quiet sync     (crontab: every active run)
       hpcbridge sync 12 --watch
     """
+    if run_id is None:
+        _sync_active(ctx, watch, interval, accept_new_host_key)
+        return
+    run_id = adopt_run_profile(ctx, run_id)
+    # --watch stays until the run ends, so it waits out another pass instead of skipping.
+    data, report = _sync_run(
+        ctx, run_id, watch=watch, interval=interval, accept=accept_new_host_key, wait=watch
+    )
+    if settings_of(ctx).json:
+        emit_json(data)
+    if report is not None:
+        _finish(report)
+
+
+def _sync_run(
+    ctx: click.Context,
+    run_id: int,
+    *,
+    watch: bool,
+    interval: float | None,
+    accept: bool,
+    wait: bool,
+    tell_busy: bool = True,
+) -> tuple[dict[str, Any], Any]:
+    """One run's pass (or passes, ``watch``) under its lock: its JSON summary and report, or
+    the busy line's JSON and None when another process holds the run."""
     from ..runner import sync, wait_run
 
-    run_id = adopt_run_profile(ctx, run_id)
-    with _opened(ctx, accept_new_host_key) as o:
+    command = "sync --watch" if watch else "sync"
+    try:
+        lock = take_run_lock(ctx, run_id, command, wait=None if wait else 0)
+    except RunBusyError as exc:
+        if tell_busy:
+            return _skipped(exc), None
+        return {"run": exc.run_id, "busy": exc.holder.to_json()}, None
+    # The lock before XNAT: a skipped pass logs in nowhere.
+    with lock, _opened(ctx, accept) as o:
         settings = o["settings"]
         run = o["ledger"].run(run_id)
         args = (settings, o["client"], o["ledger"], o["scheduler"], run)
@@ -410,7 +496,7 @@ def sync_command(
             report = wait_run(
                 *args,
                 interval=interval or settings.poll_interval,
-                on_pass=progress,
+                on_pass=_checked(lock, progress),
                 on_event=say,
                 store=o["store"],
             )
@@ -418,9 +504,73 @@ def sync_command(
             report = sync(*args, on_event=say, store=o["store"])
             progress(report)
         progress.close()
-    if settings.json:
-        emit_json({"run": run.id, "counts": report.counts, "state": report.run.state.value})
-    _finish(report)
+    return {"run": run.id, "counts": report.counts, "state": report.run.state.value}, report
+
+
+def _sync_active(ctx: click.Context, watch: bool, interval: float | None, accept: bool) -> None:
+    """A pass over every active run, each under its own lock and with its own profile; with
+    ``watch``, passes until none is left. One run's error or busy lock does not stop the others.
+
+    Exit code: 1 if any run's pass failed (2 if every failure was the configuration's), else 3
+    if a run ended with scans failed or cancelled, else 0.
+    """
+    from ..ledger import Ledger, RunState
+
+    root = ctx.find_root()
+    base = settings_of(ctx)
+    given = _profile_given(ctx)
+    results: dict[int, dict[str, Any]] = {}
+    errors: list[int] = []
+    partial = False
+    out: set[int] = set()  # runs that failed during --watch: not tried again
+    told: set[int] = set()  # runs whose busy line is printed already
+    first = True
+    while True:
+        with Ledger.for_settings(base) as ledger:
+            runs = ledger.runs(base.profile if given else None)
+        if first and not runs:
+            raise ConfigError(
+                f"no runs yet for profile {base.profile!r}",
+                hint="start one with `hpcbridge run RECIPE ADDRESS`",
+            )
+        active = [r for r in runs if r.state is RunState.ACTIVE and r.id not in out]
+        if first and not active and not base.quiet:
+            echo("no active runs: nothing to sync", err=True)
+        if not active:
+            break
+        for run in active:
+            if not given and run.profile != base.profile:
+                root.meta["settings"] = settings_for(ctx, run.profile)
+            try:
+                data, report = _sync_run(
+                    ctx, run.id, watch=False, interval=None, accept=accept, wait=False,
+                    tell_busy=run.id not in told,
+                )  # fmt: skip
+                results[run.id] = data
+                if report is None:
+                    told.add(run.id)
+                else:
+                    _finish(report)
+            except PartialFailure as exc:
+                partial = True
+                error_line(exc.message, exc.hint)
+            except HpcBridgeError as exc:
+                errors.append(exc.exit_code)
+                out.add(run.id)
+                prefix = "" if exc.message.startswith(f"run {run.id}") else f"run {run.id}: "
+                error_line(prefix + exc.message, exc.hint)
+            finally:
+                root.meta["settings"] = base
+        first = False
+        if not watch:
+            break
+        time.sleep(interval or base.poll_interval)
+    if base.json:
+        emit_json(list(results.values()))
+    if errors:
+        ctx.exit(2 if all(code == 2 for code in errors) else 1)
+    if partial:
+        ctx.exit(3)
 
 
 @main.command("retry")
@@ -434,14 +584,19 @@ def retry_command(
 ) -> None:
     """Plan a run's failed jobs again and submit them (one sync pass).
 
+    If another hpcbridge is moving the run (a sync, a run --wait), wait up to 30 s for it,
+    then give up naming it (exit 1).
+
     \b
     Example:
       hpcbridge retry 12 --failed
     """
+    from .. import runlock
     from ..runner import retry_run, sync
 
     adopt_run_profile(ctx, run_id)
-    with _opened(ctx, accept_new_host_key) as o:
+    lock = take_run_lock(ctx, run_id, "retry", wait=runlock.BUSY_WAIT)
+    with lock, _opened(ctx, accept_new_host_key) as o:
         settings = o["settings"]
         run = o["ledger"].run(run_id)
         again = retry_run(o["ledger"], run, include_cancelled=cancelled and not only_failed)
@@ -455,3 +610,90 @@ def retry_command(
         )  # fmt: skip
     if settings.json:
         emit_json({"run": run_id, "counts": report.counts, "retried": [j.address for j in again]})
+
+
+#: Without --all or --limit, `runs` shows this many of the newest runs.
+RUNS_SHOWN = 20
+
+_RUNS_COLUMNS = [
+    ("id", "RUN"),
+    ("recipe", "RECIPE"),
+    ("target", "TARGET"),
+    ("profile", "PROFILE"),
+    ("state", "STATE"),
+    ("jobs", "JOBS"),
+    ("created", "CREATED"),
+    ("last", "LAST ACTIVITY"),
+]
+
+
+@main.command("runs")
+@click.option("--all", "show_all", is_flag=True, help="Every run, not only the newest 20.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), metavar="N", help="The N newest runs [default: 20]."
+)
+@click.option("--active", is_flag=True, help="Only the runs that have not ended.")
+@click.pass_context
+def runs_command(ctx: click.Context, show_all: bool, limit: int | None, active: bool) -> None:
+    """List the runs, newest first, with their states and jobs per state.
+
+    Runs of every profile, or of --profile when given. This reads the ledger only.
+
+    \b
+    Examples:
+      hpcbridge runs
+      hpcbridge runs --active
+      hpcbridge --json runs --all
+    """
+    from ..ledger import Ledger, RunState
+
+    settings = settings_of(ctx)
+    if show_all and limit is not None:
+        raise click.UsageError("give --all or --limit N, not both")
+    shown = None if show_all else (limit or RUNS_SHOWN)
+    profile = settings.profile if _profile_given(ctx) else None
+    with Ledger.for_settings(settings) as ledger:
+        # One more than shown tells whether some were left out.
+        every = ledger.overview(profile, limit=None if active or shown is None else shown + 1)
+    if active:
+        every = [row for row in every if row[0].state is RunState.ACTIVE]
+    rows = every if shown is None else every[:shown]
+    if settings.json:
+        emit_json([_run_json(run, counts, last) for run, counts, last in rows])
+        return
+    if not rows:
+        echo("no active runs" if active else "no runs yet", err=True)
+        return
+    emit_table(
+        [
+            {
+                "id": run.id,
+                "recipe": run.recipe,
+                "target": run.target,
+                "profile": run.profile,
+                "state": run.state.value,
+                "jobs": ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "no jobs",
+                "created": run.created,
+                "last": last,
+            }
+            for run, counts, last in rows
+        ],
+        _RUNS_COLUMNS,
+    )
+    if len(every) > len(rows) and not settings.quiet:
+        echo(f"the {len(rows)} newest shown; --all for every run", err=True)
+
+
+def _run_json(run: Any, counts: dict[str, int], last: str) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "recipe": run.recipe,
+        "parameters": run.params,
+        "target": run.target,
+        "profile": run.profile,
+        "state": run.state.value,
+        "counts": counts,
+        "jobs": sum(counts.values()),
+        "created": run.created,
+        "last_activity": last,
+    }
