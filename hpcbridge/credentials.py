@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import json
 import logging
 import netrc
@@ -317,3 +318,82 @@ def resolve(
     if found is not None and (user is None or user == found.user):
         return found
     return None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A login that XNAT refused: when (epoch seconds), and which credential source."""
+
+    refused_at: float
+    source: str
+
+
+@dataclass(frozen=True)
+class LoginRefusals:
+    """Credentials XNAT refused, per server and user, so that unattended runs stop retrying them.
+
+    XNAT locks an account after a number of failed logins in a row (20 by default, for an hour);
+    a cron job retrying a wrong or changed password every ten minutes would keep its user locked
+    out. A refusal is kept in ``refused/`` (0600) until a login succeeds, with a salted, slow
+    hash of the secret, never the secret: a new password or token is tried, the refused one not.
+    """
+
+    folder: Path
+
+    #: PBKDF2 rounds: the file holds no secret, but a plain hash of a weak password is guessed
+    #: offline in moments; at this cost a guess takes tens of milliseconds.
+    ROUNDS = 200_000
+
+    @classmethod
+    def under(cls, home: Path) -> LoginRefusals:
+        return cls(Path(home) / "refused")
+
+    def _path(self, url: str, user: str) -> Path:
+        digest = hashlib.sha256(f"{server_key(url)}\n{user}".encode()).hexdigest()[:24]
+        return self.folder / f"{digest}.json"
+
+    def _fingerprint(self, secret: str, salt: bytes) -> str:
+        return hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, self.ROUNDS).hex()
+
+    def get(self, url: str, user: str, secret: str) -> Refusal | None:
+        """The refusal of exactly this secret for ``user`` at ``url``, if one is recorded."""
+        data = read_private(self._path(url, user))
+        if not data or data.get("server") != server_key(url) or data.get("user") != user:
+            return None
+        try:
+            salt = bytes.fromhex(str(data["salt"]))
+            refused_at = float(data["refused_at"])
+        except (KeyError, TypeError, ValueError):
+            return None  # unreadable: trying once more is better than never
+        if not hmac.compare_digest(self._fingerprint(secret, salt), str(data.get("fingerprint"))):
+            return None
+        return Refusal(refused_at, str(data.get("source", "")))
+
+    def put(self, url: str, user: str, secret: str, *, source: str) -> None:
+        salt = os.urandom(16)
+        data = {
+            "server": server_key(url),
+            "user": user,
+            "source": source,
+            "refused_at": time.time(),
+            "salt": salt.hex(),
+            "fingerprint": self._fingerprint(secret, salt),
+        }
+        write_private(self._path(url, user), data)
+
+    def clear(self, url: str, user: str | None = None) -> None:
+        """Forget the refusals at ``url``: of ``user``, or of every user."""
+        if user is not None:
+            self._path(url, user).unlink(missing_ok=True)
+            return
+        try:
+            files = [p for p in self.folder.iterdir() if p.suffix == ".json"]
+        except OSError:
+            return
+        for path in files:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("server") == server_key(url):
+                path.unlink(missing_ok=True)

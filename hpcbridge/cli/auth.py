@@ -8,7 +8,7 @@ import time
 import click
 
 from ..config import check_xnat_url
-from ..credentials import Secret, SessionCache, TokenStore, resolve
+from ..credentials import LoginRefusals, Secret, SessionCache, TokenStore, resolve
 from ..errors import CredentialError, PartialFailure, XnatError
 from ..xnat import XnatClient, connect, server_url
 from ..xnat.client import expiry_text
@@ -79,14 +79,17 @@ def login_command(
     else:
         name = user or settings.user or click.prompt("XNAT user")
         secret = Secret(name, _read_secret(password_stdin, "Password"), "password")
+    refusals = LoginRefusals.under(settings.home)
     with XnatClient(
         url,
         secret,
         timeout=settings.timeout,
         verify=settings.tls_verify,
         allow_insecure_http=insecure_ok,
+        refusals=refusals,
     ) as client:
-        client.login()
+        # Always tried, unlike other commands: this is how a refused password is replaced.
+        client.login(retry_refused=True)
         if alias:
             owner, token_alias, token_secret = client.whoami(), alias, secret.secret
             expires = client.token_expiry(alias)
@@ -102,6 +105,9 @@ def login_command(
         secret=token_secret,
         expires=int(expires) if isinstance(expires, (int, float)) else None,
     )
+    # Whatever was refused at this server before (a cron job's old password, an old token)
+    # gets its chance again.
+    refusals.clear(url)
     if settings.json:
         emit_json({"server": url, "user": owner, "token_expires": expires})
         return

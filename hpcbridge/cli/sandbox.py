@@ -91,6 +91,12 @@ def sandbox_group() -> None:
     help="Seconds an account stays locked.",
 )
 @click.option(
+    "--guest-access",
+    is_flag=True,
+    help="Serve requests without a live session as the user 'guest' (who sees no project) "
+    "instead of answering 401, as an XNAT that allows guests does.",
+)
+@click.option(
     "--latency", default=0.0, type=Number(0), help="Fault: seconds added to every answer."
 )
 @click.option(
@@ -124,6 +130,7 @@ def sandbox_serve(
     token_lifetime: float,
     max_failed_logins: int,
     lockout: float,
+    guest_access: bool,
     latency: float,
     fail_every: int,
     drop_every: int,
@@ -144,6 +151,7 @@ def sandbox_serve(
         token_lifetime=token_lifetime,
         max_failed_logins=max_failed_logins,
         lockout_seconds=lockout,
+        guest_access=guest_access,
     )
     faults = Faults(
         latency=latency, fail_every=fail_every, drop_every=drop_every, drop_after=drop_after

@@ -6,6 +6,9 @@
   ``DELETE /data/JSESSION``.
 - ``max_failed_logins`` failures in a row lock the account for ``lockout_seconds``; a locked
   account answers 401 like any failed login.
+- With ``guest_access`` (a site that lets guests browse public data), a request without a live
+  session or credentials is served as the user ``guest`` instead of answering 401, so an expired
+  session cookie quietly becomes the guest, who sees no private project (404, 403 for writes).
 - Alias tokens are stored in the archive (they survive a restart) and expire after
   ``token_lifetime`` seconds. Unlike a real XNAT, whose hourly clean-up lets a token work up to an
   hour past its estimated expiry, the sandbox refuses a token the moment it expires.
@@ -54,6 +57,10 @@ class AuthSettings:
     token_lifetime: float = 2 * 24 * 3600.0
     max_failed_logins: int = 20
     lockout_seconds: float = 3600.0
+    guest_access: bool = False
+
+
+GUEST = "guest"
 
 
 @dataclass
@@ -160,6 +167,11 @@ class Authority:
     def is_locked(self, login: str) -> bool:
         with self._lock:
             return self.failures.get(login, _Failures()).locked_until > time.time()
+
+    def failed_logins(self, login: str) -> int:
+        """Failed logins in a row not yet forgiven (a lockout starts the count again)."""
+        with self._lock:
+            return self.failures.get(login, _Failures()).count
 
     # -- alias tokens ----------------------------------------------------------------------
     def issue_token(self, login: str) -> dict[str, Any]:

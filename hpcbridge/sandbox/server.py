@@ -16,6 +16,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import IO, Any, cast
 from urllib.parse import parse_qsl
 
 from .archive import Archive
-from .auth import Authority, AuthSettings, token_json
+from .auth import GUEST, Authority, AuthSettings, token_json
 from .http import Faults, HttpError, Reply, Request, Stats, restlet_page, tomcat_page
 from .store import Store
 from .streams import CHUNK, BodyReader, ChunkedWriter
@@ -39,6 +40,8 @@ SEARCH_ELEMENTS = [
     ("xnat:subjectData", "Subject", "Subjects"),
     ("xnat:mrSessionData", "MR Session", "MR Sessions"),
 ]
+#: Requests kept in ``SandboxApp.request_log`` (the oldest go first).
+REQUEST_LOG_SIZE = 10000
 
 
 class SandboxApp:
@@ -50,6 +53,9 @@ class SandboxApp:
         self.faults = faults
         self.stats = stats
         self.archive = Archive(store, authority, faults.cut_point)
+        #: (method, path, user, status) of the latest requests, for tests that count what a
+        #: client asked; bounded, so a long-running sandbox does not grow without end.
+        self.request_log: deque[tuple[str, str, str | None, int]] = deque(maxlen=REQUEST_LOG_SIZE)
 
     # -- authentication gate -------------------------------------------------------------
     def authenticate(self, req: Request) -> dict[str, str]:
@@ -60,6 +66,9 @@ class SandboxApp:
             return {}
         header = req.headers.get("Authorization", "")
         if not header.lower().startswith("basic "):
+            if self.auth.settings.guest_access:
+                # No 401 on such a site: a dead session cookie silently becomes the guest.
+                req.user = GUEST
             return {}
         try:
             name, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
@@ -113,6 +122,8 @@ class SandboxApp:
         return self.data_route(req, segs)
 
     def data_route(self, req: Request, segs: list[str]) -> Reply:
+        if req.user == GUEST:
+            return self.guest_route(req, segs)
         head = segs[0]
         if head == "JSESSION" and len(segs) == 1:
             return self.jsession(req)
@@ -126,6 +137,31 @@ class SandboxApp:
             return self.search_elements(req, segs[2:])
         if head in ("projects", "subjects", "experiments"):
             return self.archive.handle(req, segs)
+        raise HttpError(404, "The server has not found anything matching the request URI")
+
+    def guest_route(self, req: Request, segs: list[str]) -> Reply:
+        """What XNAT's guest user sees of the sandbox, whose projects are all private: none of
+        them (404, as XNAT hides a private project), and no right to change anything (403)."""
+        from .listing import render_table
+
+        head = segs[0]
+        if head == "auth" and len(segs) == 1:
+            return Reply.text(f"User '{GUEST}' is logged in")
+        if head == "JSESSION" and len(segs) == 1:
+            return self.jsession(req)
+        if head == "services" and segs[1:2] == ["tokens"]:
+            raise HttpError(403, "The guest user can't request alias tokens")
+        if req.method not in ("GET", "HEAD"):
+            raise HttpError(403, "The guest user has insufficient privileges for this operation.")
+        if head in ("projects", "subjects", "experiments") and len(segs) == 1:
+            body, ctype = render_table([], defaults=["ID", "URI"], query=req.query)
+            return Reply(200, body, ctype)
+        if head == "projects":
+            raise HttpError(404, f"Unable to identify project {segs[1]}")
+        if head == "subjects":
+            raise HttpError(404, f"Unable to find the specified subject: {segs[1]}")
+        if head == "experiments":
+            raise HttpError(404, "Unable to find the specified experiment.")
         raise HttpError(404, "The server has not found anything matching the request URI")
 
     def other_route(self, req: Request, segs: list[str]) -> Reply:
@@ -480,6 +516,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, req: Request, reply: Reply, cookies: dict[str, str]) -> None:
         app = self.server.app
         app.stats.status(reply.status)
+        app.request_log.append(
+            (req.method, _TOKEN_PATH.sub(r"\1***", req.path), req.user, reply.status)
+        )
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         for key, value in reply.headers.items():
@@ -607,6 +646,12 @@ class SandboxServer:
 
     def add_user(self, login: str, password: str, *, admin: bool = False) -> None:
         self.authority.add_user(login, password, admin=admin)
+
+    @property
+    def request_log(self) -> list[tuple[str, str, str | None, int]]:
+        """(method, path, user, status) of the latest requests, oldest first; token secrets
+        in paths are masked."""
+        return list(self.app.request_log)
 
     def ready_info(self) -> dict[str, Any]:
         return {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import Settings, check_xnat_url
-from ..credentials import Secret, SessionCache, TokenStore, resolve
+from ..credentials import LoginRefusals, Secret, SessionCache, TokenStore, resolve
 from ..errors import ConfigError, CredentialError
 from .address import Address
 from .client import XnatClient, raise_for_response
@@ -63,4 +63,5 @@ def connect(settings: Settings, *, cache_session: bool = True) -> XnatClient:
         verify=settings.tls_verify,
         session_cache=cache,
         allow_insecure_http=insecure_ok,
+        refusals=LoginRefusals.under(settings.home),
     )

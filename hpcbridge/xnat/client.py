@@ -7,6 +7,15 @@ JSESSIONID cookie. When the server says the session is gone (401, or an HTML log
 status 200) it logs in again once and repeats the request. With a session cache the JSESSIONID
 outlives the process, so a shell loop of many ``hpcbridge`` calls shares one server session too;
 without one the session is ended (``DELETE /data/JSESSION``) on close.
+
+An XNAT that allows guests never answers 401 for a dead session: it serves the request as its
+guest user, who sees no private project (404) and may change nothing (403). So a 403 or 404 on a
+session that was not opened for this very request costs one ``GET /data/auth``, and if that names
+the guest, a new login and the request again.
+
+Logins that XNAT refuses are recorded (``LoginRefusals``), and the same secret is not sent again
+until ``hpcbridge login`` succeeds: XNAT locks an account after some failed logins in a row, and
+an unattended job retrying a wrong password would keep its user locked out.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from ..config import check_xnat_url, display_url, insecure_http
-from ..credentials import Secret, SessionCache
+from ..credentials import LoginRefusals, Secret, SessionCache
 from ..errors import (
     XnatAuthError,
     XnatConflictError,
@@ -45,6 +54,13 @@ LOGIN_HINT = "run `hpcbridge login`"
 #: Same-origin redirects followed per request (XNAT's trailing-slash and context-path ones).
 MAX_REDIRECTS = 5
 TLS_HELP = "see docs/troubleshooting.md#tls"
+#: The user XNAT serves requests without a live session as, where the site allows guests.
+GUEST_USER = "guest"
+#: How long a session proven ours (by a login, or by a look at /data/auth) is trusted to still be
+#: ours when XNAT answers 403 or 404; at most half the server's idle timeout where XNAT says it.
+#: Without it, every expected 404 (a resource that stage-out is about to create, the walk up an
+#: address that names something missing) would cost one more request.
+TRUST_SECONDS = 60.0
 
 Origin = tuple[str, str, int | None]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -162,6 +178,7 @@ class XnatClient:
         backoff: float = 0.5,
         session_cache: SessionCache | None = None,
         allow_insecure_http: bool = False,
+        refusals: LoginRefusals | None = None,
     ) -> None:
         self.base = check_xnat_url(url, allow_insecure_http=allow_insecure_http).rstrip("/")
         self.origin = origin_of(self.base)
@@ -173,12 +190,14 @@ class XnatClient:
         self.retries = retries
         self.backoff = backoff
         self.session_cache = session_cache
+        self.refusals = refusals
         self.http = requests.Session()
         self.http.verify = verify
         self.http.auth = _NoAuth()
         self.http.headers["User-Agent"] = USER_AGENT
         self._warned_clear_text = False
         self.session_id: str | None = None
+        self._proven_at: float | None = None  # time.monotonic() of the last proof
         self.logins = 0  # server sessions this client opened
         #: Answers that cannot change while this client lives (an experiment's ID for its
         #: label), kept so that a run asks once per session, not once per scan and step.
@@ -200,6 +219,7 @@ class XnatClient:
         self.http.cookies.clear()
         self.http.cookies.set("JSESSIONID", session_id)
         self.session_id = session_id
+        self._proven_at = None
 
     def _warn_clear_text(self) -> None:
         if insecure_http(self.base) and not self._warned_clear_text:
@@ -227,15 +247,32 @@ class XnatClient:
         else:
             self.login()
 
-    def login(self) -> None:
-        """Open a server session with the credentials (the only request that sends them)."""
+    def login(self, *, retry_refused: bool = False) -> None:
+        """Open a server session with the credentials (the only request that sends them).
+
+        A secret that XNAT refused before is not sent again (see :class:`LoginRefusals`)
+        unless ``retry_refused`` (``hpcbridge login``, where someone types it).
+        """
         creds = self.credentials
         if creds is None:
             raise XnatAuthError(f"no credentials for {self.base}", hint=LOGIN_HINT)
+        if self.refusals is not None and not retry_refused:
+            refused = self.refusals.get(self.base, creds.user, creds.secret)
+            if refused is not None:
+                raise XnatAuthError(
+                    f"XNAT refused the {_credential_kind(creds)} for {_who(creds)} at "
+                    f"{self.base} {_when(refused.refused_at)}; not trying again, to keep XNAT "
+                    "from locking the account",
+                    hint=LOGIN_HINT,
+                    status=401,
+                    url=self.base,
+                )
         self._warn_clear_text()
         self.http.cookies.clear()
         resp = self._send("POST", "/data/JSESSION", auth=(creds.user, creds.secret))
         if resp.status_code == 401 or looks_like_login_page(resp):
+            if self.refusals is not None:
+                self.refusals.put(self.base, creds.user, creds.secret, source=creds.source)
             raise self._refused(creds, resp.status_code)
         raise_for_response(resp, f"login at {self.base}")
         session_id = resp.cookies.get("JSESSIONID") or resp.text.strip()
@@ -246,7 +283,10 @@ class XnatClient:
                 url=self.base,
             )
         self._use_session(session_id)
+        self._proven_at = time.monotonic()
         self.logins += 1
+        if self.refusals is not None:
+            self.refusals.clear(self.base, creds.user)
         if self.session_cache is not None:
             self.session_cache.put(self.base, creds.user, session_id)
 
@@ -402,11 +442,58 @@ class XnatClient:
         resp = self._send(method, path, **kwargs)
         if resp.status_code == 401 or looks_like_login_page(resp):
             log.info("XNAT session expired; logging in again")
-            self._rewind(kwargs.get("data"))
-            self.login()
-            resp = self._send(method, path, **kwargs)
+            resp = self._again(resp, method, path, kwargs)
+        elif (
+            resp.status_code in (403, 404)
+            and self.credentials is not None
+            and not self._trusted()
+            and self._session_lost()
+        ):
+            log.info("XNAT took the session for its guest user (it expired); logging in again")
+            resp = self._again(resp, method, path, kwargs)
         raise_for_response(resp, what)
         return resp
+
+    def _again(
+        self, resp: requests.Response, method: str, path: str, kwargs: dict[str, Any]
+    ) -> requests.Response:
+        """The request once more, on a new session."""
+        resp.close()
+        self._rewind(kwargs.get("data"))
+        self.login()
+        return self._send(method, path, **kwargs)
+
+    def _trusted(self) -> bool:
+        """Whether the session was proven ours so recently that it cannot have expired."""
+        if self._proven_at is None:
+            return False
+        window = TRUST_SECONDS
+        # "<now ms>,<idle timeout ms>", quoted by the container because of the comma.
+        stamps = [c.value for c in self.http.cookies if c.name == "SESSION_EXPIRATION_TIME"]
+        stamp = (stamps[-1] or "").strip('"') if stamps else ""
+        idle_ms = stamp.partition(",")[2]
+        if idle_ms.isdigit():
+            window = min(window, int(idle_ms) / 2000)
+        return time.monotonic() - self._proven_at < window
+
+    def _session_lost(self) -> bool:
+        """Whether XNAT now serves this session as someone else than us: its guest user, or
+        nobody (401). Anything else, or no answer, leaves the first answer standing."""
+        try:
+            resp = self._send("GET", "/data/auth")
+        except XnatError as exc:
+            log.debug("could not ask XNAT who is logged in: %s", exc)
+            return False
+        with resp:
+            if resp.status_code == 401 or looks_like_login_page(resp):
+                return True
+            name = _user_of(resp.text) if resp.status_code == 200 else None
+        if name is None:
+            return False
+        if name.lower() == GUEST_USER:
+            return True
+        self._proven_at = time.monotonic()
+        return False
 
     @staticmethod
     def _rewind(body: Any) -> None:
@@ -459,10 +546,17 @@ class XnatClient:
     # -- who and tokens ------------------------------------------------------------------
     def whoami(self) -> str:
         """The XNAT user name of this session (``GET /data/auth``)."""
-        text = self.request("GET", "/data/auth", "who is logged in").text.strip()
-        if text.startswith("User '") and "'" in text[6:]:
-            return text[6 : text.index("'", 6)]
-        raise XnatServerError(f"unexpected answer from /data/auth: {text[:80]}")
+        for attempt in range(2):
+            text = self.request("GET", "/data/auth", "who is logged in").text
+            name = _user_of(text)
+            if name is None:
+                raise XnatServerError(f"unexpected answer from /data/auth: {text.strip()[:80]}")
+            if name.lower() != GUEST_USER or self.credentials is None or attempt:
+                return name
+            # A site with guest access serves a dead session as its guest: log in once.
+            log.info("XNAT took the session for its guest user (it expired); logging in again")
+            self.login()
+        raise AssertionError("unreachable")
 
     def issue_token(self) -> dict[str, Any]:
         """A new alias token for the logged-in user (alias, secret, estimatedExpirationTime)."""
@@ -502,6 +596,30 @@ class XnatClient:
         # The alias alone identifies the token (XNAT looks it up without checking the secret),
         # so the secret never travels in a URL, where access logs would keep it.
         self.request("GET", f"/data/services/tokens/invalidate/{alias}", "invalidating the token")
+
+
+def _user_of(text: str) -> str | None:
+    """The user of ``GET /data/auth``'s "User 'alice' is logged in", or None."""
+    text = text.strip()
+    if text.startswith("User '") and "'" in text[6:]:
+        return text[6 : text.index("'", 6)]
+    return None
+
+
+def _who(creds: Secret) -> str:
+    return (creds.owner or creds.user) if creds.is_token else creds.user
+
+
+def _credential_kind(creds: Secret) -> str:
+    return "alias token" if creds.is_token else "credentials"
+
+
+def _when(epoch: float, now: float | None = None) -> str:
+    """'at 10:02 UTC' today, 'on 2026-12-06 at 10:02 UTC' before."""
+    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    today = datetime.fromtimestamp(time.time() if now is None else now, tz=timezone.utc)
+    clock = moment.strftime("%H:%M UTC")
+    return f"at {clock}" if moment.date() == today.date() else f"on {moment:%Y-%m-%d} at {clock}"
 
 
 _NUMERIC_KEYS = {
