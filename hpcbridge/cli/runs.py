@@ -539,9 +539,9 @@ def _sync_active(ctx: click.Context, watch: bool, interval: float | None, accept
         if not active:
             break
         for run in active:
-            if not given and run.profile != base.profile:
-                root.meta["settings"] = settings_for(ctx, run.profile)
             try:
+                if not given and run.profile != base.profile:
+                    root.meta["settings"] = settings_for(ctx, run.profile)
                 data, report = _sync_run(
                     ctx, run.id, watch=False, interval=None, accept=accept, wait=False,
                     tell_busy=run.id not in told,

@@ -326,3 +326,22 @@ def test_runs_lists_the_runs_newest_first(xnat: Xnat, isolated_home: Path, tmp_p
     active = json.loads(cli("--json", "runs", "--active").stdout)
     assert [r["id"] for r in active] == [1]
     assert [r["id"] for r in json.loads(cli("--json", "runs", "--all").stdout)] == [2, 1]
+
+
+def test_run_wait_waits_for_a_busy_run_and_then_follows_it_to_the_end(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path, bridge: Callable[..., Bridge]
+) -> None:
+    recipe = listing_recipe(tmp_path)
+    args = ["run", "listing", "PTV000", "--scan-type", "*T1*", *recipe]
+    assert cli(*args).exit_code == 0
+    path = plant(1, host=HOST, pid=os.getpid())  # a cron pass at work, say
+    waiting = bridge(*args, "--wait", *FAST)
+    line = waiting.wait_for(r"is busy")
+    busy = BUSY.format(run=1, command="sync", host=re.escape(HOST), pid=os.getpid())
+    assert re.fullmatch(busy.replace(r"\S+", "alice") + "; waiting\n", line), line
+    time.sleep(1)
+    assert status_json(1)["run"]["state"] == "active"  # nothing moved while it waited
+    path.unlink()
+    assert waiting.proc.wait(timeout=WAIT_LIMIT) == 0
+    assert states(status_json(1)) == dict.fromkeys(T1_SCANS, "uploaded")
+    assert not path.exists()
