@@ -26,12 +26,13 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
@@ -55,7 +56,9 @@ __all__ = [
     "Ledger",
     "Run",
     "RunState",
+    "backup_folder",
     "filesystem_type",
+    "ledger_backups",
     "ledger_path",
 ]
 
@@ -359,6 +362,53 @@ def ledger_path(settings: Settings) -> Path:
     return Path(settings.home) / "ledger.sqlite"
 
 
+def backup_folder(path: str | os.PathLike[str]) -> Path:
+    """Where the daily copies of the ledger at ``path`` are kept: ``ledger-backups`` beside
+    ``ledger.sqlite``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-backups")
+
+
+def _backup_name(path: Path, day: str) -> str:
+    return f"{path.stem}-{day}{path.suffix}"
+
+
+def ledger_backups(path: str | os.PathLike[str]) -> list[Path]:
+    """The daily copies of the ledger at ``path``, oldest first (their names hold the UTC day
+    each was made)."""
+    path = Path(path)
+    folder = backup_folder(path)
+    pattern = re.compile(re.escape(path.stem) + r"-\d{4}-\d{2}-\d{2}" + re.escape(path.suffix))
+    try:
+        names = [entry.name for entry in os.scandir(folder) if entry.is_file()]
+    except OSError:  # no folder yet, or unreadable: either way there is no copy to offer
+        return []
+    return [folder / name for name in sorted(names) if pattern.fullmatch(name)]
+
+
+def _before_cp(leftovers: list[str]) -> str:
+    # A journal or WAL left by the lost file would be replayed into the copy put back (a new
+    # ledger removes them itself).
+    return f"; before the `cp`, delete {' and '.join(leftovers)}" if leftovers else ""
+
+
+def _tables_made_by(version: int) -> set[str]:
+    """The tables the first ``version`` migrations leave, so a ledger at that version that
+    lacks one is known to be damaged rather than failing later on a query."""
+    tables: set[str] = set()
+    name = r"[\"`\[]?(\w+)[\"`\]]?"
+    for script in MIGRATIONS[:version]:
+        for statement in _statements(re.sub(r"--[^\n]*", "", script)):
+            if m := re.match(rf"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?{name}", statement, re.I):
+                tables.add(m.group(1).lower())
+            elif m := re.match(rf"DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?{name}", statement, re.I):
+                tables.discard(m.group(1).lower())
+            elif m := re.match(rf"ALTER\s+TABLE\s+{name}\s+RENAME\s+TO\s+{name}", statement, re.I):
+                tables.discard(m.group(1).lower())
+                tables.add(m.group(2).lower())
+    return tables
+
+
 def filesystem_type(path: Path) -> str | None:
     """The type of the file system holding ``path`` (Linux), or None when it cannot be told."""
     try:
@@ -394,6 +444,11 @@ class Ledger:
     ``busy_timeout`` bounds waiting for SQLite's own lock; in ``nfs`` mode ``lock_timeout``
     bounds waiting for the lock file, and a lock file older than ``stale_after`` seconds or
     whose holder is a dead process on this host is taken over.
+
+    The first write of a UTC day (by ``clock``) leaves a checked copy of the ledger in
+    :func:`backup_folder`, which keeps the newest ``keep_backups`` (0: no copies). An empty or
+    damaged ledger file is refused with a :class:`~hpcbridge.errors.LedgerError` naming the
+    last good copy, and never written over.
     """
 
     def __init__(
@@ -404,6 +459,8 @@ class Ledger:
         busy_timeout: float = 30.0,
         lock_timeout: float = 60.0,
         stale_after: float = 600.0,
+        keep_backups: int = 3,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if mode not in MODES:
             raise LedgerError(f"unknown ledger mode {mode!r}", hint="wal, or nfs on NFS")
@@ -413,12 +470,16 @@ class Ledger:
         self.busy_timeout = busy_timeout
         self.lock_timeout = lock_timeout
         self.stale_after = stale_after
+        self.keep_backups = keep_backups
+        self._clock = clock
+        self._backup_tried = keep_backups < 1
         self._mutex = threading.RLock()
         self._depth = 0
         self._conn: sqlite3.Connection | None = None
         self._lock_content: str | None = None
         self._closed = False
         self._create_file()
+        self._found_beside = self._leftovers()
         if mode == "wal":
             fstype = filesystem_type(self.path.parent)
             if fstype and fstype.split(".")[-1] in _NETWORK_FS:
@@ -460,23 +521,122 @@ class Ledger:
     # -- opening ----------------------------------------------------------------------------
 
     def _create_file(self) -> None:
+        """Make a new ledger if there is none; refuse an empty one.
+
+        A new ledger appears whole: made as a temporary file, then linked into place. So an
+        existing empty file is never one that hpcbridge was still creating: it is a ledger that
+        lost its content (a full disk, a bad copy, ``>`` in a shell), and starting afresh
+        over it would drop its history without a word.
+        """
+        try:
+            self._refuse_empty()
+            return
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise LedgerError(f"cannot read the ledger {self.path}: {exc.strerror}") from None
         parent = self.path.parent
         try:
             if not parent.is_dir():
                 parent.mkdir(parents=True, exist_ok=True)
                 parent.chmod(0o700)  # holds what was run on which data; nobody else's business
-            # SQLite gives its journal the database's permissions, so this covers those too.
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.close(fd)
-        except FileExistsError:
-            pass
         except OSError as exc:
             raise LedgerError(f"cannot create the ledger {self.path}: {exc.strerror}") from None
+        # Creators take the lock file so that none of them removes what another just made.
+        self._acquire_lock()
+        try:
+            if not self.path.exists():
+                self._make_new_file()
+        except OSError as exc:
+            raise LedgerError(f"cannot create the ledger {self.path}: {exc.strerror}") from None
+        finally:
+            self._release_lock()
+        self._refuse_empty()
+
+    def _make_new_file(self) -> None:
+        prefix = f".{self.path.name}.new-"
+        for entry in os.scandir(self.path.parent):
+            if entry.name.startswith(prefix):  # a creator killed half-way; we hold the lock
+                Path(entry.path).unlink(missing_ok=True)
+        # A journal or WAL whose database is gone would be replayed into the new file.
+        for suffix in ("-wal", "-journal", "-shm"):
+            orphan = self.path.with_name(self.path.name + suffix)
+            if orphan.exists():
+                log.warning("removing %s: the ledger it belonged to no longer exists", orphan)
+                orphan.unlink(missing_ok=True)
+        temp = self.path.with_name(f".{self.path.name}.new-{secrets.token_hex(4)}")
+        # SQLite gives its journal the database's permissions, so this covers those too.
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            conn = sqlite3.connect(temp, isolation_level=None)
+            try:
+                # Writes the header, so the file is a database (of schema version 0, which
+                # _setup migrates) from the moment it has the ledger's name.
+                conn.execute("PRAGMA user_version = 0")
+            finally:
+                conn.close()
+            try:
+                os.link(temp, self.path)  # unlike rename, never replaces a file made meanwhile
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                os.rename(temp, self.path)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _refuse_empty(self) -> None:
+        """Raise if the ledger file is empty; FileNotFoundError if there is none."""
+        if self.path.stat().st_size > 0:
+            return
+        backups = ledger_backups(self.path)
+        if backups:
+            raise LedgerError(
+                f"the ledger {self.path} is empty (0 bytes) but this machine has used it "
+                "before; refusing to start a new one over it",
+                hint=f"the last good copy is {backups[-1]}: `cp` it back, or move the empty file "
+                f"away to start afresh{_before_cp(self._leftovers())}",
+            )
+        raise LedgerError(
+            f"the ledger {self.path} is empty (0 bytes): what it held is lost; refusing to "
+            "start a new one over it",
+            hint=f"there is no copy of it in {backup_folder(self.path)}: move the empty file "
+            "away to start afresh",
+        )
+
+    def _leftovers(self) -> list[str]:
+        """The journal and WAL beside the ledger; called while this object has no connection
+        open, so they are not its own."""
+        beside = [self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-journal")]
+        return [str(p) for p in beside if p.exists()]
+
+    def _damaged(self, reason: object) -> LedgerError:
+        backups = ledger_backups(self.path)
+        # Those there before this object connected, and still there: SQLite drops a WAL it
+        # finds nothing in when it closes.
+        leftovers = [name for name in self._found_beside if os.path.exists(name)]
+        if not backups:
+            return LedgerError(
+                f"the ledger {self.path} cannot be used: {reason}",
+                hint="if it is not a ledger or is damaged, move it aside to start a new one",
+            )
+        return LedgerError(
+            f"the ledger {self.path} cannot be used: {reason}",
+            hint=f"it is damaged or not a ledger; the last good copy is {backups[-1]}: `cp` it "
+            f"back, or move the damaged file away to start afresh{_before_cp(leftovers)}",
+        )
 
     def _connect(self) -> sqlite3.Connection:
+        # nfs mode connects for every operation: the file may have been emptied or removed
+        # since the last one, and SQLite would take either for a new, empty database.
+        try:
+            self._refuse_empty()
+        except OSError as exc:
+            raise LedgerError(f"cannot open the ledger {self.path}: {exc.strerror}") from None
         with self._errors():
             conn = sqlite3.connect(
-                self.path,
+                # mode=rw: never create it; a missing ledger here was removed while in use.
+                f"{self.path.absolute().as_uri()}?mode=rw",
+                uri=True,
                 timeout=self.busy_timeout,
                 isolation_level=None,  # we say where transactions begin and end
                 check_same_thread=False,  # self._mutex serialises threads instead
@@ -499,6 +659,9 @@ class Ledger:
                     f"{version}, this one knows up to {len(MIGRATIONS)}); upgrade hpcbridge",
                     hint="pip install --upgrade hpcbridge, or set `ledger` to another file",
                 )
+            self._check_whole(conn, version)
+            if 0 < version < len(MIGRATIONS):
+                self._backup(conn)  # an upgrade is the riskiest write a ledger sees
             wanted = "wal" if self.mode == "wal" else "delete"
             got = conn.execute(f"PRAGMA journal_mode = {wanted}").fetchone()[0]
             if str(got).lower() != wanted:
@@ -512,6 +675,66 @@ class Ledger:
                         for statement in _statements(MIGRATIONS[number - 1]):
                             tx.execute(statement)
                         tx.execute(f"PRAGMA user_version = {number}")
+
+    def _check_whole(self, conn: sqlite3.Connection, version: int) -> None:
+        """Refuse a ledger that lacks a table of its schema version before anything writes to
+        it (a ledger cut short, SQLite refuses by itself on the first read)."""
+        present = {
+            str(row[0]).lower()
+            for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        missing = sorted(_tables_made_by(version) - present)
+        if missing:
+            raise self._damaged(
+                f"it has no table {', '.join(missing)}, which its schema (version {version}) has"
+            )
+
+    def _backup(self, conn: sqlite3.Connection) -> None:
+        """Copy the ledger into the backup folder unless today's copy is there, then keep the
+        newest ``keep_backups``. Never fails the operation: a backup is a precaution."""
+        if self._backup_tried:
+            return
+        self._backup_tried = True
+        day = time.strftime("%Y-%m-%d", time.gmtime(self._clock()))
+        folder = backup_folder(self.path)
+        final = folder / _backup_name(self.path, day)
+        existing = ledger_backups(self.path)
+        # Names sort by day; a newer one means the clock went back, and that copy stays.
+        if existing and existing[-1].name >= final.name:
+            return
+        temp = folder / f".{final.name}.new-{secrets.token_hex(4)}"
+        try:
+            if not folder.is_dir():
+                folder.mkdir(exist_ok=True)
+                folder.chmod(0o700)  # as private as the ledger it copies
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            copy = sqlite3.connect(temp, isolation_level=None)
+            try:
+                conn.backup(copy)
+                # The copy is put back with `cp`: in rollback mode it needs no -wal beside it.
+                copy.execute("PRAGMA journal_mode = delete")
+                # The backup API copies pages as they are, so a damaged ledger gives a damaged
+                # copy: checked here, it never joins (or rotates away) the good ones.
+                verdict = [row[0] for row in copy.execute("PRAGMA quick_check")]
+            finally:
+                copy.close()
+            if verdict != ["ok"]:
+                log.warning(
+                    "the ledger %s fails SQLite's quick_check (%s); not backed up, the last good "
+                    "copy stays %s",
+                    self.path,
+                    "; ".join(verdict[:3]),
+                    existing[-1] if existing else "(none)",
+                )
+                return
+            os.replace(temp, final)
+            for old in ledger_backups(self.path)[: -self.keep_backups]:
+                old.unlink(missing_ok=True)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not back up the ledger %s to %s: %s", self.path, folder, exc)
+        finally:
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
 
     # -- transactions and the lock file ------------------------------------------------------
 
@@ -528,10 +751,7 @@ class Ledger:
                 ) from None
             raise LedgerError(f"the ledger {self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
-            raise LedgerError(
-                f"the ledger {self.path} cannot be used: {exc}",
-                hint="if it is not a ledger or is damaged, move it aside to start a new one",
-            ) from exc
+            raise self._damaged(exc) from exc
 
     @contextlib.contextmanager
     def _session(self) -> Iterator[sqlite3.Connection]:
@@ -573,6 +793,10 @@ class Ledger:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
+            # After the day's first write, not before: the copy then holds today's work too.
+            # Not within _setup's migrations (nested, depth 2), which back up before they run.
+            if write and self._depth == 1:
+                self._backup(conn)
 
     def _acquire_lock(self) -> None:
         lock = self.lock_path

@@ -102,7 +102,11 @@ def test_a_new_ledger_gets_the_schema_and_private_permissions(path: Path, mode: 
 
 
 def test_an_existing_empty_database_at_version_0_is_migrated(path: Path) -> None:
-    sqlite3.connect(path).close()
+    # A database with no tables yet, but a database: a 0-byte file is a lost ledger, refused.
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 0")  # writes the header
+    conn.close()
+    assert path.stat().st_size > 0
     assert user_version(path) == 0
     with Ledger(path) as ledger:
         assert ledger.runs() == []
