@@ -10,8 +10,8 @@ without one the session is ended (``DELETE /data/JSESSION``) on close.
 
 An XNAT that allows guests never answers 401 for a dead session: it serves the request as its
 guest user, who sees no private project (404) and may change nothing (403). So a 403 or 404 on a
-session that was not opened for this very request costs one ``GET /data/auth``, and if that names
-the guest, a new login and the request again.
+session not proven ours in the last minute (by its login or by this check) costs one
+``GET /data/auth``, and if that names the guest, a new login and the request again, once.
 
 Logins that XNAT refuses are recorded (``LoginRefusals``), and the same secret is not sent again
 until ``hpcbridge login`` succeeds: XNAT locks an account after some failed logins in a row, and
@@ -264,7 +264,6 @@ class XnatClient:
                     f"{self.base} {_when(refused.refused_at)}; not trying again, to keep XNAT "
                     "from locking the account",
                     hint=LOGIN_HINT,
-                    status=401,
                     url=self.base,
                 )
         self._warn_clear_text()
