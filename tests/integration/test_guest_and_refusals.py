@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,9 +100,39 @@ def test_sandbox_without_guest_mode_still_answers_401(sandbox: SandboxServer) ->
     assert requests.get(sandbox.url + "/data/auth", timeout=10).status_code == 401
 
 
-def test_sandbox_serve_has_a_guest_access_option() -> None:
-    result = CliRunner().invoke(main, ["sandbox", "serve", "--help"])
-    assert "--guest-access" in result.output
+def test_sandbox_serve_guest_access_with_a_short_session_timeout(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hpcbridge sandbox serve --guest-access --session-timeout 1`, as a user would run it."""
+    ready = tmp_path / "ready.json"
+    serve = [sys.executable, "-m", "hpcbridge", "sandbox", "serve", "--seed", "demo"]
+    serve += ["--guest-access", "--session-timeout", "1", "--port", "0"]
+    proc = subprocess.Popen([*serve, "--ready-file", str(ready)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        url = json.loads(ready.read_text())["url"]
+        guest = requests.get(url + "/data/auth", timeout=10)
+        assert (guest.status_code, guest.text) == (200, "User 'guest' is logged in")
+        monkeypatch.setenv("HPCBRIDGE_XNAT", url)
+        monkeypatch.setenv("HPCBRIDGE_USER", "admin")
+        monkeypatch.setenv("HPCBRIDGE_PASSWORD", "admin")
+        assert cli("ls", "PTV000").exit_code == 0
+        time.sleep(1.5)  # the cached session dies; the sandbox now takes it for the guest
+        dead = requests.get(
+            url + "/data/projects/PTV000/subjects",
+            cookies={"JSESSIONID": cached_session(cli.home)},
+            timeout=10,
+        )
+        assert dead.status_code == 404
+        result = cli("ls", "PTV000/Haofei01/Haofei01_MR1")
+        assert result.exit_code == 0, result.output
+        assert re.search(r"^4\s", result.output, re.M), result.output
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 # -- item 7: a dead session on a site with guest access --------------------------------------
