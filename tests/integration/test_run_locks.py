@@ -36,8 +36,9 @@ from test_runs import (  # noqa: F401  (fixtures are found by name)
     write_recipe,
 )
 
-from hpcbridge import runlock
+from hpcbridge import runlock, runner
 from hpcbridge.config import load_settings
+from hpcbridge.errors import StageError
 from hpcbridge.ledger import Ledger
 from hpcbridge.runlock import lock_path
 
@@ -179,6 +180,17 @@ def test_a_lock_of_another_host_is_respected_until_it_is_older_than_the_limit(
         + "; skipped\n",
         busy.stderr,
     ), busy.stderr
+    as_json = cli("--json", "sync", "1")
+    assert as_json.exit_code == 0, as_json.output
+    holder = json.loads(as_json.stdout)["busy"]
+    assert json.loads(as_json.stdout) == {"run": 1, "busy": holder}
+    assert holder == {
+        "command": "sync",
+        "user": "alice",
+        "host": "login2.example.org",
+        "pid": 999999,
+        "since": holder["since"],
+    }
     assert delta(before, xnat.stats()).get("PUT", 0) == 0
     assert states(status_json(1)) == dict.fromkeys(T1_SCANS, "submitted")
 
@@ -219,6 +231,46 @@ def test_retry_and_cancel_wait_a_little_then_name_who_holds_the_run(
     path.unlink()
     assert cli("cancel", "--run", "1").exit_code == 0
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "line"),
+    [
+        (StageError("the disk is full"), 1, "hpcbridge: error: the disk is full"),
+        (KeyboardInterrupt(), 130, "hpcbridge: error: interrupted"),
+    ],
+    ids=["error", "ctrl-c"],
+)
+def test_the_lock_is_released_when_a_pass_fails(
+    xnat: Xnat,
+    isolated_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: BaseException,
+    code: int,
+    line: str,
+) -> None:
+    recipe = listing_recipe(tmp_path)
+    assert cli("run", "listing", "PTV000", "--scan-type", "*T1*", *recipe).exit_code == 0
+    held = []
+
+    def failing(*args: object, **kwargs: object) -> None:
+        held.append(lock_path(load_settings(), 1).exists())
+        raise raised
+
+    monkeypatch.setattr(runner, "sync", failing)
+    for args in (["sync", "1"], ["sync"], ["retry", "1"]):
+        if args[0] == "retry":
+            with Ledger.for_settings(load_settings()) as ledger:
+                ledger.transition(ledger.jobs(1)[0].id, "failed", last_error="test")
+        failed = cli(*args)
+        assert failed.exit_code == (1 if args == ["sync"] and code == 1 else code), failed.output
+        assert "Traceback" not in failed.stderr
+        assert failed.stderr.splitlines()[-1].startswith(
+            line.replace("error: ", "error: run 1: ") if args == ["sync"] and code == 1 else line
+        ), failed.stderr
+        assert not lock_path(load_settings(), 1).exists()
+    assert held == [True, True, True]
 
 
 # --- sync without a run id ---------------------------------------------------------------------
