@@ -472,7 +472,7 @@ class Ledger:
         self.stale_after = stale_after
         self.keep_backups = keep_backups
         self._clock = clock
-        self._backup_tried = keep_backups < 1
+        self._backup_day: str | None = None  # the UTC day this object last looked
         self._mutex = threading.RLock()
         self._depth = 0
         self._conn: sqlite3.Connection | None = None
@@ -692,10 +692,11 @@ class Ledger:
     def _backup(self, conn: sqlite3.Connection) -> None:
         """Copy the ledger into the backup folder unless today's copy is there, then keep the
         newest ``keep_backups``. Never fails the operation: a backup is a precaution."""
-        if self._backup_tried:
-            return
-        self._backup_tried = True
         day = time.strftime("%Y-%m-%d", time.gmtime(self._clock()))
+        # Once a day per object, so a `sync --watch` that runs for a week copies every day.
+        if self.keep_backups < 1 or day == self._backup_day:
+            return
+        self._backup_day = day
         folder = backup_folder(self.path)
         final = folder / _backup_name(self.path, day)
         existing = ledger_backups(self.path)

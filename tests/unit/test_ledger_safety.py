@@ -297,6 +297,20 @@ def test_a_copy_is_made_at_most_once_a_day_and_the_last_three_are_kept(
         assert copy.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2 * 2 * 2 + 1
 
 
+def test_a_ledger_open_for_days_is_copied_every_day(path: Path, mode: str) -> None:
+    path.parent.mkdir()
+    day = 0
+    with Ledger(path, mode=mode, clock=lambda: on_day(day)()) as ledger:
+        for day in range(3):  # noqa: B007  (the clock reads it)
+            add_run(ledger, jobs=1)
+            add_run(ledger, jobs=1)
+    assert [p.name for p in ledger_backups(path)] == [
+        "ledger-2026-12-07.sqlite",
+        "ledger-2026-12-08.sqlite",
+        "ledger-2026-12-09.sqlite",
+    ]
+
+
 def test_reading_makes_no_copy(path: Path, mode: str) -> None:
     used_ledger(path, mode)
     shutil.rmtree(backup_folder(path))
