@@ -43,6 +43,7 @@ def demo_command(ctx: click.Context, interval: float) -> None:
     """
     from ..jobs import open_scheduler, open_transport
     from ..ledger import Ledger
+    from ..runlock import RunLock
     from ..runner import RunRequest, start_run, wait_run
     from ..sandbox.control import SandboxPaths, start
     from ..schedulers.local import job_search_path
@@ -71,16 +72,19 @@ def demo_command(ctx: click.Context, interval: float) -> None:
                 "with dcm2niix on the local scheduler"
             )
             transport = open_transport(settings)
+            # A cron `sync` moves the demo's run too: one of the two at a time.
+            lock = RunLock.for_settings(settings, plan.run.id, command="demo")
             try:
-                report = wait_run(
-                    settings,
-                    client,
-                    ledger,
-                    open_scheduler(settings, transport),
-                    plan.run,
-                    interval=interval,
-                    on_event=lambda text: say(f"  {text}"),
-                )
+                with lock.acquire(wait=None):
+                    report = wait_run(
+                        settings,
+                        client,
+                        ledger,
+                        open_scheduler(settings, transport),
+                        plan.run,
+                        interval=interval,
+                        on_event=lambda text: say(f"  {text}"),
+                    )
             finally:
                 transport.close()
         else:
