@@ -549,6 +549,8 @@ class Ledger:
                 self._make_new_file()
         except OSError as exc:
             raise LedgerError(f"cannot create the ledger {self.path}: {exc.strerror}") from None
+        except sqlite3.Error as exc:  # such as a full disk while writing the header
+            raise LedgerError(f"cannot create the ledger {self.path}: {exc}") from None
         finally:
             self._release_lock()
         self._refuse_empty()

@@ -11,6 +11,7 @@ import stat
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -137,6 +138,26 @@ def test_a_journal_left_by_a_removed_ledger_is_not_replayed_into_a_new_one(
     assert f"removing {path}-wal" in caplog.text
     with closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_ledger_that_cannot_be_created_leaves_nothing_behind(
+    path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path.parent.mkdir()
+    connect = sqlite3.connect
+
+    def full_disk(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if ".new-" in str(database):
+            raise sqlite3.OperationalError("database or disk is full")
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", full_disk)
+    with pytest.raises(LedgerError, match="cannot create the ledger .*: database or disk is full"):
+        Ledger(path, mode=mode)
+    assert list(path.parent.iterdir()) == []
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    with Ledger(path, mode=mode) as ledger:
+        assert ledger.runs() == []
 
 
 # -- an emptied ledger ----------------------------------------------------------------------------
