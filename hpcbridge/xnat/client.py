@@ -535,12 +535,23 @@ class XnatClient:
         self, path: str, what: str, params: Mapping[str, str] | None = None
     ) -> list[dict[str, Any]]:
         """The rows of a ResultSet listing, with XNAT's string numbers turned into ints."""
-        data = self.get_json(path, what, params)
+        rows = self._rows(self.get_json(path, what, params), what)
+        if not rows and self.credentials is not None and not self._trusted():
+            # The guest sees empty listings (no projects, no experiments of a private one)
+            # where others see a 404, so an empty answer is checked like a 404.
+            if self._session_lost():
+                log.info("XNAT took the session for its guest user (it expired); logging in again")
+                self.login()
+                rows = self._rows(self.get_json(path, what, params), what)
+        return [{k: _number(k, v) for k, v in row.items()} for row in rows]
+
+    @staticmethod
+    def _rows(data: Any, what: str) -> list[dict[str, Any]]:
         try:
             rows = data["ResultSet"]["Result"]
         except (KeyError, TypeError):
             raise XnatServerError(f"XNAT's answer for {what} has no ResultSet") from None
-        return [{k: _number(k, v) for k, v in row.items()} for row in rows]
+        return list(rows)
 
     # -- who and tokens ------------------------------------------------------------------
     def whoami(self) -> str:

@@ -167,6 +167,28 @@ def test_a_session_ended_on_the_server_is_replaced_after_one_look(
     assert all(user == USER for _, _, user, _ in log[2:])
 
 
+def test_an_empty_listing_on_a_dead_session_is_checked_like_a_404(
+    cli: Cli, make_sandbox, monkeypatch: pytest.MonkeyPatch, isolated_home: Path
+) -> None:
+    """The guest sees no project at all: 200 and an empty list, not a 404."""
+    server = guest_site(make_sandbox)
+    use_password(monkeypatch, server, PASSWORD)
+    assert cli("ls", "PTV000").exit_code == 0
+    server.authority.close_session(cached_session(isolated_home))
+    server.app.request_log.clear()
+
+    result = cli("ls")
+
+    assert result.exit_code == 0, result.output
+    assert "PTV000" in result.output
+    assert [(e[0], e[1], e[2]) for e in server.request_log] == [
+        ("GET", "/data/projects", "guest"),
+        ("GET", "/data/auth", "guest"),
+        ("POST", "/data/JSESSION", USER),
+        ("GET", "/data/projects", USER),
+    ]
+
+
 def test_an_idle_expired_session_is_replaced_and_whoami_is_not_guest(
     cli: Cli, make_sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:

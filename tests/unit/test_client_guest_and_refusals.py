@@ -193,3 +193,15 @@ def test_trust_lasts_at_most_half_the_servers_idle_timeout(
                 with pytest.raises(XnatNotFoundError):
                     client.request("GET", PATH, "x")
         assert auth.call_count == 1
+
+
+def test_an_empty_listing_on_a_reused_session_is_checked_once(tmp_path: Path) -> None:
+    empty = {"ResultSet": {"Result": []}}
+    with requests_mock.Mocker() as m:
+        login = m.post(f"{URL}/data/JSESSION", text="NEW", cookies={"JSESSIONID": "NEW"})
+        auth = m.get(f"{URL}/data/auth", text="User 'alice' is logged in")
+        m.get(f"{URL}/data/projects", json=empty)
+        with reused(tmp_path) as client:
+            assert client.listing("/data/projects", "projects") == []
+            assert client.listing("/data/projects", "projects") == []  # proven: no look
+        assert (auth.call_count, login.call_count) == (1, 0)
