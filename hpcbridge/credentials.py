@@ -15,6 +15,7 @@ and an atomic rename, in a 0700 folder, so a crash never leaves a half-written c
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import hmac
 import json
@@ -24,7 +25,8 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,6 +262,60 @@ class SessionCache:
 
     def delete(self, url: str, user: str) -> None:
         self._path(url, user).unlink(missing_ok=True)
+
+    @contextmanager
+    def renewal(self, url: str, user: str, stale: str | None) -> Iterator[str | None]:
+        """Held while this process opens the session that its siblings will share.
+
+        Many processes share the cache (a chain's transfer jobs start together, and all find a
+        session dead at once when XNAT times it out). Without this each would open a session
+        of its own, and all but the last saved would live on unused until XNAT times them out:
+        hundreds of jobs could fill the user's session limit. The first to get here logs in;
+        the others wait and then get the session it saved (anything cached but ``stale``,
+        the one the caller found dead), or None when it is still theirs to log in, with the
+        lock held until they leave. Where the file system has no locks, or a holder takes
+        longer than ``RENEWAL_WAIT``, each process logs in on its own, as without a cache.
+        """
+        fd = _lock(self._path(url, user).with_suffix(".lock"))
+        try:
+            current = self.get(url, user)
+            yield current if current and current != stale else None
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
+
+#: How long a process waits for a sibling that is logging in (a login takes a second or so).
+RENEWAL_WAIT = 30.0
+#: flock's answers on a file system that does not lock (some Lustre and NFS mounts).
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive lock on ``path``, or None without one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.debug("logging in without the session lock %s: %s", path, exc)
+        return None
+    deadline = time.monotonic() + RENEWAL_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                log.debug("%s is held too long; logging in without it", path)
+                break
+            time.sleep(0.05)
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                log.debug("logging in without the session lock %s: %s", path, exc)
+            break
+    os.close(fd)
+    return None
 
 
 def _private(path: Path) -> bool:

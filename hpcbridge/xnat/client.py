@@ -245,7 +245,23 @@ class XnatClient:
             log.debug("reusing the cached XNAT session")
             self._use_session(cached)
         else:
+            self._renew(adopt=True)
+
+    def _renew(self, *, adopt: bool) -> bool:
+        """A new session for a missing or dead one: with ``adopt``, the one a sibling sharing
+        the session cache has just opened, if it has (True); else a login (False). See
+        SessionCache.renewal: a chain's jobs that find the session dead together open one."""
+        creds = self.credentials
+        if self.session_cache is None or creds is None:
             self.login()
+            return False
+        with self.session_cache.renewal(self.base, creds.user, self.session_id) as newer:
+            if adopt and newer:
+                log.debug("using the XNAT session another process has just opened")
+                self._use_session(newer)
+                return True
+            self.login()
+            return False
 
     def login(self, *, retry_refused: bool = False) -> None:
         """Open a server session with the credentials (the only request that sends them).
@@ -459,7 +475,18 @@ class XnatClient:
         """The request once more, on a new session."""
         resp.close()
         self._rewind(kwargs.get("data"))
-        self.login()
+        if self._renew(adopt=True):
+            resp = self._send(method, path, **kwargs)
+            if not (
+                resp.status_code == 401
+                or looks_like_login_page(resp)
+                or (resp.status_code in (403, 404) and self._session_lost())
+            ):
+                return resp
+            # the sibling's session is gone too: a login of this process's own
+            resp.close()
+            self._rewind(kwargs.get("data"))
+            self._renew(adopt=False)
         return self._send(method, path, **kwargs)
 
     def _trusted(self) -> bool:

@@ -34,18 +34,19 @@ PROJECT = "PTV000"
 SESSIONS = [(f"Haofei0{n}", f"Haofei0{n}_MR1") for n in (1, 2, 3)]
 SCANS = {"1": "1-Localizer", "4": "4-Ax_3D_T1", "5": "5-ep2d_bold__rest_"}
 ROUNDS = 3
-STAGE_OUTS = 12  # per round, beside 9 scans' stage-ins and 3 repeated ones
-#: Seconds after the barrier at which every server session is ended, one after the other.
-SESSION_ENDS = (0.4, 0.8)
-PROCESS_LIMIT = 40.0  # seconds a round may take, a bound far above a normal round
+STAGE_OUTS = 9  # per round, beside 9 scans' stage-ins and 3 repeated ones
+#: Seconds after the barrier at which every server session is ended the first time.
+SESSION_END_DELAY = 0.3
+TIME_LIMIT = 50.0  # seconds all rounds may take, far above what they need
 
-# Waits for the barrier with hpcbridge's CLI already imported, then runs it as `hpcbridge`
-# would: the race is between the commands' work, not their start-up.
+# Says it is ready with hpcbridge's CLI imported, waits for the barrier, then runs the CLI as
+# `hpcbridge` would: the race is between the commands' work, not their start-up.
 LAUNCHER = """
 import os, sys, time
 from hpcbridge.cli import main
 import hpcbridge.stagein, hpcbridge.outputs, hpcbridge.stageout, hpcbridge.xnat
 barrier = sys.argv[1]
+open(f"{barrier}.ready-{os.getpid()}", "w").close()
 while not os.path.exists(barrier):
     time.sleep(0.002)
 sys.argv = ["hpcbridge", *sys.argv[2:]]
@@ -91,16 +92,28 @@ def _spec(folder: Path, index: int) -> Path:
     return spec
 
 
-def _end_sessions(server: Any, stop: threading.Event) -> None:
-    """End every live server session twice during a round, as an XNAT that times sessions out
-    does: jobs then find the session they share dead, and renew it all at once. (Not more
-    often: a session ended between a job's new login and its retried request fails the job
-    rightly, as a client re-authenticates once per request.)"""
-    for delay in SESSION_ENDS:
-        if stop.wait(delay):
-            return
-        for sid in list(server.authority.sessions):
-            server.authority.close_session(sid)
+def _end_sessions(server: Any, procs: list[subprocess.Popen[str]], stop: threading.Event) -> None:
+    """End every live server session a few times during a round (soon after the start, and
+    when a third and two thirds of the jobs have ended), as an XNAT that times sessions out
+    does: the jobs still working find the session they share dead, and renew it at once. (Not
+    more often: a session ended between a job's new login and its retried request fails the
+    job rightly, as a client re-authenticates once per request.)"""
+    marks = [len(procs) // 3, 2 * len(procs) // 3]
+    if stop.wait(SESSION_END_DELAY):
+        return
+    ends = 1
+    _end_all(server)
+    while not stop.wait(0.01) and marks:
+        if sum(p.poll() is not None for p in procs) >= marks[0]:
+            marks.pop(0)
+            _end_all(server)
+            ends += 1
+    server.session_ends = getattr(server, "session_ends", 0) + ends
+
+
+def _end_all(server: Any) -> None:
+    for sid in list(server.authority.sessions):
+        server.authority.close_session(sid)
 
 
 def test_many_transfer_jobs_at_once_share_a_work_root_and_chain_folder(
@@ -116,6 +129,8 @@ def test_many_transfer_jobs_at_once_share_a_work_root_and_chain_folder(
     bridge = [sys.executable, "-c", LAUNCHER]
     common = ["--config", str(home / "config.toml"), "--profile", "chain"]
     failures: list[str] = []
+    opened = server.authority.sessions_created  # the bridge's, issuing the token
+    deadline = time.monotonic() + TIME_LIMIT
     for round_no in range(ROUNDS):
         barrier = tmp_path / f"go-{round_no}"
         commands: list[list[str]] = []
@@ -146,25 +161,36 @@ def test_many_transfer_jobs_at_once_share_a_work_root_and_chain_folder(
             )
             for command in commands
         ]
-        time.sleep(1.0)  # let them import and reach the barrier
         stop = threading.Event()
-        killer = threading.Thread(target=_end_sessions, args=(server, stop), daemon=True)
-        barrier.touch()
-        killer.start()
-        deadline = time.monotonic() + PROCESS_LIMIT
+        killer = threading.Thread(target=_end_sessions, args=(server, procs, stop), daemon=True)
         try:
+            while len(list(tmp_path.glob(f"{barrier.name}.ready-*"))) < len(procs):
+                assert time.monotonic() < deadline, "the processes did not start in time"
+                assert all(p.poll() is None for p in procs), "a process ended before the barrier"
+                time.sleep(0.02)
+            barrier.touch()
+            killer.start()
             for command, proc in zip(commands, procs, strict=True):
                 out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
                 if proc.returncode != 0:
                     failures.append(f"round {round_no}: {' '.join(command[4:6])}: {err.strip()}")
         finally:
             stop.set()
-            killer.join()
+            if killer.is_alive():
+                killer.join()
             for proc in procs:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
         assert not failures, "\n".join(failures)
+        # The jobs shared their sessions: one opened at the start and one after each time
+        # XNAT ended them (a few more when a job adopts a session that dies at once), not
+        # one per job.
+        ends = getattr(server, "session_ends", 0)
+        new = server.authority.sessions_created - opened
+        assert new <= 2 * (ends + 1), f"{new} sessions for {len(procs)} jobs, ended {ends} times"
+        opened = server.authority.sessions_created
+        server.session_ends = 0
         for _subject, experiment in SESSIONS:
             for folder in SCANS.values():
                 staged = root / experiment / "scans" / folder / "resources" / "DICOM"
@@ -181,7 +207,7 @@ def test_many_transfer_jobs_at_once_share_a_work_root_and_chain_folder(
             ]
         # Every job cleaned up after itself, and nobody else's work.
         assert not (root / STAGING).exists() or not any((root / STAGING).rglob("*"))
-        leftovers = [p.name for p in (home / "sessions").iterdir() if p.suffix != ".json"]
+        leftovers = [p.name for p in (home / "sessions").iterdir() if p.suffix == ".part"]
         assert leftovers == []
         assert (home / "credentials.json").is_file()
         # The next round downloads again, into the same work root.

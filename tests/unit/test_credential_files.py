@@ -112,3 +112,48 @@ def test_a_session_that_cannot_be_saved_is_only_a_warning(
     assert "could not save the XNAT session for the next run: cannot write" in caplog.text
     with pytest.raises(CredentialError, match="cannot write"):
         write_private(blocker / "credentials.json", {})
+
+
+def test_processes_renewing_a_dead_session_at_once_open_one(tmp_path: Path) -> None:
+    cache = SessionCache.under(tmp_path)
+    cache.put(URL, "alice", "DEAD")
+    logins: list[str] = []
+    got: list[str] = []
+
+    def job(k: int) -> None:
+        with cache.renewal(URL, "alice", "DEAD") as newer:
+            if newer is None:
+                time.sleep(0.1)  # the login's round trip
+                logins.append(f"NEW{k}")
+                cache.put(URL, "alice", f"NEW{k}")
+                newer = f"NEW{k}"
+        got.append(newer)
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(logins) == 1
+    assert got == logins * 8
+    # a later process that finds the new one dead too logs in again
+    with cache.renewal(URL, "alice", logins[0]) as newer:
+        assert newer is None
+
+
+def test_without_locks_each_process_renews_on_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, how: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cache = SessionCache.under(tmp_path)
+    with cache.renewal(URL, "alice", None) as newer:
+        assert newer is None
+    cache.put(URL, "alice", "ABC")
+    with cache.renewal(URL, "alice", None) as newer:
+        assert newer == "ABC"
