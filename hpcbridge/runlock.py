@@ -24,6 +24,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -172,7 +173,11 @@ class RunLock:
     # -- taking and giving back ------------------------------------------------------------------
 
     def acquire(
-        self, *, wait: float | None = 0.0, poll: float = 0.5, on_busy: Any = None
+        self,
+        *,
+        wait: float | None = 0.0,
+        poll: float = 0.5,
+        on_busy: Callable[[Holder], None] | None = None,
     ) -> RunLock:
         """Take the lock; wait up to ``wait`` seconds for a live holder (None: for as long as
         it takes). ``on_busy(holder)`` is called once when the run is found busy."""
