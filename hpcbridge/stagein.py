@@ -210,6 +210,7 @@ def stage_in(
 # removed only when empty, and a sibling may create or remove them at any moment.
 _HOST = safe_name(socket.gethostname().split(".")[0]).replace("-", "_") or "host"
 MKDIR_ATTEMPTS = 5
+ABANDONED_SECONDS = 2 * 24 * 3600.0
 
 
 def _own_name() -> str:
@@ -246,18 +247,37 @@ def _remove_own_folder(folder: Path, top: Path) -> None:
 
 
 def _remove_abandoned(parent: Path) -> None:
-    """Remove the folders that dead processes of this host left under ``parent`` (a killed
-    job's); those of live processes, and of other hosts, which this one cannot check, stay."""
+    """Remove what dead processes left under ``parent`` (a killed job's folder): those of this
+    host whose process is gone, and anything untouched for ``ABANDONED_SECONDS`` (another
+    host's processes cannot be checked from here, but no download lasts that long)."""
     try:
-        names = [entry.name for entry in os.scandir(parent) if entry.is_dir(follow_symlinks=False)]
+        names = [entry.name for entry in os.scandir(parent)]
     except OSError:
         return
     for name in names:
-        host, _, rest = name.rpartition("-")[0].rpartition("-")
-        pid = rest if host else ""
-        if host != _HOST or not pid.isdigit() or _alive(int(pid)):
+        path = parent / name
+        host, _, pid = name.rpartition("-")[0].rpartition("-")
+        if host == _HOST and pid.isdigit():
+            if _alive(int(pid)):
+                continue
+        elif _last_change(path) > time.time() - ABANDONED_SECONDS:
             continue
-        shutil.rmtree(parent / name, ignore_errors=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _last_change(path: Path) -> float:
+    """The newest modification time in the tree at ``path`` (now, if it cannot be read)."""
+    try:
+        newest = path.lstat().st_mtime
+        for folder, _dirs, files in os.walk(path):
+            for name in files:
+                newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
+    except OSError:
+        return time.time()
+    return newest
 
 
 def _alive(pid: int) -> bool:

@@ -14,6 +14,9 @@ import json
 import os
 import pathlib
 import re
+import subprocess
+import sys
+import time
 import zipfile
 from collections import namedtuple
 from collections.abc import Iterator
@@ -568,6 +571,30 @@ def test_a_disk_filling_up_while_writing_fails_cleanly(
     assert "/".join(rest) == target
     assert own.split("-")[1] == str(os.getpid())
     assert nothing_staged(dest)
+
+
+def test_a_stage_in_removes_what_killed_stage_ins_left_and_nothing_else(
+    shared: SandboxServer, tmp_path: Path
+) -> None:
+    dest = tmp_path / "in"
+    staging = dest / ".hpcbridge-staging/Haofei01_MR1/4-Ax_3D_T1"
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = stagein._HOST
+    killed = f"{host}-{ended.stdout.strip()}-0badc0de"  # this host's, its process gone
+    old = "login2-4242-0badc0de"  # another host's, untouched for three days
+    working = f"{host}-{os.getpid()}-0badc0de"  # a live process's
+    fresh = "login2-4343-0badc0de"  # another host's, maybe at work
+    for name in (killed, old, working, fresh):
+        (staging / name).mkdir(parents=True)
+        (staging / name / "download.zip.part").write_bytes(b"PK")
+    long_ago = time.time() - 3 * 24 * 3600
+    for path in (staging / old / "download.zip.part", staging / old):
+        os.utime(path, (long_ago, long_ago))
+    result = run("stage-in", SCAN4, "--dest", str(dest))
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in staging.iterdir()) == sorted([working, fresh])
 
 
 # -- the library -----------------------------------------------------------------------------------
