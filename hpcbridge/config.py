@@ -61,6 +61,10 @@ DEFAULTS: dict[str, Any] = {
     # pbspro, torque or wrapper (Slurm's PBS commands); asked of `qstat --version` when unset.
     "pbs_flavour": None,
     "poll_interval": 30.0,
+    # While XNAT or the cluster cannot be reached, a run waits this long before trying again,
+    # doubling after each failed try up to retry_max (a Retry-After from XNAT is honoured).
+    "retry_interval": 30.0,
+    "retry_max": 1800.0,
     "local_max_jobs": None,
     "ssh_config": None,
     "known_hosts": None,
@@ -129,6 +133,8 @@ class Settings:
     account: str | None = None
     pbs_flavour: str | None = None
     poll_interval: float = 30.0
+    retry_interval: float = 30.0
+    retry_max: float = 1800.0
     local_max_jobs: int | None = None
     ssh_config: str | None = None
     known_hosts: str | None = None
@@ -383,6 +389,8 @@ _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "scheduler": (_choice(*SCHEDULERS), "one of " + ", ".join(SCHEDULERS)),
     "pbs_flavour": (_choice("pbspro", "torque", "wrapper"), "pbspro, torque or wrapper"),
     "poll_interval": (_seconds, f"a number of seconds above 0 and at most {MAX_SECONDS}"),
+    "retry_interval": (_seconds, f"a number of seconds above 0 and at most {MAX_SECONDS}"),
+    "retry_max": (_seconds, f"a number of seconds above 0 and at most {MAX_SECONDS}"),
     "local_max_jobs": (_whole(1, MAX_JOBS), f"a whole number from 1 to {MAX_JOBS}"),
     "ledger_mode": (_choice("wal", "nfs"), "wal or nfs"),
     "max_queued": (_whole(1, MAX_QUEUED), f"a whole number from 1 to {MAX_QUEUED}"),

@@ -56,10 +56,13 @@ class XnatError(HpcBridgeError):
         hint: str | None = None,
         status: int | None = None,
         url: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message, hint=hint)
         self.status = status
         self.url = url
+        #: seconds the server asked us to wait (Retry-After of a 429 or 503), when it said
+        self.retry_after = retry_after
 
 
 class XnatConnectionError(XnatError):

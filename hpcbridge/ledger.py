@@ -101,7 +101,9 @@ FINAL_STATES = frozenset({JobState.UPLOADED, JobState.FAILED, JobState.CANCELLED
 
 _S = JobState
 #: Every allowed change of state. ``planned -> submitted`` is for chains, whose stage-in runs as
-#: a job on the cluster; ``failed``/``cancelled -> planned`` is a retry.
+#: a job on the cluster; ``failed``/``cancelled -> planned`` is a retry, and so is ``failed ->
+#: finished``: a job that ended well but whose outputs could not be uploaded is uploaded again,
+#: not computed again.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.PLANNED: frozenset({_S.STAGED, _S.SUBMITTED, _S.FAILED, _S.CANCELLED}),
     _S.STAGED: frozenset({_S.SUBMITTED, _S.FAILED, _S.CANCELLED}),
@@ -109,7 +111,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.RUNNING: frozenset({_S.FINISHED, _S.FAILED, _S.CANCELLED}),
     _S.FINISHED: frozenset({_S.UPLOADED, _S.FAILED}),
     _S.UPLOADED: frozenset(),
-    _S.FAILED: frozenset({_S.PLANNED}),
+    _S.FAILED: frozenset({_S.PLANNED, _S.FINISHED}),
     _S.CANCELLED: frozenset({_S.PLANNED}),
 }
 
@@ -126,6 +128,8 @@ _STAMPS = {
 # What a retry forgets: the previous attempt's outcome would otherwise be shown as the new one's.
 _RETRY_CLEARS: tuple[str, ...] = ("native_id", "exit_code", "last_error", "log_tail", "raw_state")
 _RETRY_CLEARS += ("submitted_at", "started_at", "ended_at")
+# A retry of the upload alone keeps the job that made the outputs (its id, exit code, times).
+_UPLOAD_RETRY_CLEARS = ("last_error", "log_tail")
 
 #: Job columns that :meth:`Ledger.transition` and :meth:`Ledger.update` may set.
 JOB_FIELDS = frozenset(
@@ -1114,10 +1118,13 @@ class Ledger:
                     hint=f"from {job.state}: {allowed}",
                 )
             changes: dict[str, Any] = {"state": target.value}
-            retry = target is JobState.PLANNED
-            if retry:
+            upload_again = job.state is JobState.FAILED and target is JobState.FINISHED
+            retry = target is JobState.PLANNED or upload_again
+            if upload_again:
+                changes.update(dict.fromkeys(_UPLOAD_RETRY_CLEARS))
+            elif retry:
                 changes.update(dict.fromkeys(_RETRY_CLEARS))
-            if target in _STAMPS:
+            if target in _STAMPS and not upload_again:
                 changes[_STAMPS[target]] = now
             changes.update(values)
             self._set(conn, job_id, changes, now, retry=retry)

@@ -19,17 +19,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import StageError
+from .errors import StageError, XnatNotFoundError
 from .recipes import Output
 from .stageout import (
     SAFE_PATH,
     LocalFile,
+    Target,
     check_file,
     kind_of,
     link_refusal,
     open_folder,
     open_subfolder,
     refusal,
+    remote_files,
     resolve_target,
     secret_ids,
     stage_out,
@@ -61,8 +63,10 @@ def upload_outputs(
     """Upload what the job wrote in ``out`` into the scan at ``address``; the files uploaded.
 
     ``provenance`` is the record of what made the outputs (recipe, parameters, job); the
-    converter version, the resource and its files are added per resource. Existing files are
-    replaced: a re-run replaces the outputs of an earlier attempt, the ledger decides what is done.
+    converter version, the resource and its files are added per resource. The upload replaces
+    each resource's contents: files of the same name are overwritten, and once the new files
+    are verified, files an earlier attempt left under other names are deleted, so that the
+    resource holds exactly this attempt's outputs (the ledger decides what is done).
 
     The job wrote ``out``, so nothing in it is trusted to be what it seems: a symbolic link
     anywhere in it (matched by an output pattern or not; or ``out`` itself, or any folder
@@ -104,6 +108,7 @@ def upload_outputs(
             )
             target = resolve_target(client, address, resource)
             stage_out(client, target, files, overwrite=True, fmt=fmt, content=content)
+            _remove_others(client, target, {f.remote for f in files})
             uploaded += [
                 {"resource": resource, "name": f.remote, "size": f.size, "md5": f.digest()}
                 for f in files
@@ -111,6 +116,22 @@ def upload_outputs(
     finally:
         os.close(fd)
     return uploaded
+
+
+def _remove_others(client: XnatClient, target: Target, keep: set[str]) -> None:
+    """Delete the resource's files that are not ``keep``: an earlier attempt's outputs under
+    other names (``T1a.nii.gz`` beside ``T1.nii.gz``) would otherwise pass for this one's."""
+    for name in sorted(set(remote_files(client, target) or {}) - keep):
+        if not SAFE_PATH.match(name):
+            log.warning("%s: cannot address %r to delete it; left in place", target.label, name)
+            continue
+        log.info("%s: deleting %s, left by an earlier attempt", target.label, name)
+        try:
+            client.request(
+                "DELETE", f"{target.files_url}/{name}", f"deleting {name} from {target.label}"
+            )
+        except XnatNotFoundError:
+            pass  # deleted meanwhile: fine
 
 
 def _named(files: list[LocalFile]) -> list[LocalFile]:

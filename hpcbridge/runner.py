@@ -19,17 +19,29 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from . import __version__, chain
 from .config import Settings
 from .credentials import Secret
-from .errors import ConfigError, HpcBridgeError, StageError
+from .errors import (
+    ConfigError,
+    HpcBridgeError,
+    SchedulerError,
+    StageError,
+    TransportError,
+    XnatAuthError,
+    XnatConnectionError,
+    XnatError,
+)
 from .jobs import Job, JobStore, cancel_jobs, next_delay, refresh, submit_script
 from .ledger import JobRow, JobState, Ledger, Run, RunState
 from .outputs import SCAN, upload_outputs
@@ -39,18 +51,41 @@ from .schedulers.script import parse_script
 from .stagein import Selection, safe_name, scan_folder, stage_in
 from .stageout import RefusedFileError
 from .transport import LocalTransport, Transport
-from .units import utc_stamp
+from .units import UTC_STAMP, parse_utc_stamp, utc_stamp
 from .xnat.address import Address
 from .xnat.browse import project_scans, scans_of
 from .xnat.client import XnatClient
 from .xnat.model import Scan, ScanRef
 
-__all__ = ["RunRequest", "SyncReport", "cancel_run", "plan_scans", "retry_run", "start_run", "sync"]
+__all__ = [
+    "RunRequest",
+    "SyncReport",
+    "Trouble",
+    "cancel_run",
+    "plan_scans",
+    "retry_run",
+    "start_run",
+    "sync",
+    "trouble_of",
+]
 
 log = logging.getLogger(__name__)
 
-#: Sync passes a finished job's stage-out may fail before the job is marked failed.
-STAGE_OUT_TRIES = 3
+#: What a waiting scan waits to do, as ``status`` says it.
+WAIT_STEPS = {
+    "upload": "upload its outputs",
+    "stage-in": "stage its input in",
+    "submit": "submit its job",
+    "poll": "hear how its job is doing",
+}
+#: The longest wait a Retry-After may ask for; beyond it the server is not taken at its word.
+RETRY_AFTER_LIMIT = 24 * 3600.0
+# How qsub and sbatch say that their server cannot be reached now (rather than refusing the job).
+_SCHEDULER_AWAY = re.compile(
+    r"unable to contact|cannot connect|could not connect|connection refused|timed out|"
+    r"try again|temporarily|not responding|communication failure|server is busy",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -94,6 +129,72 @@ class SyncReport:
     @property
     def done(self) -> bool:
         return self.run.state is not RunState.ACTIVE
+
+
+@dataclass(frozen=True)
+class Trouble:
+    """A passing reason why a step could not be done now: it is tried again later, and the scan
+    keeps its state. ``whole``: the service as a whole is away (not one request of one scan),
+    so the pass stops asking it."""
+
+    what: str
+    whole: bool
+    retry_after: float | None = None
+
+
+def trouble_of(exc: HpcBridgeError, host: str | None = None) -> Trouble | None:
+    """The passing trouble behind ``exc``, or None when it is a cause that retrying will not
+    cure (docs/runs.md has the table)."""
+    if isinstance(exc, XnatError):
+        after = exc.retry_after
+        # An expired session is renewed by the client itself; a login refused after that is
+        # the bridge's to fix (`hpcbridge login`), never a reason to fail a scan's work.
+        if isinstance(exc, (XnatConnectionError, XnatAuthError)):
+            return Trouble("XNAT", True, after)
+        if exc.status in (408, 429, 502, 503, 504):
+            return Trouble("XNAT", True, after)
+        if exc.status is not None and exc.status >= 500:
+            return Trouble("XNAT", False, after)
+        return None
+    if isinstance(exc, TransportError):  # SSH down, a command that could not run or timed out
+        return Trouble(host or "the scheduler", True)
+    if isinstance(exc, SchedulerError) and _SCHEDULER_AWAY.search(exc.message):
+        return Trouble("the scheduler", True)
+    return None
+
+
+def backoff(settings: Settings, tries: int, retry_after: float | None = None) -> float:
+    """Seconds to wait after ``tries`` failed tries: ``retry_interval`` doubling up to
+    ``retry_max``, or longer when the server asked for longer."""
+    delay = min(settings.retry_max, settings.retry_interval * 2 ** max(0, tries - 1))
+    if retry_after:
+        delay = max(delay, min(retry_after, RETRY_AFTER_LIMIT))
+    return delay
+
+
+def _stamp(epoch: float) -> str:
+    # Rounded up: a try is never made before the time status showed for it.
+    return datetime.fromtimestamp(math.ceil(epoch), tz=timezone.utc).strftime(UTC_STAMP)
+
+
+def waiting(row: JobRow) -> dict[str, Any] | None:
+    """What the scan is waiting for (see :func:`_wait`), or None."""
+    record = row.extra.get("waiting")
+    return record if isinstance(record, dict) else None
+
+
+def _due(row: JobRow, now: float) -> bool:
+    record = waiting(row)
+    if record is None:
+        return True
+    try:
+        return parse_utc_stamp(str(record.get("next"))).timestamp() <= now
+    except ValueError:
+        return True
+
+
+def _without(extra: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in extra.items() if k not in keys}
 
 
 # --- planning --------------------------------------------------------------------------------
@@ -360,6 +461,19 @@ class _Context:
         self.staging = settings.home / "staging" / f"run-{run.id}"
         self.say = on_event or (lambda _text: None)
         self.chain = bool(run.options.get("chain"))
+        #: What is away for this pass (XNAT, the scheduler, the SSH host), with the waiting
+        #: record of the try that found it away: the pass asks it nothing more, so a run
+        #: backs off as a whole instead of knocking once per scan.
+        self.down: dict[str, dict[str, Any]] = {}
+        #: Scans that wait for something away, by what, for one warning per pass.
+        self.waits: dict[str, list[str]] = {}
+
+    def note_backoff(self, rows: Sequence[JobRow], now: float) -> None:
+        """Carry on a backoff of the run that an earlier pass began."""
+        for row in rows:
+            record = waiting(row)
+            if record and record.get("whole") and record.get("for") and not _due(row, now):
+                self.down.setdefault(str(record["for"]), record)
 
     def remote_folder(self, job: JobRow) -> str:
         ref = _ref(job)
@@ -397,9 +511,19 @@ def sync(
     ctx = _Context(settings, client, ledger, scheduler, run, on_event=on_event, store=store)
     report = SyncReport(run)
     if run.state is RunState.ACTIVE:
+        ctx.note_backoff(ledger.jobs(run.id), time.time())
         _poll(ctx, report)
         _stage_out_finished(ctx, report)
         _submit_planned(ctx, report)
+        for what, scans in ctx.waits.items():
+            record = ctx.down.get(what)
+            when = f", next try at {record['next']}" if record else ""
+            error = f": {record['error']}" if record else ""
+            report.errors.append(
+                f"{len(scans)} scan(s) wait for {what}{when}{error}"
+                if len(scans) > 1
+                else f"{scans[0]}: waits for {what}{when}{error}"
+            )
     report.counts = ledger.counts(run.id)
     live = sum(report.counts.get(s.value, 0) for s in JobState if not s.final)
     if run.state is RunState.ACTIVE and live == 0:
@@ -437,10 +561,19 @@ def _poll(ctx: _Context, report: SyncReport) -> None:
         polled_rows.append(row)
     if not records:
         return
+    now = time.time()
+    if not any(_due(row, now) for row in polled_rows):
+        return  # backing off: the scheduler could not be asked a moment ago
     polled = refresh(ctx.store, ctx.scheduler, records)
     if polled.error is not None:
         report.errors.append(f"could not poll the scheduler: {polled.error.message}")
+        away = trouble_of(polled.error, ctx.settings.host) or Trouble("the scheduler", True)
+        for row in polled_rows:
+            _wait(ctx, row, "poll", polled.error.message, away)
         return
+    for i, row in enumerate(polled_rows):
+        if waiting(row) is not None:
+            polled_rows[i] = ctx.ledger.update(row.id, extra=_without(row.extra, "waiting"))
     by_native = {j.id: j for j in polled.jobs}
     for row in polled_rows:
         if ctx.chain:
@@ -500,6 +633,8 @@ def _apply_chain(ctx: _Context, report: SyncReport, row: JobRow, steps: dict[str
                 log_tail=job.log_tail,
             )
             ctx.say(f"{row.address}: {final.value} ({why})")
+            # A retry redoes this step and the ones after it, not the ones that succeeded.
+            updated = ctx.ledger.update(row.id, extra=dict(updated.extra, failed_step=step))
             _workflow(ctx, updated)
             report.failed.append(updated)
             return
@@ -541,7 +676,7 @@ def _workflow(ctx: _Context, row: JobRow) -> None:
     """
     status = WORKFLOW_STATUS.get(row.state)
     launched = row.extra.get("launched") or row.submitted_at
-    if status is None or not row.experiment_id or not launched:
+    if status is None or not row.experiment_id or not launched or "XNAT" in ctx.down:
         return
     prefix = "wrk:workflowData/"
     params = {
@@ -560,36 +695,137 @@ def _workflow(ctx: _Context, row: JobRow) -> None:
         ctx.client.request("PUT", "/data/workflows", "the XNAT workflow entry", params=params)
     except HpcBridgeError as exc:
         log.warning("%s: could not record the workflow in XNAT: %s", row.address, exc.message)
+        away = trouble_of(exc)
+        if away is not None and away.whole:
+            ctx.down.setdefault("XNAT", _away_record(ctx, away, exc.message))
 
 
 def _stage_out_finished(ctx: _Context, report: SyncReport) -> None:
+    now = time.time()
     for row in ctx.ledger.jobs(ctx.run.id, [JobState.FINISHED]):
+        if not _due(row, now):
+            continue  # backing off: nothing is asked of XNAT before the time status shows
+        # A chain's report is read from the cluster; everything else is XNAT's.
+        needs = (ctx.settings.host or "the scheduler") if ctx.chain else "XNAT"
+        if needs in ctx.down:
+            found = f"the run's try found {needs} away: {ctx.down[needs]['error']}"
+            _wait(ctx, row, "upload", found, Trouble(needs, True))
+            continue
         try:
             uploaded = _chain_uploaded(ctx, row) if ctx.chain else _stage_out_one(ctx, row)
         except HpcBridgeError as exc:
-            # Uploads are idempotent, so a later sync may retry; but not forever: an error that
-            # repeats (no outputs, a refused name) fails the job for `retry` to take up, and an
-            # output that must not be read (a link, a FIFO) at once: retrying finds the same.
-            tries = int(row.extra.get("stage_out_tries", 0)) + 1
-            if tries >= STAGE_OUT_TRIES or isinstance(exc, RefusedFileError):
-                failed = ctx.ledger.transition(
-                    row.id, JobState.FAILED, last_error=f"stage-out failed: {exc.message}"
-                )
-                report.failed.append(failed)
-                ctx.say(f"{row.address}: failed: stage-out: {exc.message}")
-                _workflow(ctx, failed)
-                continue
-            ctx.ledger.update(
-                row.id,
-                last_error=f"stage-out failed: {exc.message}",
-                extra=dict(row.extra, stage_out_tries=tries),
-            )
-            report.errors.append(f"{row.address}: stage-out failed, will retry: {exc.message}")
+            _stage_out_failed(ctx, report, row, exc)
             continue
-        done = ctx.ledger.transition(row.id, JobState.UPLOADED, uploaded=uploaded)
+        done = ctx.ledger.transition(
+            row.id,
+            JobState.UPLOADED,
+            uploaded=uploaded,
+            extra=_without(row.extra, "waiting", "stage_out_tries"),
+        )
         ctx.say(f"{row.address}: uploaded {len(uploaded)} file(s)")
         _workflow(ctx, done)
-        report.uploaded.append(done)
+        report.uploaded.append(_drop_old_outputs(ctx, done))
+
+
+def _stage_out_failed(ctx: _Context, report: SyncReport, row: JobRow, exc: HpcBridgeError) -> None:
+    """Wait when the cause passes (XNAT or the cluster away); fail the scan only for a cause
+    that retrying will not cure: an output that must not be read (a link, a FIFO) at once, and
+    any other error of the upload itself (no outputs, a digest that does not match) when it
+    repeats. Uploads are idempotent, so trying again is safe."""
+    away = trouble_of(exc, ctx.settings.host)
+    if away is not None:
+        _wait(ctx, row, "upload", exc.message, away)
+        return
+    first = waiting(row)
+    if (
+        isinstance(exc, StageError)
+        and not isinstance(exc, RefusedFileError)
+        and not (first and first.get("check"))
+    ):
+        record = _wait(ctx, row, "upload", exc.message, None)
+        report.errors.append(
+            f"{row.address}: stage-out failed, will retry once at {record['next']}: {exc.message}"
+        )
+        return
+    # A retry uploads a job's outputs again without computing them again; a chain's stage-out
+    # job is submitted again on its own.
+    failed = ctx.ledger.transition(
+        row.id,
+        JobState.FAILED,
+        last_error=f"stage-out failed: {exc.message}",
+        extra=dict(
+            _without(row.extra, "waiting", "stage_out_tries"),
+            failed_step="stage-out" if ctx.chain else "upload",
+        ),
+    )
+    report.failed.append(failed)
+    ctx.say(f"{row.address}: failed: stage-out: {exc.message}")
+    _workflow(ctx, failed)
+
+
+def _away_record(ctx: _Context, away: Trouble, message: str, tries: int = 1) -> dict[str, Any]:
+    return {
+        "for": away.what,
+        "whole": away.whole,
+        "next": _stamp(time.time() + backoff(ctx.settings, tries, away.retry_after)),
+        "error": message,
+    }
+
+
+def _wait(
+    ctx: _Context,
+    row: JobRow,
+    step: str,
+    message: str,
+    away: Trouble | None,
+) -> dict[str, Any]:
+    """Record on the scan what it waits for, to do which step, since when, after how many
+    tries, and when the next try is; its state stays as it is. ``away`` None: the step failed
+    for a reason of its own, which fails the scan if it happens once more.
+
+    A pass that finds XNAT (or the cluster) away counts a try for every scan it could not
+    move for that reason, and gives them all the next try of the run's backoff."""
+    row = ctx.ledger.job(row.id)  # fresh: a half-done submission may have recorded job ids
+    old = waiting(row)
+    same = old is not None and old.get("step") == step
+    tries = (int(old.get("tries") or 0) if same and old else 0) + 1
+    shared = ctx.down.get(away.what) if away is not None and away.whole else None
+    after = away.retry_after if away is not None else None
+    if shared is not None and "step" in shared:  # a scan's try set the run's next, not a side call
+        next_at, after = str(shared["next"]), shared.get("retry_after")
+    else:
+        next_at = _stamp(time.time() + backoff(ctx.settings, tries, after))
+    record: dict[str, Any] = {
+        "for": away.what if away is not None else None,
+        "step": step,
+        "since": old["since"] if same and old else utc_stamp(),
+        "tries": tries,
+        "next": next_at,
+        "error": message,
+        "whole": bool(away and away.whole),
+        "check": away is None,
+        "retry_after": after,
+    }
+    if away is not None:
+        if away.whole and "step" not in ctx.down.get(away.what, {}):
+            ctx.down[away.what] = record
+        ctx.waits.setdefault(away.what, []).append(row.address)
+    if old != record:
+        ctx.ledger.update(row.id, extra=dict(row.extra, waiting=record))
+    return record
+
+
+def describe_wait(record: dict[str, Any]) -> str:
+    """``status``'s words for a waiting record."""
+    step = WAIT_STEPS.get(str(record.get("step")), str(record.get("step")))
+    if record.get("check"):
+        return f"waiting to {step} once more at {record.get('next')} (the first try failed)"
+    tries = int(record.get("tries") or 0)
+    count = "not tried yet" if not tries else f"{tries} {'try' if tries == 1 else 'tries'}"
+    return (
+        f"waiting for {record.get('for')} to {step} since {record.get('since')} "
+        f"({count}, next try at {record.get('next')})"
+    )
 
 
 def _outputs_of(ctx: _Context, row: JobRow) -> tuple[Path, Path]:
@@ -603,9 +839,54 @@ def _outputs_of(ctx: _Context, row: JobRow) -> tuple[Path, Path]:
     if not isinstance(ctx.transport, SshTransport):
         raise StageError(f"cannot copy outputs back over a {ctx.transport.name} transport")
     out_local = ctx.local_folder(row) / "out"
+    # Exactly what the job wrote this time: files copied back for an earlier attempt must not
+    # go up with it.
+    if out_local.exists():
+        shutil.rmtree(out_local)
     out_local.mkdir(parents=True, exist_ok=True)
     ctx.transport.get_files(out_remote, out_local, below=ctx.root, scope=SCAN)
     return out_local, ctx.staging
+
+
+# Moves the output folder $1 aside to $2 (or $2.1, $2.2, ... if taken) and prints where to.
+_MOVE_ASIDE = (
+    '[ -e "$1" ] || exit 0; d="$2"; i=1; '
+    'while [ -e "$d" ]; do d="$2.$i"; i=$((i + 1)); done; mv -T -- "$1" "$d" && printf %s "$d"'
+)
+
+
+def _fresh_outputs(ctx: _Context, row: JobRow) -> JobRow:
+    """A computation starts from an empty output folder: tools such as dcm2niix do not
+    overwrite, they write ``..._4a.nii.gz`` beside an earlier result, and both would be
+    uploaded. The old folder is moved aside (``out.attempt-N``), not deleted: it is the only
+    result there is until the new one is verified in XNAT."""
+    folder = ctx.remote_folder(row)
+    result = ctx.transport.run(
+        ["sh", "-c", _MOVE_ASIDE, "sh", f"{folder}/out", f"{folder}/out.attempt-{row.attempts}"]
+    )
+    if not result.ok:
+        raise StageError(f"{row.address}: cannot move the old output folder aside: {result.said()}")
+    moved = result.stdout.strip()
+    if not moved:
+        return row
+    log.info(
+        "%s: the old output folder is kept as %s until this attempt is uploaded", row.address, moved
+    )
+    kept = [*row.extra.get("old_out", []), moved]
+    return ctx.ledger.update(row.id, extra=dict(row.extra, old_out=kept))
+
+
+def _drop_old_outputs(ctx: _Context, row: JobRow) -> JobRow:
+    """The new result is in XNAT and verified: earlier attempts' output folders can go."""
+    folder = ctx.remote_folder(row)
+    old = [p for p in row.extra.get("old_out", []) if p.startswith(f"{folder}/out.attempt-")]
+    if not old:
+        return row
+    result = ctx.transport.run(["rm", "-rf", "--", *old])
+    if not result.ok:
+        log.warning("%s: could not remove %s: %s", row.address, ", ".join(old), result.said())
+        return row
+    return ctx.ledger.update(row.id, extra=_without(row.extra, "old_out"))
 
 
 def _chain_uploaded(ctx: _Context, row: JobRow) -> list[dict[str, Any]]:
@@ -653,7 +934,7 @@ def _submit_planned(ctx: _Context, report: SyncReport) -> None:
     cap = int(ctx.run.options.get("max_queued") or ctx.settings.max_queued)
     queued = len(ctx.ledger.jobs(ctx.run.id, [JobState.SUBMITTED, JobState.RUNNING]))
     todo = ctx.ledger.jobs(ctx.run.id, [JobState.PLANNED, JobState.STAGED])
-    if ctx.chain and todo and queued < cap:
+    if ctx.chain and todo and queued < cap and not ctx.down:
         # A bridge_command that cannot run is the profile's to fix: stop here (ConfigError),
         # before queueing chains whose every stage-in would fail.
         where = ctx.settings.host or "this machine"
@@ -672,12 +953,21 @@ def _submit_planned(ctx: _Context, report: SyncReport) -> None:
         except HpcBridgeError as exc:
             report.errors.append(f"no chains submitted: {exc}")  # with its hint: what to do
             return
+    now = time.time()
     for row in todo:
-        if queued >= cap:
-            return
+        if queued >= cap or ctx.down:
+            return  # something the submissions need is away: this pass leaves them be
+        if not _due(row, now):
+            continue
         try:
             submitted = _submit_chain(ctx, row) if ctx.chain else _submit_one(ctx, row)
         except HpcBridgeError as exc:
+            away = trouble_of(exc, ctx.settings.host)
+            if away is not None:
+                planned = row.state is JobState.PLANNED and not ctx.chain
+                step = "stage-in" if planned else "submit"
+                _wait(ctx, row, step, exc.message, away)
+                continue
             # Stage-in errors name the scan already; the ledger row and the line name it once.
             reason = exc.message.removeprefix(f"{row.address}: ")
             failed = ctx.ledger.transition(row.id, JobState.FAILED, last_error=reason)
@@ -685,6 +975,8 @@ def _submit_planned(ctx: _Context, report: SyncReport) -> None:
             ctx.say(f"{row.address}: failed: {reason}")
             continue
         queued += 1
+        if waiting(submitted) is not None:
+            submitted = ctx.ledger.update(submitted.id, extra=_without(submitted.extra, "waiting"))
         report.submitted.append(submitted)
         if ctx.chain:
             jobs = " -> ".join(_native_ids(submitted))
@@ -716,6 +1008,7 @@ def _submit_one(ctx: _Context, row: JobRow) -> JobRow:
     local.parent.mkdir(parents=True, exist_ok=True)
     local.write_text(script)
     digest = hashlib.sha256(script.encode()).hexdigest()
+    row = _fresh_outputs(ctx, row)
     ctx.ledger.update(row.id, script_hash=digest, extra=dict(row.extra, submitting=utc_stamp()))
     job = submit_script(ctx.store, ctx.scheduler, local, host=ctx.settings.host or "")
     submitted = ctx.ledger.transition(
@@ -808,7 +1101,10 @@ def _submit_chain(ctx: _Context, row: JobRow) -> JobRow:
     launched = None
     for step in chain.STEPS:
         if step in ids:
-            after = [ids[step]]
+            # A step that has finished (a retry keeps a chain's good steps) is no dependency:
+            # the scheduler may have forgotten it, and then refuses a job that waits for it.
+            done = ctx.store.get(ids[step])
+            after = [] if done is not None and done.state == State.FINISHED.value else [ids[step]]
             continue
         work = chain.step_work(folder, step)
         local = scripts / f"{step}.sh"
@@ -818,6 +1114,7 @@ def _submit_chain(ctx: _Context, row: JobRow) -> JobRow:
             job = _find_submitted(ctx, chain.step_name(row.name, step), work, since, local, after)
         if job is None:
             if step == "compute":
+                row = _fresh_outputs(ctx, row)
                 script = _job_script(
                     ctx.settings, ctx.recipe, template, ctx.run.params, folder, row.name, _ref(row)
                 )
@@ -939,17 +1236,30 @@ def _copy_up(ctx: _Context, local: Path, remote: str) -> None:
 
 
 def retry_run(ledger: Ledger, run: Run, *, include_cancelled: bool = False) -> list[JobRow]:
-    """Put failed (and optionally cancelled) jobs back to planned; the next sync submits them."""
+    """Redo what failed of failed (and optionally cancelled) jobs; the next sync does it.
+
+    A job that ended well but whose outputs could not be uploaded goes back to ``finished``:
+    its outputs are uploaded again, not computed again. A chain whose stage-out job failed
+    keeps its stage-in and compute jobs and gets a new stage-out job. Anything else is
+    planned again and computed from an empty output folder.
+    """
     states = [JobState.FAILED] + ([JobState.CANCELLED] if include_cancelled else [])
-    again = [
-        ledger.transition(
-            row.id,
-            JobState.PLANNED,
-            # a retried chain is submitted whole again: stage-in skips what is staged already
-            extra={k: v for k, v in row.extra.items() if k not in ("stage_out_tries", "chain")},
-        )
-        for row in ledger.jobs(run.id, states)
-    ]
+    again = []
+    for row in ledger.jobs(run.id, states):
+        step = row.extra.get("failed_step") if row.state is JobState.FAILED else None
+        extra = _without(row.extra, "stage_out_tries", "waiting", "failed_step", "chain")
+        if step == "upload" and row.exit_code == 0:
+            again.append(
+                ledger.transition(
+                    row.id, JobState.FINISHED, detail="retry: upload again", extra=extra
+                )
+            )
+            continue
+        ids = row.extra.get("chain")
+        if step == "stage-out" and isinstance(ids, dict) and "compute" in ids:
+            extra["chain"] = {k: ids[k] for k in chain.STEPS[:2] if k in ids}
+        # Otherwise a chain is submitted whole again: its stage-in skips what is staged already.
+        again.append(ledger.transition(row.id, JobState.PLANNED, extra=extra))
     if again and run.state is not RunState.ACTIVE:
         ledger.set_run_state(run.id, RunState.ACTIVE)
     return again

@@ -353,6 +353,7 @@ def status_command(ctx: click.Context, run_id: int | None) -> None:
       hpcbridge --json status 12
     """
     from ..ledger import Ledger
+    from ..runner import describe_wait, waiting
 
     settings = settings_of(ctx)
     with Ledger.for_settings(settings) as ledger:
@@ -379,7 +380,7 @@ def status_command(ctx: click.Context, run_id: int | None) -> None:
     rows = [
         {
             "scan": j.address,
-            "state": j.state.value,
+            "state": j.state.value + (", waiting" if waiting(j) else ""),
             "job": j.native_id or "",
             "submitted": j.submitted_at or "",
             "ended": j.ended_at or "",
@@ -396,6 +397,10 @@ def status_command(ctx: click.Context, run_id: int | None) -> None:
             echo(f"--- {job.address}: {job.last_error}", err=True)
             if job.log_tail:
                 echo(job.log_tail, err=True, multiline=True)
+        record = waiting(job)
+        if record:
+            echo(err=True)
+            echo(f"--- {job.address}: {describe_wait(record)}: {record.get('error')}", err=True)
 
 
 def _job_json(job: Any) -> dict[str, Any]:
@@ -416,7 +421,20 @@ def _job_json(job: Any) -> dict[str, Any]:
         "error": job.last_error,
         "log_tail": job.log_tail,
         "uploaded": job.uploaded,
+        "waiting": _waiting_json(job),
     }
+
+
+def _waiting_json(job: Any) -> dict[str, Any] | None:
+    """What a scan waits for: XNAT or the cluster away (``for``), or a second try of a step
+    that failed once (``for`` null); since when, how many tries, when the next is."""
+    from ..runner import waiting
+
+    record = waiting(job)
+    if record is None:
+        return None
+    keys = ("for", "step", "since", "tries", "next", "error", "retry_after")
+    return {k: record.get(k) for k in keys}
 
 
 @main.command("sync")

@@ -173,6 +173,7 @@ class Faults:
 
     latency: float = 0.0  # seconds added before every answer
     fail_every: int = 0  # every Nth request answers 503 (0: never)
+    retry_after: int = 0  # seconds those 503s ask for in Retry-After (0: no header)
     drop_every: int = 0  # every Nth body transfer (upload or download) is cut (0: never)
     drop_after: int = 64 * 1024  # bytes that pass before the cut
     _transfers: int = 0
@@ -182,6 +183,7 @@ class Faults:
         return {
             "latency": self.latency,
             "fail_every": self.fail_every,
+            "retry_after": self.retry_after,
             "drop_every": self.drop_every,
             "drop_after": self.drop_after,
         }
@@ -192,13 +194,17 @@ class Faults:
             raise TypeError("faults must be a JSON object")
         parsed: dict[str, Any] = {}
         for key, value in values.items():
-            if key not in ("latency", "fail_every", "drop_every", "drop_after"):
+            if key not in ("latency", "fail_every", "retry_after", "drop_every", "drop_after"):
                 raise ValueError(f"unknown fault {key!r}")
             parsed[key] = float(value) if key == "latency" else int(value)
             if not parsed[key] >= 0:  # a negative fail_every would fail every request for good
                 raise ValueError(f"{key} must not be negative")
         for key, value in parsed.items():
             setattr(self, key, value)
+
+    def failure_headers(self) -> dict[str, str]:
+        """The headers of an injected 503."""
+        return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
 
     def cut_point(self) -> int | None:
         """For a body about to flow: the byte count at which to drop it, or None."""

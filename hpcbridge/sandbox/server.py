@@ -493,7 +493,12 @@ class _Handler(BaseHTTPRequestHandler):
         extra_cookies: dict[str, str] = {}
         try:
             if faults.fail_every and app.stats.total % faults.fail_every == 0:
-                raise HttpError(503, "Service Unavailable (sandbox fault injection)", page="tomcat")
+                raise HttpError(
+                    503,
+                    "Service Unavailable (sandbox fault injection)",
+                    page="tomcat",
+                    headers=faults.failure_headers(),
+                )
             extra_cookies = app.authenticate(req)
             reply = app.route(req)
         except HttpError as err:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -138,14 +139,29 @@ def raise_for_response(resp: requests.Response, what: str) -> None:
         raise XnatNotFoundError(f"not found: {what}", status=status, url=url)
     if status == 409:
         raise XnatConflictError(f"conflict: {what}{detail}", status=status, url=url)
-    if status in RETRY_STATUSES:
+    if status in RETRY_STATUSES or status == 429:
         raise XnatServerError(
             f"XNAT is unavailable ({status} for {what}){detail}",
             hint="try again later",
             status=status,
             url=url,
+            retry_after=retry_after(resp),
         )
     raise XnatServerError(f"XNAT answered {status} for {what}{detail}", status=status, url=url)
+
+
+def retry_after(resp: requests.Response) -> float | None:
+    """The seconds a Retry-After header asks for (a number or an HTTP date), if it is valid."""
+    value = resp.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
 
 
 def expiry_text(ms: int | float, now: float | None = None) -> str:
