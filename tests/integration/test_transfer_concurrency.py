@@ -7,7 +7,9 @@ On a cluster the jobs of many chains start within the same second, on nodes that
 file system: whatever they share must be safe to use from all of them at once. The processes
 here are released together from a barrier (each waits with hpcbridge already imported), and
 the sandbox ends every server session part-way through a round, so that jobs find their
-shared cached session dead and renew it while their siblings do the same.
+shared cached session dead and renew it while their siblings do the same; they must open one
+new session between them each time, not one each. Each round also stages three scans and
+uploads three jobs' outputs twice at once, as overlapping retries do.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ PROJECT = "PTV000"
 SESSIONS = [(f"Haofei0{n}", f"Haofei0{n}_MR1") for n in (1, 2, 3)]
 SCANS = {"1": "1-Localizer", "4": "4-Ax_3D_T1", "5": "5-ep2d_bold__rest_"}
 ROUNDS = 3
-STAGE_OUTS = 9  # per round, beside 9 scans' stage-ins and 3 repeated ones
+STAGE_OUTS = 9  # per round, 3 of them repeated, beside 9 scans' stage-ins and 3 repeated ones
 #: Seconds after the barrier at which every server session is ended the first time.
 SESSION_END_DELAY = 0.3
 TIME_LIMIT = 50.0  # seconds all rounds may take, far above what they need
@@ -72,18 +74,18 @@ def chain_root(make_sandbox: Any, tmp_path: Path) -> tuple[Any, Path, Path]:
     return server, root, Path(chain.home_of(str(root)))
 
 
-def _spec(folder: Path, index: int) -> Path:
+def _spec(folder: Path, resource: str) -> Path:
     """A stage-out job's output folder and spec, as the chain writes them."""
     out = folder / "out"
     out.mkdir(parents=True)
     for n in range(3):
-        (out / f"result{n}.txt").write_text(f"output {n} of job {index}\n" * 50)
+        (out / f"result{n}.txt").write_text(f"output {n} for {resource}\n" * 50)
     spec = folder / "spec.json"
     spec.write_text(
         json.dumps(
             {
-                "outputs": [{"glob": "*.txt", "resource": f"STRESS{index}"}],
-                "provenance": {"recipe": "stress", "job": {"id": str(index)}},
+                "outputs": [{"glob": "*.txt", "resource": resource}],
+                "provenance": {"recipe": "stress", "job": {"id": resource}},
                 "status_file": str(folder / "status.json"),
                 "report": str(folder / "uploaded.json"),
             }
@@ -142,10 +144,13 @@ def test_many_transfer_jobs_at_once_share_a_work_root_and_chain_folder(
                 )
         commands += commands[:3]  # a scan staged twice at once, as an overlapping retry does
         for i in range(STAGE_OUTS):
-            subject, experiment = SESSIONS[i % 3]
-            scan = list(SCANS)[i % 3]
+            # the first three twice at once, the same outputs into the same resource, as an
+            # overlapping retry of a stage-out job does
+            subject, experiment = SESSIONS[i % 6 % 3]
+            scan = list(SCANS)[i % 6 % 3]
             job = round_no * STAGE_OUTS + i
-            spec = _spec(root / f"so-{job}" / "chain" / "stage-out", job)
+            resource = f"STRESS{round_no}_{i % 6}"
+            spec = _spec(root / f"so-{job}" / "chain" / "stage-out", resource)
             commands.append(
                 [*common, "stage-out", f"{PROJECT}/{subject}/{experiment}/{scan}"]
                 + ["--spec", str(spec), str(spec.parent / "out")]
