@@ -860,9 +860,11 @@ def _fresh_outputs(ctx: _Context, row: JobRow) -> JobRow:
     overwrite, they write ``..._4a.nii.gz`` beside an earlier result, and both would be
     uploaded. The old folder is moved aside (``out.attempt-N``), not deleted: it is the only
     result there is until the new one is verified in XNAT."""
+    if not row.attempts:
+        return row  # a first attempt's folder is new; asking costs a command per scan over SSH
     folder = ctx.remote_folder(row)
     result = ctx.transport.run(
-        ["sh", "-c", _MOVE_ASIDE, "sh", f"{folder}/out", f"{folder}/out.attempt-{row.attempts}"]
+        ["sh", "-c", _MOVE_ASIDE, "sh", f"{folder}/out", f"{folder}/out.attempt-{row.attempts - 1}"]
     )
     if not result.ok:
         raise StageError(f"{row.address}: cannot move the old output folder aside: {result.said()}")

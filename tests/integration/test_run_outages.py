@@ -262,6 +262,8 @@ def test_a_recomputed_scan_starts_from_an_empty_output_folder_and_replaces_xnats
     retried = cli("retry", "1")
     assert retried.exit_code == 0, retried.output
     assert retried.stderr.count("submitted as job") == 1
+    # The first attempt's result is kept aside until the new one is in XNAT.
+    assert (folder / "out.attempt-0" / "X.txt").read_text() == "first\n"
     done = hb("sync", "1", "--watch", *FAST)
     assert done.returncode == 0, done.stderr
 
