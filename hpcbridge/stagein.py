@@ -208,7 +208,7 @@ def stage_in(
 # gets a folder of its own under the scan's, named so that no other process (here or on
 # another host) can pick the same, and each process removes only its own folder. Parents are
 # removed only when empty, and a sibling may create or remove them at any moment.
-_HOST = safe_name(socket.gethostname().split(".")[0]).replace("-", "_") or "host"
+_HOST = safe_name(socket.gethostname()).replace("-", "_")
 MKDIR_ATTEMPTS = 5
 ABANDONED_SECONDS = 2 * 24 * 3600.0
 
