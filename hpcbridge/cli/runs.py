@@ -600,7 +600,11 @@ def _sync_active(ctx: click.Context, watch: bool, interval: float | None, accept
 def retry_command(
     ctx: click.Context, run_id: int, only_failed: bool, cancelled: bool, accept_new_host_key: bool
 ) -> None:
-    """Plan a run's failed jobs again and submit them (one sync pass).
+    """Redo what failed of a run's failed jobs, in one sync pass.
+
+    A job that ended well but whose outputs could not be uploaded is uploaded again, not run
+    again; a chain whose stage-out job failed gets a new stage-out job; anything else is
+    submitted again and computed from an empty output folder.
 
     If another hpcbridge is moving the run (a sync, a run --wait), wait up to 30 s for it,
     then give up naming it (exit 1).
@@ -621,7 +625,9 @@ def retry_command(
         if not again:
             echo(f"run {run_id} has no failed jobs to retry", err=True)
             return
-        echo(f"run {run_id}: retrying {len(again)} job(s)", err=True)
+        uploads = sum(1 for j in again if j.state.value == "finished")
+        only = f", {uploads} of them only to upload again" if uploads else ""
+        echo(f"run {run_id}: retrying {len(again)} job(s){only}", err=True)
         report = sync(
             settings, o["client"], o["ledger"], o["scheduler"], o["ledger"].run(run_id),
             on_event=_say(settings.quiet),

@@ -223,6 +223,7 @@ def test_retry_after_a_refused_upload_uploads_again_without_running_the_job_agai
     (Path(job["work_dir"]) / "out" / "link.txt").unlink()
     retried = cli("retry", "1")
     assert retried.exit_code == 0, retried.output
+    assert "run 1: retrying 1 job(s), 1 of them only to upload again" in retried.stderr
     assert "submitted as job" not in retried.stderr
     assert f"{SCAN}: uploaded 2 file(s)" in retried.stderr
 
