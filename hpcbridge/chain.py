@@ -48,6 +48,8 @@ __all__ = [
     "installed_token",
     "remove_secrets",
     "report_path",
+    "retire_token",
+    "retired_tokens",
     "spec_path",
     "stage_out_spec",
     "step_name",
@@ -57,6 +59,7 @@ __all__ = [
 
 STEPS = ("stage-in", "compute", "stage-out")
 CHAIN_DIR = ".hpcbridge-chain"
+_RETIRED = "retired-tokens.json"  # in CHAIN_DIR: see retire_token
 TRANSFER_MEMORY_MB = 2048
 #: How long a chain may sit in queues on top of its walltimes, when judging whether the token
 #: lasts. Queue waits cannot be known in advance; the warning says this allowance was assumed.
@@ -305,12 +308,34 @@ def cached_sessions(transport: Transport, root: str) -> list[str]:
     return found
 
 
+def retire_token(transport: Transport, root: str, token: Secret) -> None:
+    """Note a token that a new one replaced in the chain folder, to be invalidated when the run
+    ends, not now: jobs of chains submitted earlier read it when they started and log in with
+    it again when their session expires; invalidated under them, they would fail. (Its alias
+    only: that is all invalidating takes, and the secret need not outlive the jobs.)"""
+    aliases = retired_tokens(transport, root)
+    if token.user not in aliases:
+        text = json.dumps({"aliases": [*aliases, token.user]}, indent=1)
+        transport.write_text(f"{home_of(root)}/{_RETIRED}", text, mode=0o600)
+
+
+def retired_tokens(transport: Transport, root: str) -> list[str]:
+    """The aliases of the tokens :func:`retire_token` noted."""
+    text = transport.read_text(f"{home_of(root)}/{_RETIRED}")
+    try:
+        data = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return []
+    aliases = data.get("aliases") if isinstance(data, dict) else None
+    return [str(a) for a in aliases if a] if isinstance(aliases, list) else []
+
+
 def remove_secrets(transport: Transport, root: str) -> None:
     """Delete the token and the cached sessions from the run's chain folder."""
     home = home_of(root)
-    transport.run(["rm", "-rf", f"{home}/credentials.json", f"{home}/sessions"]).check(
-        f"removing the chain's credentials from {home}"
-    )
+    transport.run(
+        ["rm", "-rf", f"{home}/credentials.json", f"{home}/sessions", f"{home}/{_RETIRED}"]
+    ).check(f"removing the chain's credentials from {home}")
 
 
 def expiry_warning(token: Secret, seconds: int, now: float | None = None) -> str | None:

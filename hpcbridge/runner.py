@@ -1167,6 +1167,8 @@ def _chain_token_removed(ctx: _Context) -> None:
         token = chain.installed_token(ctx.transport, ctx.root, ctx.client.base)
         if token is not None:
             _invalidate_chain_token(ctx, token)
+        for alias in chain.retired_tokens(ctx.transport, ctx.root):
+            _invalidate_chain_token(ctx, Secret(alias, "", "token"))
         for session in chain.cached_sessions(ctx.transport, ctx.root):
             ctx.client.end_session(session)
         chain.remove_secrets(ctx.transport, ctx.root)
@@ -1188,7 +1190,8 @@ def _chain_token(ctx: _Context, report: SyncReport) -> None:
     """Make sure the run's chain folder holds a token that lasts; warn when it may not.
 
     A token is replaced only when it would expire before a chain submitted now could end (its
-    walltimes); the one it replaces is invalidated, so a run holds one live token at a time.
+    walltimes); the one it replaces is invalidated when the run ends (or expires before), as
+    jobs of the chains submitted before may still need it (chain.retire_token).
     """
     url = ctx.client.base
     seconds = chain.chain_seconds(ctx.settings, ctx.recipe)
@@ -1197,7 +1200,7 @@ def _chain_token(ctx: _Context, report: SyncReport) -> None:
         old, token = token, chain.fresh_token(ctx.client)
         chain.install_token(ctx.transport, ctx.root, url, token, ctx.settings)
         if old is not None and old.user != token.user:
-            _invalidate_chain_token(ctx, old)
+            chain.retire_token(ctx.transport, ctx.root, old)
     warning = chain.expiry_warning(token, seconds)
     if warning:
         report.errors.append(warning)

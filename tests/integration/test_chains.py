@@ -275,12 +275,36 @@ def test_a_token_that_may_expire_before_the_chain_ends_is_warned_about_and_repla
     assert len(server.store.tokens_of(server.user)) == 1
 
     # Each pass that submits a chain needs a token lasting its walltimes: a new one replaces
-    # the old, which is invalidated; at the end of the run none is left.
+    # the old. The old stays valid while the run goes on (jobs that read it when they started
+    # log in with it again when their session expires); at the end of the run none is left.
+    chain_home = isolated_home / "work" / "run-1" / ".hpcbridge-chain"
+
+    def installed() -> dict[str, Any]:
+        stored = json.loads((chain_home / "credentials.json").read_text())
+        return dict(next(iter(stored["servers"].values())))
+
+    first = installed()
+    warned = 0
+    deadline = time.monotonic() + WAIT_LIMIT
+    while True:
+        step = hb("sync", "1")
+        assert step.returncode == 0, step.stderr
+        warned += step.stderr.count("hpcbridge: warning: the XNAT token")
+        if installed()["alias"] != first["alias"]:
+            break
+        assert time.monotonic() < deadline, "the token was never replaced"
+        time.sleep(0.2)
+    live = [t["alias"] for t in server.store.tokens_of(server.user)]
+    assert first["alias"] in live and len(live) == 2
+    retired = json.loads((chain_home / "retired-tokens.json").read_text())
+    assert retired == {"aliases": [first["alias"]]}
     done = hb("sync", "1", "--watch", *FAST)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.count("hpcbridge: warning: the XNAT token") == 2  # two more submissions
+    warned += done.stderr.count("hpcbridge: warning: the XNAT token")
+    assert warned == 2  # two more submissions
     assert states(status_json(1)) == dict.fromkeys(T1_SCANS, "uploaded")
     assert server.store.tokens_of(server.user) == []
+    assert not (chain_home / "retired-tokens.json").exists()
 
 
 class SaveCrash(Crash):
