@@ -316,3 +316,56 @@ def test_retry_of_a_chain_whose_stage_out_job_failed_submits_only_a_new_stage_ou
     assert len(local_jobs(isolated_home)) == 4  # one new job: the stage-out
     assert counter.read_text().splitlines() == ["run"]  # computed once
     assert xnat.files(SCAN, "RESULT") == sorted(["X.txt", PROVENANCE_FILE])
+
+
+def test_a_scheduler_that_cannot_be_asked_leaves_the_jobs_be_and_the_run_backs_off(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hpcbridge.config import load_settings
+    from hpcbridge.errors import TransportError
+    from hpcbridge.ledger import Ledger
+    from hpcbridge.runner import RunRequest, start_run, sync, waiting
+    from hpcbridge.schedulers.local import LocalScheduler
+    from hpcbridge.xnat import connect
+
+    monkeypatch.setenv("HPCBRIDGE_RETRY_INTERVAL", "0.5")
+    monkeypatch.setenv("HPCBRIDGE_RETRY_MAX", "1")
+    recipes = write_recipe(
+        tmp_path / "recipes", "listing", "ls {{ input_dir }} > {{ output_dir }}/listing.txt"
+    )
+    settings = load_settings()
+    scheduler = LocalScheduler(isolated_home / "local-jobs")
+    asked: list[list[str]] = []
+
+    def away(ids: Any) -> Any:
+        asked.append(list(ids))
+        raise TransportError("`squeue -h -j 1,2,3` did not finish within 60 s")
+
+    request = RunRequest("listing", "PTV000", ("4",), recipe_dirs=(recipes,))
+    with Ledger.for_settings(settings) as ledger, connect(settings) as client:
+        plan = start_run(settings, client, ledger, request)
+        assert plan.run is not None
+        sync(settings, client, ledger, scheduler, plan.run)  # submits the three
+        eventually(lambda: jobs_ended(isolated_home, 3), "the three jobs to end", timeout=60)
+        real = scheduler.status
+        monkeypatch.setattr(scheduler, "status", away)
+        for n in range(1, 4):
+            report = sync(settings, client, ledger, scheduler, plan.run)
+            assert report.failed == [] and not report.done
+            rows = ledger.jobs(plan.run.id)
+            assert {r.state.value for r in rows} == {"submitted"}
+            waits = [waiting(r) for r in rows]
+            assert all(w is not None for w in waits)
+            assert {(w["for"], w["step"], w["tries"]) for w in waits if w} == {
+                ("the scheduler", "poll", n)
+            }
+            # Backing off: the next pass does not ask the scheduler before its time.
+            seen = len(asked)
+            sync(settings, client, ledger, scheduler, plan.run)
+            assert len(asked) == seen == n
+            until_due({"jobs": [{"waiting": w} for w in waits]})
+        monkeypatch.setattr(scheduler, "status", real)
+        report = sync(settings, client, ledger, scheduler, plan.run)
+        rows = ledger.jobs(plan.run.id)
+    assert report.done and [r.state.value for r in rows] == ["uploaded"] * 3
+    assert all(waiting(r) is None for r in rows)
