@@ -747,15 +747,18 @@ def _stage_out_failed(ctx: _Context, report: SyncReport, row: JobRow, exc: HpcBr
             f"{row.address}: stage-out failed, will retry once at {record['next']}: {exc.message}"
         )
         return
-    # A retry uploads a job's outputs again without computing them again; a chain's stage-out
-    # job is submitted again on its own.
+    # A retry uploads a job's outputs again without computing them again (a chain: submits a
+    # stage-out job on its own); but outputs that are not there must be computed again.
+    missing = exc.message.startswith("the job wrote no output matching") or exc.message.endswith(
+        ": no such folder"
+    )
     failed = ctx.ledger.transition(
         row.id,
         JobState.FAILED,
         last_error=f"stage-out failed: {exc.message}",
         extra=dict(
             _without(row.extra, "waiting", "stage_out_tries"),
-            failed_step="stage-out" if ctx.chain else "upload",
+            failed_step="stage-out" if ctx.chain else ("compute" if missing else "upload"),
         ),
     )
     report.failed.append(failed)
@@ -1240,18 +1243,20 @@ def _copy_up(ctx: _Context, local: Path, remote: str) -> None:
 # --- retry and cancel ----------------------------------------------------------------------
 
 
-def retry_run(ledger: Ledger, run: Run, *, include_cancelled: bool = False) -> list[JobRow]:
+def retry_run(
+    ledger: Ledger, run: Run, *, include_cancelled: bool = False, rerun: bool = False
+) -> list[JobRow]:
     """Redo what failed of failed (and optionally cancelled) jobs; the next sync does it.
 
     A job that ended well but whose outputs could not be uploaded goes back to ``finished``:
     its outputs are uploaded again, not computed again. A chain whose stage-out job failed
     keeps its stage-in and compute jobs and gets a new stage-out job. Anything else is
-    planned again and computed from an empty output folder.
+    planned again and computed from an empty output folder, as is every job with ``rerun``.
     """
     states = [JobState.FAILED] + ([JobState.CANCELLED] if include_cancelled else [])
     again = []
     for row in ledger.jobs(run.id, states):
-        step = row.extra.get("failed_step") if row.state is JobState.FAILED else None
+        step = row.extra.get("failed_step") if row.state is JobState.FAILED and not rerun else None
         extra = _without(row.extra, "stage_out_tries", "waiting", "failed_step", "chain")
         if step == "upload" and row.exit_code == 0:
             again.append(

@@ -595,16 +595,26 @@ def _sync_active(ctx: click.Context, watch: bool, interval: float | None, accept
 @click.argument("run_id", type=int)
 @click.option("--failed", "only_failed", is_flag=True, help="Only failed jobs (the default).")
 @click.option("--cancelled", is_flag=True, help="Also cancelled jobs.")
+@click.option(
+    "--rerun",
+    is_flag=True,
+    help="Run the jobs again even where only their upload failed (their outputs are redone).",
+)
 @host_key_option
 @click.pass_context
 def retry_command(
-    ctx: click.Context, run_id: int, only_failed: bool, cancelled: bool, accept_new_host_key: bool
+    ctx: click.Context,
+    run_id: int,
+    only_failed: bool,
+    cancelled: bool,
+    rerun: bool,
+    accept_new_host_key: bool,
 ) -> None:
     """Redo what failed of a run's failed jobs, in one sync pass.
 
     A job that ended well but whose outputs could not be uploaded is uploaded again, not run
     again; a chain whose stage-out job failed gets a new stage-out job; anything else is
-    submitted again and computed from an empty output folder.
+    submitted again and computed from an empty output folder (with --rerun, every job).
 
     If another hpcbridge is moving the run (a sync, a run --wait), wait up to 30 s for it,
     then give up naming it (exit 1).
@@ -621,7 +631,9 @@ def retry_command(
     with lock, _opened(ctx, accept_new_host_key) as o:
         settings = o["settings"]
         run = o["ledger"].run(run_id)
-        again = retry_run(o["ledger"], run, include_cancelled=cancelled and not only_failed)
+        again = retry_run(
+            o["ledger"], run, include_cancelled=cancelled and not only_failed, rerun=rerun
+        )
         if not again:
             echo(f"run {run_id} has no failed jobs to retry", err=True)
             return

@@ -369,3 +369,25 @@ def test_a_scheduler_that_cannot_be_asked_leaves_the_jobs_be_and_the_run_backs_o
         rows = ledger.jobs(plan.run.id)
     assert report.done and [r.state.value for r in rows] == ["uploaded"] * 3
     assert all(waiting(r) is None for r in rows)
+
+
+def test_retry_rerun_runs_the_job_again_from_an_empty_folder_even_where_only_its_upload_failed(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path
+) -> None:
+    flag = tmp_path / "leave-a-link"
+    flag.touch()
+    args, counter = counting_recipe(
+        tmp_path, f"if [ -e '{flag}' ]; then ln -s /etc/hostname {{{{ output_dir }}}}/link.txt; fi"
+    )
+    failed = hb(*args, "--wait", *FAST)
+    assert failed.returncode == 3, failed.stderr
+    flag.unlink()  # the recipe is fixed; its outputs must be made again
+    retried = cli("retry", "1", "--rerun")
+    assert retried.exit_code == 0, retried.output
+    assert "run 1: retrying 1 job(s)\n" in retried.stderr
+    assert retried.stderr.count("submitted as job 2") == 1
+    done = hb("sync", "1", "--watch", *FAST)
+    assert done.returncode == 0, done.stderr
+    assert counter.read_text().splitlines() == ["run", "run"]
+    assert xnat.files(SCAN, "RESULT") == sorted(["X.txt", PROVENANCE_FILE])
+    assert xnat.file(SCAN, "RESULT", "X.txt") == b"first\n"
