@@ -39,6 +39,7 @@ ROUNDS = 3
 STAGE_OUTS = 9  # per round, 3 of them repeated, beside 9 scans' stage-ins and 3 repeated ones
 #: Seconds after the barrier at which every server session is ended the first time.
 SESSION_END_DELAY = 0.3
+SESSION_END_GAP = 0.3
 TIME_LIMIT = 50.0  # seconds all rounds may take, far above what they need
 
 # Says it is ready with hpcbridge's CLI imported, waits for the barrier, then runs the CLI as
@@ -97,19 +98,21 @@ def _spec(folder: Path, resource: str) -> Path:
 def _end_sessions(server: Any, procs: list[subprocess.Popen[str]], stop: threading.Event) -> None:
     """End every live server session a few times during a round (soon after the start, and
     when a third and two thirds of the jobs have ended), as an XNAT that times sessions out
-    does: the jobs still working find the session they share dead, and renew it at once. (Not
-    more often: a session ended between a job's new login and its retried request fails the
-    job rightly, as a client re-authenticates once per request.)"""
+    does: the jobs still working find the session they share dead, and renew it at once. (At
+    least SESSION_END_GAP apart: a session ended between a job's new login and its retried
+    request fails the job rightly, as a client re-authenticates once per request.)"""
     marks = [len(procs) // 3, 2 * len(procs) // 3]
-    if stop.wait(SESSION_END_DELAY):
-        return
-    ends = 1
-    _end_all(server)
-    while not stop.wait(0.01) and marks:
-        if sum(p.poll() is not None for p in procs) >= marks[0]:
-            marks.pop(0)
-            _end_all(server)
-            ends += 1
+    ends = 0
+    if not stop.wait(SESSION_END_DELAY):
+        ends += 1
+        _end_all(server)
+        while marks and not stop.wait(SESSION_END_GAP):
+            while not stop.wait(0.01):
+                if sum(p.poll() is not None for p in procs) >= marks[0]:
+                    marks.pop(0)
+                    _end_all(server)
+                    ends += 1
+                    break
     server.session_ends = getattr(server, "session_ends", 0) + ends
 
 
