@@ -887,7 +887,11 @@ def _drop_old_outputs(ctx: _Context, row: JobRow) -> JobRow:
     old = [p for p in row.extra.get("old_out", []) if p.startswith(f"{folder}/out.attempt-")]
     if not old:
         return row
-    result = ctx.transport.run(["rm", "-rf", "--", *old])
+    try:
+        result = ctx.transport.run(["rm", "-rf", "--", *old])
+    except HpcBridgeError as exc:  # the upload is done; leftovers must not fail the pass
+        log.warning("%s: could not remove %s: %s", row.address, ", ".join(old), exc.message)
+        return row
     if not result.ok:
         log.warning("%s: could not remove %s: %s", row.address, ", ".join(old), result.said())
         return row
