@@ -138,6 +138,7 @@ class Stats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.total = 0
+        self.cuts = 0  # bodies the fault injection cut (drop_every)
 
     def request(self, method: str) -> int:
         with self._lock:
@@ -157,6 +158,10 @@ class Stats:
         with self._lock:
             self.bytes_out += n
 
+    def cut(self) -> None:
+        with self._lock:
+            self.cuts += 1
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -164,6 +169,7 @@ class Stats:
                 "statuses": dict(self.statuses),
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out,
+                "cuts": self.cuts,
             }
 
 

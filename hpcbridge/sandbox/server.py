@@ -507,7 +507,8 @@ class _Handler(BaseHTTPRequestHandler):
             reply = Reply(
                 err.status, render(err.status, err.reason), "text/html;charset=utf-8", err.headers
             )
-        except ConnectionAbortedError:
+        except ConnectionAbortedError:  # only the fault injection cuts a request body
+            app.stats.cut()
             self.close_connection = True
             self._abort()
             return
@@ -560,7 +561,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if not head and reply.body:
                     self.wfile.write(reply.body)
                     app.stats.add_out(len(reply.body))
-        except (ConnectionAbortedError, BrokenPipeError, ConnectionResetError):
+        except ConnectionAbortedError:  # the fault injection cut the answer's body
+            app.stats.cut()
+            self._abort()
+        except (BrokenPipeError, ConnectionResetError):  # the client went away
             self._abort()
 
     def _send_file(self, path: Path, head: bool) -> None:
