@@ -3,8 +3,9 @@
 Two passes over one run at once would both upload every finished scan and fight over the same
 jobs, so each takes the run's lock first. Home directories, and so the ledger and its locks, are
 often on NFS, where ``fcntl``/``flock`` locks are unreliable or local to one host. So the lock is
-a file created with ``O_CREAT|O_EXCL`` (atomic on NFSv3 and later), as the ledger's own lock in
-``nfs`` mode, holding who took it: host, pid, user, command, a random token and the time.
+a file, written under a name of its own and hard-linked into place (``link()`` is atomic on NFS,
+and the lock is never seen empty), holding who took it: host, pid, user, command, a random token
+and the time.
 
 A lock left by a process that died (``kill -9``, a reboot) is taken over when its holder is a
 process on this host that no longer exists, or when its file has not been touched for
@@ -218,26 +219,7 @@ class RunLock:
             token=secrets.token_hex(8),
         )
         for _ in range(10):  # a lock released or broken under our eyes: look again
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise LedgerError(
-                    f"cannot create the run lock {self.path}: {exc.strerror}"
-                ) from None
-            else:
-                try:
-                    os.write(fd, mine.dump().encode())
-                except OSError as exc:
-                    with contextlib.suppress(OSError):
-                        self.path.unlink()
-                    raise LedgerError(
-                        f"cannot write the run lock {self.path}: {exc.strerror}"
-                    ) from None
-                finally:
-                    os.close(fd)
+            if self._create(mine):
                 self._mine = mine
                 return None
             try:
@@ -252,6 +234,39 @@ class RunLock:
                 return holder or self._starting(age)
             self._break(seen, holder)
         return self._starting(0.0)
+
+    def _create(self, mine: Holder) -> bool:
+        """Put the lock in place with its holder already written: whether it is ours now.
+
+        The holder is written to a file of our own and hard-linked to the lock's name, so the
+        lock never exists empty (a second `sync` reading it then could not say who holds it).
+        link() is atomic on NFS too; its answer may be lost there, so the link count decides.
+        """
+        tmp = self.path.with_name(f".{self.path.name}.{_HOST}.{os.getpid()}.{mine.token}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, mine.dump().encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise LedgerError(f"cannot create the run lock {self.path}: {exc.strerror}") from None
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                if os.stat(tmp).st_nlink == 2:
+                    return True
+            raise LedgerError(f"cannot create the run lock {self.path}: {exc.strerror}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return True
 
     def _starting(self, age: float) -> Holder:
         # Created but not yet written: its holder is between two system calls.

@@ -158,3 +158,31 @@ def test_the_locks_live_beside_the_ledger(tmp_path: Path, monkeypatch: pytest.Mo
     assert lock_path(load_settings(), 3) == tmp_path / "home" / "locks" / "run-3.lock"
     monkeypatch.setenv("HPCBRIDGE_LEDGER", str(tmp_path / "shared" / "lab.sqlite"))
     assert lock_path(load_settings(), 3) == tmp_path / "shared" / "locks" / "lab.sqlite-run-3.lock"
+
+
+def test_a_busy_run_always_names_its_holder_even_while_it_is_being_taken(path: Path) -> None:
+    """The lock never exists without its holder written in it: a second `sync` arriving the
+    instant the first takes it must still say who holds it (cron mails that line)."""
+    import threading
+
+    said: list[str] = []
+    stop = time.monotonic() + 3.0
+
+    def contend() -> None:
+        while time.monotonic() < stop:
+            try:
+                with RunLock(path, 3, command="sync", heartbeat=60).acquire():
+                    pass
+            except RunBusyError as exc:
+                said.append(exc.message)
+
+    threads = [threading.Thread(target=contend) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert said, "four processes taking one lock for 3 s never found it busy"
+    assert all(" by " in m and f"(pid {os.getpid()})" in m for m in said), {
+        m for m in said if " by " not in m
+    }
+    assert sorted(p.name for p in path.parent.iterdir()) == []  # no temporary files left
