@@ -38,6 +38,7 @@ from .xnat.model import ScanRef
 
 __all__ = [
     "STEPS",
+    "away_path",
     "bridge_command",
     "cached_sessions",
     "chain_seconds",
@@ -81,10 +82,11 @@ _COMMANDS = {
     "stage-in": _PREAMBLE
     + "{{ params.bridge | raw }} --config {{ params.config }} --profile chain stage-in \\\n"
     "    {{ params.experiment }} --scan {{ scan.id }} --resource {{ params.resource }} \\\n"
-    "    --dest {{ params.dest }}\n",
+    "    --dest {{ params.dest }} --away-report {{ params.away }}\n",
     "stage-out": _PREAMBLE
     + "{{ params.bridge | raw }} --config {{ params.config }} --profile chain stage-out \\\n"
-    "    {{ params.address }} --spec {{ params.spec }} {{ input_dir }}\n",
+    "    {{ params.address }} --spec {{ params.spec }} --away-report {{ params.away }} \\\n"
+    "    {{ input_dir }}\n",
 }
 
 
@@ -168,6 +170,11 @@ def report_path(folder: str) -> str:
     return f"{step_work(folder, 'stage-out')}/uploaded.json"
 
 
+def away_path(folder: str, step: str) -> str:
+    """Where a transfer job that found XNAT away (exit code 75) says why and for how long."""
+    return f"{step_work(folder, step)}/xnat-away.json"
+
+
 def transfer_script(
     step: str,
     template: str,
@@ -200,6 +207,7 @@ def transfer_script(
         "resource": input_resource,
         "dest": root,
         "spec": spec_path(folder),
+        "away": away_path(folder, step),
     }
     inputs = f"{folder}/resources" if step == "stage-in" else f"{folder}/out"
     return render_script(

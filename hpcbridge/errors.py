@@ -14,6 +14,10 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
+#: EX_TEMPFAIL of sysexits.h: XNAT was away; the same command may well succeed later. Only the
+#: data commands (``stage-in``, ``stage-out``) use it: a job chain's transfer jobs run them, and
+#: the bridge waits out such a job's failure instead of failing its scan.
+EXIT_TEMPFAIL = 75
 
 
 class HpcBridgeError(Exception):
@@ -87,6 +91,28 @@ class XnatConflictError(XnatError):
 
 class XnatServerError(XnatError):
     """Any other unexpected answer; carries the status and an excerpt of the body."""
+
+
+def xnat_away(exc: BaseException) -> bool:
+    """Whether ``exc`` says XNAT is away for now (it could not be reached, or answered 408, 429
+    or 5xx) rather than that the request itself is wrong: the same request may work later."""
+    if isinstance(exc, XnatConnectionError):
+        return True
+    status = exc.status if isinstance(exc, XnatError) else None
+    return status is not None and (status in (408, 429) or status >= 500)
+
+
+class TemporaryFailure(HpcBridgeError):
+    """XNAT was away (see :func:`xnat_away`); trying the same again later may well work."""
+
+    exit_code = EXIT_TEMPFAIL
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        #: seconds XNAT asked to wait (Retry-After), when it said
+        self.retry_after = retry_after
 
 
 class StageError(HpcBridgeError):

@@ -103,12 +103,13 @@ _S = JobState
 #: Every allowed change of state. ``planned -> submitted`` is for chains, whose stage-in runs as
 #: a job on the cluster; ``failed``/``cancelled -> planned`` is a retry, and so is ``failed ->
 #: finished``: a job that ended well but whose outputs could not be uploaded is uploaded again,
-#: not computed again.
+#: not computed again. ``submitted``/``running -> planned`` is a chain whose transfer job found
+#: XNAT away: that step's job is submitted again once the run's backoff is over.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.PLANNED: frozenset({_S.STAGED, _S.SUBMITTED, _S.FAILED, _S.CANCELLED}),
     _S.STAGED: frozenset({_S.SUBMITTED, _S.FAILED, _S.CANCELLED}),
-    _S.SUBMITTED: frozenset({_S.RUNNING, _S.FINISHED, _S.FAILED, _S.CANCELLED}),
-    _S.RUNNING: frozenset({_S.FINISHED, _S.FAILED, _S.CANCELLED}),
+    _S.SUBMITTED: frozenset({_S.PLANNED, _S.RUNNING, _S.FINISHED, _S.FAILED, _S.CANCELLED}),
+    _S.RUNNING: frozenset({_S.PLANNED, _S.FINISHED, _S.FAILED, _S.CANCELLED}),
     _S.FINISHED: frozenset({_S.UPLOADED, _S.FAILED}),
     _S.UPLOADED: frozenset(),
     _S.FAILED: frozenset({_S.PLANNED, _S.FINISHED}),

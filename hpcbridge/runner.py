@@ -33,6 +33,7 @@ from . import __version__, chain
 from .config import Settings
 from .credentials import Secret
 from .errors import (
+    EXIT_TEMPFAIL,
     ConfigError,
     HpcBridgeError,
     SchedulerError,
@@ -620,6 +621,9 @@ def _apply_chain(ctx: _Context, report: SyncReport, row: JobRow, steps: dict[str
     (the jobs after it are cancelled by the poll), a finished stage-out ends it."""
     for step in chain.STEPS:
         job = steps[step]
+        if job.state == State.FAILED.value and step != "compute" and job.exit_code == EXIT_TEMPFAIL:
+            _chain_step_away(ctx, row, step, job)
+            return
         if job.state in (State.FAILED.value, State.CANCELLED.value):
             final = JobState.FAILED if job.state == State.FAILED.value else JobState.CANCELLED
             why = f"{step} job {job.id} {job.state}" + (f": {job.reason}" if job.reason else "")
@@ -656,6 +660,42 @@ def _apply_chain(ctx: _Context, report: SyncReport, row: JobRow, steps: dict[str
         _workflow(ctx, running)
     elif row.raw_state != raw:
         ctx.ledger.update(row.id, raw_state=raw)
+
+
+def _chain_step_away(ctx: _Context, row: JobRow, step: str, job: Job) -> None:
+    """A transfer job found XNAT away (its ``hpcbridge`` exited 75): that fails nothing. The scan
+    is planned again keeping the steps that succeeded (a stage-out: stage-in and compute; a
+    stage-in: none, its later jobs never ran) and waits out the run's backoff, as the bridge's
+    own transfers do; then the next pass submits that step's job again."""
+    found = _away_report(ctx, chain.away_path(ctx.remote_folder(row), step))
+    message = str(found.get("error") or f"{step} job {job.id} found XNAT away (exit code 75)")
+    after = found.get("retry_after")
+    away = Trouble("XNAT", True, float(after) if isinstance(after, (int, float)) else None)
+    ids = row.extra.get("chain") or {}
+    kept = chain.STEPS[: chain.STEPS.index(step)]
+    extra = _without(row.extra, "chain", "waited", "waiting")
+    if kept:
+        extra["chain"] = {s: ids[s] for s in kept if s in ids}
+    # The tries of this step's earlier jobs count on: the backoff grows while XNAT stays away.
+    if isinstance(row.extra.get("waited"), dict):
+        extra["waiting"] = row.extra["waited"]
+    again = ctx.ledger.transition(
+        row.id,
+        JobState.PLANNED,
+        detail=f"{step} job {job.id} found XNAT away; to be submitted again",
+        extra=extra,
+    )
+    record = _wait(ctx, again, "upload" if step == "stage-out" else "stage-in", message, away)
+    ctx.say(f"{row.address}: {step} job {job.id} found XNAT away; next try at {record['next']}")
+
+
+def _away_report(ctx: _Context, path: str) -> dict[str, Any]:
+    """What a transfer job wrote when it found XNAT away; {} when it wrote nothing readable."""
+    try:
+        data = json.loads(ctx.transport.read_text(path) or "{}")
+    except (HpcBridgeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 #: XNAT workflow statuses (the experiment's History table) for the ledger's states.
@@ -720,7 +760,7 @@ def _stage_out_finished(ctx: _Context, report: SyncReport) -> None:
             row.id,
             JobState.UPLOADED,
             uploaded=uploaded,
-            extra=_without(row.extra, "waiting", "stage_out_tries"),
+            extra=_without(row.extra, "waiting", "waited", "stage_out_tries"),
         )
         ctx.say(f"{row.address}: uploaded {len(uploaded)} file(s)")
         _workflow(ctx, done)
@@ -757,7 +797,7 @@ def _stage_out_failed(ctx: _Context, report: SyncReport, row: JobRow, exc: HpcBr
         JobState.FAILED,
         last_error=f"stage-out failed: {exc.message}",
         extra=dict(
-            _without(row.extra, "waiting", "stage_out_tries"),
+            _without(row.extra, "waiting", "waited", "stage_out_tries"),
             failed_step="stage-out" if ctx.chain else ("compute" if missing else "upload"),
         ),
     )
@@ -984,8 +1024,12 @@ def _submit_planned(ctx: _Context, report: SyncReport) -> None:
             ctx.say(f"{row.address}: failed: {reason}")
             continue
         queued += 1
-        if waiting(submitted) is not None:
-            submitted = ctx.ledger.update(submitted.id, extra=_without(submitted.extra, "waiting"))
+        record = waiting(submitted)
+        if record is not None:
+            extra = _without(submitted.extra, "waiting")
+            if ctx.chain:  # kept to count on, should the new job find XNAT away again
+                extra["waited"] = record
+            submitted = ctx.ledger.update(submitted.id, extra=extra)
         report.submitted.append(submitted)
         if ctx.chain:
             jobs = " -> ".join(_native_ids(submitted))
@@ -1261,7 +1305,7 @@ def retry_run(
     again = []
     for row in ledger.jobs(run.id, states):
         step = row.extra.get("failed_step") if row.state is JobState.FAILED and not rerun else None
-        extra = _without(row.extra, "stage_out_tries", "waiting", "failed_step", "chain")
+        extra = _without(row.extra, "stage_out_tries", "waiting", "waited", "failed_step", "chain")
         if step == "upload" and row.exit_code == 0:
             again.append(
                 ledger.transition(

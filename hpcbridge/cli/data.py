@@ -4,16 +4,53 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import PartialFailure
+from ..errors import HpcBridgeError, PartialFailure, TemporaryFailure, xnat_away
 from ..units import human_size
 from .app import main, settings_of
 from .output import ProgressBar, echo, emit_json
 from .params import Number
+
+
+def _away_report_option(function: Any) -> Any:
+    return click.option(
+        "--away-report",
+        type=click.Path(path_type=Path, dir_okay=False),
+        metavar="FILE",
+        help="When XNAT is away (exit code 75), also write the error and the wait XNAT asked "
+        "for to FILE as JSON (a job chain's transfer jobs do, for the bridge).",
+    )(function)
+
+
+@contextlib.contextmanager
+def _away_exits(report: Path | None) -> Iterator[None]:
+    """XNAT away ends the command with exit code 75 (EX_TEMPFAIL) instead of 1, so that a job
+    running it (a job chain's transfer job) tells "try again later" from a request that is
+    wrong; ``report`` then holds what the bridge needs to wait it out."""
+    if report is not None:
+        # An earlier job's report in the same work folder must not outlive this job's outcome.
+        with contextlib.suppress(OSError):
+            report.unlink()
+    try:
+        yield
+    except HpcBridgeError as exc:
+        if not (isinstance(exc, TemporaryFailure) or xnat_away(exc)):
+            raise
+        retry_after = getattr(exc, "retry_after", None)
+        if report is not None:
+            from ..transport import LocalTransport
+
+            said = {"transient": True, "for": "XNAT", "error": exc.message}
+            text = json.dumps(dict(said, retry_after=retry_after), indent=1)
+            # The exit code says it already; the report only adds the details.
+            with contextlib.suppress(HpcBridgeError):
+                LocalTransport().write_text(str(report), text)
+        raise TemporaryFailure(exc.message, hint=exc.hint, retry_after=retry_after) from None
 
 
 @main.command("stage-in")
@@ -62,6 +99,7 @@ from .params import Number
     type=Number(1),
     help="Refuse zip entries that expand more than this (zip bombs).",
 )
+@_away_report_option
 @click.pass_context
 def stage_in_command(
     ctx: click.Context,
@@ -75,13 +113,15 @@ def stage_in_command(
     workers: int,
     max_bytes: int,
     max_ratio: float,
+    away_report: Path | None,
 ) -> None:
     """Download scans' files, verify them, and unpack them with a manifest.
 
     ADDRESS is PROJECT/SUBJECT/EXPERIMENT (select scans with the options) or
     PROJECT/SUBJECT/EXPERIMENT/SCAN. Files land in
     DEST/<experiment>/scans/<scan>-<type>/resources/<resource>/files/ with manifest.json beside
-    them; scans already staged and unchanged in XNAT are skipped.
+    them; scans already staged and unchanged in XNAT are skipped. Exit code 75 when XNAT was
+    away (could not be reached, or answered 408, 429 or 5xx): run it again later.
 
     \b
     Examples:
@@ -93,58 +133,67 @@ def stage_in_command(
 
     settings = settings_of(ctx)
     where = Address.parse(address)
-    bar = ProgressBar("stage-in", enabled=not (settings.quiet or settings.json))
-    with connect(settings) as client:
-        report = stage_in(
-            client,
-            where,
-            dest,
-            resource=resource,
-            workers=workers,
-            selection=Selection(scan_ids, scan_types, series),
-            allow_non_dicom=allow_non_dicom,
-            limits=Limits(max_total_bytes=max_bytes, max_ratio=max_ratio),
-            progress=bar.add,
-            on_total=bar.set_total,
-        )
-    bar.close()
-    rows = [
-        {
-            "scan": s.scan.id,
-            "type": s.scan.type,
-            "status": "skipped" if s.skipped else "staged",
-            "folder": str(s.folder),
-            "files": s.files,
-            "bytes": s.bytes,
-            "dicom_instances": s.dicom.get("instances", 0),
-        }
-        for s in report.staged
-    ]
-    rows += [
-        {"scan": scan.id, "type": scan.type, "status": "failed", "error": err.message}
-        for scan, err in report.failed
-    ]
-    if settings.json:
-        emit_json(rows)
-    else:
-        for row in rows:
-            if row["status"] == "failed":
-                if len(rows) == 1:
-                    continue  # _finish reports the one failure as the error line itself
-                echo(f"scan {row['scan']}: failed: {row['error']}", err=True)
-            else:
-                note = " (already staged, unchanged)" if row["status"] == "skipped" else ""
-                echo(
-                    f"scan {row['scan']}: {row['files']} files, "
-                    f"{human_size(row['bytes'])} -> {row['folder']}{note}"
-                )
-    _finish(report.failed, len(rows))
+    with _away_exits(away_report):
+        bar = ProgressBar("stage-in", enabled=not (settings.quiet or settings.json))
+        with connect(settings) as client:
+            report = stage_in(
+                client,
+                where,
+                dest,
+                resource=resource,
+                workers=workers,
+                selection=Selection(scan_ids, scan_types, series),
+                allow_non_dicom=allow_non_dicom,
+                limits=Limits(max_total_bytes=max_bytes, max_ratio=max_ratio),
+                progress=bar.add,
+                on_total=bar.set_total,
+            )
+        bar.close()
+        rows = [
+            {
+                "scan": s.scan.id,
+                "type": s.scan.type,
+                "status": "skipped" if s.skipped else "staged",
+                "folder": str(s.folder),
+                "files": s.files,
+                "bytes": s.bytes,
+                "dicom_instances": s.dicom.get("instances", 0),
+            }
+            for s in report.staged
+        ]
+        rows += [
+            {"scan": scan.id, "type": scan.type, "status": "failed", "error": err.message}
+            for scan, err in report.failed
+        ]
+        if settings.json:
+            emit_json(rows)
+        else:
+            for row in rows:
+                if row["status"] == "failed":
+                    if len(rows) == 1:
+                        continue  # _finish reports the one failure as the error line itself
+                    echo(f"scan {row['scan']}: failed: {row['error']}", err=True)
+                else:
+                    note = " (already staged, unchanged)" if row["status"] == "skipped" else ""
+                    echo(
+                        f"scan {row['scan']}: {row['files']} files, "
+                        f"{human_size(row['bytes'])} -> {row['folder']}{note}"
+                    )
+        _finish(report.failed, len(rows))
 
 
 def _finish(failed: list, total: int) -> None:
-    """Exit 1 when everything failed, 3 when only some did (CLI.md)."""
+    """Exit 1 when everything failed, 3 when only some did (CLI.md); 75 when every failure was
+    XNAT away, as then the same command run later stages the rest."""
     if not failed:
         return
+    away = [err for _scan, err in failed if xnat_away(err)]
+    if len(away) == len(failed) and total > 1:
+        raise TemporaryFailure(
+            f"{len(failed)} of {total} scans failed, XNAT away; first: {away[0].message}",
+            hint=away[0].hint,
+            retry_after=max((e.retry_after or 0 for e in away), default=0) or None,
+        )
     scan, err = failed[0]
     if len(failed) == total:
         if total == 1:
@@ -176,6 +225,7 @@ def _finish(failed: list, total: int) -> None:
     help="Upload a job's output folder as a run does: each output into the recipe's resource, "
     "with a provenance record (the file `hpcbridge run --chain` writes for its stage-out jobs).",
 )
+@_away_report_option
 @click.pass_context
 def stage_out_command(
     ctx: click.Context,
@@ -189,11 +239,13 @@ def stage_out_command(
     inout: str,
     no_zip: bool,
     spec: Path | None,
+    away_report: Path | None,
 ) -> None:
     """Upload files (or folders' files) into a resource of a scan, then verify the listing.
 
     An identical file already in XNAT is skipped; a different one is an error unless
-    --overwrite. Nothing is deleted. dcm2niix outputs get format/content labels.
+    --overwrite. Nothing is deleted. dcm2niix outputs get format/content labels. Exit code 75
+    when XNAT was away (could not be reached, or answered 408, 429 or 5xx): run it again later.
 
     \b
     Examples:
@@ -208,14 +260,15 @@ def stage_out_command(
     if spec is not None:
         if resource or assessor or len(paths) != 1:
             raise click.UsageError("--spec takes one output folder and no --resource or --assessor")
-        _stage_out_spec(settings, where, paths[0], spec)
+        with _away_exits(away_report):
+            _stage_out_spec(settings, where, paths[0], spec)
         return
     if not resource:
         raise click.UsageError("Missing option '--resource'.")
     files = collect(paths)
     bar = ProgressBar("stage-out", enabled=not (settings.quiet or settings.json))
     bar.set_total(sum(f.size for f in files))
-    with connect(settings) as client:
+    with _away_exits(away_report), connect(settings) as client:
         target = resolve_target(client, where, resource, assessor=assessor, inout=inout)
         report = stage_out(
             client,

@@ -391,3 +391,151 @@ def test_retry_rerun_runs_the_job_again_from_an_empty_folder_even_where_only_its
     assert counter.read_text().splitlines() == ["run", "run"]
     assert xnat.files(SCAN, "RESULT") == sorted(["X.txt", PROVENANCE_FILE])
     assert xnat.file(SCAN, "RESULT", "X.txt") == b"first\n"
+
+
+# --- item 1 in a chain: XNAT away while a transfer job runs ---------------------------------
+
+
+def chain_state(home: Path, job_id: str) -> str | None:
+    return local_state(home, job_id).get("state")
+
+
+def test_a_chain_whose_stage_out_job_finds_xnat_away_waits_and_submits_only_a_new_stage_out(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HPCBRIDGE_RETRY_INTERVAL", "0.5")
+    monkeypatch.setenv("HPCBRIDGE_RETRY_MAX", "1")
+    gate = tmp_path / "compute-may-end"  # the outage begins while the compute job runs
+    args, counter = counting_recipe(tmp_path, f"while [ ! -e '{gate}' ]; do sleep 0.1; done")
+    started = cli(*args, "--chain")
+    assert started.exit_code == 0, started.output
+    eventually(lambda: chain_state(isolated_home, "2") == "running", "the compute job to run")
+    xnat.server.faults.update({"fail_every": 1})
+    gate.touch()
+    eventually(lambda: chain_state(isolated_home, "3") == "failed", "the stage-out job to end")
+    assert local_state(isolated_home, "3")["exit_code"] == 75
+
+    for n, stage_out_job in ((1, "3"), (2, "4")):
+        passed = cli("sync", "1")
+        assert passed.exit_code == 0, passed.output
+        assert f"{SCAN}: stage-out job {stage_out_job} found XNAT away; next try at " in (
+            passed.stderr
+        )
+        assert "hpcbridge: warning: " in passed.stderr and "waits for XNAT" in passed.stderr
+        data = status_json(1)
+        job = data["jobs"][0]
+        assert job["state"] == "planned" and job["error"] is None  # not failed
+        wait = job["waiting"]
+        assert (wait["for"], wait["step"], wait["tries"]) == ("XNAT", "upload", n)
+        assert wait["error"].startswith("XNAT is unavailable (503 for ")  # the job's own words
+        table = cli("status", "1")
+        assert f"--- {SCAN}: waiting for XNAT to upload its outputs since " in table.stderr
+        if n == 2:
+            break
+        until_due(data)
+        resubmitted = cli("sync", "1")  # XNAT is still away: the new stage-out job fails too
+        assert resubmitted.exit_code == 0, resubmitted.output
+        assert f"{SCAN}: submitted as jobs 1 -> 2 -> 4 (stage-in -> compute -> stage-out)" in (
+            resubmitted.stderr
+        )
+        assert status_json(1)["jobs"][0]["waiting"] is None  # in the scheduler, not waiting
+        eventually(lambda: chain_state(isolated_home, "4") == "failed", "stage-out job 4 to end")
+
+    xnat.server.faults.update({"fail_every": 0})
+    until_due(status_json(1))
+    done = hb("sync", "1", "--watch", *FAST)
+    assert done.returncode == 0, done.stderr
+    assert "submitted as jobs 1 -> 2 -> 5 (stage-in -> compute -> stage-out)" in done.stderr
+    job = status_json(1)["jobs"][0]
+    assert job["state"] == "uploaded" and job["waiting"] is None
+    assert len(local_jobs(isolated_home)) == 5  # stage-in, compute, three stage-outs
+    assert counter.read_text().splitlines() == ["run"]  # computed once
+    assert xnat.files(SCAN, "RESULT") == sorted(["X.txt", PROVENANCE_FILE])
+    uploads = [n for (_res, name), n in xnat.stored.items() if name == "X.txt"]
+    assert uploads == [1]
+
+
+def test_a_chain_whose_stage_in_job_finds_xnat_away_waits_and_submits_the_chain_again(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shlex
+    import sys
+
+    real = shlex.join([sys.executable, "-m", "hpcbridge"])
+    gate = tmp_path / "stage-in-may-start"  # the outage begins before the stage-in job's start
+    fake = tmp_path / "bridge.sh"
+    fake.write_text(
+        f"case \"$*\" in *stage-in*) while [ ! -e '{gate}' ]; do sleep 0.1; done;; esac\n"
+        f'exec {real} "$@"\n'
+    )
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "config.toml").write_text(
+        f'[profiles.default]\nbridge_command = "/bin/sh {fake}"\n'
+        "retry_interval = 0.5\nretry_max = 1\n"
+    )
+    args, counter = counting_recipe(tmp_path)
+    started = cli(*args, "--chain")
+    assert started.exit_code == 0, started.output
+    xnat.server.faults.update({"fail_every": 1, "retry_after": 2})
+    gate.touch()
+    eventually(lambda: chain_state(isolated_home, "1") == "failed", "the stage-in job to end")
+    assert local_state(isolated_home, "1")["exit_code"] == 75
+
+    passed = cli("sync", "1")
+    assert passed.exit_code == 0, passed.output
+    assert f"{SCAN}: stage-in job 1 found XNAT away; next try at " in passed.stderr
+    job = status_json(1)["jobs"][0]
+    assert job["state"] == "planned" and job["error"] is None
+    wait = job["waiting"]
+    assert (wait["for"], wait["step"], wait["tries"]) == ("XNAT", "stage-in", 1)
+    assert wait["error"].startswith("XNAT is unavailable (503 for ")
+    assert wait["retry_after"] == 2  # from the job's report: XNAT's Retry-After
+    ahead = parse_utc_stamp(wait["next"]).timestamp() - time.time()
+    assert 1 < ahead <= 3
+    # The chain's later jobs never ran, and are cancelled: nothing of it is left to run.
+    from hpcbridge.jobs import JobStore
+
+    records = JobStore(isolated_home, "default")
+    assert [getattr(records.get(i), "state", None) for i in ("2", "3")] == ["cancelled"] * 2
+
+    xnat.server.faults.update({"fail_every": 0})
+    until_due(status_json(1))
+    done = hb("sync", "1", "--watch", *FAST)
+    assert done.returncode == 0, done.stderr
+    assert "submitted as jobs 4 -> 5 -> 6 (stage-in -> compute -> stage-out)" in done.stderr
+    job = status_json(1)["jobs"][0]
+    assert job["state"] == "uploaded" and job["waiting"] is None
+    assert counter.read_text().splitlines() == ["run"]
+    assert xnat.files(SCAN, "RESULT") == sorted(["X.txt", PROVENANCE_FILE])
+    uploads = [n for (_res, name), n in xnat.stored.items() if name == "X.txt"]
+    assert uploads == [1]
+
+
+def test_stage_in_and_stage_out_exit_75_when_xnat_is_away_and_1_when_the_request_is_wrong(
+    xnat: Xnat, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("a\n")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"outputs": [{"glob": "*.txt", "resource": "R"}], "provenance": {}}))
+    report = tmp_path / "away.json"
+    report.write_text("an earlier job's")
+    xnat.server.faults.update({"fail_every": 1, "retry_after": 30})
+    away = cli("stage-out", SCAN, "--spec", str(spec), "--away-report", str(report), str(out))
+    assert away.exit_code == 75, away.output
+    lines = away.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpcbridge: error: XNAT is unavailable (503 ")
+    said = json.loads(report.read_text())
+    assert said["transient"] is True and said["for"] == "XNAT" and said["retry_after"] == 30
+    assert said["error"].startswith("XNAT is unavailable (503 for ")
+    staged = cli("stage-in", SCAN, "--dest", str(tmp_path / "in"), "--away-report", str(report))
+    assert staged.exit_code == 75, staged.output
+    assert staged.stderr.startswith("hpcbridge: error: XNAT is unavailable (503 ")
+
+    xnat.server.faults.update({"fail_every": 0})
+    wrong = cli(
+        "stage-in", SCAN + "9", "--dest", str(tmp_path / "in"), "--away-report", str(report)
+    )
+    assert wrong.exit_code == 1, wrong.output
+    assert not report.exists()  # an earlier job's report does not outlive this one's outcome
