@@ -903,7 +903,7 @@ class Ledger:
     def _run(self, conn: sqlite3.Connection, run_id: int) -> Run:
         row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
-            raise LedgerError(f"no run {run_id}", hint="`hpcbridge status` lists the runs")
+            raise LedgerError(f"no run {run_id}", hint="`hpcbridge runs` lists the runs")
         return _run_from(row)
 
     def create_run(

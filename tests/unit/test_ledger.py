@@ -218,7 +218,7 @@ def test_runs_round_trip_their_json(ledger: Ledger) -> None:
 def test_an_unknown_run_says_where_to_look(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="no run 42") as err:
         ledger.run(42)
-    assert "hpcbridge status" in (err.value.hint or "")
+    assert "`hpcbridge runs` lists the runs" in (err.value.hint or "")
     with pytest.raises(LedgerError, match="no run 42"):
         ledger.set_run_state(42, "done")
     with pytest.raises(LedgerError, match="no run 42"):
