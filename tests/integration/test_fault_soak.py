@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,7 @@ RESOURCE = "SOAK"
 ADMIN = ("admin", "admin")
 T = 10.0  # seconds for one HTTP request of the soak itself
 OUTPUTS = ("inputs.txt", "who.txt")
+PASS_LINE = re.compile(r"^run 1: \d+/\d+ ended", re.MULTILINE)
 
 RECIPE = """
 name = "soak"
@@ -418,6 +420,7 @@ class SoakResult:
     scans: int
     episodes: int = 0
     syncs: int = 0
+    passes: int = 0  # sync passes that got to the end (each prints `run 1: N/M ended ...`)
     faults: Counter[str] = field(default_factory=Counter)
     exit_codes: Counter[int] = field(default_factory=Counter)
     fault_phase_s: float = 0.0
@@ -435,7 +438,8 @@ class SoakResult:
         verdict = "PASS" if self.ok else f"FAIL ({len(self.problems)} problem(s))"
         return (
             f"fault soak seed {self.seed}: {self.scans} scans, {self.episodes} episodes, "
-            f"{self.syncs} sync processes, {self.uploaded_in_fault_phase} uploaded under faults; "
+            f"{self.syncs} sync processes, {self.passes} passes, "
+            f"{self.uploaded_in_fault_phase} uploaded under faults; "
             f"faults: {kinds}; fault phase {self.fault_phase_s:.1f} s, finish "
             f"{self.finish_s:.1f} s, wall {self.wall_s:.1f} s: {verdict}"
         )
@@ -676,8 +680,12 @@ class Soak:
         lock = self.home / "locks" / "run-1.lock"
         if lock.exists():
             problems.append(f"the run's lock is left behind: {lock.read_text()!r}")
+        finish = self.logs / "finish.log"
+        if finish.exists():
+            self.result.passes += len(PASS_LINE.findall(finish.read_text(errors="replace")))
         for sync in self.syncs:
             text = sync.log.read_text(errors="replace")
+            self.result.passes += len(PASS_LINE.findall(text))
             if "Traceback" in text:
                 problems.append(f"{sync.log.name} printed a traceback:\n{text[-3000:]}")
             if sync.proc.returncode == 3:
