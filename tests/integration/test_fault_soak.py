@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import requests
 
 from hpcbridge.ledger import Ledger
@@ -852,3 +853,55 @@ def test_a_run_synced_through_random_faults_uploads_every_scan_exactly_once(
     assert sum(n for k, n in kinds.items() if k.startswith("scheduler:")) > 0, kinds
     assert kinds["two syncs at once"] > 0 and kinds["episodes with latency"] > 0, kinds
     assert result.uploaded_in_fault_phase > 0, result.summary()
+
+
+# A bridge killed inside the local scheduler's submission, after the job's folder and its place
+# in line were written and before its runner's pid was: the soak's SIGKILL can land there.
+CRASH_IN_SUBMIT = r"""
+import os, signal, subprocess, sys
+from pathlib import Path
+from hpcbridge.schedulers.local import LocalScheduler
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+subprocess.Popen = killed
+LocalScheduler(Path(sys.argv[1])).submit(sys.argv[2])
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="local scheduler: a submission killed between writing job.json (and waiting/ID) and "
+    "writing runner.pid leaves a job that counts as queued with a live runner forever "
+    "(_runner_alive is True while runner.pid is missing), and every later job waits in line "
+    "behind it (_first_in_line); the run that adopts it never ends",
+)
+def test_a_bridge_killed_inside_a_local_submission_leaves_no_job_that_blocks_the_rest(
+    tmp_path: Path,
+) -> None:
+    from hpcbridge.schedulers.local import LocalScheduler
+
+    root = tmp_path / "local-jobs"
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\necho done\n")
+    try:
+        crashed = subprocess.run(
+            [sys.executable, "-c", CRASH_IN_SUBMIT, str(root), str(script)], timeout=60
+        )
+        assert crashed.returncode == -signal.SIGKILL
+        assert (root / "1" / "job.json").is_file() and not (root / "1" / "runner.pid").exists()
+        scheduler = LocalScheduler(root)
+        second = scheduler.submit(str(script))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = scheduler.status(["1", second])
+            if all(s.state.is_final for s in states.values()):
+                break
+            time.sleep(0.1)
+        states = scheduler.status(["1", second])
+        # The next job runs, and the one whose runner never started is not left queued.
+        assert states[second].state.value == "finished", states
+        assert states["1"].state.is_final, states
+    finally:
+        stop_local_jobs(root, timeout=10)
