@@ -757,6 +757,8 @@ class Soak:
     @staticmethod
     def listing(http: requests.Session, url: str) -> dict[str, tuple[int, str]]:
         resp = http.get(url, params={"format": "json"}, timeout=T)
+        if resp.status_code == 404:  # no such resource
+            return {}
         resp.raise_for_status()
         rows = resp.json()["ResultSet"]["Result"]
         names = [r["Name"] for r in rows]
