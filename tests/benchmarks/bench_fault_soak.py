@@ -32,7 +32,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
+# This checkout's hpcbridge for the soak's own process (seeding, reading the ledger), and its
+# engine; the processes it starts run --source.
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]
 
 from test_fault_soak import SEED_ENV, Soak, SoakConfig, SoakFailure, SoakResult  # noqa: E402
 
