@@ -118,11 +118,25 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+#: How long a job folder without a runner counts as a submission still under way. A submitter
+#: killed in between leaves such a folder for good; past this it is given up.
+STARTING_GRACE = 30.0
+
+#: What a submission writes first; it becomes ``job.json`` once its runner's pid is on record.
+PENDING_SPEC = "job.pending.json"
+
+
 def _runner_alive(job_dir: Path) -> bool:
     try:
         pid = int((job_dir / "runner.pid").read_text().strip())
     except FileNotFoundError:
-        return True  # submitted this instant: the pid is being written
+        # Submitted this instant (the pid is being written), or by a submitter that was killed
+        # before it could write it: that job will never run, and must not hold the line.
+        try:
+            age = time.time() - job_dir.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return age < STARTING_GRACE
     except ValueError:
         return False
     return pid_alive(pid)
@@ -228,7 +242,10 @@ class LocalScheduler(Scheduler):
             "max_jobs": self.max_jobs,
             "submitted": utc_stamp(),
         }
-        _write_json(job_dir / "job.json", spec)
+        # The job is published (job.json, which status, find_jobs and cancel read) only once its
+        # runner's pid is on record: a submitter killed before then leaves no job that anyone
+        # would adopt or wait for, and its runner, if it started, gives up (run_job).
+        _write_json(job_dir / PENDING_SPEC, spec)
         _write_json(job_dir / "state.json", {"state": "queued", "submitted": spec["submitted"]})
         if not after:
             # In line for a slot from now on, so jobs start in the order they were submitted
@@ -237,7 +254,13 @@ class LocalScheduler(Scheduler):
         try:
             with open(job_dir / "runner.log", "ab") as log_fh:
                 runner = subprocess.Popen(
-                    [sys.executable, "-m", "hpcbridge.schedulers._localrun", str(job_dir)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "hpcbridge.schedulers._localrun",
+                        str(job_dir),
+                        str(os.getpid()),  # so the runner can tell its submitter died
+                    ],
                     stdin=subprocess.DEVNULL,
                     stdout=log_fh,
                     stderr=log_fh,
@@ -251,6 +274,7 @@ class LocalScheduler(Scheduler):
             raise SchedulerError(f"cannot start the local job runner: {exc}") from None
         # Only the runner writes state.json; its pid goes to a file of its own.
         _write_text(job_dir / "runner.pid", str(runner.pid))
+        os.replace(job_dir / PENDING_SPEC, job_dir / "job.json")
         return job_id
 
     def _status_of(self, job_id: str) -> JobStatus | None:
@@ -507,10 +531,22 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_job(job_dir: Path) -> int:
-    """The runner's entry point (``python -m hpcbridge.schedulers._localrun JOB_DIR``)."""
+def run_job(job_dir: Path, submitter: int | None = None) -> int:
+    """The runner's entry point (``python -m hpcbridge.schedulers._localrun JOB_DIR PID``,
+    PID the submitting process's)."""
+    # Published by the submitter right after it records our pid; a submitter killed before
+    # that never publishes it, and then this job must not run. Its death shows as our being
+    # handed to another parent; the deadline covers a submitter that hangs.
+    submitter = os.getppid() if submitter is None else submitter
+    deadline = time.monotonic() + STARTING_GRACE
     spec = _read_json(job_dir / "job.json")
+    while spec is None and time.monotonic() < deadline:
+        gone = os.getppid() != submitter
+        time.sleep(0.05)
+        spec = _read_json(job_dir / "job.json")
+        if gone:
+            break
     if spec is None:
-        print(f"no job.json in {job_dir}", file=sys.stderr)
+        print(f"no job.json in {job_dir}: its submission never completed", file=sys.stderr)
         return 2
     return _Runner(job_dir, spec).main()

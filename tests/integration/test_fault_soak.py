@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 import requests
 
 from hpcbridge.ledger import Ledger
@@ -872,13 +871,59 @@ LocalScheduler(Path(sys.argv[1])).submit(sys.argv[2])
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="local scheduler: a submission killed between writing job.json (and waiting/ID) and "
-    "writing runner.pid leaves a job that counts as queued with a live runner forever "
-    "(_runner_alive is True while runner.pid is missing), and every later job waits in line "
-    "behind it (_first_in_line); the run that adopts it never ends",
-)
+CRASH_AFTER_RUNNER = r"""
+import os, signal, sys
+from pathlib import Path
+from hpcbridge.schedulers import local
+
+write = local._write_text
+
+def write_then_die(path, text):
+    write(path, text)
+    if Path(path).name == "runner.pid":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+local._write_text = write_then_die
+local.LocalScheduler(Path(sys.argv[1])).submit(sys.argv[2])
+"""
+
+
+def test_a_runner_whose_submission_never_completed_runs_nothing(tmp_path: Path) -> None:
+    from hpcbridge.schedulers.local import LocalScheduler
+
+    root = tmp_path / "local-jobs"
+    marker = tmp_path / "ran"
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\ntouch {marker}\n")
+    try:
+        crashed = subprocess.run(
+            [sys.executable, "-c", CRASH_AFTER_RUNNER, str(root), str(script)], timeout=60
+        )
+        assert crashed.returncode == -signal.SIGKILL
+        pid = int((root / "1" / "runner.pid").read_text())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        # The runner saw its submitter die before publishing the job, and left at once.
+        assert not _alive(pid)
+        assert not marker.exists() and not (root / "1" / "job.json").exists()
+        assert LocalScheduler(root).find_jobs(name="job") == []
+    finally:
+        stop_local_jobs(root, timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A runner that exited but was not yet reaped by init counts as gone.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
+            return False
+    return True
+
+
 def test_a_bridge_killed_inside_a_local_submission_leaves_no_job_that_blocks_the_rest(
     tmp_path: Path,
 ) -> None:
@@ -892,8 +937,12 @@ def test_a_bridge_killed_inside_a_local_submission_leaves_no_job_that_blocks_the
             [sys.executable, "-c", CRASH_IN_SUBMIT, str(root), str(script)], timeout=60
         )
         assert crashed.returncode == -signal.SIGKILL
-        assert (root / "1" / "job.json").is_file() and not (root / "1" / "runner.pid").exists()
+        # Killed before its runner was on record: the job was never published, so no later
+        # sync adopts it (it would wait for it forever) and it holds no place in the line.
+        assert not (root / "1" / "job.json").exists() and (root / "waiting" / "1").exists()
         scheduler = LocalScheduler(root)
+        assert scheduler.find_jobs(name="job") == []
+        os.utime(root / "1", (time.time() - 60, time.time() - 60))  # past STARTING_GRACE
         second = scheduler.submit(str(script))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -902,8 +951,8 @@ def test_a_bridge_killed_inside_a_local_submission_leaves_no_job_that_blocks_the
                 break
             time.sleep(0.1)
         states = scheduler.status(["1", second])
-        # The next job runs, and the one whose runner never started is not left queued.
+        # The next job runs; the one whose submission never completed is no job at all.
         assert states[second].state.value == "finished", states
-        assert states["1"].state.is_final, states
+        assert "1" not in states or states["1"].state.is_final, states
     finally:
         stop_local_jobs(root, timeout=10)
