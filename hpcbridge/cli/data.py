@@ -183,12 +183,13 @@ def stage_in_command(
 
 
 def _finish(failed: list, total: int) -> None:
-    """Exit 1 when everything failed, 3 when only some did (CLI.md); 75 when every failure was
-    XNAT away, as then the same command run later stages the rest."""
+    """Exit 1 when everything failed, 3 when only some did (CLI.md); 75 when nothing was staged
+    and every failure was XNAT away, as then the same command run later does it all. A partial
+    success stays 3 whatever the failures were: 3 means the same on every command."""
     if not failed:
         return
     away = [err for _scan, err in failed if xnat_away(err)]
-    if len(away) == len(failed) and total > 1:
+    if len(away) == len(failed) == total and total > 1:
         raise TemporaryFailure(
             f"{len(failed)} of {total} scans failed, XNAT away; first: {away[0].message}",
             hint=away[0].hint,
