@@ -443,6 +443,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def break_stale_lock(lock: Path, seen: str, what: str) -> bool:
+    """Remove the lock file ``lock`` that held ``seen`` when found stale; whether it was ours
+    to remove (False: gone already, or a fresh lock taken meanwhile, which is put back).
+
+    Renaming is atomic, so of several processes breaking one stale lock only one wins; the
+    loser may instead have moved a fresh lock taken meanwhile, which it links back in place.
+    Shared by the ledger's lock and the run locks (:mod:`hpcbridge.runlock`).
+    """
+    grave = lock.with_name(f"{lock.name}.{_HOST}.{os.getpid()}.stale")
+    try:
+        os.rename(lock, grave)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise LedgerError(f"cannot remove the stale {what} {lock}: {exc}") from None
+    try:
+        moved: str | None = grave.read_text()
+    except OSError:
+        moved = None
+    if moved != seen:
+        with contextlib.suppress(OSError):
+            os.link(grave, lock)
+    with contextlib.suppress(OSError):
+        grave.unlink()
+    return moved == seen
+
+
 class Ledger:
     """The ledger file at ``path``; safe to share between processes and, per object, threads.
 
@@ -863,27 +890,8 @@ class Ledger:
         return host == _HOST and pid.isdigit() and not _pid_alive(int(pid))
 
     def _break_lock(self, seen: str) -> None:
-        # Renaming is atomic, so of several processes breaking one stale lock only one wins;
-        # the loser may instead have moved a fresh lock taken meanwhile, which it puts back.
-        lock = self.lock_path
-        grave = lock.with_name(f"{lock.name}.{_HOST}.{os.getpid()}.stale")
-        try:
-            os.rename(lock, grave)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise LedgerError(f"cannot remove the stale ledger lock {lock}: {exc}") from None
-        try:
-            moved = grave.read_text()
-        except OSError:
-            moved = None
-        if moved != seen:
-            with contextlib.suppress(OSError):
-                os.link(grave, lock)
-        else:
-            log.warning("took over the stale ledger lock %s (%s)", lock, seen.strip())
-        with contextlib.suppress(OSError):
-            grave.unlink()
+        if break_stale_lock(self.lock_path, seen, "ledger lock"):
+            log.warning("took over the stale ledger lock %s (%s)", self.lock_path, seen.strip())
 
     def _release_lock(self) -> None:
         content, self._lock_content = self._lock_content, None

@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .errors import LedgerError, RunBusyError
+from .ledger import break_stale_lock
 from .units import UTC_STAMP, parse_utc_stamp, utc_stamp
 
 if TYPE_CHECKING:
@@ -281,29 +282,11 @@ class RunLock:
         return holder.host == _HOST and not _pid_alive(holder.pid)
 
     def _break(self, seen: str, holder: Holder | None) -> None:
-        # A rename is atomic, so of several processes breaking one stale lock only one wins;
-        # one that moved a fresh lock taken meanwhile instead puts it back.
-        grave = self.path.with_name(f"{self.path.name}.{_HOST}.{os.getpid()}.stale")
-        try:
-            os.rename(self.path, grave)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise LedgerError(f"cannot remove the stale run lock {self.path}: {exc}") from None
-        try:
-            moved = grave.read_text()
-        except OSError:
-            moved = None
-        if moved != seen:
-            with contextlib.suppress(OSError):
-                os.link(grave, self.path)
-        else:
+        if break_stale_lock(self.path, seen, "run lock"):
             who = holder.describe() if holder else "an unfinished lock file"
             log.warning(
                 "run %d: took over its stale lock (%s is no longer running)", self.run_id, who
             )
-        with contextlib.suppress(OSError):
-            grave.unlink()
 
     def release(self) -> None:
         mine, self._mine = self._mine, None
