@@ -55,6 +55,7 @@ __all__ = [
     "stage_out_spec",
     "step_name",
     "step_work",
+    "transfer_queue",
     "transfer_script",
 ]
 
@@ -140,6 +141,30 @@ def _check_bridge(transport: Transport, bridge: list[str], where: str) -> str | 
     return None
 
 
+#: Schedulers whose chains must name their transfer queue: on PBS clusters such as Artemis the
+#: compute nodes (the default queue's included) cannot reach the internet; only a data-transfer
+#: queue's nodes (Artemis: ``dtq``) can, and the transfer jobs talk to XNAT.
+EXPLICIT_TRANSFER_QUEUE = ("pbs", "torque")
+
+
+def transfer_queue(settings: Settings) -> str | None:
+    """The queue of a chain's transfer jobs: the profile's ``transfer_queue``; on Slurm and the
+    local scheduler the profile's ``queue`` when it names none. On PBS and Torque the profile
+    must name it (ConfigError): there ``queue`` is the compute queue, whose nodes usually cannot
+    reach XNAT, so guessing would queue stage-in jobs that all fail."""
+    if settings.transfer_queue:
+        return settings.transfer_queue
+    if settings.scheduler in EXPLICIT_TRANSFER_QUEUE:
+        raise ConfigError(
+            f"run --chain on the {settings.scheduler} scheduler needs the profile's "
+            "transfer_queue: its stage-in and stage-out jobs talk to XNAT, which compute nodes "
+            "usually cannot reach; on Artemis only the data-transfer queue dtq can",
+            hint=f'add transfer_queue = "dtq" to [profiles.{settings.profile}] in '
+            f"{settings.config_path}, naming your site's data-transfer queue",
+        )
+    return settings.queue
+
+
 def transfer_walltime(settings: Settings) -> int:
     return parse_walltime(settings.transfer_walltime, "transfer_walltime")
 
@@ -219,7 +244,7 @@ def transfer_script(
         work_dir=step_work(folder, step),
         name=step_name(name, step),
         scan=scan_variables(ref),
-        queue=settings.transfer_queue or settings.queue,
+        queue=transfer_queue(settings),
         account=settings.account,
     )
 

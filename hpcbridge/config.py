@@ -78,7 +78,9 @@ DEFAULTS: dict[str, Any] = {
     "max_queued": 50,
     # Job chains (`run --chain`): the command their transfer jobs run on the cluster (default:
     # `hpcbridge` from the PATH there; this Python's when jobs run on this machine), the queue
-    # for those jobs (e.g. a data-transfer queue; default: the profile's queue), their walltime.
+    # for those jobs (a data-transfer queue such as Artemis's dtq: required with pbs and torque,
+    # whose compute nodes usually cannot reach XNAT; default elsewhere: the profile's queue),
+    # their walltime.
     "bridge_command": None,
     "transfer_queue": None,
     "transfer_walltime": "01:00:00",

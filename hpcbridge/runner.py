@@ -257,6 +257,8 @@ def start_run(
 ) -> Plan:
     """Plan the scans and (unless ``dry_run``) record the run and one planned job per scan."""
     _work_root(settings)  # a profile that cannot place the data fails before anything is recorded
+    if request.chain:
+        chain.transfer_queue(settings)  # so does a PBS chain whose transfers could not reach XNAT
     recipe = _recipe(settings, request.recipe, request.recipe_dirs)
     values = recipe.values(dict(request.sets))
     address = Address.parse(request.address)
@@ -984,11 +986,13 @@ def _submit_planned(ctx: _Context, report: SyncReport) -> None:
     queued = len(ctx.ledger.jobs(ctx.run.id, [JobState.SUBMITTED, JobState.RUNNING]))
     todo = ctx.ledger.jobs(ctx.run.id, [JobState.PLANNED, JobState.STAGED])
     if ctx.chain and todo and queued < cap and not ctx.down:
-        # A bridge_command that cannot run is the profile's to fix: stop here (ConfigError),
-        # before queueing chains whose every stage-in would fail.
+        # A bridge_command that cannot run, or a PBS profile without a transfer queue (a run
+        # started before one was required, or a profile changed since), is the profile's to fix:
+        # stop here (ConfigError), before queueing chains whose every stage-in would fail.
         where = ctx.settings.host or "this machine"
         bridge = chain.bridge_command(ctx.settings, local=ctx.local)
         try:
+            chain.transfer_queue(ctx.settings)
             mismatch = chain.check_bridge(ctx.transport, bridge, where)
         except ConfigError as exc:
             raise ConfigError(

@@ -183,7 +183,8 @@ def _finish(report: Any) -> None:
     "--chain",
     is_flag=True,
     help="Per scan, submit stage-in -> compute -> stage-out as dependent jobs that do the "
-    "transfers on the cluster (profile keys: transfer_queue, transfer_walltime, bridge_command).",
+    "transfers on the cluster (profile keys: transfer_queue, required on PBS and Torque, "
+    "transfer_walltime, bridge_command).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan and one job script; change nothing.")
 @click.option("--wait", is_flag=True, help="Keep syncing until the run ends, with progress.")
@@ -238,6 +239,11 @@ def run_command(
         recipe_dirs=recipe_dirs,
         chain=chain,
     )
+    if chain:
+        from ..chain import transfer_queue
+
+        # Refused before the ledger, XNAT or the cluster is even opened: nothing changes.
+        transfer_queue(settings_of(ctx))
     if dry_run:
         _dry_run(ctx, request)
         return

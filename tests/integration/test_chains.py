@@ -6,7 +6,9 @@ file. The helpers and fixtures are test_runs.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import stat
 import time
 from collections.abc import Iterator
@@ -36,6 +38,7 @@ from test_runs import (  # noqa: F401  (fixtures are found by name)
 )
 
 from hpcbridge.config import load_settings
+from hpcbridge.errors import ConfigError
 from hpcbridge.ledger import Ledger
 from hpcbridge.runner import RunRequest, start_run, sync, wait_run
 from hpcbridge.schedulers.local import LocalScheduler
@@ -438,3 +441,102 @@ def test_a_server_that_issues_no_token_stops_chains_with_one_warning(
     ]
     assert local_jobs(isolated_home) == []
     assert set(states(status_json(1)).values()) == {"planned"}
+
+
+# --- PBS: the transfer jobs need a queue whose nodes reach XNAT (Artemis: dtq) -------------
+
+
+def _profile(home: Path, **keys: str) -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "config.toml"
+    lines = "".join(f'{key} = "{value}"\n' for key, value in keys.items())
+    config.write_text(f'default_profile = "artemis"\n[profiles.artemis]\n{lines}')
+    return config
+
+
+def _no_transfer_queue(scheduler: str, config: Path) -> str:
+    return (
+        f"hpcbridge: error: run --chain on the {scheduler} scheduler needs the profile's "
+        "transfer_queue: its stage-in and stage-out jobs talk to XNAT, which compute nodes "
+        "usually cannot reach; on Artemis only the data-transfer queue dtq can "
+        f'(add transfer_queue = "dtq" to [profiles.artemis] in {config}, naming your site\'s '
+        "data-transfer queue)\n"
+    )
+
+
+@pytest.mark.parametrize("scheduler", ["pbs", "torque"])
+def test_a_pbs_chain_without_a_transfer_queue_is_refused_before_anything_changes(
+    xnat: Xnat, isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheduler: str
+) -> None:
+    """On Artemis `queue` is the compute queue, whose nodes cannot reach XNAT: it is no
+    stand-in for the transfer queue, so a profile naming only it is refused too."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    called = tmp_path / "scheduler-called"
+    for tool in ("qsub", "qstat", "qdel"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "$0 $*" >> {called}\nexit 1\n')
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    config = _profile(isolated_home, scheduler=scheduler, queue="defaultQ", account="PTV000")
+    before = xnat.stats()["sessions_created"]
+    for extra in ([], ["--dry-run"], ["--wait"]):
+        refused = cli(*CHAIN_T1, *extra)
+        assert refused.exit_code == 2, (extra, refused.output)
+        assert refused.stderr == _no_transfer_queue(scheduler, config), extra
+        assert refused.stdout == ""
+    assert not called.exists()  # no qsub, not even a qstat --version
+    assert xnat.stats()["sessions_created"] == before  # XNAT not even asked
+    assert not (isolated_home / "ledger.sqlite").exists()
+    assert not (isolated_home / "work").exists()
+    # The same run without --chain is not the chain's business: its dry run goes ahead.
+    plain = cli(*RUN_T1, "--dry-run")
+    assert plain.exit_code == 0, plain.output
+
+
+def test_a_pbs_chain_puts_its_transfer_jobs_on_the_transfer_queue(
+    xnat: Xnat, isolated_home: Path
+) -> None:
+    _profile(isolated_home, scheduler="pbs", queue="defaultQ", account="PTV000",
+             transfer_queue="dtq", pbs_flavour="pbspro")  # fmt: skip
+    shown = cli(*CHAIN_T1, "--dry-run")
+    assert shown.exit_code == 0, shown.output
+    stage_in, compute, stage_out = shown.stdout.split("#!/bin/bash")[1:]
+    for transfer in (stage_in, stage_out):
+        assert "#PBS -q dtq\n" in transfer and "#PBS -P PTV000\n" in transfer
+    assert "#PBS -q defaultQ\n" in compute and "dcm2niix" in compute
+
+
+def test_a_slurm_chain_without_a_transfer_queue_uses_the_profile_partition(
+    xnat: Xnat, isolated_home: Path
+) -> None:
+    _profile(isolated_home, scheduler="slurm", queue="batch")
+    shown = cli(*CHAIN_T1, "--dry-run")
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.count("#SBATCH --partition=batch\n") == 3
+
+
+def test_sync_submits_no_chain_once_a_pbs_profile_lacks_its_transfer_queue(
+    xnat: Xnat, isolated_home: Path
+) -> None:
+    """A chain run started before the transfer queue was required (or whose profile lost it):
+    the next pass stops before queueing stage-in jobs that could not reach XNAT."""
+    settings = load_settings()
+    pbs = dataclasses.replace(settings, scheduler="pbs")
+    scheduler = LocalScheduler(isolated_home / "local-jobs")
+    request = RunRequest("dcm2niix", "PTV000", ("4",), chain=True)
+    with Ledger.for_settings(settings) as ledger, connect(settings) as client:
+        with pytest.raises(ConfigError, match="needs the profile's transfer_queue"):
+            start_run(pbs, client, ledger, request)
+        assert ledger.runs() == []
+        plan = start_run(settings, client, ledger, request)
+        assert plan.run is not None
+        with pytest.raises(ConfigError) as stopped:
+            sync(pbs, client, ledger, scheduler, plan.run)
+        assert stopped.value.message.startswith(
+            f"run {plan.run.id}: run --chain on the pbs scheduler needs the profile's "
+            "transfer_queue"
+        )
+        assert stopped.value.hint is not None
+        assert stopped.value.hint.endswith(f"then `hpcbridge sync {plan.run.id}` goes on")
+        assert {job.state.value for job in ledger.jobs(plan.run.id)} == {"planned"}
+    assert local_jobs(isolated_home) == []
