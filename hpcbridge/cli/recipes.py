@@ -309,20 +309,29 @@ def render_command(
             f"recipe {found.name} uses scan.* variables; without --scan "
             "they hold placeholders (P, S, E, 1, T1)"
         )
+    kind = scheduler or settings.scheduler
+    # The recipe's own queue/account win over the profile's, an option over both.
+    project = account or found.resources.account or settings.account
     script = render_script(
         found,
-        scheduler or settings.scheduler,
+        kind,
         values=found.values(_set_values(sets)),
         input_dir=str(input_dir.absolute()),
         output_dir=str(output_dir.absolute()),
         work_dir=str((work_dir or output_dir.absolute().parent).absolute()),
         name=name,
         scan=scan,
-        # The recipe's own queue/account win over the profile's, an option over both.
         queue=queue or found.resources.queue or settings.queue,
-        account=account or found.resources.account or settings.account,
+        account=project,
         mail=mail,
     )
+    # Torque's -A and the Slurm PBS wrappers' accounts are optional; PBS Pro sites often are not.
+    flavour = settings.pbs_flavour if settings.scheduler == "pbs" else None
+    if kind == "pbs" and not project and flavour in (None, "pbspro"):
+        warn(
+            "the script has no project: PBS Pro sites such as Artemis reject jobs without "
+            "-P PROJECT (pass --account PROJECT, or set account in the profile)"
+        )
     if out_file is None:
         emit_document(script)
         return

@@ -134,3 +134,60 @@ def test_render_fills_scan_variables_from_xnat_or_warns_of_placeholders(
     )
     # the built-in dcm2niix uses no scan.* variable: no warning
     assert run("render", "dcm2niix", "--input", "/in", "--output", "/out").stderr == ""
+
+
+NO_PROJECT = (
+    "hpcbridge: warning: the script has no project: PBS Pro sites such as Artemis reject jobs "
+    "without -P PROJECT (pass --account PROJECT, or set account in the profile)\n"
+)
+
+
+def test_a_pbs_script_without_a_project_is_printed_with_a_warning(
+    tmp_path: Path, isolated_home: Path, monkeypatch
+) -> None:
+    io = ["--input", "/in", "--output", "/out"]
+    written = tmp_path / "job.sh"
+    assert run("render", "dcm2niix", "--scheduler", "pbs", *io, "-o", str(written)).exit_code == 0
+    shown = run("render", "dcm2niix", "--scheduler", "pbs", *io)
+    assert shown.exit_code == 0
+    assert shown.stderr == NO_PROJECT
+    # stdout is the script alone, byte for byte what -o writes: a pipe into qsub still works
+    assert shown.stdout == written.read_text()
+    assert "#PBS -P" not in shown.stdout
+    # The profile's scheduler counts as --scheduler does.
+    monkeypatch.setenv("HPCBRIDGE_SCHEDULER", "pbs")
+    assert run("render", "dcm2niix", *io).stderr == NO_PROJECT
+
+
+def test_a_project_from_the_option_recipe_or_profile_silences_the_warning(
+    tmp_path: Path, isolated_home: Path, monkeypatch
+) -> None:
+    io = ["--input", "/in", "--output", "/out"]
+    option = run("render", "dcm2niix", "--scheduler", "pbs", "--account", "PTV000", *io)
+    assert (option.exit_code, option.stderr) == (0, "")
+    assert "#PBS -P PTV000\n" in option.stdout
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "lab.toml").write_text(
+        'name = "lab"\n[resources]\naccount = "LAB01"\n[run]\ncommand = "true"\n'
+    )
+    recipe = run("render", "lab", "--recipes", str(recipes), "--scheduler", "pbs", *io)
+    assert (recipe.exit_code, recipe.stderr) == (0, "")
+    assert "#PBS -P LAB01\n" in recipe.stdout
+    monkeypatch.setenv("HPCBRIDGE_ACCOUNT", "PTV001")
+    profile = run("render", "dcm2niix", "--scheduler", "pbs", *io)
+    assert (profile.exit_code, profile.stderr) == (0, "")
+    assert "#PBS -P PTV001\n" in profile.stdout
+
+
+def test_no_project_warning_where_a_project_is_optional(monkeypatch) -> None:
+    io = ["--input", "/in", "--output", "/out"]
+    for kind in ("slurm", "torque", "local"):
+        result = run("render", "dcm2niix", "--scheduler", kind, *io)
+        assert (result.exit_code, result.stderr) == (0, ""), kind
+    # A profile on Slurm's PBS wrappers (or Torque behind the pbs scheduler) needs no -P either.
+    monkeypatch.setenv("HPCBRIDGE_SCHEDULER", "pbs")
+    for flavour in ("wrapper", "torque"):
+        monkeypatch.setenv("HPCBRIDGE_PBS_FLAVOUR", flavour)
+        result = run("render", "dcm2niix", *io)
+        assert (result.exit_code, result.stderr) == (0, ""), flavour
