@@ -27,7 +27,7 @@ from typing import Any
 
 from .config import Settings
 from .errors import ConfigError, HpcBridgeError, SchedulerError, TransportError
-from .schedulers.base import JobStatus, Scheduler, State
+from .schedulers.base import JobStatus, Scheduler, State, explain_kill
 from .schedulers.local import LocalScheduler, array_indices
 from .schedulers.pbs import PbsScheduler
 from .schedulers.script import parse_script
@@ -405,14 +405,15 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
             reason=status.reason or "cancelled",
         )
     if not started and status is not None and status.state is State.FAILED:
-        # Failed before its script ran (e.g. the local scheduler's runner died): not a cancel.
+        # Failed before its script ran (e.g. the local scheduler's runner died, or PBS could
+        # not start it): not a cancel.
         return replace(
             job,
             state=State.FAILED.value,
             raw_state=status.raw_state,
             exit_code=status.exit_code,
             end=utc_stamp(),
-            reason=status.reason or "failed before it started",
+            reason=explain_kill(status) or status.reason or "failed before it started",
         )
     if not started:
         return replace(
@@ -425,22 +426,41 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
     now = time.time()
     if job.ended_seen is None or now - job.ended_seen < STATUS_FILE_GRACE:
         return replace(job, ended_seen=job.ended_seen or now)
+    # Killed too hard for its trap to record anything (SIGKILL): the scheduler may know why.
     return replace(
         job,
         state=State.FAILED.value,
         raw_state=status.raw_state if status else job.raw_state,
         exit_code=status.exit_code if status else None,
         end=utc_stamp(),
-        reason="ended without recording an exit code (killed: walltime, memory or node failure?)",
+        reason=explain_kill(status)
+        or "ended without recording an exit code (killed: walltime, memory or node failure?)",
     )
 
 
 def _failure_reason(exit_code: int, status: JobStatus | None) -> str:
-    """``exit code N``, with the scheduler's word on why when a signal ended the job."""
+    """Why a job whose status file says ``exit_code`` failed.
+
+    A job the scheduler killed records only the SIGTERM its trap caught (143), so the
+    scheduler's cause wins: ``killed: walltime 00:20:00 exceeded; raise walltime ...``. Else
+    ``exit code N``, with the scheduler's word on why when a signal ended the job.
+    """
+    cause = _scheduler_cause(status)
+    if cause:
+        return cause
     reason = f"exit code {exit_code}"
     if exit_code > 128 and status is not None and status.reason:
-        reason += f" ({status.reason})"  # e.g. the local scheduler's "walltime 60 s exceeded"
+        reason += f" ({status.reason})"  # e.g. the local scheduler's "cancelled"
     return reason
+
+
+def _scheduler_cause(status: JobStatus | None) -> str:
+    """What killed the job, as the scheduler tells it; who deleted it first when it was
+    deleted ("deleted by alice@login1: killed by signal 15 (SIGTERM)"); "" if nothing did."""
+    cause = explain_kill(status)
+    if cause and status is not None and status.state is State.CANCELLED and status.reason:
+        return f"{status.reason}: {cause}"
+    return cause
 
 
 def _resolve_by_scheduler(job: Job, status: JobStatus | None) -> Job:
@@ -455,13 +475,20 @@ def _resolve_by_scheduler(job: Job, status: JobStatus | None) -> Job:
     state = status.state
     if state is State.FINISHED and status.exit_code not in (None, 0):
         state = State.FAILED
+    reason = status.reason
+    if state.is_final:
+        # The scheduler's cause of death before its comment ("Job run at ... and failed").
+        cause = _scheduler_cause(status)
+        if cause:
+            reason = cause
+        elif state is State.FAILED and status.exit_code and not reason:
+            reason = f"exit code {status.exit_code}"
     return replace(
         job,
         state=state.value,
         raw_state=status.raw_state,
         exit_code=status.exit_code,
-        reason=status.reason
-        or (f"exit code {status.exit_code}" if state is State.FAILED and status.exit_code else ""),
+        reason=reason,
         end=utc_stamp() if state.is_final else None,
     )
 

@@ -91,6 +91,10 @@ def _progress(quiet: bool) -> Callable[[Any], None]:
             extra = (
                 f", exit code {job.exit_code}" if job.final and job.exit_code is not None else ""
             )
+            # Why it failed or was cancelled, e.g. "killed: walltime 00:20:00 exceeded; raise
+            # walltime ...": the exit code alone (143) does not say the scheduler killed it.
+            if job.final and job.state != State.FINISHED.value and job.reason:
+                extra += f" ({job.reason})"
             echo(f"job {job.id} ({job.name}): {job.state}{extra}", err=True)
         if report.error is not None:
             warn(f"poll failed, will retry: {report.error}")

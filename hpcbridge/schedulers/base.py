@@ -6,6 +6,7 @@ sees raw scheduler strings (only ``raw_state``, kept for messages and debugging)
 
 from __future__ import annotations
 
+import signal as _signal
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,16 @@ if TYPE_CHECKING:
     from hpcbridge.schedulers.script import ScriptInfo
     from hpcbridge.transport import Transport
 
-__all__ = ["JobStatus", "Scheduler", "SchedulerError", "State", "chunk_ids", "merge_array"]
+__all__ = [
+    "KILL_CAUSES",
+    "JobStatus",
+    "Scheduler",
+    "SchedulerError",
+    "State",
+    "chunk_ids",
+    "explain_kill",
+    "merge_array",
+]
 
 
 class State(str, Enum):
@@ -45,6 +55,10 @@ class JobStatus:
     ``exit_code`` is None when the scheduler did not show one; a FINISHED job with no exit code
     may still have failed (PBS ``C``/``F`` states), and the job's own exit-code file decides.
     ``signal`` is the signal number that killed the job, when the scheduler says so.
+    ``killed_by`` names what the scheduler killed the job for (a key of :data:`KILL_CAUSES`, or
+    "signal" with ``signal`` set), and ``limit`` the limit it exceeded as the scheduler wrote
+    it ("00:20:00", "1gb"), when known: the job's own status file only sees the SIGTERM (143),
+    so these are the only record of why. :func:`explain_kill` makes the sentence.
     """
 
     native_id: str
@@ -54,6 +68,49 @@ class JobStatus:
     name: str = ""
     reason: str = ""
     signal: int | None = None
+    killed_by: str | None = None
+    limit: str | None = None
+
+
+# What each cause is called in a message, and what the user can raise about it. The recipe's
+# [resources] table is the one place an hpcbridge user sets limits (`run` has no --walltime);
+# a hand-written script sets them in its own directives. cput and vmem limits usually come from
+# the queue rather than the job's request, so their hint says so.
+_RAISE = "in the recipe's [resources] or the job script's directives"
+KILL_CAUSES: dict[str, tuple[str, str]] = {
+    "walltime": ("walltime", f"raise walltime {_RAISE}"),
+    "memory": ("memory", f"raise memory {_RAISE}"),
+    "vmem": ("virtual memory (vmem)", f"raise memory {_RAISE}; a vmem limit may be the queue's"),
+    "cput": ("CPU time (cput)", "use a queue with a larger cput limit, or fewer CPU-hours"),
+    "ncpus": ("CPU use (ncpus)", f"raise cpus {_RAISE}, or make the job start fewer threads"),
+}
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return _signal.Signals(number).name
+    except ValueError:
+        return ""
+
+
+def explain_kill(status: JobStatus | None) -> str:
+    """One sentence saying why the scheduler killed the job, with what to raise; "" if it did
+    not say it killed it.
+
+    ``killed: walltime 00:20:00 exceeded; raise walltime in the recipe's [resources] ...`` or
+    ``killed by signal 15 (SIGTERM)``. Every command that shows a job's reason uses this, so
+    ``jobs``, ``status`` and a run's messages say the same thing.
+    """
+    if status is None:
+        return ""
+    if status.killed_by in KILL_CAUSES:
+        what, hint = KILL_CAUSES[status.killed_by]
+        limit = f" {status.limit}" if status.limit else ""
+        return f"killed: {what}{limit} exceeded; {hint}"
+    if status.signal:  # killed_by "signal": the number says which
+        name = _signal_name(status.signal)
+        return f"killed by signal {status.signal}" + (f" ({name})" if name else "")
+    return ""
 
 
 def chunk_ids(ids: Sequence[str], *, max_chars: int = 4000) -> Iterator[list[str]]:
@@ -154,6 +211,9 @@ def merge_array(parent: str, members: Sequence[JobStatus]) -> JobStatus:
     state = min((m.state for m in members), key=_ARRAY_ORDER.index)
     first = next(m for m in members if m.state is state)
     failed = [m.exit_code for m in members if m.exit_code not in (None, 0)]
+    # The first task the scheduler killed explains the array's failure, whatever the
+    # liveliest task is doing.
+    killed = next((m for m in members if m.killed_by or m.signal), first)
     return JobStatus(
         native_id=parent,
         state=state,
@@ -161,5 +221,7 @@ def merge_array(parent: str, members: Sequence[JobStatus]) -> JobStatus:
         exit_code=failed[0] if failed else first.exit_code,
         name=first.name,
         reason=first.reason,
-        signal=first.signal,
+        signal=killed.signal,
+        killed_by=killed.killed_by,
+        limit=killed.limit,
     )

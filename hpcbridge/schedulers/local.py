@@ -300,6 +300,8 @@ class LocalScheduler(Scheduler):
                 state.get("reason", "") or ("the local runner died" if raw == "lost" else "")
             ),
             signal=state.get("signal"),
+            killed_by=state.get("killed_by"),
+            limit=state.get("limit"),
         )
 
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
@@ -463,8 +465,11 @@ class _Runner:
                 killed = "cancelled"
             elif not killed and deadline is not None and time.monotonic() > deadline:
                 killed = f"walltime {walltime} s exceeded"
-                # Said before the kill, so whoever reads the job's status file sees why.
-                self.record(reason=killed)
+                # Said before the kill, so whoever reads the job's status file sees why; the
+                # limit as HH:MM:SS, the way recipes and PBS write it.
+                hours, rest = divmod(int(walltime or 0), 3600)
+                limit = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+                self.record(reason=killed, killed_by="walltime", limit=limit)
             if killed:
                 _stop_group(proc)
                 break

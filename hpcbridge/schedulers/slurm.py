@@ -31,8 +31,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# id | state | reason | name; the name goes last because it is the only free-text field.
-SQUEUE_FORMAT = "%i|%T|%r|%j"
+# id | state | reason | time limit | memory asked | name; the name goes last because it is
+# the only free-text field. The limits are there so a TIMEOUT or OUT_OF_MEMORY job can say
+# which limit it exceeded.
+SQUEUE_FORMAT = "%i|%T|%r|%l|%m|%j"
+_SQUEUE_FIELDS = SQUEUE_FORMAT.count("|") + 1
+
+# The states in which Slurm itself killed the job for a limit, and which limit it was.
+_KILLED_BY = {"TIMEOUT": "walltime", "OUT_OF_MEMORY": "memory"}
 
 # Source: squeue(1) "JOB STATE CODES" and schedulers.md. A PENDING job whose afterok parent
 # failed stays PENDING (Reason=DependencyNeverSatisfied): it is kept QUEUED with the reason, and
@@ -181,8 +187,14 @@ def _reason(value: str) -> str:
     return "" if value.strip() in ("", "None", "(null)") else value.strip()
 
 
+def _limit(killed_by: str | None, time_limit: str, memory: str) -> str | None:
+    """The limit a killed job exceeded, as Slurm printed it ("20:00", "2G"); None if unknown."""
+    value = {"walltime": time_limit, "memory": memory}.get(killed_by or "", "").strip()
+    return None if value in ("", "0", "N/A", "UNLIMITED", "None", "(null)") else value
+
+
 def parse_squeue(text: str) -> dict[str, JobStatus]:
-    """Parse ``squeue -h -o '%i|%T|%r|%j'`` lines into statuses keyed by job id.
+    """Parse ``squeue -h -o SQUEUE_FORMAT`` lines into statuses keyed by job id.
 
     Array tasks keep their own ids (``123_4``); a pending array shows as ``123_[5-10]``.
     """
@@ -190,17 +202,20 @@ def parse_squeue(text: str) -> dict[str, JobStatus]:
     for line in text.splitlines():
         if not line.strip():
             continue
-        parts = line.split("|", 3)
-        if len(parts) < 2:
+        parts = line.split("|", _SQUEUE_FIELDS - 1)
+        if len(parts) < _SQUEUE_FIELDS:
             log.warning("ignoring squeue line not in the expected format: %r", line)
             continue
-        job_id, raw = parts[0].strip(), parts[1].strip()
+        job_id, raw, why, time_limit, memory, name = (part.strip() for part in parts)
+        killed_by = _KILLED_BY.get(raw)
         statuses[job_id] = JobStatus(
             native_id=job_id,
             state=_map_state(raw, job_id),
             raw_state=raw,
-            reason=_reason(parts[2]) if len(parts) > 2 else "",
-            name=parts[3].strip() if len(parts) > 3 else "",
+            reason=_reason(why),
+            name=name,
+            killed_by=killed_by,
+            limit=_limit(killed_by, time_limit, memory),
         )
     return statuses
 
@@ -229,6 +244,9 @@ def parse_scontrol(text: str) -> JobStatus | None:
             state = State.FAILED  # killed by a signal even if Slurm calls it completed
     # JobName is free text up to the next " Key=" on the same line.
     name_match = re.search(r"(?:^|\s)JobName=(.*?)(?=\s+\w+=|$)", record, re.MULTILINE)
+    killed_by = _KILLED_BY.get(raw)
+    # Memory asked per node or per CPU, whichever the job used ("MinMemoryNode=2G").
+    memory = _field(record, "MinMemoryNode") or _field(record, "MinMemoryCPU") or ""
     array_task = _field(record, "ArrayTaskId")
     array_job = _field(record, "ArrayJobId")
     if array_job and array_task and re.match(r"^\d+$", array_task):
@@ -241,6 +259,8 @@ def parse_scontrol(text: str) -> JobStatus | None:
         name=name_match.group(1) if name_match else "",
         reason=_reason(_field(record, "Reason") or ""),
         signal=signal or None,
+        killed_by=killed_by or ("signal" if signal else None),
+        limit=_limit(killed_by, _field(record, "TimeLimit") or "", memory),
     )
 
 

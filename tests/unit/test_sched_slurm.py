@@ -9,6 +9,7 @@ import pytest
 
 from hpcbridge.errors import SchedulerError
 from hpcbridge.schedulers import State, slurm
+from hpcbridge.schedulers.base import explain_kill
 
 DATA = Path(__file__).parent / "data" / "sched"
 
@@ -85,7 +86,7 @@ def test_parse_submit_garbage(stdout: str) -> None:
 
 def test_status_argv_format_is_one_argument() -> None:
     argv = slurm.status_argv(["1", "2", "3_4"])
-    assert argv == ["squeue", "-h", "-t", "all", "-j", "1,2,3_4", "-o", "%i|%T|%r|%j"]
+    assert argv == ["squeue", "-h", "-t", "all", "-j", "1,2,3_4", "-o", "%i|%T|%r|%l|%m|%j"]
 
 
 def test_status_and_cancel_argv_validate() -> None:
@@ -142,6 +143,48 @@ def test_parse_squeue_counts_and_warns(caplog: pytest.LogCaptureFixture) -> None
     assert "garbage" in caplog.text
     assert jobs["4121"].raw_state == "WIBBLING"
     assert slurm.parse_squeue("") == {}
+
+
+@pytest.mark.parametrize(
+    ("job_id", "killed_by", "limit"),
+    [
+        ("4107", "walltime", "20:00"),  # TIMEOUT: the time limit it ran into
+        ("4108", "memory", "4000M"),  # OUT_OF_MEMORY: the memory it asked for
+        ("4106", None, None),  # FAILED by its own exit code: Slurm killed nothing
+        ("4112", None, None),
+    ],
+)
+def test_parse_squeue_says_which_limit_killed_the_job(
+    job_id: str, killed_by: str | None, limit: str | None
+) -> None:
+    status = slurm.parse_squeue(_read("squeue.txt"))[job_id]
+    assert (status.killed_by, status.limit) == (killed_by, limit)
+
+
+def test_parse_squeue_explains_a_timeout() -> None:
+    status = slurm.parse_squeue(_read("squeue.txt"))["4107"]
+    assert explain_kill(status) == (
+        "killed: walltime 20:00 exceeded; raise walltime in the recipe's [resources] "
+        "or the job script's directives"
+    )
+
+
+def test_parse_squeue_unlimited_time_is_no_limit() -> None:
+    status = slurm.parse_squeue("9|TIMEOUT|TimeLimit|UNLIMITED|0|x\n")["9"]
+    assert (status.killed_by, status.limit) == ("walltime", None)
+    assert explain_kill(status).startswith("killed: walltime exceeded; ")
+
+
+def test_parse_scontrol_timeout_names_its_limit() -> None:
+    text = (
+        "JobId=7 JobName=a\n   JobState=TIMEOUT Reason=TimeLimit\n   ExitCode=0:15\n"
+        "   RunTime=00:20:01 TimeLimit=00:20:00 TimeMin=N/A\n   MinCPUsNode=1 MinMemoryNode=2G\n"
+    )
+    status = slurm.parse_scontrol(text)
+    assert status is not None
+    assert (status.state, status.killed_by, status.limit) == (State.FAILED, "walltime", "00:20:00")
+    oom = slurm.parse_scontrol(text.replace("TIMEOUT", "OUT_OF_MEMORY"))
+    assert oom is not None and (oom.killed_by, oom.limit) == ("memory", "2G")
 
 
 def test_parse_scontrol_failed() -> None:
