@@ -59,6 +59,8 @@ STATE_MAP: dict[str, State] = {
 
 # Letters after which the job will not run again, so an exit status is final.
 _ENDED = frozenset("XFC")
+# Those only PBS Pro uses: its job history (F) and its ended array subjobs (X).
+_PBSPRO_ENDED = frozenset("XF")
 
 # A PBS job id: sequence number, optional array brackets, optional server suffix.
 _JOB_ID = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?$")
@@ -206,17 +208,53 @@ def cancel_argv(ids: Sequence[str]) -> list[str]:
     return ["qdel", *_check_ids(ids)]
 
 
-# An attribute line: indented "name = value". PBS Pro and Torque indent with spaces; the Slurm
-# wrappers indent with a tab, the same character PBS Pro begins continuation lines with.
-_ATTRIBUTE = re.compile(r"^\s+[A-Za-z_][\w.]*\s=\s")
+# An attribute line: indented "name = value". PBS Pro and Torque indent attributes with four
+# spaces and fold long values onto lines that begin with a tab; the Slurm wrappers indent
+# attributes with a tab. Names are word characters and dots (Resource_List.walltime).
+_ATTRIBUTE = re.compile(r"^(\s+)([A-Za-z_][\w.]*)\s+=(?:\s|$)")
+
+
+def _attribute_indent(lines: Sequence[str]) -> str | None:
+    """The indentation of the attribute lines: that of the first line after a ``Job Id:``."""
+    for before, line in zip(lines, lines[1:], strict=False):
+        if before.startswith("Job Id:"):
+            match = _ATTRIBUTE.match(line)
+            if match:
+                return match.group(1)
+    return None
 
 
 def _unfold(text: str) -> list[str]:
-    """Join PBS's folded continuation lines (they begin with a tab) onto the line before."""
+    """Join folded continuation lines onto the attribute they continue.
+
+    A line is a new attribute only when it is indented exactly as the attributes are and reads
+    ``name = value``; any other indented line continues the value before it. So a folded
+    Variable_List piece that happens to contain " = " is not taken for an attribute when the
+    attributes are space-indented, and continuation lines may start with a tab or with spaces
+    (versions differ). A tab is the fold's only own character: PBS splits a value at a fixed
+    width, even inside a word, and keeps the value's own spaces on either side of the fold.
+    """
+    raw = text.splitlines()
+    indent = _attribute_indent(raw)
     lines: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("\t") and lines and not _ATTRIBUTE.match(line):
-            lines[-1] += line[1:]
+    for line in raw:
+        match = _ATTRIBUTE.match(line)
+        is_attribute = match is not None and (indent is None or match.group(1) == indent)
+        leading = line[: len(line) - len(line.lstrip(" \t"))]
+        continues = (
+            lines
+            and leading
+            and not is_attribute
+            # a line indented as the attributes are is one, if malformed; except that the
+            # wrappers' tab is also what folds begin with
+            and (leading != indent or leading == "\t")
+            and not lines[-1].startswith("Job Id:")
+            and lines[-1].strip() != ""
+        )
+        if continues:
+            # A tab is the fold's own character (the value's spaces follow it); a fold
+            # indented with spaces is layout, all of it.
+            lines[-1] += line[1:] if line.startswith("\t") else line.lstrip(" ")
         else:
             lines.append(line)
     return lines
@@ -230,30 +268,129 @@ def _exit_code(value: object, job_id: str) -> int | None:
         return None
 
 
+# PBS Pro's Exit_status values below zero that are not the job's own (src/include/job.h,
+# JOB_EXEC_*): a resource the job exceeded, so the mom killed it ...
+_PBSPRO_KILLS = {
+    -24: "ncpus",  # JOB_EXEC_KILL_NCPUS_BURST
+    -25: "ncpus",  # JOB_EXEC_KILL_NCPUS_SUM
+    -26: "vmem",  # JOB_EXEC_KILL_VMEM
+    -27: "memory",  # JOB_EXEC_KILL_MEM
+    -28: "cput",  # JOB_EXEC_KILL_CPUT
+    -29: "walltime",  # JOB_EXEC_KILL_WALLTIME
+}
+# ... or a reason the server could not run it at all. Only codes whose meaning job.h states
+# plainly; any other negative code gets a generic sentence naming the number.
+_PBSPRO_EXEC = {
+    -1: "the server could not run the job (execution failed before its files were set up)",
+    -2: "the server could not run the job (execution failed after its files were set up)",
+    -3: "the job could not start on its node and is to be retried",
+    -4: "the job was aborted when its node's PBS daemon (mom) restarted",
+    -10: "the job's user or group is not valid on the execution node",
+    -11: "the job was requeued to run again",
+    -17: "a site hook rejected the job, which was then deleted",
+    -19: "a site hook deleted the job",
+    -20: "the job lost contact with its first node (mother superior) and was requeued",
+    -22: "a site hook failed while starting the job",
+}
+# The comment PBS Pro leaves on a job it killed: "... and exceeded resource walltime".
+_EXCEEDED = re.compile(r"exceeded resource (\w+)")
+_RESOURCE_CAUSE = {
+    "walltime": "walltime",
+    "mem": "memory",
+    "vmem": "vmem",
+    "cput": "cput",
+    "ncpus": "ncpus",
+}
+_CAUSE_LIMIT = {v: f"Resource_List.{k}" for k, v in _RESOURCE_CAUSE.items()}
+# PBS Pro substates of an ended job (job.h JOB_SUBSTATE_*): 91 deleted (TERMINATED),
+# 92 finished, 93 failed. Substate 91 is a qdel, whether the job ran or not.
+_SUBSTATE_DELETED = 91
+# "Job run at ... and terminated by alice@host": who deleted a running job.
+_TERMINATED_BY = re.compile(r"terminated by (\S+)")
+NEVER_RAN = "deleted before it ran (by qdel, or by the server because a job it depends on failed)"
+
+
+def _flatten(fields: Mapping[str, object]) -> dict[str, object]:
+    """JSON nests ``Resource_List`` and ``resources_used``; text spells them with a dot. Both
+    come out as ``Resource_List.walltime`` so one function reads either."""
+    flat: dict[str, object] = {}
+    for key, value in fields.items():
+        if isinstance(value, Mapping):
+            for inner, item in value.items():
+                flat[f"{key}.{inner}"] = item
+        else:
+            flat[key] = value
+    return flat
+
+
+def _substate(value: object) -> int | None:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
 def _status(job_id: str, fields: Mapping[str, object]) -> JobStatus:
     """Build a JobStatus from one job's attributes (from text or JSON)."""
+    fields = _flatten(fields)
     raw = str(fields.get("job_state", "")).strip()
     state = STATE_MAP.get(raw)
     if state is None:
         log.warning("job %s: unknown PBS job_state %r; treating it as unknown", job_id, raw)
         state = State.UNKNOWN
-    # Torque spells it exit_status; PBS Pro Exit_status.
+    comment = str(fields.get("comment", "")).strip()
+    reason = comment
+    # Torque spells it exit_status; PBS Pro Exit_status. Their negative codes differ, so the
+    # PBS Pro table is read only for PBS Pro's spelling.
+    pbspro = "Exit_status" in fields
     exit_value = fields.get("Exit_status", fields.get("exit_status"))
     exit_code = None if exit_value is None else _exit_code(exit_value, job_id)
-    signal = None
+    signal = killed_by = None
     if exit_code is not None and exit_code >= _SIGNAL_BASE:
         signal = exit_code - _SIGNAL_BASE
-    if raw in _ENDED and exit_code is not None and exit_code != 0:
-        # >0 the script failed, >=256 killed by a signal, <0 the server could not run it.
-        state = State.FAILED
+        killed_by = "signal"
+    elif exit_code is not None and pbspro and exit_code in _PBSPRO_KILLS:
+        killed_by = _PBSPRO_KILLS[exit_code]
+    elif exit_code is not None and exit_code < 0:
+        meaning = _PBSPRO_EXEC.get(exit_code) if pbspro else None
+        flavour = "PBS Pro" if pbspro else "the PBS server"
+        meaning = meaning or f"{flavour} could not run the job"
+        reason = f"{meaning} (PBS exit status {exit_code})" + (f": {comment}" if comment else "")
+    exceeded = _EXCEEDED.search(comment)
+    if exceeded and exceeded.group(1) in _RESOURCE_CAUSE:
+        # The comment names the resource even where the exit status is a bare 271 (a signal).
+        killed_by = _RESOURCE_CAUSE[exceeded.group(1)]
+    limit = None
+    if killed_by in _CAUSE_LIMIT:
+        value = fields.get(_CAUSE_LIMIT[killed_by])
+        limit = str(value).strip() if value is not None else None
+    if raw in _ENDED:
+        substate = _substate(fields.get("substate", ""))
+        deleted_by = _TERMINATED_BY.search(comment)
+        # Versions without substates still leave the comment of a qdel'd running job.
+        if substate == _SUBSTATE_DELETED or (substate is None and deleted_by):
+            state = State.CANCELLED
+            reason = f"deleted by {deleted_by.group(1)}" if deleted_by else (comment or "deleted")
+        elif raw in _PBSPRO_ENDED and exit_value is None and "Job run at" not in comment:
+            # PBS Pro sets Exit_status when a job's run ends; a job with none never ran: it
+            # was deleted while queued, or by the server because an afterok parent failed.
+            # (Torque's and the wrappers' C shows no exit status for jobs that did run.)
+            state = State.CANCELLED
+            reason = comment or NEVER_RAN
+        elif exit_code is not None and exit_code != 0:
+            # >0 the script failed, >=256 killed by a signal, <0 the server killed it or could
+            # not run it.
+            state = State.FAILED
     return JobStatus(
         native_id=job_id,
         state=state,
         raw_state=raw,
         exit_code=exit_code,
         name=str(fields.get("Job_Name", "")),
-        reason=str(fields.get("comment", "")),
+        reason=reason,
         signal=signal,
+        killed_by=killed_by,
+        limit=limit,
     )
 
 
@@ -264,9 +401,11 @@ def parse_qstat_full(text: str) -> dict[str, JobStatus]:
     for line in _unfold(text):
         if line.startswith("Job Id:"):
             current = blocks.setdefault(line.split(":", 1)[1].strip(), {})
-        elif current is not None and " = " in line:
-            key, value = line.split(" = ", 1)
-            current[key.strip()] = value.strip()
+        elif current is not None and (match := _ATTRIBUTE.match(line)):
+            # Split at the first " = " only: values hold "=" and " = " of their own.
+            current[match.group(2)] = line[match.end() :].strip()
+        elif not line.strip():
+            current = None  # a blank line ends the job's block
     return {job_id: _status(job_id, fields) for job_id, fields in blocks.items()}
 
 
@@ -433,9 +572,11 @@ class PbsScheduler(Scheduler):
         if not result.ok and len(ids) > 1 and missing:
             # A server that stops at the first unknown id says nothing of the rest: ask each
             # missing one alone, so a live job is never mistaken for a vanished one.
-            named = unknown_job_ids(result.stderr)
+            # The server names an id as it knows it ("9.vm" when asked "9"), so compare
+            # without the suffix.
+            named = {_short(i) for i in unknown_job_ids(result.stderr)}
             for job_id in missing:
-                if job_id not in named:
+                if _short(job_id) not in named:
                     found.update(self._status_group([job_id]))
         return found
 

@@ -269,7 +269,8 @@ def test_exit_status_signal() -> None:
 
 @pytest.mark.parametrize("letter", sorted(pbs.STATE_MAP))
 def test_every_known_letter(letter: str) -> None:
-    text = f"Job Id: 1.s\n    job_state = {letter}\n"
+    # With an exit status of 0: an ended PBS Pro job without one never ran (tested below).
+    text = f"Job Id: 1.s\n    job_state = {letter}\n    Exit_status = 0\n"
     assert pbs.parse_qstat_full(text)["1.s"].state is pbs.STATE_MAP[letter]
 
 
