@@ -305,6 +305,7 @@ _CAUSE_LIMIT = {v: f"Resource_List.{k}" for k, v in _RESOURCE_CAUSE.items()}
 # PBS Pro substates of an ended job (job.h JOB_SUBSTATE_*): 91 deleted (TERMINATED),
 # 92 finished, 93 failed. Substate 91 is a qdel, whether the job ran or not.
 _SUBSTATE_DELETED = 91
+_SUBSTATE_MOVED = 94  # JOB_SUBSTATE_MOVED
 # "Job run at ... and terminated by alice@host": who deleted a running job.
 _TERMINATED_BY = re.compile(r"terminated by (\S+)")
 NEVER_RAN = "deleted before it ran (by qdel, or by the server because a job it depends on failed)"
@@ -371,10 +372,20 @@ def _status(job_id: str, fields: Mapping[str, object]) -> JobStatus:
         if substate == _SUBSTATE_DELETED or (substate is None and deleted_by):
             state = State.CANCELLED
             reason = f"deleted by {deleted_by.group(1)}" if deleted_by else (comment or "deleted")
-        elif raw in _PBSPRO_ENDED and exit_value is None and "Job run at" not in comment:
+        elif substate == _SUBSTATE_MOVED:
+            # Left for another server (peer scheduling): it lives on there, out of sight.
+            state = State.UNKNOWN
+            reason = comment or "moved to another PBS server"
+        elif (
+            raw in _PBSPRO_ENDED
+            and exit_value is None
+            and "Job run at" not in comment
+            and "[]" not in job_id
+        ):
             # PBS Pro sets Exit_status when a job's run ends; a job with none never ran: it
             # was deleted while queued, or by the server because an afterok parent failed.
-            # (Torque's and the wrappers' C shows no exit status for jobs that did run.)
+            # (Torque's and the wrappers' C shows no exit status for jobs that did run, and an
+            # array parent never runs itself: its subjobs and their status files decide.)
             state = State.CANCELLED
             reason = comment or NEVER_RAN
         elif exit_code is not None and exit_code != 0:

@@ -263,6 +263,21 @@ def test_a_job_deleted_while_queued_is_cancelled() -> None:
     assert (status.state, status.exit_code) == (State.CANCELLED, None)
 
 
+def test_an_ended_array_parent_without_exit_status_is_not_called_cancelled() -> None:
+    # The parent never runs itself, so "no Exit_status" says nothing about its subjobs.
+    doc = json.loads(_load("49_qstat_x_f_json_child_of_fail").stdout)
+    doc["Jobs"] = {"8[].vm": doc["Jobs"]["7.vm"]}
+    status = pbs.parse_qstat_json(json.dumps(doc))["8[].vm"]
+    assert (status.state, status.exit_code) == (State.FINISHED, None)
+
+
+def test_a_job_moved_to_another_server_is_not_ended() -> None:
+    doc = json.loads(_load("49_qstat_x_f_json_child_of_fail").stdout)
+    doc["Jobs"]["7.vm"].update(substate=94, comment="Job moved to server other")
+    status = pbs.parse_qstat_json(json.dumps(doc))["7.vm"]
+    assert (status.state, status.reason) == (State.UNKNOWN, "Job moved to server other")
+
+
 def test_a_job_that_ran_and_shows_no_exit_status_is_left_to_its_status_file() -> None:
     # Not seen on a real server, but a job that ran is not "cancelled" for lack of a number.
     doc = json.loads(_load("05_qstat_x_f_json_finished_ok").stdout)
