@@ -728,3 +728,11 @@ def test_jobs_wait_progress_line_says_why(capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().err == (
         f"job 2.vm (wallkill): failed, exit code 143 ({WALLTIME_KILL})\n"
     )
+
+
+def test_a_job_the_server_could_not_run_says_so() -> None:
+    text = _wallkill_text().replace("= -29", "= -1").replace("exceeded resource walltime", "failed")
+    status = pbs.parse_qstat_full(text)["2.vm"]
+    job = _resolve(_job(), status, Files({}))  # it never started: no file at all
+    assert (job.state, job.exit_code) == ("failed", -1)
+    assert job.reason.startswith("the server could not run the job (execution failed before")

@@ -262,3 +262,19 @@ def test_find_argv_refuses_a_name_that_is_not_one_argument() -> None:
 def test_parse_found_folds_array_tasks_into_their_job_and_sorts() -> None:
     assert slurm.parse_found("812\n799_1\n799_2\n799_[3-5]\n") == ["799", "812"]
     assert slurm.parse_found("") == []
+
+
+def test_a_timeout_wins_over_the_143_the_jobs_trap_recorded() -> None:
+    from hpcbridge.jobs import Job, _resolve
+    from hpcbridge.transport import LocalTransport
+
+    class Files(LocalTransport):
+        def read_text(self, path: str, *, limit: int = 0) -> str | None:
+            return '{"exit_code": 143, "end": "x"}' if path.endswith("/status.json") else None
+
+    status = slurm.parse_squeue(_read("squeue.txt"))["4107"]
+    job = Job("4107", "slurm", "", "/w/.hpcbridge/job.sh", "/w", "a", "t", state="running")
+    done = _resolve(job, status, Files())
+    assert (done.state, done.exit_code) == ("failed", 143)
+    assert done.reason == explain_kill(status)
+    assert done.reason.startswith("killed: walltime 20:00 exceeded; raise walltime")
