@@ -379,6 +379,22 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
         _read_json(transport, f"{job.state_dir}/status{tag}.json") for tag in _task_tags(job)
     ]
     if all(outcomes):
+        now = time.time()
+        if (
+            status is not None
+            and not status.state.is_final
+            and (job.ended_seen is None or now - job.ended_seen < STATUS_FILE_GRACE)
+        ):
+            # The script has ended but its job has not: PBS delivers the -o/-e files and says
+            # why it killed a job (walltime, memory) only when the job leaves E for F, so the
+            # log and the cause are read once the scheduler agrees (or the grace runs out).
+            return replace(
+                job,
+                state=status.state.value,
+                raw_state=status.raw_state,
+                reason=status.reason,
+                ended_seen=job.ended_seen or now,
+            )
         codes = [int(o.get("exit_code", 1)) for o in outcomes if o]
         bad = [c for c in codes if c != 0]
         ends = [str(o.get("end", "")) for o in outcomes if o]

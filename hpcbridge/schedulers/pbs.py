@@ -303,7 +303,8 @@ _RESOURCE_CAUSE = {
 }
 _CAUSE_LIMIT = {v: f"Resource_List.{k}" for k, v in _RESOURCE_CAUSE.items()}
 # PBS Pro substates of an ended job (job.h JOB_SUBSTATE_*): 91 deleted (TERMINATED),
-# 92 finished, 93 failed. Substate 91 is a qdel, whether the job ran or not.
+# 92 finished, 93 failed. Substate 91 is a qdel, whether the job ran or not, but also a failed
+# job whose dependents the server deleted.
 _SUBSTATE_DELETED = 91
 _SUBSTATE_MOVED = 94  # JOB_SUBSTATE_MOVED
 # "Job run at ... and terminated by alice@host": who deleted a running job.
@@ -369,7 +370,11 @@ def _status(job_id: str, fields: Mapping[str, object]) -> JobStatus:
         substate = _substate(fields.get("substate", ""))
         deleted_by = _TERMINATED_BY.search(comment)
         # Versions without substates still leave the comment of a qdel'd running job.
-        if substate == _SUBSTATE_DELETED or (substate is None and deleted_by):
+        # A script's own exit status is the truth about a job that ran to its end: the server
+        # also marks a failed job whose afterok dependents it deletes as "terminated by
+        # root", substate 91, though nobody deleted it.
+        ran_to_end = exit_code is not None and 0 <= exit_code < _SIGNAL_BASE
+        if not ran_to_end and (substate == _SUBSTATE_DELETED or (substate is None and deleted_by)):
             state = State.CANCELLED
             reason = f"deleted by {deleted_by.group(1)}" if deleted_by else (comment or "deleted")
         elif substate == _SUBSTATE_MOVED:
@@ -563,7 +568,9 @@ class PbsScheduler(Scheduler):
         return result, parse_qstat_full(result.stdout)
 
     def _status_group(self, ids: list[str]) -> dict[str, JobStatus]:
-        result, parsed = self._poll(ids, json_output=self.flavour == "pbspro")
+        # JSON only for one id: OpenPBS 23.06's `qstat -x -f -F json A B C` prints A alone and
+        # exits 0 (seen on the real server), while the text form lists every job asked for.
+        result, parsed = self._poll(ids, json_output=self.flavour == "pbspro" and len(ids) == 1)
         by_short: dict[str, list[JobStatus]] = {}
         for job_id, status in parsed.items():
             by_short.setdefault(_short(job_id).replace("[]", ""), []).append(status)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -568,10 +568,9 @@ def test_recorded_unknown_id_in_text() -> None:
 def test_one_unknown_id_among_several_costs_no_extra_poll(ids: list[str]) -> None:
     # PBS Pro prints the jobs it knows, names the unknown ones on stderr (with its suffix,
     # whatever was asked) and exits 153: nothing is left to ask again.
-    stdout = _answer("14_qstat_x_f_json_walltime_killed")[0]
-    transport = Replay(
-        {_poll_argv(" ".join(ids)): (stdout, "qstat: Unknown Job Id 9999.vm\n", 153)}
-    )
+    # Several ids are asked in the text form: OpenPBS 23.06's -F json shows only the first.
+    stdout = _answer("15_qstat_x_f_text_walltime_killed")[0]
+    transport = Replay({f"-f -x {' '.join(ids)}": (stdout, "qstat: Unknown Job Id 9999.vm\n", 153)})
     scheduler = pbs.PbsScheduler(transport, flavour="pbspro")
     found = scheduler.status(ids)
     assert list(found) == [ids[0]]
@@ -736,3 +735,48 @@ def test_a_job_the_server_could_not_run_says_so() -> None:
     job = _resolve(_job(), status, Files({}))  # it never started: no file at all
     assert (job.state, job.exit_code) == ("failed", -1)
     assert job.reason.startswith("the server could not run the job (execution failed before")
+
+
+def test_several_ids_are_polled_in_the_text_form_one_in_json() -> None:
+    # The real server answered `qstat -x -f -F json 13.vm 14.vm 15.vm` with job 13 alone and
+    # exit 0, so a poll of several jobs would lose all but the first.
+    text = _answer("15_qstat_x_f_text_walltime_killed")[0]
+    as_json = _answer("14_qstat_x_f_json_walltime_killed")
+    transport = Replay({"-f -x 2.vm 5.vm": (text, "", 0), _poll_argv("2.vm"): as_json})
+    scheduler = pbs.PbsScheduler(transport, flavour="pbspro")
+    assert scheduler.status(["2.vm", "5.vm"])["2.vm"].killed_by == "walltime"
+    assert scheduler.status(["2.vm"])["2.vm"].killed_by == "walltime"
+    assert [c[:4] for c in transport.calls] == [
+        ["qstat", "-f", "-x", "2.vm"],
+        ["qstat", "-f", "-F", "json"],
+    ]
+
+
+def test_a_failed_parent_the_server_marked_terminated_is_a_failure() -> None:
+    # Seen on the real server: a job that exited 3 and had an afterok child ended with
+    # substate 91 and "... and terminated by root@localhost" (the server deleting the child),
+    # though nobody deleted it. Its exit status is the truth.
+    text = _answer("13_qstat_x_f_json_exit3")[0]
+    text = text.replace('"substate":\t93', '"substate":\t91').replace(
+        "and failed", "and terminated by root@localhost"
+    )
+    status = pbs.parse_qstat_json(text)["1.vm"]
+    assert (status.state, status.exit_code) == (State.FAILED, 3)
+    files = Files({"/w/.hpcbridge/status.json": '{"exit_code": 3, "end": "x"}'})
+    job = _resolve(_job(id="1.vm"), status, files)
+    assert (job.state, job.exit_code, job.reason) == ("failed", 3, "exit code 3")
+
+
+def test_an_ended_script_waits_for_its_job_to_end() -> None:
+    # The script wrote its outcome while PBS still holds the job in E, delivering its -o/-e
+    # files (and, for a kill, its cause): nothing is final until the job leaves.
+    files = Files({"/w/.hpcbridge/status.json": '{"exit_code": 143, "end": "x"}'})
+    exiting = replace(_recorded("14_qstat_x_f_json_walltime_killed", "2.vm"), state=State.RUNNING)
+    waiting = _resolve(_job(), exiting, files)
+    assert (waiting.state, waiting.exit_code) == ("running", None)
+    assert waiting.ended_seen is not None
+    ended = _resolve(waiting, _recorded("14_qstat_x_f_json_walltime_killed", "2.vm"), files)
+    assert (ended.state, ended.reason) == ("failed", WALLTIME_KILL)
+    # a scheduler that never lets go does not hold the outcome back past the grace
+    stuck = _resolve(_job(ended_seen=1.0), exiting, files)
+    assert (stuck.state, stuck.exit_code) == ("failed", 143)
