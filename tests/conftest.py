@@ -21,6 +21,9 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 CLUSTER_JSON = Path(
     os.environ.get("HPCBRIDGE_TEST_CLUSTER", "/tmp/hpcbridge-ci-cluster/cluster.json")
 )
+PBSPRO_JSON = Path(
+    os.environ.get("HPCBRIDGE_TEST_PBS_CLUSTER", "/tmp/hpcbridge-ci-pbs/cluster.json")
+)
 
 
 def _missing(message: str) -> None:
@@ -49,6 +52,29 @@ def cluster() -> dict[str, Any]:
         _missing(
             f"the test cluster is not up (sinfo says {idle.strip()!r}): rerun tests/cluster/up.sh"
         )
+    return data
+
+
+@pytest.fixture(scope="session")
+def pbspro_cluster() -> dict[str, Any]:
+    """The single-node OpenPBS (real PBS Pro) and its sshd that tests/cluster/pbs-up.sh started."""
+    if not PBSPRO_JSON.is_file():
+        _missing(
+            f"no PBS Pro test cluster ({PBSPRO_JSON} is missing): run `bash "
+            "tests/cluster/pbs-up.sh` as root; it builds OpenPBS from its source tarball "
+            "(--tarball FILE, $HPCBRIDGE_OPENPBS_TARBALL or ../shared/openpbs/), see "
+            "tests/cluster/README.md"
+        )
+    data: dict[str, Any] = json.loads(PBSPRO_JSON.read_text())
+    qstat = Path(data["pbs"]["prefix"]) / "bin" / "qstat"
+    try:
+        server = subprocess.run([str(qstat), "-B"], capture_output=True, text=True, timeout=20)
+        said = (server.stdout + server.stderr).strip()
+        up = server.returncode == 0 and "Active" in server.stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        said, up = str(exc), False
+    if not up:
+        _missing(f"the PBS Pro server is not up (qstat -B says {said!r}): rerun pbs-up.sh")
     return data
 
 

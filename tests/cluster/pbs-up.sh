@@ -78,6 +78,7 @@ port=${HPCBRIDGE_TEST_PBS_SSH_PORT:-2223}
 prefix=/opt/pbs
 pbs_home=/var/spool/pbs
 user=pbsuser
+group=hpcbridge-ci
 node=$(hostname -s)
 hosts_begin="# BEGIN hpcbridge tests/cluster/pbs-up.sh"
 hosts_end="# END hpcbridge tests/cluster/pbs-up.sh"
@@ -243,6 +244,9 @@ id "$user" >/dev/null 2>&1 || useradd -m -s /bin/bash "$user"
 # useradd leaves the account locked ("!"), and sshd without PAM refuses locked accounts even to
 # keys; "*" means no password, but not locked.
 usermod -p '*' "$user"
+# The tests share their folders with $user through this group, as a lab shares a group folder.
+getent group "$group" >/dev/null || groupadd "$group"
+id -nG "$user" | tr ' ' '\n' | grep -x "$group" >/dev/null || usermod -aG "$group" "$user"
 user_home=$(getent passwd "$user" | cut -d: -f6)
 timed host "$t0"
 
@@ -402,12 +406,12 @@ wait_for 10 test -s "$check/check.out" || die "check job $job wrote nothing"
 timed verify "$t0"
 
 # ---------------------------------------------------------------------------- cluster.json
-/usr/bin/python3 - "$json" "$dir" "$node" "$port" "$user" "$user_home" "$prefix" "$version" <<'PY'
+/usr/bin/python3 - "$json" "$dir" "$node" "$port" "$user" "$user_home" "$prefix" "$version" "$group" <<'PY'
 import json
 import os
 import sys
 
-path, folder, node, port, user, home, prefix, version = sys.argv[1:]
+path, folder, node, port, user, home, prefix, version, group = sys.argv[1:]
 info = {
     "dir": folder,
     "hostname": node,
@@ -428,6 +432,7 @@ info = {
         "queue": "workq",
         "transfer_queue": "dtq",
         "user": user,
+        "group": group,
         "home": home,
         "python": f"{folder}/venv/bin/python",
     },

@@ -1,10 +1,16 @@
-"""Fixtures shared by the end-to-end tests: a profile that submits over SSH to the CI cluster
-(qsub through Slurm's PBS wrappers, or sbatch), the sandbox XNAT for whole runs, and the
-scheduler's own view of the jobs a test submitted (cancelled by id at teardown)."""
+"""Fixtures shared by the end-to-end tests: a profile that submits over SSH to a CI cluster
+(qsub through Slurm's PBS wrappers, sbatch, or qsub on real PBS Pro as a non-root user), the
+sandbox XNAT for whole runs, and the scheduler's own view of the jobs a test submitted
+(cancelled by id at teardown)."""
 
 from __future__ import annotations
 
+import grp
+import json
+import os
+import shlex
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,18 +33,90 @@ ENDED = {
 }
 
 
-@pytest.fixture(params=["pbs", "slurm"])
-def kind(request: pytest.FixtureRequest, cluster: dict[str, Any], isolated_home: Path) -> str:
-    """A profile `ci` submitting over SSH to qsub (the PBS wrappers) or to sbatch."""
+#: The scheduler flavours every e2e scenario runs on: Slurm's PBS wrappers, Slurm itself, and
+#: real PBS Pro (OpenPBS). The first two share one cluster; PBS Pro has its own.
+KINDS = ["pbs", "slurm", "pbspro"]
+
+
+def scheduler_of(kind: str) -> str:
+    """The profile's ``scheduler`` for a test flavour: PBS Pro is ``pbs``, like the wrappers."""
+    return "pbs" if kind == "pbspro" else kind
+
+
+def is_job_id(kind: str, text: str) -> bool:
+    """A job id as this flavour prints it: ``65`` from Slurm and its wrappers, ``65.vm`` from
+    PBS Pro (the server's name after the number)."""
+    number, _, server = text.partition(".")
+    return number.isdigit() and (bool(server) if kind == "pbspro" else not server)
+
+
+def share_with_pbs_user(tmp_path: Path, pbspro: dict[str, Any]) -> int:
+    """Let the PBS Pro cluster's user write where the test writes, as a lab shares a group
+    folder: ``tmp_path`` belongs to the cluster's group with the setgid bit, the folders above it
+    may be passed through, and the test's umask keeps new files group-writable. Returns the
+    umask to restore."""
+    group = grp.getgrnam(pbspro["pbs"]["group"]).gr_gid
+    for parent in (tmp_path.parent, tmp_path.parent.parent):
+        parent.chmod(stat.S_IMODE(parent.stat().st_mode) | stat.S_IXOTH)
+    os.chown(tmp_path, -1, group)
+    tmp_path.chmod(0o2775)
+    for child in tmp_path.iterdir():
+        os.chown(child, -1, group)
+    return os.umask(0o002)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest, isolated_home: Path, tmp_path: Path) -> Iterator[str]:
+    """A profile `ci` submitting over SSH to qsub (the PBS wrappers), to sbatch, or to qsub on
+    PBS Pro (as its non-root user, with a project, as Artemis requires)."""
+    flavour = str(request.param)
+    umask = None
+    if flavour == "pbspro":
+        pbspro = request.getfixturevalue("pbspro_cluster")
+        umask = share_with_pbs_user(tmp_path, pbspro)
+        where, extra = pbspro["ssh"], 'account = "PTV000"\n'
+    else:
+        where, extra = request.getfixturevalue("cluster")["ssh"], ""
     isolated_home.mkdir(parents=True, exist_ok=True)
     (isolated_home / "config.toml").write_text(
         'default_profile = "ci"\n\n[profiles.ci]\n'
-        f'host = "{cluster["ssh"]["alias"]}"\n'
-        f'ssh_config = "{cluster["ssh"]["ssh_config"]}"\n'
-        f'scheduler = "{request.param}"\n'
-        "poll_interval = 0.3\n"
+        f'host = "{where["alias"]}"\n'
+        f'ssh_config = "{where["ssh_config"]}"\n'
+        f'scheduler = "{scheduler_of(flavour)}"\n'
+        "poll_interval = 0.3\n" + extra
     )
-    return str(request.param)
+    yield flavour
+    if umask is not None:
+        os.umask(umask)
+
+
+@pytest.fixture()
+def login(kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The `ssh` part of the cluster.json of the cluster this flavour submits to."""
+    name = "pbspro_cluster" if kind == "pbspro" else "cluster"
+    ssh: dict[str, Any] = request.getfixturevalue(name)["ssh"]
+    return ssh
+
+
+@pytest.fixture()
+def chain_settings(kind: str, request: pytest.FixtureRequest) -> str:
+    """The profile lines a chain needs on this flavour's cluster: a transfer queue whose nodes
+    may reach XNAT (PBS Pro's `dtq`, as on Artemis; Slurm's one partition otherwise), and the
+    command its transfer jobs run: this checkout's hpcbridge. PBS Pro's user cannot read this
+    process's python, so it gets the cluster's python with this checkout on PYTHONPATH."""
+    import sys
+
+    if kind != "pbspro":
+        bridge = shlex.join([sys.executable, "-m", "hpcbridge"])
+        queue = "batch"
+    else:
+        pbspro = request.getfixturevalue("pbspro_cluster")
+        checkout = Path(__file__).resolve().parents[2]
+        bridge = shlex.join(
+            ["env", f"PYTHONPATH={checkout}", pbspro["pbs"]["python"], "-m", "hpcbridge"]
+        )
+        queue = pbspro["pbs"]["transfer_queue"]
+    return f"bridge_command = {json.dumps(bridge)}\ntransfer_queue = {json.dumps(queue)}\n"
 
 
 @pytest.fixture()
@@ -56,8 +134,9 @@ def run_profile(
 
 
 @dataclass(frozen=True)
-class SlurmJob:
-    """One job as Slurm itself lists it (`squeue -t all` keeps ended jobs for MinJobAge)."""
+class SchedulerJob:
+    """One job as the scheduler itself lists it, its state in Slurm's words (PENDING, RUNNING,
+    COMPLETED, FAILED, CANCELLED) whichever scheduler ran it, so one assertion fits all."""
 
     id: str
     name: str
@@ -65,22 +144,17 @@ class SlurmJob:
     script: str
 
 
-class SlurmQueue:
-    """What the scheduler was given, read with squeue rather than through hpcbridge: a job
-    submitted twice shows up here even when hpcbridge lost track of one of them."""
+class SchedulerQueue:
+    """What the scheduler was given, read with its own tools rather than through hpcbridge: a
+    job submitted twice shows up here even when hpcbridge lost track of one of them."""
 
-    def all(self) -> list[SlurmJob]:
-        listed = subprocess.run(
-            ["squeue", "-h", "-t", "all", "-o", "%i|%j|%T|%o"],
-            capture_output=True, text=True, timeout=30, check=True,
-        )  # fmt: skip
-        jobs = []
-        for line in listed.stdout.splitlines():
-            job_id, name, state, script = line.strip().split("|", 3)
-            jobs.append(SlurmJob(job_id, name, state, script))
-        return sorted(jobs, key=lambda j: int(j.id.split("_")[0]))
+    def all(self) -> list[SchedulerJob]:
+        raise NotImplementedError
 
-    def under(self, folder: Path) -> list[SlurmJob]:
+    def cancel(self, ids: list[str]) -> None:
+        raise NotImplementedError
+
+    def under(self, folder: Path) -> list[SchedulerJob]:
         """The jobs whose script lies below ``folder`` (rendered scripts live in their work
         folder, so this is a test's own jobs, whatever else runs on the cluster)."""
         prefix = f"{folder}/"
@@ -89,16 +163,73 @@ class SlurmQueue:
     def cancel_live_under(self, folder: Path) -> list[str]:
         live = [j.id for j in self.under(folder) if j.state not in ENDED]
         if live:
-            subprocess.run(["scancel", *live], capture_output=True, timeout=30)
+            self.cancel(live)
         return live
 
 
+class SlurmQueue(SchedulerQueue):
+    """Slurm's view (`squeue -t all` keeps ended jobs for MinJobAge)."""
+
+    def all(self) -> list[SchedulerJob]:
+        listed = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-o", "%i|%j|%T|%o"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        jobs = []
+        for line in listed.stdout.splitlines():
+            job_id, name, state, script = line.strip().split("|", 3)
+            jobs.append(SchedulerJob(job_id, name, state, script))
+        return sorted(jobs, key=lambda j: int(j.id.split("_")[0]))
+
+    def cancel(self, ids: list[str]) -> None:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+
+
+class PbsProQueue(SchedulerQueue):
+    """PBS Pro's view: `qstat -x -f -F json` lists live jobs and its job history."""
+
+    def __init__(self, prefix: str) -> None:
+        self.bin = Path(prefix) / "bin"
+
+    def all(self) -> list[SchedulerJob]:
+        listed = subprocess.run(
+            [str(self.bin / "qstat"), "-x", "-f", "-F", "json"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        jobs = []
+        for job_id, fields in json.loads(listed.stdout).get("Jobs", {}).items():
+            # qsub's own argv ends with the script's path
+            script = shlex.split(fields.get("Submit_arguments", ""))[-1:] or [""]
+            jobs.append(SchedulerJob(job_id, fields["Job_Name"], self._state(fields), script[0]))
+        return sorted(jobs, key=lambda j: int(j.id.split(".")[0].split("[")[0]))
+
+    @staticmethod
+    def _state(fields: dict[str, Any]) -> str:
+        letter = fields["job_state"]
+        if letter in "QHWT":
+            return "PENDING"
+        if letter not in "FX":
+            return "RUNNING"
+        if "Exit_status" not in fields:
+            return "CANCELLED"  # never ran: deleted, or its afterok parent failed
+        return "COMPLETED" if fields["Exit_status"] == 0 else "FAILED"
+
+    def cancel(self, ids: list[str]) -> None:
+        subprocess.run([str(self.bin / "qdel"), *ids], capture_output=True, timeout=30)
+
+
 @pytest.fixture()
-def slurm_queue(cluster: dict[str, Any], tmp_path: Path) -> Iterator[SlurmQueue]:
-    """Slurm's view of the jobs; at teardown, this test's jobs still queued or running are
-    cancelled (by id), so a failed test leaves nothing behind on the cluster."""
-    if shutil.which("squeue") is None:
-        pytest.fail("squeue is not installed, but the test cluster is up")
-    queue = SlurmQueue()
+def scheduler_queue(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[SchedulerQueue]:
+    """The scheduler's view of the jobs; at teardown, this test's jobs still queued or running
+    are cancelled (by id), so a failed test leaves nothing behind on the cluster."""
+    queue: SchedulerQueue
+    if kind == "pbspro":
+        queue = PbsProQueue(request.getfixturevalue("pbspro_cluster")["pbs"]["prefix"])
+    else:
+        if shutil.which("squeue") is None:
+            pytest.fail("squeue is not installed, but the test cluster is up")
+        queue = SlurmQueue()
     yield queue
     queue.cancel_live_under(tmp_path)

@@ -167,7 +167,7 @@ def assert_no_secret(text: str, secret_env: dict[str, str], what: str) -> None:
     assert not leaked, f"{what} sets {', '.join(leaked)}"
 
 
-@pytest.mark.usefixtures("slurm_queue")
+@pytest.mark.usefixtures("scheduler_queue")
 @pytest.mark.parametrize("kind", ["slurm", "pbs"])
 def test_job_submitted_on_the_login_node_gets_no_secret(
     kind: str, tmp_path: Path, isolated_home: Path, secret_env: dict[str, str]
@@ -178,7 +178,7 @@ def test_job_submitted_on_the_login_node_gets_no_secret(
     assert_no_secret(environ, secret_env, f"the process environment of a {kind} job")
 
 
-@pytest.mark.usefixtures("slurm_queue")
+@pytest.mark.usefixtures("scheduler_queue")
 @pytest.mark.parametrize("kind", ["slurm", "pbs"])
 def test_job_submitted_over_ssh_gets_no_secret_of_the_login_shell(
     kind: str, tmp_path: Path, isolated_home: Path, secret_env: dict[str, str], secret_sshd: Path
@@ -189,7 +189,8 @@ def test_job_submitted_over_ssh_gets_no_secret_of_the_login_shell(
     assert_no_secret(environ, secret_env, f"the process environment of a {kind} job over SSH")
 
 
-@pytest.mark.usefixtures("slurm_queue", "cluster")
+@pytest.mark.usefixtures("scheduler_queue", "cluster")
+@pytest.mark.parametrize("kind", ["slurm"])
 def test_sbatch_export_policy_does_not_depend_on_the_site(
     tmp_path: Path, isolated_home: Path, secret_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ The cluster and the test share one machine, so the job's files are checked direc
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -83,11 +84,12 @@ def dicom_series(folder: Path, *, series: int = 4, slices: int = 16) -> Path:
 def render(kind: str, tmp: Path, name: str, recipe: str = "dcm2niix", *extra: str) -> Path:
     """Render a recipe for the profile's scheduler into tmp/name/ (input tmp/name/in)."""
     base = tmp / name
+    scheduler = "pbs" if kind == "pbspro" else kind  # PBS Pro and the wrappers share a skeleton
     if not (base / "in").exists():
         dicom_series(base / "in")
     script = base / "job.sh"
     result = cli(
-        "render", recipe, "--scheduler", kind, "--input", str(base / "in"),
+        "render", recipe, "--scheduler", scheduler, "--input", str(base / "in"),
         "--output", str(base / "out"), "--name", name, "-o", str(script), *extra,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -98,7 +100,8 @@ def submit(script: Path, *extra: str) -> str:
     result = cli("submit", str(script), *extra)
     assert result.exit_code == 0, result.output
     job_id = result.stdout.strip()
-    assert job_id.isdigit(), result.stdout
+    # Slurm and its wrappers print a number, PBS Pro the number ([] for an array) and its server
+    assert re.fullmatch(r"\d+(\[\])?(\.[\w.-]+)?", job_id), result.stdout
     return job_id
 
 
@@ -133,7 +136,7 @@ def test_dcm2niix_job_converts_through_ssh(kind: str, tmp_path: Path) -> None:
 
 
 def test_afterok_chain_runs_in_order_and_a_failure_cancels_the_rest(
-    kind: str, tmp_path: Path, recipes_dir: Path
+    kind: str, tmp_path: Path, recipes_dir: Path, scheduler_queue: Any
 ) -> None:
     first = submit(render(kind, tmp_path, "first"))
     failing = render(kind, tmp_path, "second", "fail", "--recipes", str(recipes_dir))
@@ -157,6 +160,11 @@ def test_afterok_chain_runs_in_order_and_a_failure_cancels_the_rest(
     assert started["start"] >= ended
     # ...and the scheduler no longer holds the cancelled ones pending forever.
     assert not (tmp_path / "third" / ".hpcbridge" / "started.json").exists()
+    if kind == "pbspro":
+        # PBS Pro deletes a job whose afterok parent failed by itself: it ends without running
+        ended = {j.id: j.state for j in scheduler_queue.all()}
+        assert (ended[third], ended[fourth]) == ("CANCELLED", "CANCELLED")
+        return
     queue = subprocess.run(
         ["squeue", "-h", "-j", f"{third},{fourth}", "-o", "%T"],
         capture_output=True, text=True, timeout=30,
@@ -195,9 +203,10 @@ def test_scheduler_rejection_is_one_clear_line(kind: str, tmp_path: Path) -> Non
     script = render(kind, tmp_path, "rejected", "dcm2niix", "--queue", "nosuchqueue")
     result = cli("submit", str(script))
     assert result.exit_code == 1
-    command = "qsub" if kind == "pbs" else "sbatch"
+    command = "sbatch" if kind == "slurm" else "qsub"
     assert result.stderr.startswith(f"hpcbridge: error: {command} refused the job: ")
-    assert "partition" in result.stderr.lower()
+    # Slurm (and its wrappers) know partitions, PBS Pro queues
+    assert ("queue" if kind == "pbspro" else "partition") in result.stderr.lower()
     assert "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
     assert cli("--json", "jobs", "--all").stdout.strip() == "[]"  # nothing recorded
@@ -212,7 +221,7 @@ def test_unknown_job_id_is_an_error(kind: str) -> None:
 
 
 def test_one_status_call_per_poll_and_an_ssh_drop_is_survived(
-    kind: str, tmp_path: Path, cluster: dict[str, Any], recipes_dir: Path
+    kind: str, tmp_path: Path, login: dict[str, Any], recipes_dir: Path
 ) -> None:
     settings = load_settings()
     transport = open_transport(settings)
@@ -224,7 +233,7 @@ def test_one_status_call_per_poll_and_an_ssh_drop_is_survived(
             for i in range(3)
         ]
         jobs = [submit_script(store, scheduler, s, host=settings.host or "") for s in scripts]
-        sshd = psutil.Process(int(Path(cluster["ssh"]["sshd_pid_file"]).read_text()))
+        sshd = psutil.Process(int(Path(login["sshd_pid_file"]).read_text()))
         polls: list[int] = []
 
         def drop_connection_once(report: Any) -> None:
@@ -249,7 +258,7 @@ def test_one_status_call_per_poll_and_an_ssh_drop_is_survived(
 
 
 def test_unknown_host_key_is_refused_then_accepted_on_request(
-    kind: str, tmp_path: Path, isolated_home: Path, cluster: dict[str, Any]
+    kind: str, tmp_path: Path, isolated_home: Path, login: dict[str, Any]
 ) -> None:
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
@@ -262,20 +271,20 @@ def test_unknown_host_key_is_refused_then_accepted_on_request(
     assert known_hosts.read_text() == ""
     accepted = cli("jobs", "987654", "--accept-new-host-key")
     assert "unknown job id" in accepted.stderr  # connected and asked the scheduler
-    key = Path(cluster["ssh"]["host_key_pub"]).read_text().split()[1]
+    key = Path(login["host_key_pub"]).read_text().split()[1]
     assert key in known_hosts.read_text()
     # strict checking now passes with the recorded key
     assert "unknown job id" in cli("jobs", "987654").stderr
 
 
 def test_changed_host_key_is_refused_even_when_accepting_new_keys(
-    kind: str, tmp_path: Path, isolated_home: Path, cluster: dict[str, Any]
+    kind: str, tmp_path: Path, isolated_home: Path, login: dict[str, Any]
 ) -> None:
     other = tmp_path / "other_key"
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True, timeout=30
     )
-    port = cluster["ssh"]["port"]
+    port = login["port"]
     wrong = Path(f"{other}.pub").read_text().split()[:2]
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{port} {' '.join(wrong)}\n")
@@ -289,13 +298,13 @@ def test_changed_host_key_is_refused_even_when_accepting_new_keys(
 
 
 def test_refused_key_is_an_authentication_error(
-    kind: str, tmp_path: Path, isolated_home: Path, cluster: dict[str, Any]
+    kind: str, tmp_path: Path, isolated_home: Path, login: dict[str, Any]
 ) -> None:
     stranger = tmp_path / "stranger"
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True, timeout=30
     )
-    ssh = cluster["ssh"]
+    ssh = login
     ssh_config = tmp_path / "ssh_config"
     ssh_config.write_text(
         f"Host stranger\n  HostName {ssh['host']}\n  Port {ssh['port']}\n  User {ssh['user']}\n"

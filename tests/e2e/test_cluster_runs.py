@@ -75,6 +75,11 @@ ls {{ input_dir }} > {{ output_dir }}/listing.txt
 # --- helpers ---------------------------------------------------------------------------------
 
 
+def scheduler_name(kind: str) -> str:
+    """The profile's scheduler for a flavour of test cluster: PBS Pro's is `pbs`."""
+    return "pbs" if kind == "pbspro" else kind
+
+
 def cli(*args: str) -> Result:
     """A quick command, in-process."""
     return CliRunner().invoke(main, list(args))
@@ -298,14 +303,16 @@ KILL_POINTS = {
 }
 
 
-def assert_finished_exactly_once(xnat: Xnat, home: Path, work_root: Path, slurm_queue: Any) -> None:
+def assert_finished_exactly_once(
+    xnat: Xnat, home: Path, work_root: Path, scheduler_queue: Any
+) -> None:
     """Every T1 uploaded once, by one job each, with nothing submitted or uploaded twice."""
     data = status_json(1)
     assert data["run"]["state"] == "done"
     assert states(data) == dict.fromkeys(T1_SCANS, "uploaded")
     ledger_ids = sorted(j["job_id"] for j in data["jobs"])
     # The scheduler's own view: exactly one job per scan's work folder, all ended well.
-    seen = slurm_queue.under(work_root)
+    seen = scheduler_queue.under(work_root)
     assert per_folder(seen) == {j["work_dir"]: 1 for j in data["jobs"]}, seen  # no duplicates
     assert sorted(j.id for j in seen) == ledger_ids
     assert {j.state for j in seen} == {"COMPLETED"}, seen
@@ -339,7 +346,7 @@ def test_a_killed_run_resumes_with_one_job_and_one_upload_per_scan(
     run_profile: Path,
     xnat: Xnat,
     isolated_home: Path,
-    slurm_queue: Any,
+    scheduler_queue: Any,
     bridge: Callable[..., Bridge],
     point: str,
 ) -> None:
@@ -363,7 +370,7 @@ def test_a_killed_run_resumes_with_one_job_and_one_upload_per_scan(
         resumed = hb("sync", "--watch", *FAST)
         assert resumed.returncode == 0, resumed.stderr
         assert "Traceback" not in resumed.stderr
-    assert_finished_exactly_once(xnat, isolated_home, run_profile, slurm_queue)
+    assert_finished_exactly_once(xnat, isolated_home, run_profile, scheduler_queue)
 
     # Nothing is left to do: a further sync and the same run again submit nothing.
     later = hb("sync")
@@ -371,7 +378,7 @@ def test_a_killed_run_resumes_with_one_job_and_one_upload_per_scan(
     again = cli(*RUN_T1)
     assert again.exit_code == 0, again.output
     assert "nothing to do" in again.stderr
-    assert len(slurm_queue.under(run_profile)) == 3
+    assert len(scheduler_queue.under(run_profile)) == 3
 
 
 # --- 2: a failing job, then retry ------------------------------------------------------------
@@ -382,7 +389,7 @@ def test_a_failing_job_is_reported_with_its_log_and_retry_finishes_it(
     run_profile: Path,
     xnat: Xnat,
     isolated_home: Path,
-    slurm_queue: Any,
+    scheduler_queue: Any,
     tmp_path: Path,
 ) -> None:
     recipes = tmp_path / "recipes"
@@ -434,7 +441,7 @@ def test_a_failing_job_is_reported_with_its_log_and_retry_finishes_it(
         assert job["attempts"] == 1
         assert job["exit_code"] == 0 and job["error"] is None and job["log_tail"] is None
     # The scheduler ran each scan twice: the failed attempt and the retry, nothing more.
-    seen = slurm_queue.under(run_profile)
+    seen = scheduler_queue.under(run_profile)
     assert sorted((j.id, j.state) for j in seen) == sorted(
         [(i, "FAILED") for i in first_ids] + [(i, "COMPLETED") for i in retry_ids]
     ), seen
@@ -447,7 +454,8 @@ def test_a_failing_job_is_reported_with_its_log_and_retry_finishes_it(
         ]
         prov = json.loads(xnat.file(scan, "LISTING", PROVENANCE_FILE))
         assert prov["recipe"] == "flaky" and prov["recipe_version"] == "7"
-        assert prov["job"]["id"] == job["job_id"] and prov["job"]["scheduler"] == kind
+        assert prov["job"]["id"] == job["job_id"]
+        assert prov["job"]["scheduler"] == scheduler_name(kind)
     # XNAT's History: each scan's failed attempt stays Failed, its retry is Complete.
     entries = xnat.workflows("hpcbridge/flaky scan 4")
     assert sorted((w["jobID"], w["status"]) for w in entries) == sorted(
@@ -460,7 +468,7 @@ def test_a_failing_job_is_reported_with_its_log_and_retry_finishes_it(
     nothing = cli("retry", "1")
     assert nothing.exit_code == 0
     assert "run 1 has no failed jobs to retry" in nothing.stderr
-    assert len(slurm_queue.under(run_profile)) == 6
+    assert len(scheduler_queue.under(run_profile)) == 6
 
 
 # --- 3: --dry-run ----------------------------------------------------------------------------
@@ -470,7 +478,7 @@ def assert_dry_run_script(kind: str, script: str, work_root: Path, session: str)
     assert script.startswith("#!/bin/bash\n")
     assert script.count("#!/bin/bash") == 1  # one script, for the first scan to convert
     name = f"hbN_{session}_4"
-    if kind == "pbs":
+    if kind in ("pbs", "pbspro"):
         assert f"#PBS -N {name}\n" in script and "#SBATCH" not in script
     else:
         assert f"#SBATCH --job-name={name}\n" in script and "#PBS" not in script
@@ -483,7 +491,7 @@ def test_dry_run_prints_the_plan_and_one_script_and_changes_nothing(
     run_profile: Path,
     xnat: Xnat,
     isolated_home: Path,
-    slurm_queue: Any,
+    scheduler_queue: Any,
     tmp_path: Path,
 ) -> None:
     # Open (and cache) the XNAT session first, so that what follows is only the dry run.
@@ -499,8 +507,8 @@ def test_dry_run_prints_the_plan_and_one_script_and_changes_nothing(
     assert all(line.endswith("convert") for line in lines[1:4])
     assert_dry_run_script(kind, "\n".join(lines[4:]), run_profile, "Haofei01_MR1")
     assert (
-        f"3 scan(s) would be converted with dcm2niix on the {kind} scheduler; nothing was changed"
-        in dry.stderr
+        f"3 scan(s) would be converted with dcm2niix on the {scheduler_name(kind)} scheduler; "
+        "nothing was changed" in dry.stderr
     )
     assert f"# job script for {T1_SCANS[0]}:" in dry.stderr
 
@@ -509,7 +517,7 @@ def test_dry_run_prints_the_plan_and_one_script_and_changes_nothing(
     assert tree(isolated_home) == home_before
     assert not run_profile.exists()
     # ...nothing submitted...
-    assert slurm_queue.under(tmp_path) == []
+    assert scheduler_queue.under(tmp_path) == []
     # ...and nothing written to XNAT, in the session already open.
     change = delta(before, after)
     assert change["sessions"] == 0
@@ -525,7 +533,7 @@ def test_dry_run_prints_the_plan_and_one_script_and_changes_nothing(
     ledger_before = ledger_dump()
     home_before = tree(isolated_home)
     work_before = tree(run_profile)
-    queue_before = slurm_queue.under(tmp_path)
+    queue_before = scheduler_queue.under(tmp_path)
     assert len(queue_before) == 1 and queue_before[0].name.endswith("_Haofei01_MR1_4")
     workflows_before = xnat.workflows("hpcbridge/dcm2niix scan 4")
     before = xnat.stats()
@@ -541,7 +549,7 @@ def test_dry_run_prints_the_plan_and_one_script_and_changes_nothing(
     assert ledger_dump() == ledger_before
     assert tree(isolated_home) == home_before
     assert tree(run_profile) == work_before
-    assert slurm_queue.under(tmp_path) == queue_before
+    assert scheduler_queue.under(tmp_path) == queue_before
     change = delta(before, after)
     assert {m: n for m, n in change.items() if m in ("PUT", "POST", "DELETE") and n} == {}
     assert xnat.workflows("hpcbridge/dcm2niix scan 4") == workflows_before
