@@ -103,7 +103,8 @@ def chain_settings(kind: str, request: pytest.FixtureRequest) -> str:
     """The profile lines a chain needs on this flavour's cluster: a transfer queue whose nodes
     may reach XNAT (PBS Pro's `dtq`, as on Artemis; Slurm's one partition otherwise), and the
     command its transfer jobs run: this checkout's hpcbridge. PBS Pro's user cannot read this
-    process's python, so it gets the cluster's python with this checkout on PYTHONPATH."""
+    process's python, so it gets the cluster's python with a copy of this checkout's code on
+    PYTHONPATH."""
     import sys
 
     if kind != "pbspro":
@@ -111,9 +112,16 @@ def chain_settings(kind: str, request: pytest.FixtureRequest) -> str:
         queue = "batch"
     else:
         pbspro = request.getfixturevalue("pbspro_cluster")
+        # A copy in the test's shared folder: the checkout itself may lie where that user
+        # cannot read (a clone under /root, say).
         checkout = Path(__file__).resolve().parents[2]
+        code = request.getfixturevalue("tmp_path") / "hpcbridge-code"
+        for package in ("hpcbridge", "templates"):
+            shutil.copytree(
+                checkout / package, code / package, ignore=shutil.ignore_patterns("__pycache__")
+            )
         bridge = shlex.join(
-            ["env", f"PYTHONPATH={checkout}", pbspro["pbs"]["python"], "-m", "hpcbridge"]
+            ["env", f"PYTHONPATH={code}", pbspro["pbs"]["python"], "-m", "hpcbridge"]
         )
         queue = pbspro["pbs"]["transfer_queue"]
     return f"bridge_command = {json.dumps(bridge)}\ntransfer_queue = {json.dumps(queue)}\n"
