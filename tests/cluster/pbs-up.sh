@@ -214,7 +214,8 @@ timed "build ($built)" "$t0"
 t0=$(now)
 # PBS reverse-resolves every address of every interface when it starts; without a local answer
 # those queries leave the machine. Give each non-loopback address a name nobody uses.
-sed -i "/^$hosts_begin/,/^$hosts_end/d" /etc/hosts
+# (\| delimits the addresses: the markers hold slashes)
+sed -i "\|^$hosts_begin|,\|^$hosts_end|d" /etc/hosts
 {
     echo "$hosts_begin (names below are deliberately unused)"
     getent ahostsv4 "$node" 2>/dev/null | grep '^127\.' >/dev/null || echo "127.0.0.1 $node"
