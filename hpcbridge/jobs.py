@@ -54,6 +54,8 @@ LOG_TAIL_LINES = 20
 #: How long a job the scheduler calls ended may go without its status file before it is judged
 #: by the scheduler alone: network file systems can show the file to the login node late.
 STATUS_FILE_GRACE = 30.0
+#: A shell's exit code above this is 128 + the signal that ended it (143: SIGTERM).
+_SIGNAL_EXIT = 128
 
 
 @dataclass
@@ -398,9 +400,18 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
         codes = [int(o.get("exit_code", 1)) for o in outcomes if o]
         bad = [c for c in codes if c != 0]
         ends = [str(o.get("end", "")) for o in outcomes if o]
+        # Ended by a signal that the scheduler says was a deletion (qdel, scancel from a shell):
+        # cancelled, as if hpcbridge had cancelled it, not a failure of the recipe.
+        deleted = (
+            status is not None
+            and status.state is State.CANCELLED
+            and bool(bad)
+            and all(c > _SIGNAL_EXIT for c in bad)
+        )
+        state = State.CANCELLED if deleted else State.FAILED if bad else State.FINISHED
         return replace(
             job,
-            state=(State.FAILED if bad else State.FINISHED).value,
+            state=state.value,
             raw_state=status.raw_state if status else job.raw_state,
             exit_code=bad[0] if bad else 0,
             end=max(ends) if ends else utc_stamp(),
@@ -600,9 +611,17 @@ def _cancel_orphans(store: JobStore, scheduler: Scheduler, by_id: dict[str, Job]
 
 
 def cancel_jobs(store: JobStore, scheduler: Scheduler, ids: Sequence[str]) -> list[Job]:
-    """Cancel ``ids`` (and record it); an id neither we nor the scheduler know is an error."""
+    """Cancel ``ids`` (and record it); an id neither we nor the scheduler know is an error.
+
+    Tracked jobs are polled first: one that ended since the last poll keeps its outcome (a
+    scheduler quietly refuses to cancel an ended job) instead of being recorded as cancelled.
+    """
     ids = scheduler.check_ids(ids)
-    unknown = scheduler.cancel(ids)
+    live = [j for j in (store.get(i) for i in ids) if j is not None and not j.final]
+    if live:
+        refresh(store, scheduler, live)  # a failed poll changes nothing; the cancel goes on
+    to_cancel = [i for i in ids if (job := store.get(i)) is None or not job.final]
+    unknown = scheduler.cancel(to_cancel) if to_cancel else []
     done: list[Job] = []
     missing: list[str] = []
     for job_id in ids:

@@ -306,6 +306,7 @@ _CAUSE_LIMIT = {v: f"Resource_List.{k}" for k, v in _RESOURCE_CAUSE.items()}
 # 92 finished, 93 failed. Substate 91 is a qdel, whether the job ran or not, but also a failed
 # job whose dependents the server deleted.
 _SUBSTATE_DELETED = 91
+_SUBSTATE_FAILED = 93
 _SUBSTATE_MOVED = 94  # JOB_SUBSTATE_MOVED
 # "Job run at ... and terminated by alice@host": who deleted a running job.
 _TERMINATED_BY = re.compile(r"terminated by (\S+)")
@@ -393,6 +394,11 @@ def _status(job_id: str, fields: Mapping[str, object]) -> JobStatus:
             # array parent never runs itself: its subjobs and their status files decide.)
             state = State.CANCELLED
             reason = comment or NEVER_RAN
+        elif substate == _SUBSTATE_FAILED:
+            # An array whose subjob failed ends F, substate 93, with Exit_status 0 ("Job Array
+            # Began at ... and failed"): the 0 is not the array's outcome.
+            state = State.FAILED
+            exit_code = exit_code or None
         elif exit_code is not None and exit_code != 0:
             # >0 the script failed, >=256 killed by a signal, <0 the server killed it or could
             # not run it.
@@ -621,17 +627,20 @@ class PbsScheduler(Scheduler):
     def cancel(self, ids: Sequence[str]) -> list[str]:
         unknown: list[str] = []
         for group in chunk_ids(_check_ids(ids)):
-            result = self.transport.run(cancel_argv(group), timeout=self.timeout)
-            if result.ok:
-                continue
-            text = (result.stderr + result.stdout).lower()
-            if "has finished" in text or "job has finished" in text:
-                continue  # PBS Pro refuses to delete an ended job; there is nothing to cancel
-            named = unknown_job_ids(result.stderr)
-            if named:
-                unknown += [i for i in group if i in named or _short(i) in map(_short, named)]
-            elif len(group) == 1 and result.exit_code in (1, _UNKNOWN_EXIT):
-                unknown += group  # the wrappers say nothing of an unknown id
-            else:
-                raise SchedulerError(f"qdel failed: {result.said()}")
+            unknown += self._cancel_group(group)
         return unknown
+
+    def _cancel_group(self, group: list[str]) -> list[str]:
+        result = self.transport.run(cancel_argv(group), timeout=self.timeout)
+        if result.ok:
+            return []
+        if len(group) > 1:
+            # PBS Pro's qdel deletes none of its ids when one fails, and names only that one
+            # (seen: `qdel 290.vm 9999.vm 291.vm` exits 153 and both jobs run on): each alone.
+            return [i for job_id in group for i in self._cancel_group([job_id])]
+        text = (result.stderr + result.stdout).lower()
+        if "has finished" in text:
+            return []  # PBS Pro refuses to delete an ended job; there is nothing to cancel
+        if unknown_job_ids(result.stderr) or result.exit_code in (1, _UNKNOWN_EXIT):
+            return group  # the wrappers say nothing of an unknown id, and exit 1
+        raise SchedulerError(f"qdel failed: {result.said()}")

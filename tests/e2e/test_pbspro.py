@@ -8,8 +8,8 @@ server because its afterok parent failed) is told apart and explained; arrays an
 behave; ``cancel`` says the right thing for live, ended and unknown ids; and the two forms of
 ``qstat`` the product reads (JSON for one id, text for several) agree. Within a test,
 independent jobs run side by side (the node has 2 cpus); the module takes about 90 s, a third
-of it the walltime kill. The strict xfails are product bugs the real server showed; each
-passes (and so fails as XPASS) once fixed.
+of it the walltime kill. The cancel and array tests pin bugs the real server showed (qdel of
+several ids deletes none when one fails; a failed array ends with Exit_status 0).
 """
 
 from __future__ import annotations
@@ -312,10 +312,8 @@ def test_deleted_while_queued_and_while_running(
     assert gone["reason"].endswith("and terminated")
     stopped = record(running)
     assert stopped["reason"] == "deleted by pbsuser@localhost: killed by signal 15 (SIGTERM)"
-    # The product lets the script's own record (143 from its SIGTERM trap) decide the state,
-    # so a job deleted outside hpcbridge while it ran reads "failed", though the scheduler
-    # says CANCELLED (see the report of issue 16 item 2).
-    assert (stopped["state"], stopped["exit_code"]) == ("failed", 143)
+    # deleted, not failed: its script's 143 is the SIGTERM of the deletion
+    assert (stopped["state"], stopped["exit_code"]) == ("cancelled", 143)
 
 
 def test_afterok_held_then_run_or_deleted_by_the_server(
@@ -408,13 +406,6 @@ def test_array_with_a_failing_subjob(
     assert one_by_one == together == statuses
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="product bug: an OpenPBS array whose subjob failed ends F, substate 93, comment "
-    "'... and failed' but Exit_status 0; PbsScheduler reads that as FINISHED, so an array "
-    "from a script hpcbridge did not render (no status files) is recorded as finished",
-)
 def test_array_of_a_hand_written_script_with_a_failing_subjob(
     kind: str,
     pbspro_cluster: dict[str, Any],
@@ -467,13 +458,6 @@ def test_cancel_running_finished_and_unknown_ids(
     assert f"unknown job id(s): {UNKNOWN}" in unknown.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="product bug: `hpcbridge cancel ID` of a job that has ended on the server but was "
-    "not polled since records it as cancelled (qdel's 'Job has finished' is swallowed and the "
-    "record never refreshed), losing its real outcome",
-)
 def test_cancel_of_a_job_that_ended_since_the_last_poll(
     kind: str,
     pbspro_cluster: dict[str, Any],
@@ -488,13 +472,6 @@ def test_cancel_of_a_job_that_ended_since_the_last_poll(
     assert (ended.exit_code, ended.stdout) == (0, f"{done}: finished\n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="product bug: OpenPBS `qdel ENDED UNKNOWN` prints only 'Job has finished ENDED' "
-    "(exit 35), and PbsScheduler.cancel skips the whole group on 'has finished', so the "
-    "unknown id is never reported and `hpcbridge cancel` prints it as cancelled",
-)
 def test_cancel_of_a_finished_and_an_unknown_id_together(
     kind: str,
     pbspro_cluster: dict[str, Any],
@@ -503,5 +480,11 @@ def test_cancel_of_a_finished_and_an_unknown_id_together(
     scheduler_queue: Any,
 ) -> None:
     done = submit(render(tmp_path, "done", "echo done"))
+    sleeper = submit(render(tmp_path, "sleeper", "sleep 300"))
     assert wait_all(done).exit_code == 0
     assert scheduler.cancel([done, UNKNOWN]) == [UNKNOWN]
+    # `qdel A 9999.vm B` deletes neither A nor B on this server: the live job must still go
+    wait_until(server_state(sleeper, "R"), f"{sleeper} to run")
+    assert scheduler.cancel([sleeper, UNKNOWN]) == [UNKNOWN]
+    wait_until(server_state(sleeper, "F"), f"{sleeper} to end after qdel")
+    assert server(sleeper)["Exit_status"] == 271

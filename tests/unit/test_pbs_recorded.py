@@ -780,3 +780,56 @@ def test_an_ended_script_waits_for_its_job_to_end() -> None:
     # a scheduler that never lets go does not hold the outcome back past the grace
     stuck = _resolve(_job(ended_seen=1.0), exiting, files)
     assert (stuck.state, stuck.exit_code) == ("failed", 143)
+
+
+class QdelReplay(Replay):
+    """qdel answers keyed by the whole command line."""
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        stdin: str | None = None,
+        retry: bool = True,
+    ) -> Result:
+        self.calls.append(list(argv))
+        out, err, code = self.answers[" ".join(argv)]
+        return Result(tuple(argv), code, out, err)
+
+
+def test_one_unknown_id_does_not_keep_the_others_running() -> None:
+    # Seen on the real server: `qdel 290.vm 9999.vm 291.vm` exits 153 naming 9999.vm, and
+    # 290 and 291 run on: nothing was deleted. Each id is then deleted alone.
+    unknown = _answer("27_qdel_unknown_id")
+    transport = QdelReplay(
+        {
+            "qdel 290.vm 9999.vm 291.vm": unknown,
+            "qdel 290.vm": ("", "", 0),
+            "qdel 9999.vm": unknown,
+            "qdel 291.vm": _answer("26_qdel_finished_job"),
+        }
+    )
+    assert pbs.PbsScheduler(transport, flavour="pbspro").cancel(
+        ["290.vm", "9999.vm", "291.vm"]
+    ) == ["9999.vm"]
+    assert transport.calls[1:] == [["qdel", "290.vm"], ["qdel", "9999.vm"], ["qdel", "291.vm"]]
+
+
+def test_an_array_whose_subjob_failed_is_failed() -> None:
+    # The real server ends such an array F, substate 93, with Exit_status 0 and the comment
+    # "Job Array Began at ... and failed".
+    text = _answer("13_qstat_x_f_json_exit3")[0].replace('"1.vm"', '"8[].vm"')
+    text = text.replace('"Exit_status":\t3', '"Exit_status":\t0')
+    text = text.replace("Job run at", "Job Array Began at")
+    status = pbs.parse_qstat_json(text)["8[].vm"]
+    assert (status.state, status.exit_code) == (State.FAILED, None)
+    assert status.reason.endswith("and failed")
+
+
+def test_a_job_deleted_while_it_ran_is_cancelled_not_failed() -> None:
+    # Its script's trap recorded 143 (SIGTERM); the scheduler says a user deleted it.
+    files = Files({"/w/.hpcbridge/status.json": '{"exit_code": 143, "end": "x"}'})
+    job = _resolve(_job(id="3.vm"), _recorded("24_qstat_x_f_json_after_qdel", "3.vm"), files)
+    assert (job.state, job.exit_code) == ("cancelled", 143)
+    assert job.reason == "deleted by pbsuser@localhost: killed by signal 15 (SIGTERM)"
