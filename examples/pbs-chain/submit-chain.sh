@@ -14,7 +14,9 @@
 #   TRANSFER_QUEUE   queue of the stage-in and stage-out jobs (Artemis: dtq)
 #   COMPUTE_QUEUE    queue of the conversion job
 #   DCM2NIIX_MODULE  module the conversion loads where `module` exists (default: dcm2niix;
-#                    empty: use dcm2niix from PATH)
+#                    empty: none)
+#   DCM2NIIX         the dcm2niix the conversion runs where it loads no module (default: the
+#                    one on PATH now, if any; else the one on the job's own PATH)
 set -euo pipefail
 
 die() {
@@ -41,6 +43,9 @@ for private in "$HPCBRIDGE_HOME" "$token"; do
     [[ $mode == *00 ]] || die "$private is open to other users (mode $mode): chmod go= $private"
 done
 hpcbridge=${HPCBRIDGE:-$(command -v hpcbridge)} || die "hpcbridge is not on PATH; set HPCBRIDGE"
+# The jobs do not see this shell's PATH on PBS Pro (they get their login shell's), so chain.env
+# names the programs found on it now: the hpcbridge above, and dcm2niix (a virtualenv's, say).
+dcm2niix=${DCM2NIIX:-$(command -v dcm2niix || true)}
 export HPCBRIDGE_HOME
 
 # Fail here, not in a job hours from now, when the token is missing, refused or expired.
@@ -61,6 +66,7 @@ folder=$(cd -- "$folder" && pwd)
     printf 'SCAN=%q\n' "$scan"
     printf 'HPCBRIDGE=%q\n' "$hpcbridge"
     printf 'DCM2NIIX_MODULE=%q\n' "${DCM2NIIX_MODULE-dcm2niix}"
+    printf 'DCM2NIIX=%q\n' "$dcm2niix"
 } >"$folder/chain.env"
 
 project=()
@@ -69,13 +75,16 @@ submitted=()
 
 # qsub STEP QUEUE [qsub options]: submit STEP.pbs; on failure remove the jobs already queued.
 submit() {
-    local step=$1 queue=$2 out
+    local step=$1 queue=$2 out id
     shift 2
     # ${a[@]+...}: bash before 4.4 (CentOS 7 login nodes) calls an empty array unbound.
     if ! out=$(qsub ${project[@]+"${project[@]}"} ${queue:+-q "$queue"} "$@" \
         -o "$folder/logs/$step.out" -e "$folder/logs/$step.err" "$here/$step.pbs"); then
-        [ ${#submitted[@]} -eq 0 ] || qdel "${submitted[@]}" || true
-        die "qsub of $step.pbs failed: $out"
+        # One id per qdel: PBS Pro deletes none of several ids when one of them has ended.
+        for id in ${submitted[@]+"${submitted[@]}"}; do
+            qdel "$id" || true
+        done
+        die "qsub of $step.pbs failed${out:+: $out}"
     fi
     submitted+=("$out")
 }
