@@ -287,8 +287,9 @@ timed start "$t0"
 
 # ---------------------------------------------------------------------------- jobs' python
 t0=$(now)
-# PBS jobs run as $user with PATH=/bin:/usr/bin, so the chain's transfer jobs need a python with
-# hpcbridge's dependencies that $user can read; the tests point PYTHONPATH at the checkout.
+# PBS jobs run as $user with its login shell's environment, and root's python (under /root) is
+# out of its reach, so the chain's transfer jobs need a python with hpcbridge's dependencies
+# that $user can run; the tests point PYTHONPATH at a copy of the code under test.
 venv=$dir/venv
 if [[ ! -x $venv/bin/python ]] || ! "$venv/bin/python" -c 'import requests, paramiko, jinja2, click, pydicom' 2>/dev/null; then
     rm -rf "$venv"
