@@ -8,10 +8,11 @@ from __future__ import annotations
 import grp
 import json
 import os
+import re
 import shlex
 import shutil
-import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,19 +51,29 @@ def is_job_id(kind: str, text: str) -> bool:
     return number.isdigit() and (bool(server) if kind == "pbspro" else not server)
 
 
-def share_with_pbs_user(tmp_path: Path, pbspro: dict[str, Any]) -> int:
-    """Let the PBS Pro cluster's user write where the test writes, as a lab shares a group
-    folder: ``tmp_path`` belongs to the cluster's group with the setgid bit, the folders above it
-    may be passed through, and the test's umask keeps new files group-writable. Returns the
-    umask to restore."""
-    group = grp.getgrnam(pbspro["pbs"]["group"]).gr_gid
-    for parent in (tmp_path.parent, tmp_path.parent.parent):
-        parent.chmod(stat.S_IMODE(parent.stat().st_mode) | stat.S_IXOTH)
-    os.chown(tmp_path, -1, group)
-    tmp_path.chmod(0o2775)
-    for child in tmp_path.iterdir():
-        os.chown(child, -1, group)
-    return os.umask(0o002)
+@pytest.fixture()
+def tmp_path(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """pytest's tmp_path, except on PBS Pro, whose jobs run as the cluster's own user: there it
+    is a folder shared the way a lab shares a group folder (the cluster's group, setgid), in the
+    cluster's folder. Not below /tmp/pytest-of-root: pytest makes that 0700 again whenever any
+    session starts, which cut running jobs off their work folders (seen: "cp: cannot stat").
+    """
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("kind") != "pbspro":
+        yield tmp_path
+        return
+    pbspro = request.getfixturevalue("pbspro_cluster")
+    shared = Path(pbspro["dir"]) / "shared"
+    shared.mkdir(mode=0o755, exist_ok=True)
+    # (paths in scheduler directives take letters, digits and _.-/+@ only)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:60]
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=shared))
+    os.chown(folder, -1, grp.getgrnam(pbspro["pbs"]["group"]).gr_gid)
+    folder.chmod(0o2775)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(params=KINDS)
@@ -73,7 +84,7 @@ def kind(request: pytest.FixtureRequest, isolated_home: Path, tmp_path: Path) ->
     umask = None
     if flavour == "pbspro":
         pbspro = request.getfixturevalue("pbspro_cluster")
-        umask = share_with_pbs_user(tmp_path, pbspro)
+        umask = os.umask(0o002)  # what the test writes stays writable for the group
         where, extra = pbspro["ssh"], 'account = "PTV000"\n'
     else:
         where, extra = request.getfixturevalue("cluster")["ssh"], ""
