@@ -4,6 +4,9 @@
 # Keys, Slurm state and logs stay in DIR, so the next up.sh is fast and job ids keep growing.
 # Usage: tests/cluster/down.sh [DIR]
 set -euo pipefail
+prog=down.sh
+# shellcheck source=tests/cluster/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 case ${1:-} in
     -h | --help)
@@ -32,14 +35,6 @@ flock -w 120 9 || { echo "down.sh: another up.sh/down.sh holds $dir/.lock" >&2; 
 
 rm -f "$dir/cluster.json"
 
-# pid_of FILE NAME: the pid in FILE when that process is alive and is NAME, else nothing.
-pid_of() {
-    local pid
-    [[ -s $1 ]] || return 0
-    pid=$(tr -dc '0-9' <"$1")
-    [[ -n $pid && -r /proc/$pid/comm && $(</proc/"$pid"/comm) == "$2" ]] && echo "$pid"
-    return 0
-}
 
 # stop FILE:NAME...: TERM each process whose pid file FILE names a live NAME, all at once (slurmctld
 # alone takes seconds to save its state), wait up to 30 s for all of them, then KILL what is left.

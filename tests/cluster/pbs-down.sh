@@ -4,6 +4,9 @@
 # (by its pid file). The installation in /opt/pbs, the job history, keys and logs stay, so the
 # next pbs-up.sh takes seconds. Usage: tests/cluster/pbs-down.sh [DIR]
 set -euo pipefail
+prog=pbs-down.sh
+# shellcheck source=tests/cluster/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 case ${1:-} in
     -h | --help)
@@ -39,11 +42,7 @@ fi
 if [[ -x /etc/init.d/pbs ]]; then
     /etc/init.d/pbs stop >>"$dir/logs/stop.log" 2>&1 9>&- || echo "pbs-down.sh: PBS did not stop cleanly; see $dir/logs/stop.log" >&2
 fi
-if [[ -s $dir/sshd.pid ]]; then
-    pid=$(tr -dc '0-9' <"$dir/sshd.pid")
-    if [[ -n $pid && -r /proc/$pid/comm && $(</proc/"$pid"/comm) == sshd ]]; then
-        kill "$pid" 2>/dev/null || true
-    fi
-    rm -f "$dir/sshd.pid"
-fi
+sshd_pid=$(pid_of "$dir/sshd.pid" sshd)
+[[ -z $sshd_pid ]] || stop_pid "$sshd_pid"
+rm -f "$dir/sshd.pid"
 echo "PBS Pro test cluster stopped (installation, history and logs kept; $dir)"

@@ -4,6 +4,9 @@
 # then write DIR/cluster.json for the tests. See tests/cluster/README.md.
 # Usage: tests/cluster/pbs-up.sh [--tarball FILE] [DIR]
 set -euo pipefail
+prog=pbs-up.sh
+# shellcheck source=tests/cluster/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 usage() {
     cat <<'EOF'
@@ -107,27 +110,10 @@ on_exit() {
     exit "$rc"
 }
 trap on_exit EXIT
-die() {
-    echo "pbs-up.sh: $*" >&2
-    exit 1
-}
-show_log() {
-    [[ -s $1 ]] && { echo "--- last lines of $1:" >&2; tail -n 25 "$1" >&2; }
-    return 0
-}
-wait_for() { # wait_for SECONDS COMMAND...: poll every 0.2 s
-    local limit=$1 i
-    shift
-    for ((i = 0; i < limit * 5; i++)); do
-        "$@" >/dev/null 2>&1 && return 0
-        sleep 0.2
-    done
-    return 1
-}
 now() { date +%s; }
 t_start=$(now)
 declare -a timings=()
-timed() { timings+=(" $1 $(($(now) - $2)) s"); }
+timed() { timings+=("$1 $(($(now) - $2)) s"); }
 
 # ---------------------------------------------------------------------------- packages
 t0=$(now)
@@ -338,19 +324,9 @@ MaxStartups 100:30:200
 MaxSessions 50
 SetEnv PATH=$prefix/bin:/usr/local/bin:/usr/bin:/bin
 Subsystem sftp internal-sftp"
-pid_of() { # pid_of FILE NAME: the pid in FILE when that process is alive and is NAME
-    local pid
-    [[ -s $1 ]] || return 0
-    pid=$(tr -dc '0-9' <"$1")
-    [[ -n $pid && -r /proc/$pid/comm && $(</proc/"$pid"/comm) == "$2" ]] && echo "$pid"
-    return 0
-}
 sshd_pid=$(pid_of "$dir/sshd.pid" sshd)
 if [[ -z $sshd_pid || ! -f $dir/sshd_config || $(cat "$dir/sshd_config") != "$new_sshd_conf" ]]; then
-    if [[ -n $sshd_pid ]]; then
-        kill "$sshd_pid" 2>/dev/null || true
-        wait_for 10 test ! -e "/proc/$sshd_pid" || die "sshd $sshd_pid does not stop"
-    fi
+    [[ -z $sshd_pid ]] || stop_pid "$sshd_pid"
     printf '%s\n' "$new_sshd_conf" >"$dir/sshd_config"
     rm -f "$dir/sshd.pid"
     mkdir -p /run/sshd
@@ -446,7 +422,6 @@ with open(path + ".tmp", "w") as out:
 os.replace(path + ".tmp", path)
 PY
 ready=1
-echo "hpcbridge PBS Pro test cluster up in $(($(now) - t_start)) s ($(
-    IFS=";"
-    echo "${timings[*]}"
-)): $version, node $node, ssh $user@127.0.0.1:$port, $json"
+summary=$(printf '%s, ' "${timings[@]}")
+echo "hpcbridge PBS Pro test cluster up in $(($(now) - t_start)) s (${summary%, }): $version," \
+    "node $node, ssh $user@127.0.0.1:$port, $json"
