@@ -52,6 +52,8 @@ memory = "100MB"
 walltime = "00:10:00"
 '''
 
+# Slurm's shortest time limit is a minute; slurmctld notices the overrun within its next check.
+OVERRUN_RECIPE = SLEEP_RECIPE.replace("sleepy", "overrun").replace('"00:10:00"', '"00:01:00"')
 NAP_RECIPE = SLEEP_RECIPE.replace("sleepy", "nap").replace("sleep 300", "sleep 3")
 
 
@@ -66,6 +68,7 @@ def recipes_dir(tmp_path: Path) -> Path:
     (folder / "fail.toml").write_text(FAIL_RECIPE)
     (folder / "sleepy.toml").write_text(SLEEP_RECIPE)
     (folder / "nap.toml").write_text(NAP_RECIPE)
+    (folder / "overrun.toml").write_text(OVERRUN_RECIPE)
     return folder
 
 
@@ -197,6 +200,22 @@ def test_cancel_stops_a_running_job(kind: str, tmp_path: Path, recipes_dir: Path
     wait_until(lambda: not psutil.pid_exists(pid), "the job's shell to be killed")
     record = job_record(job_id)
     assert record["state"] == "cancelled"
+
+
+@pytest.mark.parametrize("kind", ["slurm"], indirect=True)
+def test_a_job_past_its_walltime_says_so(kind: str, tmp_path: Path, recipes_dir: Path) -> None:
+    # Slurm ends it TIMEOUT; its script's own trap records only the SIGTERM (143). (PBS Pro's
+    # walltime kill is tests/e2e/test_pbspro.py's; the wrappers run the same Slurm.)
+    job_id = submit(render(kind, tmp_path, "overrun", "overrun", "--recipes", str(recipes_dir)))
+    waited = cli("jobs", job_id, "--wait", "--interval", "1", "--timeout", "240")
+    assert waited.exit_code == 3, waited.output
+    record = job_record(job_id)
+    assert (record["state"], record["exit_code"]) == ("failed", 143)
+    assert record["reason"] == (
+        "killed: walltime 1:00 exceeded; raise walltime in the recipe's [resources] or the job "
+        "script's directives"
+    )
+    assert record["reason"] in waited.stderr
 
 
 def test_scheduler_rejection_is_one_clear_line(kind: str, tmp_path: Path) -> None:
