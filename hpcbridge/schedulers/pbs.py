@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from hpcbridge.errors import SchedulerError
 from hpcbridge.schedulers.base import JobStatus, Scheduler, State, chunk_ids, merge_array
+from hpcbridge.schedulers.checks import check_array, check_ids, check_value
 from hpcbridge.schedulers.script import ScriptInfo, without_pbs_project
 from hpcbridge.schedulers.slurm import find_squeue, poll_squeue
 from hpcbridge.transport import Result, Transport
@@ -64,10 +65,6 @@ _PBSPRO_ENDED = frozenset("XF")
 
 # A PBS job id: sequence number, optional array brackets, optional server suffix.
 _JOB_ID = re.compile(r"^\d+(\[\d*\])?(\.[A-Za-z0-9_.-]+)?$")
-# Values placed into qsub options: argv elements need no quoting, but a leading "-" would be
-# read as another option and odd characters mean a caller bug, so keep them conservative.
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]*$")
-_ARRAY_SPEC = re.compile(r"^\d[\d,:%-]*$")
 _SIGNAL_BASE = 256  # PBS reports "killed by signal N" as Exit_status 256 + N
 
 
@@ -95,16 +92,11 @@ def _check_flavour(flavour: str) -> None:
 
 
 def _check_value(what: str, value: str) -> str:
-    if not _SAFE_VALUE.match(value):
-        raise SchedulerError(f"invalid {what} for qsub: {value!r}")
-    return value
+    return check_value("qsub", what, value)
 
 
 def _check_ids(ids: Sequence[str]) -> list[str]:
-    bad = [i for i in ids if not _JOB_ID.match(i)]
-    if bad:
-        raise SchedulerError(f"not PBS job ids: {', '.join(map(repr, bad))}")
-    return list(ids)
+    return check_ids("PBS", _JOB_ID, ids)
 
 
 def _check_log_path(what: str, path: str) -> str:
@@ -146,9 +138,7 @@ def submit_argv(
     if after:
         argv += ["-W", "depend=afterok:" + ":".join(_check_ids(after))]
     if array is not None:
-        if not _ARRAY_SPEC.match(array):
-            raise SchedulerError(f"invalid array range for qsub: {array!r}")
-        argv += ["-t" if flavour == "torque" else "-J", array]
+        argv += ["-t" if flavour == "torque" else "-J", check_array("qsub", array)]
     if stdout is not None:
         argv += ["-o", _check_log_path("stdout", stdout)]
     if stderr is not None:

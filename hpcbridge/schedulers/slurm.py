@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from hpcbridge.errors import SchedulerError
 from hpcbridge.schedulers.base import JobStatus, Scheduler, State, chunk_ids, merge_array
+from hpcbridge.schedulers.checks import check_array, check_ids, check_value
 from hpcbridge.schedulers.script import ScriptInfo
 from hpcbridge.transport import Transport
 
@@ -72,21 +73,14 @@ STATE_MAP: dict[str, State] = {
 
 # Job ids as sbatch prints them and squeue shows them: 123, 123_4, 123_[1-10%2], 123+1 (het).
 _JOB_ID = re.compile(r"^\d+(_(\d+|\[[\d,%-]+\]))?(\+\d+)?$")
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]*$")
-_ARRAY_SPEC = re.compile(r"^\d[\d,:%-]*$")
 
 
 def _check_ids(ids: Sequence[str]) -> list[str]:
-    bad = [i for i in ids if not _JOB_ID.match(i)]
-    if bad:
-        raise SchedulerError(f"not Slurm job ids: {', '.join(map(repr, bad))}")
-    return list(ids)
+    return check_ids("Slurm", _JOB_ID, ids)
 
 
 def _check_value(what: str, value: str) -> str:
-    if not _SAFE_VALUE.match(value):
-        raise SchedulerError(f"invalid {what} for sbatch: {value!r}")
-    return value
+    return check_value("sbatch", what, value)
 
 
 def _map_state(raw: str, job_id: str) -> State:
@@ -121,9 +115,7 @@ def submit_argv(
     if after:
         argv.append("--dependency=afterok:" + ":".join(_check_ids(after)))
     if array is not None:
-        if not _ARRAY_SPEC.match(array):
-            raise SchedulerError(f"invalid array range for sbatch: {array!r}")
-        argv.append("--array=" + array)
+        argv.append("--array=" + check_array("sbatch", array))
     argv.append(script_path)
     return argv
 
