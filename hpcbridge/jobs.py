@@ -429,7 +429,8 @@ def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
             state=State.CANCELLED.value,
             raw_state=status.raw_state,
             end=utc_stamp(),
-            reason=status.reason or "cancelled",
+            # the same words whether or not its trap had time to write a status file
+            reason=_scheduler_cause(status) or status.reason or "cancelled",
         )
     if not started and status is not None and status.state is State.FAILED:
         # Failed before its script ran (e.g. the local scheduler's runner died, or PBS could
