@@ -424,8 +424,8 @@ def test_json_that_pbs_broke_is_an_error_the_poll_recovers_from() -> None:
 
 
 class Replay(Transport):
-    """Answers qsub/qstat/qdel with recorded results: ``answers`` maps an argv's last element
-    (the job id or script) to a Result; anything else fails the test."""
+    """Answers qsub/qstat/qdel with recorded results: ``answers`` maps a whole command line, or
+    an argv's last element (the job id or script), to a Result; anything else fails the test."""
 
     def __init__(self, answers: dict[str, tuple[str, str, int]]) -> None:
         self.answers = answers
@@ -441,6 +441,10 @@ class Replay(Transport):
     ) -> Result:
         argv = list(argv)
         self.calls.append(argv)
+        whole = " ".join(argv)
+        if whole in self.answers:  # a whole command line, where the last word is ambiguous
+            out, err, code = self.answers[whole]
+            return Result(tuple(argv), code, out, err)
         if argv[0] == "env":  # qsub runs behind `env -u SECRET ...`
             argv = argv[argv.index("qsub") :]
         key = " ".join(argv[argv.index("qstat") + 1 :]) if "qstat" in argv else argv[-1]
@@ -782,27 +786,11 @@ def test_an_ended_script_waits_for_its_job_to_end() -> None:
     assert (stuck.state, stuck.exit_code) == ("failed", 143)
 
 
-class QdelReplay(Replay):
-    """qdel answers keyed by the whole command line."""
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float = 60.0,
-        stdin: str | None = None,
-        retry: bool = True,
-    ) -> Result:
-        self.calls.append(list(argv))
-        out, err, code = self.answers[" ".join(argv)]
-        return Result(tuple(argv), code, out, err)
-
-
 def test_one_unknown_id_does_not_keep_the_others_running() -> None:
     # Seen on the real server: `qdel 290.vm 9999.vm 291.vm` exits 153 naming 9999.vm, and
     # 290 and 291 run on: nothing was deleted. Each id is then deleted alone.
     unknown = _answer("27_qdel_unknown_id")
-    transport = QdelReplay(
+    transport = Replay(
         {
             "qdel 290.vm 9999.vm 291.vm": unknown,
             "qdel 290.vm": ("", "", 0),
