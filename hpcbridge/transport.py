@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
+from typing import TypeVar
 
 from .credentials import SECRET_ENV, scrubbed_environ
 from .errors import TransportError
 
 READ_LIMIT = 1024 * 1024
+_T = TypeVar("_T", bound="Transport")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ def remote_path(path: str) -> str:
     return str(PurePosixPath(text))
 
 
+def part_path(path: Path) -> Path:
+    """Where a file is written on this machine before it is renamed to ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.part")
+
+
 def unset_secrets(argv: Sequence[str]) -> list[str]:
     """``argv`` behind ``env -u NAME ...``: it runs without the :data:`SECRET_ENV` variables
     whatever the shell that starts it exports."""
@@ -84,7 +91,6 @@ class Transport(ABC):
         on the command line."""
         return unset_secrets(argv)
 
-    @abstractmethod
     def run(
         self,
         argv: Sequence[str],
@@ -95,6 +101,15 @@ class Transport(ABC):
     ) -> Result:
         """Run ``argv``; ``retry=False`` for commands that must not run twice (``qsub``): a
         transport that can lose its connection must then not repeat them after a drop."""
+        args = tuple(str(a) for a in argv)
+        if not args:
+            raise TransportError("no command given")
+        return self._run(args, timeout, stdin, retry)
+
+    def _run(self, args: tuple[str, ...], timeout: float, stdin: str | None, retry: bool) -> Result:
+        """What :meth:`run` does once ``args`` is checked: a transport implements this, or
+        overrides :meth:`run` itself."""
+        raise NotImplementedError
 
     @abstractmethod
     def write_text(self, path: str, text: str, *, mode: int = 0o644) -> None: ...
@@ -123,7 +138,7 @@ class Transport(ABC):
     def close(self) -> None:  # noqa: B027 - most transports hold nothing to close
         """Release connections; the default holds none."""
 
-    def __enter__(self) -> Transport:
+    def __enter__(self: _T) -> _T:
         return self
 
     def __exit__(
@@ -144,17 +159,7 @@ class LocalTransport(Transport):
         # run() already gives every command an environment without them.
         return list(argv)
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float = 60.0,
-        stdin: str | None = None,
-        retry: bool = True,
-    ) -> Result:
-        args = tuple(str(a) for a in argv)
-        if not args:
-            raise TransportError("no command given")
+    def _run(self, args: tuple[str, ...], timeout: float, stdin: str | None, retry: bool) -> Result:
         try:
             # Scrubbed for every command, not only qsub and sbatch: whatever runs here may start
             # a job, and none of them needs a secret.
@@ -179,7 +184,7 @@ class LocalTransport(Transport):
 
     def write_text(self, path: str, text: str, *, mode: int = 0o644) -> None:
         target = Path(remote_path(path))
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        tmp = part_path(target)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -202,7 +207,7 @@ class LocalTransport(Transport):
 
     def put(self, local: Path, path: str, *, mode: int | None = None) -> None:
         target = Path(remote_path(path))
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        tmp = part_path(target)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(local, tmp)
@@ -214,7 +219,7 @@ class LocalTransport(Transport):
             raise TransportError(f"cannot copy {local} to {target}: {exc.strerror}") from None
 
     def get(self, path: str, local: Path) -> None:
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
+        tmp = part_path(local)
         try:
             shutil.copyfile(remote_path(path), tmp)
             os.replace(tmp, local)
