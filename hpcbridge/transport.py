@@ -8,12 +8,13 @@ are argv lists, never shell strings: a label cannot turn into shell syntax on th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -185,65 +186,57 @@ class LocalTransport(Transport):
     def write_text(self, path: str, text: str, *, mode: int = 0o644) -> None:
         target = Path(remote_path(path))
         tmp = part_path(target)
-        try:
+        with _failing(f"write {target}", tmp):
             target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)
             os.chmod(tmp, mode)  # the umask may have narrowed it
             os.replace(tmp, target)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise TransportError(f"cannot write {target}: {exc.strerror}") from None
 
     def read_text(self, path: str, *, limit: int = READ_LIMIT) -> str | None:
-        try:
+        with _failing(f"read {path}"), contextlib.suppress(FileNotFoundError):
             with open(remote_path(path), errors="replace") as fh:
                 return fh.read(limit)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise TransportError(f"cannot read {path}: {exc.strerror}") from None
+        return None
 
     def put(self, local: Path, path: str, *, mode: int | None = None) -> None:
         target = Path(remote_path(path))
         tmp = part_path(target)
-        try:
+        with _failing(f"copy {local} to {target}", tmp):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(local, tmp)
             if mode is not None:
                 os.chmod(tmp, mode)
             os.replace(tmp, target)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise TransportError(f"cannot copy {local} to {target}: {exc.strerror}") from None
 
     def get(self, path: str, local: Path) -> None:
         tmp = part_path(local)
-        try:
+        with _failing(f"copy {path} to {local}", tmp):
             shutil.copyfile(remote_path(path), tmp)
             os.replace(tmp, local)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise TransportError(f"cannot copy {path} to {local}: {exc.strerror}") from None
 
     def makedirs(self, path: str) -> None:
-        try:
+        with _failing(f"create {path}"):
             Path(remote_path(path)).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TransportError(f"cannot create {path}: {exc.strerror}") from None
 
     def files_in(self, folder: str) -> list[str]:
-        try:
+        with _failing(f"list {folder}"), contextlib.suppress(FileNotFoundError):
             with os.scandir(remote_path(folder)) as entries:
                 return sorted(e.name for e in entries if e.is_file(follow_symlinks=False))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise TransportError(f"cannot list {folder}: {exc.strerror}") from None
+        return []
 
     def remove(self, path: str) -> None:
-        try:
+        with _failing(f"delete {path}"):
             Path(remote_path(path)).unlink(missing_ok=True)
-        except OSError as exc:
-            raise TransportError(f"cannot delete {path}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def _failing(what: str, tmp: Path | None = None) -> Iterator[None]:
+    """An OSError in the block as "cannot WHAT: why", after removing ``tmp``."""
+    try:
+        yield
+    except OSError as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise TransportError(f"cannot {what}: {exc.strerror}") from None

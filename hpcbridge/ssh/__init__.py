@@ -50,7 +50,6 @@ class SshTransport(SftpFiles, Transport):
         accept_new_host_key: bool = False,
         connect_timeout: float = 15.0,
     ) -> None:
-        self.destination = destination
         self._connection = Connection(
             route(destination, ssh_config, known_hosts),
             accept_new_host_key=accept_new_host_key,
@@ -71,15 +70,6 @@ class SshTransport(SftpFiles, Transport):
     def connections_opened(self) -> int:
         """Successful connections so far (a reconnect adds one); tests check reuse with it."""
         return self._connection.opened
-
-    @property
-    def sftp_timeout(self) -> float:
-        """How long one SFTP request may go unanswered before the transfer is abandoned."""
-        return self._connection.sftp_timeout
-
-    @sftp_timeout.setter
-    def sftp_timeout(self, seconds: float) -> None:
-        self._connection.sftp_timeout = seconds
 
     def close(self) -> None:
         self._connection.discard()

@@ -5,6 +5,7 @@ a channel, each command and each SFTP request have a timeout."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import shlex
@@ -39,8 +40,6 @@ class Connection:
         self.hops = hops
         self.accept_new_host_key = accept_new_host_key
         self.timeout = timeout
-        #: how long one SFTP request may go unanswered before the transfer is abandoned
-        self.sftp_timeout = 60.0
         #: successful connections so far (a reconnect adds one)
         self.opened = 0
         self._transports: list[paramiko.Transport] = []
@@ -85,22 +84,51 @@ class Connection:
         self, args: tuple[str, ...], timeout: float, stdin: str | None, retry: bool
     ) -> Result:
         """Run ``args`` through the login shell, each element quoted."""
-        command = shlex.join(args)
         data = stdin.encode("utf-8") if stdin is not None else b""
+        op = functools.partial(self._exec, args, data, timeout)
+        return self.call(shlex.join(args), op, retry=retry)
 
-        def op(transport: paramiko.Transport) -> Result:
-            code, out, err = _exec(self, transport, command, data, timeout)
-            return Result(
-                args, code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-            )
+    def _exec(
+        self, args: tuple[str, ...], data: bytes, timeout: float, transport: paramiko.Transport
+    ) -> Result:
+        command = shlex.join(args)
+        try:
+            channel = transport.open_session(timeout=self.timeout)
+        except paramiko.ChannelException as exc:
+            raise TransportError(
+                f"{self.address} refused to open a session: {reason(exc)}"
+            ) from None
+        except CONNECTION_ERRORS:
+            raise Dropped(sent=False) from None
+        with channel:
+            try:
+                channel.exec_command(command)
+            except CONNECTION_ERRORS as exc:
+                if _died(transport, grace=1.0):
+                    raise Dropped(sent=True) from None
+                raise TransportError(
+                    f"{self.address} refused to run `{command}`: {reason(exc)}"
+                ) from None
+            pump = _Pump(channel, data)
+            if not pump.run(time.monotonic() + timeout):
+                raise TransportError(
+                    f"`{command}` did not finish within {timeout:g} s on {self.address}"
+                )
+            code = channel.exit_status
+            # No exit status: the connection died, or a signal killed the command. A server
+            # sends EOF before closing a finished channel; a dying connection closes its
+            # channels first and marks itself inactive a moment later.
+            if code == -1 and _died(transport, grace=0 if channel.eof_received else 1.0):
+                raise Dropped(sent=True)
+        out, err = (b"".join(chunks).decode("utf-8", "replace") for chunks in (pump.out, pump.err))
+        return Result(args, code, out, err)
 
-        return self.call(command, op, retry=retry)
-
-    def sftp_call(self, what: str, fn: Callable[[paramiko.SFTPClient], T]) -> T:
-        """Run an SFTP action on the shared session; SFTP errors come back as OSError."""
+    def sftp_call(self, what: str, fn: Callable[[paramiko.SFTPClient], T], timeout: float) -> T:
+        """Run an SFTP action on the shared session, each request answered within ``timeout``
+        seconds; SFTP errors come back as OSError."""
 
         def op(transport: paramiko.Transport) -> T:
-            sftp = self._sftp_session(transport)
+            sftp = self._sftp_session(transport, timeout)
             try:
                 return fn(sftp)
             except TimeoutError:
@@ -108,7 +136,7 @@ class Connection:
                 self._sftp = None
                 sftp.close()
                 raise TransportError(
-                    f"{what}: {self.address} did not answer within {self.sftp_timeout:g} s"
+                    f"{what}: {self.address} did not answer within {timeout:g} s"
                 ) from None
             except CONNECTION_ERRORS as exc:
                 if sftp.get_channel().closed or not transport.is_active():
@@ -119,7 +147,7 @@ class Connection:
 
         return self.call(what, op)
 
-    def _sftp_session(self, transport: paramiko.Transport) -> paramiko.SFTPClient:
+    def _sftp_session(self, transport: paramiko.Transport, timeout: float) -> paramiko.SFTPClient:
         if self._sftp is not None:
             return self._sftp
         try:
@@ -133,7 +161,7 @@ class Connection:
             raise Dropped(sent=False) from None
         if sftp is None:
             raise Dropped(sent=False)
-        sftp.get_channel().settimeout(self.sftp_timeout)
+        sftp.get_channel().settimeout(timeout)
         self._sftp = sftp
         return sftp
 
@@ -169,7 +197,11 @@ class Connection:
                     sock: Any = self._dial(hop)
                 else:
                     sock = self._tunnel(opened[-1], self.hops[index - 1], hop)
-                opened.append(_over(sock))
+                try:
+                    opened.append(paramiko.Transport(sock))
+                except BaseException:
+                    sock.close()
+                    raise
                 self._handshake(opened[-1], hop)
                 authenticate(opened[-1], hop)
         except BaseException:
@@ -226,53 +258,6 @@ class Connection:
             why = f"no answer within {self.timeout:g} s" if transport.is_active() else reason(exc)
             raise SshConnectionError(f"SSH handshake with {hop.label} failed: {why}") from None
         check_host_key(hop, known, server_key, accept_new=self.accept_new_host_key)
-
-
-def _over(sock: Any) -> paramiko.Transport:
-    """An SSH transport over ``sock``, which is closed if that fails."""
-    try:
-        return paramiko.Transport(sock)
-    except BaseException:
-        sock.close()
-        raise
-
-
-def _exec(
-    connection: Connection,
-    transport: paramiko.Transport,
-    command: str,
-    data: bytes,
-    timeout: float,
-) -> tuple[int, bytes, bytes]:
-    try:
-        channel = transport.open_session(timeout=connection.timeout)
-    except paramiko.ChannelException as exc:
-        raise TransportError(
-            f"{connection.address} refused to open a session: {reason(exc)}"
-        ) from None
-    except CONNECTION_ERRORS:
-        raise Dropped(sent=False) from None
-    with channel:
-        try:
-            channel.exec_command(command)
-        except CONNECTION_ERRORS as exc:
-            if _died(transport, grace=1.0):
-                raise Dropped(sent=True) from None
-            raise TransportError(
-                f"{connection.address} refused to run `{command}`: {reason(exc)}"
-            ) from None
-        pump = _Pump(channel, data)
-        if not pump.run(time.monotonic() + timeout):
-            raise TransportError(
-                f"`{command}` did not finish within {timeout:g} s on {connection.address}"
-            )
-        code = channel.exit_status
-        # No exit status: the connection died, or a signal killed the command. A server
-        # sends EOF before closing a finished channel; a dying connection closes its
-        # channels first and marks itself inactive a moment later.
-        if code == -1 and _died(transport, grace=0 if channel.eof_received else 1.0):
-            raise Dropped(sent=True)
-    return code, b"".join(pump.out), b"".join(pump.err)
 
 
 def _died(transport: paramiko.Transport, *, grace: float) -> bool:

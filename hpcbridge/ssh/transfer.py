@@ -10,7 +10,6 @@ import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
 
 import paramiko
 
@@ -18,9 +17,7 @@ from ..errors import TransportError
 from ..stageout import kind_of, link_refusal, refusal, replaced
 from ..transport import READ_LIMIT, part_path, remote_path
 from .base import CHUNK, reason, sftp_reason
-from .connection import Connection
-
-T = TypeVar("T")
+from .connection import Connection, T
 
 
 class SftpFiles:
@@ -28,13 +25,15 @@ class SftpFiles:
 
     _connection: Connection
     _posix_rename = True
+    #: how long one SFTP request may go unanswered before the transfer is abandoned
+    sftp_timeout = 60.0
 
     def _do(
         self, action: str, target: str, fn: Callable[[paramiko.SFTPClient], T], what: str = ""
     ) -> T:
         """``fn`` on the SFTP session; an SFTP error as "cannot ACTION host:TARGET: why"."""
         try:
-            return self._connection.sftp_call(what or f"{action} {target}", fn)
+            return self._connection.sftp_call(what or f"{action} {target}", fn, self.sftp_timeout)
         except OSError as exc:
             raise TransportError(
                 f"cannot {action} {self._connection.address}:{target}: {sftp_reason(exc)}"
