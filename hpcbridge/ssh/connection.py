@@ -48,7 +48,6 @@ class Connection:
 
     @property
     def address(self) -> str:
-        """``user@host:port`` of the destination after ssh config resolution."""
         return self.hops[-1].address
 
     def call(self, what: str, op: Callable[[paramiko.Transport], T], *, retry: bool = True) -> T:

@@ -102,11 +102,9 @@ class SftpFiles:
         target = remote_path(path)
 
         def fn(sftp: paramiko.SFTPClient) -> str | None:
-            try:
-                with sftp.open(target, "rb") as fh:
-                    return fh.read(limit).decode("utf-8", "replace")
-            except FileNotFoundError:
-                return None
+            with contextlib.suppress(FileNotFoundError), sftp.open(target, "rb") as fh:
+                return fh.read(limit).decode("utf-8", "replace")
+            return None
 
         return self._do("read", target, fn)
 
@@ -161,11 +159,10 @@ class SftpFiles:
         target = remote_path(folder)
 
         def fn(sftp: paramiko.SFTPClient) -> list[str]:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 entries = sftp.listdir_attr(target)
-            except FileNotFoundError:
-                return []
-            return sorted(e.filename for e in entries if stat.S_ISREG(e.st_mode or 0))
+                return sorted(e.filename for e in entries if stat.S_ISREG(e.st_mode or 0))
+            return []
 
         return self._do("list", target, fn)
 
