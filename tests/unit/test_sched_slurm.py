@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hpcbridge.errors import SchedulerError
-from hpcbridge.schedulers import State, slurm
+from hpcbridge.schedulers import State
+from hpcbridge.schedulers import slurm_commands as slurm
 from hpcbridge.schedulers.base import explain_kill
 
 DATA = Path(__file__).parent / "data" / "sched"
