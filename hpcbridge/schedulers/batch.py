@@ -116,6 +116,10 @@ class BatchScheduler(Scheduler):
 
     # --- the workflow ------------------------------------------------------------------------
 
+    def _ready(self) -> None:
+        """Called before any command is built: where a scheduler that learns its dialect from
+        the system (PBS's flavour) asks it, so every hook after it is the right one."""
+
     def _run(self, argv: list[str]) -> Result:
         return self.transport.run(argv, timeout=self.timeout)
 
@@ -129,6 +133,7 @@ class BatchScheduler(Scheduler):
     def _submit(
         self, script_path: str, after: list[str], array: str | None, info: ScriptInfo
     ) -> str:
+        self._ready()
         argv = self.submit_command(script_path, after, array, info)
         # Submission is not idempotent: never retried blindly. The job inherits the submitting
         # environment (sbatch --export=ALL, qsub's wrappers), so secrets are cleared from it.
@@ -145,6 +150,7 @@ class BatchScheduler(Scheduler):
         return self.job_id_from(result.stdout)
 
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
+        self._ready()
         found: dict[str, JobStatus] = {}
         for group in chunk_ids(self.check_ids(ids)):
             found.update(self._status_group(group))
@@ -178,6 +184,7 @@ class BatchScheduler(Scheduler):
             return self._ask_status(fallbacks)
 
     def cancel(self, ids: Sequence[str]) -> list[str]:
+        self._ready()
         ids = self.check_ids(ids)
         live = self.cancellable(ids)
         unknown = [i for i in ids if i not in live]
@@ -198,6 +205,7 @@ class BatchScheduler(Scheduler):
         raise SchedulerError(f"{argv[0]} failed: {result.said()}")
 
     def find_jobs(self, *, name: str, work_dir: str | None = None) -> list[str]:
+        self._ready()
         argv = self.find_command(name)
         result = self._run(argv)
         if not result.ok:

@@ -64,18 +64,28 @@ class PbsScheduler(BatchScheduler):
         check_flavour(flavour)
         self._flavour = flavour
         if flavour == "wrapper":
-            self.__class__ = SlurmPbsWrappers  # known only once qstat --version answered
+            # Known only once qstat --version has answered, so the object becomes one then.
+            self.__class__ = SlurmPbsWrappers
         return flavour
 
     @property
     def flavour(self) -> str:
-        if self._flavour is not None:
-            return self._flavour
+        return self._flavour or self._detect()
+
+    def _detect(self) -> str:
         result = self._run(["qstat", "--version"])
         if result.exit_code == 127:
             raise self.not_installed("qstat")
-        log.debug("PBS flavour of %s", result.stdout + result.stderr)
-        return self._set_flavour(detect_flavour(result.stdout + result.stderr, result.exit_code))
+        flavour = self._set_flavour(detect_flavour(result.stdout + result.stderr, result.exit_code))
+        log.debug("PBS flavour: %s", flavour)
+        return flavour
+
+    def _ready(self) -> None:
+        if self._flavour is None:
+            self._detect()
+
+    def prepare_script(self, text: str) -> str:
+        return without_pbs_project(text) if self.flavour == "wrapper" else text
 
     @property
     def template(self) -> str:
@@ -162,11 +172,9 @@ class SlurmPbsWrappers(SqueueHooks, PbsScheduler):
 
     The wrappers' qstat shows no exit state, shows every ended job as C and splits arrays into
     unrelated ids, and their qselect is missing; squeue beneath them knows all of it. They fail
-    on ``#PBS -P`` and ignore ``-o``/``-e`` inside scripts.
+    on ``#PBS -P`` (see :meth:`PbsScheduler.prepare_script`) and ignore ``-o``/``-e`` inside
+    scripts.
     """
-
-    def prepare_script(self, text: str) -> str:
-        return without_pbs_project(text)
 
     def _log_paths(self, info: ScriptInfo) -> tuple[str | None, str | None]:
         return info.stdout, info.stderr

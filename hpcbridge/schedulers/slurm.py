@@ -27,7 +27,7 @@ from hpcbridge.transport import Result, Transport
 __all__ = ["SlurmScheduler", "SqueueHooks"]
 
 
-class SqueueHooks:
+class SqueueHooks(BatchScheduler):
     """Status and lookups through ``squeue``: Slurm's own, and the PBS wrappers'."""
 
     def status_commands(self, ids: list[str]) -> list[list[str]]:
@@ -49,7 +49,7 @@ class SqueueHooks:
         return parse_found(stdout)
 
 
-class SlurmScheduler(SqueueHooks, BatchScheduler):
+class SlurmScheduler(SqueueHooks):
     """Slurm through ``sbatch``/``squeue``/``scancel``.
 
     ``squeue`` shows ended jobs only for ``MinJobAge`` seconds and never their exit codes; the

@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 from hpcbridge.errors import SchedulerError
-from hpcbridge.jobs import STATUS_FILE_GRACE, Job, _resolve, _resolve_by_scheduler
+from hpcbridge.jobs import Job
 from hpcbridge.schedulers import State, pbs, pbs_commands
 from hpcbridge.schedulers.base import JobStatus, explain_kill
+from hpcbridge.schedulers.outcome import STATUS_FILE_GRACE
+from hpcbridge.schedulers.outcome import resolve as _resolve
+from hpcbridge.schedulers.outcome import resolve_by_scheduler as _resolve_by_scheduler
 from hpcbridge.transport import Result, Transport
 
 DATA = Path(__file__).parent / "data" / "openpbs"
