@@ -51,11 +51,6 @@ class BatchScheduler(Scheduler):
     command fails in a way :meth:`cancel_failure` does not explain, id by id.
     """
 
-    #: What ``submit``'s hint tells the user to check when the scheduler refuses a job.
-    requests: str
-    #: The scheduler's name in "is this a ... login node?".
-    system: str
-
     def __init__(self, transport: Transport, *, timeout: float = 60.0) -> None:
         super().__init__(transport)
         self.timeout = timeout
@@ -67,6 +62,10 @@ class BatchScheduler(Scheduler):
         self, script_path: str, after: list[str], array: str | None, info: ScriptInfo
     ) -> list[str]:
         """The argv submitting the script."""
+
+    @abstractmethod
+    def refused(self, result: Result) -> SchedulerError:
+        """The error for a submission the scheduler refused, with what to check."""
 
     @abstractmethod
     def job_id_from(self, stdout: str) -> str:
@@ -82,7 +81,7 @@ class BatchScheduler(Scheduler):
         """Statuses keyed by the ids the scheduler printed, from the answer to ``argv``."""
 
     @abstractmethod
-    def is_unknown(self, result: Result) -> bool:
+    def is_unknown(self, stderr: str, returncode: int) -> bool:
         """True when a status command failed only because the scheduler no longer knows an id."""
 
     def named_unknown(self, result: Result, ids: list[str]) -> set[str]:
@@ -123,13 +122,6 @@ class BatchScheduler(Scheduler):
     def _run(self, argv: list[str]) -> Result:
         return self.transport.run(argv, timeout=self.timeout)
 
-    def not_installed(self, command: str) -> SchedulerError:
-        return SchedulerError(
-            f"{command} is not installed where jobs are submitted",
-            hint=f"is this a {self.system} login node? set `scheduler` in the profile "
-            "(pbs, slurm or local)",
-        )
-
     def _submit(
         self, script_path: str, after: list[str], array: str | None, info: ScriptInfo
     ) -> str:
@@ -140,13 +132,8 @@ class BatchScheduler(Scheduler):
         result = self.transport.run(
             self.transport.without_secrets(argv), timeout=self.timeout, retry=False
         )
-        if result.exit_code == 127:
-            raise self.not_installed(argv[0])
         if not result.ok:
-            raise SchedulerError(
-                f"{argv[0]} refused the job: {result.said()}",
-                hint=f"check the resource requests ({self.requests}) in the script",
-            )
+            raise self.refused(result)
         return self.job_id_from(result.stdout)
 
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
@@ -173,7 +160,7 @@ class BatchScheduler(Scheduler):
         argv, *fallbacks = commands
         result = self._run(argv)
         self.status_calls += 1
-        if not result.ok and not self.is_unknown(result):
+        if not result.ok and not self.is_unknown(result.stderr, result.exit_code):
             raise SchedulerError(f"{argv[0]} failed: {result.said()}")
         try:
             return result, self.statuses_from(argv, result.stdout)

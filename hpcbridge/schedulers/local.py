@@ -36,6 +36,7 @@ from hpcbridge.credentials import scrubbed_environ
 from hpcbridge.errors import SchedulerError
 from hpcbridge.processes import pid_alive
 from hpcbridge.schedulers.base import JobStatus, Scheduler, State
+from hpcbridge.schedulers.checks import check_ids
 from hpcbridge.schedulers.script import ScriptInfo, walltime_seconds
 from hpcbridge.transport import LocalTransport, Transport
 from hpcbridge.units import utc_stamp
@@ -175,10 +176,7 @@ class LocalScheduler(Scheduler):
         self.max_jobs = max(1, max_jobs or os.cpu_count() or 1)
 
     def check_ids(self, ids: Sequence[str]) -> list[str]:
-        bad = [i for i in ids if not _ID.match(i)]
-        if bad:
-            raise SchedulerError(f"not local job ids: {', '.join(map(repr, bad))}")
-        return list(ids)
+        return check_ids("local", _ID, ids)
 
     def log_paths(self, job_id: str, info: ScriptInfo) -> tuple[str | None, str | None]:
         spec = _read_json(self.root / job_id / "job.json") or {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from hpcbridge.errors import SchedulerError
 from hpcbridge.schedulers.base import JobStatus
 from hpcbridge.schedulers.batch import BatchScheduler
 from hpcbridge.schedulers.pbs_commands import (
@@ -43,8 +44,6 @@ class PbsScheduler(BatchScheduler):
     """
 
     kind = "pbs"
-    system = "PBS"
-    requests = "walltime, memory, queue, project"
 
     def __init__(
         self,
@@ -75,7 +74,11 @@ class PbsScheduler(BatchScheduler):
     def _detect(self) -> str:
         result = self._run(["qstat", "--version"])
         if result.exit_code == 127:
-            raise self.not_installed("qstat")
+            raise SchedulerError(
+                "qstat is not installed where jobs are submitted",
+                hint="is this a PBS login node? set `scheduler` in the profile "
+                "(pbs, slurm or local)",
+            )
         flavour = self._set_flavour(detect_flavour(result.stdout + result.stderr, result.exit_code))
         log.debug("PBS flavour: %s", flavour)
         return flavour
@@ -116,8 +119,13 @@ class PbsScheduler(BatchScheduler):
             stderr=stderr,
         )
 
-    def job_id_from(self, stdout: str) -> str:
-        return parse_submit(stdout)
+    def refused(self, result: Result) -> SchedulerError:
+        return SchedulerError(
+            f"qsub refused the job: {result.said()}",
+            hint="check the resource requests (walltime, memory, queue, project) in the script",
+        )
+
+    job_id_from = staticmethod(parse_submit)
 
     def status_commands(self, ids: list[str]) -> list[list[str]]:
         text = status_argv(ids, flavour=self.flavour)
@@ -131,8 +139,7 @@ class PbsScheduler(BatchScheduler):
     def statuses_from(self, argv: list[str], stdout: str) -> dict[str, JobStatus]:
         return parse_qstat_json(stdout or "{}") if "json" in argv else parse_qstat_full(stdout)
 
-    def is_unknown(self, result: Result) -> bool:
-        return unknown_job(result.stderr, result.exit_code)
+    is_unknown = staticmethod(unknown_job)
 
     def named_unknown(self, result: Result, ids: list[str]) -> set[str]:
         # The server names an id as it knows it ("9.vm" when asked "9").
@@ -146,8 +153,7 @@ class PbsScheduler(BatchScheduler):
             return [short, short.split("[", 1)[0]]
         return [short.replace("[]", "")]
 
-    def cancel_command(self, ids: list[str]) -> list[str]:
-        return cancel_argv(ids)
+    cancel_command = staticmethod(cancel_argv)
 
     def cancel_failure(self, result: Result, ids: list[str]) -> list[str] | None:
         # PBS Pro's qdel deletes none of its ids when one fails, and names only that one
@@ -163,8 +169,7 @@ class PbsScheduler(BatchScheduler):
     def find_command(self, name: str) -> list[str]:
         return find_argv(name, flavour=self.flavour)
 
-    def found_from(self, stdout: str) -> list[str]:
-        return parse_found(stdout)
+    found_from = staticmethod(parse_found)
 
 
 class SlurmPbsWrappers(SqueueHooks, PbsScheduler):

@@ -20,24 +20,6 @@ from hpcbridge.errors import SchedulerError
 from hpcbridge.schedulers.base import JobStatus, State
 from hpcbridge.schedulers.checks import check_array, check_ids, check_value
 
-__all__ = [
-    "FLAVOURS",
-    "NEVER_RAN",
-    "STATE_MAP",
-    "cancel_argv",
-    "check_flavour",
-    "detect_flavour",
-    "find_argv",
-    "parse_found",
-    "parse_qstat_full",
-    "parse_qstat_json",
-    "parse_submit",
-    "status_argv",
-    "submit_argv",
-    "unknown_job",
-    "unknown_job_ids",
-]
-
 log = logging.getLogger(__name__)
 
 

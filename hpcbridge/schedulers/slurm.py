@@ -36,17 +36,10 @@ class SqueueHooks(BatchScheduler):
     def statuses_from(self, argv: list[str], stdout: str) -> dict[str, JobStatus]:
         return parse_squeue(stdout)
 
-    def is_unknown(self, result: Result) -> bool:
-        return unknown_job(result.stderr, result.exit_code)
-
-    def group_keys(self, native_id: str) -> list[str]:
-        return array_keys(native_id)
-
-    def find_command(self, name: str) -> list[str]:
-        return find_argv(name)
-
-    def found_from(self, stdout: str) -> list[str]:
-        return parse_found(stdout)
+    is_unknown = staticmethod(unknown_job)
+    group_keys = staticmethod(array_keys)
+    find_command = staticmethod(find_argv)
+    found_from = staticmethod(parse_found)
 
 
 class SlurmScheduler(SqueueHooks):
@@ -57,8 +50,6 @@ class SlurmScheduler(SqueueHooks):
     """
 
     kind = "slurm"
-    system = "Slurm"
-    requests = "time, memory, partition, account"
 
     def __init__(
         self,
@@ -85,8 +76,19 @@ class SlurmScheduler(SqueueHooks):
             script_path, after=after, array=array, partition=partition, account=account
         )
 
-    def job_id_from(self, stdout: str) -> str:
-        return parse_submit(stdout)
+    def refused(self, result: Result) -> SchedulerError:
+        if result.exit_code == 127:
+            return SchedulerError(
+                "sbatch is not installed where jobs are submitted",
+                hint="is this a Slurm login node? set `scheduler` in the profile "
+                "(pbs, slurm or local)",
+            )
+        return SchedulerError(
+            f"sbatch refused the job: {result.said()}",
+            hint="check the resource requests (time, memory, partition, account) in the script",
+        )
+
+    job_id_from = staticmethod(parse_submit)
 
     def cancellable(self, ids: list[str]) -> list[str]:
         # scancel exits 0 and prints nothing for an id it never knew (seen on 22.05), so ask
@@ -94,8 +96,7 @@ class SlurmScheduler(SqueueHooks):
         known = self.status(ids)
         return [i for i in ids if i in known]
 
-    def cancel_command(self, ids: list[str]) -> list[str]:
-        return cancel_argv(ids)
+    cancel_command = staticmethod(cancel_argv)
 
     def cancel_failure(self, result: Result, ids: list[str]) -> list[str] | None:
         # scancel acts on each id of its list alone, so a failed call is not repeated per id.

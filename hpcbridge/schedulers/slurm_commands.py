@@ -17,22 +17,6 @@ from hpcbridge.errors import SchedulerError
 from hpcbridge.schedulers.base import JobStatus, State
 from hpcbridge.schedulers.checks import check_array, check_ids, check_value
 
-__all__ = [
-    "SQUEUE_FORMAT",
-    "STATE_MAP",
-    "array_keys",
-    "cancel_argv",
-    "check_slurm_ids",
-    "find_argv",
-    "parse_found",
-    "parse_scontrol",
-    "parse_squeue",
-    "parse_submit",
-    "status_argv",
-    "submit_argv",
-    "unknown_job",
-]
-
 log = logging.getLogger(__name__)
 
 
@@ -257,6 +241,6 @@ def unknown_job(stderr: str, returncode: int) -> bool:
     return returncode != 0 and "invalid job id" in stderr.lower()
 
 
-def array_keys(job_id: str) -> list[str]:
+def array_keys(native_id: str) -> list[str]:
     """An array's tasks (``123_4``, a pending ``123_[5-9]``) belong to the array ``123``."""
-    return [job_id, job_id.split("_", 1)[0]] if "_" in job_id else [job_id]
+    return [native_id, native_id.split("_", 1)[0]] if "_" in native_id else [native_id]
