@@ -210,7 +210,7 @@ class LocalScheduler(Scheduler):
         spec = self._spec(job_id, script, after, indices, info)
         # The job is published (job.json, which status, find_jobs and cancel read) only once its
         # runner's pid is on record: a submitter killed before then leaves no job that anyone
-        # would adopt or wait for, and its runner, if it started, gives up (run_job).
+        # would adopt or wait for, and its runner, if it started, gives up (_localrun.run_job).
         _write_json(job_dir / PENDING_SPEC, spec)
         _write_json(job_dir / "state.json", {"state": "queued", "submitted": spec["submitted"]})
         if not after:
