@@ -1,10 +1,8 @@
 """Submitted jobs: submit a script, poll every tracked job in one call, cancel, wait.
 
 This is the layer between the scheduler back ends and the commands ``submit``, ``jobs`` and
-``cancel``. It keeps one small JSON record per job under ``$HPCBRIDGE_HOME/jobs/<profile>/`` and
-decides how each job ended from the status file its script writes (``status.json``, exit code and
-end time), using the scheduler's view only while the job is alive or when the file is missing.
-Rules it keeps:
+``cancel``. It keeps one small record per job (:mod:`.jobstore`) and decides how each job ended
+from the status file its script writes (:mod:`.schedulers.outcome`). Rules it keeps:
 
 - one scheduler status call per poll for all live jobs; a poll that fails changes nothing;
 - a job whose afterok parent failed or was cancelled is cancelled here (Slurm would leave it
@@ -15,22 +13,21 @@ Rules it keeps:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from .config import Settings
 from .errors import ConfigError, HpcBridgeError, SchedulerError, TransportError
-from .schedulers.base import JobStatus, Scheduler, State, explain_kill
+from .jobstore import Job, JobStore
+from .schedulers.base import JobStatus, Scheduler, State
 from .schedulers.local import LocalScheduler, array_indices
+from .schedulers.outcome import resolve
 from .schedulers.pbs import PbsScheduler
-from .schedulers.script import parse_script
+from .schedulers.script import ScriptInfo, parse_script
 from .schedulers.slurm import SlurmScheduler
 from .transport import LocalTransport, Transport, remote_path
 from .units import utc_stamp
@@ -51,143 +48,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 20
-#: How long a job the scheduler calls ended may go without its status file before it is judged
-#: by the scheduler alone: network file systems can show the file to the login node late.
-STATUS_FILE_GRACE = 30.0
-#: A shell's exit code above this is 128 + the signal that ended it (143: SIGTERM).
-_SIGNAL_EXIT = 128
-
-
-@dataclass
-class Job:
-    """What hpcbridge knows about one submitted job."""
-
-    id: str
-    scheduler: str
-    host: str
-    script: str
-    work_dir: str | None
-    name: str
-    submitted: str
-    after: list[str] = field(default_factory=list)
-    array: str | None = None
-    stdout: str | None = None
-    stderr: str | None = None
-    state: str = State.QUEUED.value
-    raw_state: str = ""
-    exit_code: int | None = None
-    end: str | None = None
-    reason: str = ""
-    log_tail: str = ""
-    ended_seen: float | None = None  # when the scheduler first said ended with no status file
-
-    @property
-    def final(self) -> bool:
-        return State(self.state).is_final
-
-    @property
-    def state_dir(self) -> str | None:
-        return f"{self.work_dir}/.hpcbridge" if self.work_dir else None
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("ended_seen")
-        return data
-
-
-def _safe_name(job_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\[\]-]", "_", job_id)
-
-
-class JobStore:
-    """One JSON file per job, per profile (job ids are only unique per cluster).
-
-    Records of jobs that ended go to ``ended/``: a profile's history grows without end, and
-    what every submission and poll needs is the jobs still live (a busy work folder, afterok
-    children to cancel). ``live()`` reads the live records once per store object and keeps
-    its own saves in step, since a run submits and polls many jobs through one store; ``all()``
-    adds the ended ones, for listings. ``get()`` always reads the file, for the freshest view.
-    """
-
-    def __init__(self, home: Path, profile: str) -> None:
-        self.dir = Path(home) / "jobs" / _safe_name(profile)
-        self.ended_dir = self.dir / "ended"
-        self._live: dict[str, Job] | None = None
-
-    def _path(self, job_id: str, *, ended: bool) -> Path:
-        return (self.ended_dir if ended else self.dir) / f"{_safe_name(job_id)}.json"
-
-    def save(self, job: Job) -> None:
-        path = self._path(job.id, ended=job.final)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-        tmp.write_text(json.dumps(asdict(job), indent=1) + "\n")
-        os.replace(tmp, path)
-        if job.final:
-            self._path(job.id, ended=False).unlink(missing_ok=True)
-        if self._live is not None:
-            self._live.pop(job.id, None)  # the latest saved last, as on disk
-            if not job.final:
-                self._live[job.id] = job
-
-    def get(self, job_id: str) -> Job | None:
-        for ended in (False, True):
-            job = self._read(self._path(job_id, ended=ended), job_id)
-            if job is not None:
-                return job
-        return None
-
-    def _read(self, path: Path, job_id: str) -> Job | None:
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SchedulerError(
-                f"cannot read the record of job {job_id} ({path}): {exc}"
-            ) from None
-        known = {f.name for f in fields(Job)}
-        return Job(**{k: v for k, v in data.items() if k in known})
-
-    def _load(self, folder: Path, *, since: float | None = None) -> list[tuple[float, Job]]:
-        """(time of last change, job) for the records in ``folder``, oldest change first
-        (those changed after ``since`` only)."""
-        stamped = []
-        for path in folder.glob("*.json"):
-            with contextlib.suppress(FileNotFoundError):
-                mtime = path.stat().st_mtime
-                if since is None or mtime >= since:
-                    stamped.append((mtime, path))
-        jobs = []
-        for mtime, path in sorted(stamped):
-            with contextlib.suppress(SchedulerError):
-                job = self._read(path, path.stem)
-                if job is not None:
-                    jobs.append((mtime, job))
-        return jobs
-
-    def live(self) -> list[Job]:
-        """Every job that has not ended, oldest change first."""
-        if self._live is None:
-            self._live = {}
-            for _mtime, job in self._load(self.dir):
-                if job.final:  # recorded before ended/ existed: file it there now
-                    self.save(job)
-                else:
-                    self._live[job.id] = job
-        return list(self._live.values())
-
-    def all(self, *, ended_since: float | None = None) -> list[Job]:
-        """Every job, oldest change first; of the ended ones only those whose record changed
-        after ``ended_since`` (a time.time()) when given."""
-        merged = [(mtime, 1, job) for mtime, job in self._load(self.ended_dir, since=ended_since)]
-        for job in self.live():
-            try:
-                mtime = self._path(job.id, ended=False).stat().st_mtime
-            except FileNotFoundError:
-                mtime = float("inf")  # saved by this store and not on disk: the newest
-            merged.append((mtime, 0, job))
-        return [job for _mtime, _order, job in sorted(merged, key=lambda t: (t[0], t[1]))]
 
 
 # --- opening the transport and the scheduler from settings -----------------------------------
@@ -255,18 +115,7 @@ def submit_script(
     in the script); any other script needs ``work``, the folder to copy it into, unless jobs
     are submitted on this machine, where it is submitted in place.
     """
-    transport = scheduler.transport
-    try:
-        text = local_script.read_text()
-    except FileNotFoundError:
-        raise SchedulerError(f"no such job script: {local_script}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SchedulerError(f"cannot read job script {local_script}: {exc}") from None
-    if not text.startswith("#!"):
-        raise SchedulerError(
-            f"{local_script} does not start with #! (e.g. #!/bin/bash)",
-            hint="render job scripts with `hpcbridge render`",
-        )
+    text = _read_script(local_script)
     info = parse_script(text)
     after = scheduler.check_ids(after)
     if array is not None:
@@ -277,29 +126,7 @@ def submit_script(
             raise SchedulerError(
                 f"job {dep} already {upstream.state}; a job after it would never run"
             )
-    if info.work_dir is not None:
-        _check_work_dir_free(store, scheduler, info.work_dir, host)
-        state_dir = remote_path(f"{info.work_dir}/.hpcbridge")
-        transport.makedirs(state_dir)
-        # An old outcome in a reused work folder would make the new job look ended at once.
-        for name in transport.files_in(state_dir):
-            if re.fullmatch(r"(status|started).*\.json", name):
-                transport.remove(f"{state_dir}/{name}")
-        target = f"{state_dir}/job.sh"
-        transport.write_text(target, scheduler.prepare_script(text), mode=0o700)
-    elif work is not None:
-        target = remote_path(f"{work}/{local_script.name}")
-        transport.write_text(target, scheduler.prepare_script(text), mode=0o700)
-    elif isinstance(transport, LocalTransport):
-        target = str(local_script.absolute())
-        if scheduler.prepare_script(text) != text:
-            target = str(local_script.absolute().with_name(f".{local_script.name}.submit"))
-            transport.write_text(target, scheduler.prepare_script(text), mode=0o700)
-    else:
-        raise SchedulerError(
-            f"{local_script} was not rendered by hpcbridge, so it has no work folder",
-            hint="pass --work DIR (an absolute folder on the login node to copy it into)",
-        )
+    target = _place_script(store, scheduler, local_script, text, info, work, host)
     job_id = scheduler.submit(target, after=after, array=array, info=info)
     stdout, stderr = scheduler.log_paths(job_id, info)
     job = Job(
@@ -317,6 +144,58 @@ def submit_script(
     )
     store.save(job)
     return job
+
+
+def _read_script(local_script: Path) -> str:
+    try:
+        text = local_script.read_text()
+    except FileNotFoundError:
+        raise SchedulerError(f"no such job script: {local_script}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SchedulerError(f"cannot read job script {local_script}: {exc}") from None
+    if not text.startswith("#!"):
+        raise SchedulerError(
+            f"{local_script} does not start with #! (e.g. #!/bin/bash)",
+            hint="render job scripts with `hpcbridge render`",
+        )
+    return text
+
+
+def _place_script(
+    store: JobStore,
+    scheduler: Scheduler,
+    local_script: Path,
+    text: str,
+    info: ScriptInfo,
+    work: str | None,
+    host: str,
+) -> str:
+    """Where the script is submitted from, written there as the scheduler needs it."""
+    transport = scheduler.transport
+    prepared = scheduler.prepare_script(text)
+    if info.work_dir is not None:
+        _check_work_dir_free(store, scheduler, info.work_dir, host)
+        state_dir = remote_path(f"{info.work_dir}/.hpcbridge")
+        transport.makedirs(state_dir)
+        # An old outcome in a reused work folder would make the new job look ended at once.
+        for name in transport.files_in(state_dir):
+            if re.fullmatch(r"(status|started).*\.json", name):
+                transport.remove(f"{state_dir}/{name}")
+        target = f"{state_dir}/job.sh"
+    elif work is not None:
+        target = remote_path(f"{work}/{local_script.name}")
+    elif isinstance(transport, LocalTransport):
+        target = str(local_script.absolute())
+        if prepared == text:
+            return target
+        target = str(local_script.absolute().with_name(f".{local_script.name}.submit"))
+    else:
+        raise SchedulerError(
+            f"{local_script} was not rendered by hpcbridge, so it has no work folder",
+            hint="pass --work DIR (an absolute folder on the login node to copy it into)",
+        )
+    transport.write_text(target, prepared, mode=0o700)
+    return target
 
 
 def _check_work_dir_free(store: JobStore, scheduler: Scheduler, work_dir: str, host: str) -> None:
@@ -342,183 +221,6 @@ class PollReport:
     jobs: list[Job]
     changed: list[Job]
     error: HpcBridgeError | None = None
-
-
-def _read_json(transport: Transport, path: str) -> dict[str, Any] | None:
-    text = transport.read_text(path, limit=64 * 1024)
-    if text is None:
-        return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return None  # being written; the next poll reads it whole
-    return data if isinstance(data, dict) else None
-
-
-def _task_tags(job: Job) -> list[str]:
-    """The suffix of each task's state files: ``.3`` for array task 3, none for a plain job."""
-    return [f".{i}" for i in array_indices(job.array)] if job.array else [""]
-
-
-def _started(transport: Transport, job: Job) -> bool:
-    return any(
-        transport.read_text(f"{job.state_dir}/started{tag}.json", limit=4096) is not None
-        for tag in _task_tags(job)
-    )
-
-
-def _resolve(job: Job, status: JobStatus | None, transport: Transport) -> Job:
-    """The job after this poll: its status file decides, the scheduler fills in."""
-    if job.state_dir is None:
-        return _resolve_by_scheduler(job, status)
-    if status is not None and status.state in (State.QUEUED, State.HELD):
-        # Not running: its folder holds no outcome of this attempt (a requeued job's is stale),
-        # so no file is read for it: over SSH each read is a round trip, per job, per poll.
-        return replace(
-            job, state=status.state.value, raw_state=status.raw_state, reason=status.reason
-        )
-    outcomes = [
-        _read_json(transport, f"{job.state_dir}/status{tag}.json") for tag in _task_tags(job)
-    ]
-    if all(outcomes):
-        now = time.time()
-        if (
-            status is not None
-            and not status.state.is_final
-            and (job.ended_seen is None or now - job.ended_seen < STATUS_FILE_GRACE)
-        ):
-            # The script has ended but its job has not: PBS delivers the -o/-e files and says
-            # why it killed a job (walltime, memory) only when the job leaves E for F, so the
-            # log and the cause are read once the scheduler agrees (or the grace runs out).
-            return replace(
-                job,
-                state=status.state.value,
-                raw_state=status.raw_state,
-                reason=status.reason,
-                ended_seen=job.ended_seen or now,
-            )
-        codes = [int(o.get("exit_code", 1)) for o in outcomes if o]
-        bad = [c for c in codes if c != 0]
-        ends = [str(o.get("end", "")) for o in outcomes if o]
-        # Ended by a signal that the scheduler says was a deletion (qdel, scancel from a shell):
-        # cancelled, as if hpcbridge had cancelled it, not a failure of the recipe.
-        deleted = (
-            status is not None
-            and status.state is State.CANCELLED
-            and bool(bad)
-            and all(c > _SIGNAL_EXIT for c in bad)
-        )
-        state = State.CANCELLED if deleted else State.FAILED if bad else State.FINISHED
-        return replace(
-            job,
-            state=state.value,
-            raw_state=status.raw_state if status else job.raw_state,
-            exit_code=bad[0] if bad else 0,
-            end=max(ends) if ends else utc_stamp(),
-            reason=_failure_reason(bad[0], status) if bad else "",
-        )
-    if status is not None and not status.state.is_final:
-        return replace(
-            job, state=status.state.value, raw_state=status.raw_state, reason=status.reason
-        )
-    started = any(outcomes) or _started(transport, job)
-    # The scheduler says it ended (or no longer knows it) and there is no status file yet.
-    if status is not None and status.state is State.CANCELLED:
-        return replace(
-            job,
-            state=State.CANCELLED.value,
-            raw_state=status.raw_state,
-            end=utc_stamp(),
-            # the same words whether or not its trap had time to write a status file
-            reason=_scheduler_cause(status) or status.reason or "cancelled",
-        )
-    if not started and status is not None and status.state is State.FAILED:
-        # Failed before its script ran (e.g. the local scheduler's runner died, or PBS could
-        # not start it): not a cancel.
-        return replace(
-            job,
-            state=State.FAILED.value,
-            raw_state=status.raw_state,
-            exit_code=status.exit_code,
-            end=utc_stamp(),
-            reason=explain_kill(status) or status.reason or "failed before it started",
-        )
-    if not started:
-        return replace(
-            job,
-            state=State.CANCELLED.value,
-            raw_state=status.raw_state if status else "",
-            end=utc_stamp(),
-            reason="ended before it started (cancelled, or its dependencies failed)",
-        )
-    now = time.time()
-    if job.ended_seen is None or now - job.ended_seen < STATUS_FILE_GRACE:
-        return replace(job, ended_seen=job.ended_seen or now)
-    # Killed too hard for its trap to record anything (SIGKILL): the scheduler may know why.
-    return replace(
-        job,
-        state=State.FAILED.value,
-        raw_state=status.raw_state if status else job.raw_state,
-        exit_code=status.exit_code if status else None,
-        end=utc_stamp(),
-        reason=explain_kill(status)
-        or "ended without recording an exit code (killed: walltime, memory or node failure?)",
-    )
-
-
-def _failure_reason(exit_code: int, status: JobStatus | None) -> str:
-    """Why a job whose status file says ``exit_code`` failed.
-
-    A job the scheduler killed records only the SIGTERM its trap caught (143), so the
-    scheduler's cause wins: ``killed: walltime 00:20:00 exceeded; raise walltime ...``. Else
-    ``exit code N``, with the scheduler's word on why when a signal ended the job.
-    """
-    cause = _scheduler_cause(status)
-    if cause:
-        return cause
-    reason = f"exit code {exit_code}"
-    if exit_code > 128 and status is not None and status.reason:
-        reason += f" ({status.reason})"  # e.g. the local scheduler's "cancelled"
-    return reason
-
-
-def _scheduler_cause(status: JobStatus | None) -> str:
-    """What killed the job, as the scheduler tells it; who deleted it first when it was
-    deleted ("deleted by alice@login1: killed by signal 15 (SIGTERM)"); "" if nothing did."""
-    cause = explain_kill(status)
-    if cause and status is not None and status.state is State.CANCELLED and status.reason:
-        return f"{status.reason}: {cause}"
-    return cause
-
-
-def _resolve_by_scheduler(job: Job, status: JobStatus | None) -> Job:
-    """A script hpcbridge did not render writes no status file: the scheduler is all we have."""
-    if status is None:
-        return replace(
-            job,
-            state=State.UNKNOWN.value,
-            raw_state="",
-            reason="the scheduler no longer knows this job and its script records no outcome",
-        )
-    state = status.state
-    if state is State.FINISHED and status.exit_code not in (None, 0):
-        state = State.FAILED
-    reason = status.reason
-    if state.is_final:
-        # The scheduler's cause of death before its comment ("Job run at ... and failed").
-        cause = _scheduler_cause(status)
-        if cause:
-            reason = cause
-        elif state is State.FAILED and status.exit_code and not reason:
-            reason = f"exit code {status.exit_code}"
-    return replace(
-        job,
-        state=state.value,
-        raw_state=status.raw_state,
-        exit_code=status.exit_code,
-        reason=reason,
-        end=utc_stamp() if state.is_final else None,
-    )
 
 
 def _log_tail(transport: Transport, job: Job) -> str:
@@ -557,7 +259,7 @@ def refresh(store: JobStore, scheduler: Scheduler, jobs: Iterable[Job] | None = 
     by_id = {j.id: j for j in tracked}
     for job in live:
         try:
-            new = _resolve(job, statuses.get(job.id), transport)
+            new = resolve(job, statuses.get(job.id), transport)
         except TransportError as exc:
             error = exc
             continue

@@ -1,7 +1,6 @@
-"""The pure scheduler layer: argv lists to run and parsers for what the schedulers print.
-
-No function here runs a command or touches a file; a transport (local or SSH) runs the argv.
-Per-scheduler functions live in :mod:`.pbs` and :mod:`.slurm`.
+"""The scheduler layer: :mod:`.batch` owns submit, status and cancel for the batch systems,
+whose argv lists and parsers live in :mod:`.pbs_commands` and :mod:`.slurm_commands` (no I/O);
+:mod:`.local` is the embedded scheduler for machines without one.
 """
 
 from hpcbridge.errors import SchedulerError

@@ -14,9 +14,9 @@ from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
 from hpcbridge.errors import SchedulerError
+from hpcbridge.schedulers.script import ScriptInfo
 
 if TYPE_CHECKING:
-    from hpcbridge.schedulers.script import ScriptInfo
     from hpcbridge.transport import Transport
 
 __all__ = [
@@ -160,7 +160,6 @@ class Scheduler(ABC):
         """The script as it should be uploaded; some flavours need directives moved."""
         return text
 
-    @abstractmethod
     def submit(
         self,
         script_path: str,
@@ -170,6 +169,13 @@ class Scheduler(ABC):
         info: ScriptInfo | None = None,
     ) -> str:
         """Submit the script at ``script_path`` (on the transport's side); return the job id."""
+        return self._submit(script_path, list(after), array, info or ScriptInfo())
+
+    @abstractmethod
+    def _submit(
+        self, script_path: str, after: list[str], array: str | None, info: ScriptInfo
+    ) -> str:
+        """:meth:`submit` with its defaults filled in."""
 
     @abstractmethod
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +36,17 @@ from hpcbridge.credentials import scrubbed_environ
 from hpcbridge.errors import SchedulerError
 from hpcbridge.processes import pid_alive
 from hpcbridge.schedulers.base import JobStatus, Scheduler, State
+from hpcbridge.schedulers.checks import check_ids
 from hpcbridge.schedulers.script import ScriptInfo, walltime_seconds
 from hpcbridge.transport import LocalTransport, Transport
 from hpcbridge.units import utc_stamp
 
-__all__ = ["LocalScheduler", "array_indices", "job_search_path", "run_job"]
+__all__ = ["LocalScheduler", "array_indices", "job_search_path"]
 
 _ID = re.compile(r"^\d+$")
 _ARRAY = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
 _THROTTLE = re.compile(r"^[1-9]\d*$")
 _MAX_ARRAY = 10_000
-_KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL, as PBS and Slurm do by default
 
 
 def job_search_path() -> str:
@@ -177,10 +176,7 @@ class LocalScheduler(Scheduler):
         self.max_jobs = max(1, max_jobs or os.cpu_count() or 1)
 
     def check_ids(self, ids: Sequence[str]) -> list[str]:
-        bad = [i for i in ids if not _ID.match(i)]
-        if bad:
-            raise SchedulerError(f"not local job ids: {', '.join(map(repr, bad))}")
-        return list(ids)
+        return check_ids("local", _ID, ids)
 
     def log_paths(self, job_id: str, info: ScriptInfo) -> tuple[str | None, str | None]:
         spec = _read_json(self.root / job_id / "job.json") or {}
@@ -198,38 +194,52 @@ class LocalScheduler(Scheduler):
             _write_text(counter, job_id)
         return job_id
 
-    def submit(
-        self,
-        script_path: str,
-        *,
-        after: Sequence[str] = (),
-        array: str | None = None,
-        info: ScriptInfo | None = None,
+    def _submit(
+        self, script_path: str, after: list[str], array: str | None, info: ScriptInfo
     ) -> str:
-        info = info or ScriptInfo()
         script = Path(script_path)
         if not script.is_file():
             raise SchedulerError(f"no job script at {script}")
         after = self.check_ids(after)
         for dep in after:
-            if not (self.root / dep / "job.json").is_file():
-                raise SchedulerError(
-                    f"cannot depend on job {dep}: the local scheduler never ran it"
-                )
-            dep_state, dep_raw = _job_state(self.root / dep)
-            if dep_raw in ("failed", "cancelled", "lost") or (
-                dep_raw == "finished" and dep_state.get("exit_code") not in (None, 0)
-            ):
-                raise SchedulerError(
-                    f"job {dep} already {'failed' if dep_raw == 'lost' else dep_raw}; "
-                    "a job after it would never run"
-                )
+            self._check_dependency(dep)
         indices = array_indices(array) if array else []
         job_id = self._next_id()
         job_dir = self.root / job_id
         job_dir.mkdir()
-        logs_dir = Path(info.state_dir) if info.state_dir else job_dir
-        spec = {
+        spec = self._spec(job_id, script, after, indices, info)
+        # The job is published (job.json, which status, find_jobs and cancel read) only once its
+        # runner's pid is on record: a submitter killed before then leaves no job that anyone
+        # would adopt or wait for, and its runner, if it started, gives up (_localrun.run_job).
+        _write_json(job_dir / PENDING_SPEC, spec)
+        _write_json(job_dir / "state.json", {"state": "queued", "submitted": spec["submitted"]})
+        if not after:
+            # In line for a slot from now on, so jobs start in the order they were submitted
+            # whichever runner process happens to start first.
+            _enter_line(self.root, job_id)
+        pid = self._start_runner(job_dir)
+        # Only the runner writes state.json; its pid goes to a file of its own.
+        _write_text(job_dir / "runner.pid", str(pid))
+        os.replace(job_dir / PENDING_SPEC, job_dir / "job.json")
+        return job_id
+
+    def _check_dependency(self, dep: str) -> None:
+        if not (self.root / dep / "job.json").is_file():
+            raise SchedulerError(f"cannot depend on job {dep}: the local scheduler never ran it")
+        dep_state, dep_raw = _job_state(self.root / dep)
+        if dep_raw in ("failed", "cancelled", "lost") or (
+            dep_raw == "finished" and dep_state.get("exit_code") not in (None, 0)
+        ):
+            raise SchedulerError(
+                f"job {dep} already {'failed' if dep_raw == 'lost' else dep_raw}; "
+                "a job after it would never run"
+            )
+
+    def _spec(
+        self, job_id: str, script: Path, after: list[str], indices: list[int], info: ScriptInfo
+    ) -> dict[str, Any]:
+        logs_dir = Path(info.state_dir) if info.state_dir else self.root / job_id
+        return {
             "id": job_id,
             "script": str(script.absolute()),
             "work_dir": info.work_dir,
@@ -242,18 +252,12 @@ class LocalScheduler(Scheduler):
             "max_jobs": self.max_jobs,
             "submitted": utc_stamp(),
         }
-        # The job is published (job.json, which status, find_jobs and cancel read) only once its
-        # runner's pid is on record: a submitter killed before then leaves no job that anyone
-        # would adopt or wait for, and its runner, if it started, gives up (run_job).
-        _write_json(job_dir / PENDING_SPEC, spec)
-        _write_json(job_dir / "state.json", {"state": "queued", "submitted": spec["submitted"]})
-        if not after:
-            # In line for a slot from now on, so jobs start in the order they were submitted
-            # whichever runner process happens to start first.
-            _enter_line(self.root, job_id)
+
+    def _start_runner(self, job_dir: Path) -> int:
+        """The pid of the job's runner (:mod:`._localrun`), started in a session of its own."""
         try:
             with open(job_dir / "runner.log", "ab") as log_fh:
-                runner = subprocess.Popen(
+                return subprocess.Popen(
                     [
                         sys.executable,
                         "-m",
@@ -267,15 +271,11 @@ class LocalScheduler(Scheduler):
                     start_new_session=True,  # survives the CLI and its terminal's signals
                     close_fds=True,
                     env=scrubbed_environ(),  # the runner's environment is the job's
-                )
+                ).pid
         except OSError as exc:
-            _leave_line(self.root, job_id)
+            _leave_line(self.root, job_dir.name)
             _write_json(job_dir / "state.json", {"state": "failed", "reason": str(exc)})
             raise SchedulerError(f"cannot start the local job runner: {exc}") from None
-        # Only the runner writes state.json; its pid goes to a file of its own.
-        _write_text(job_dir / "runner.pid", str(runner.pid))
-        os.replace(job_dir / PENDING_SPEC, job_dir / "job.json")
-        return job_id
 
     def _status_of(self, job_id: str) -> JobStatus | None:
         job_dir = self.root / job_id
@@ -355,203 +355,3 @@ def _enter_line(root: Path, job_id: str) -> None:
 def _leave_line(root: Path, job_id: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         (root / "waiting" / job_id).unlink()
-
-
-def _first_in_line(root: Path, job_id: str) -> bool:
-    """True when no job submitted earlier is still waiting for a slot."""
-    me = int(job_id)
-    for entry in (root / "waiting").iterdir():
-        if not entry.name.isdigit() or int(entry.name) >= me:
-            continue
-        if _runner_alive(root / entry.name):
-            return False
-        _leave_line(root, entry.name)  # its runner died: it will never take a slot
-    return True
-
-
-# --- the runner: one per job, in its own session --------------------------------------------
-
-
-@dataclass
-class _Runner:
-    job_dir: Path
-    spec: dict[str, Any]
-    poll: float = 0.2
-
-    @property
-    def root(self) -> Path:
-        return self.job_dir.parent
-
-    def record(self, **changes: Any) -> None:
-        state = _read_json(self.job_dir / "state.json") or {}
-        state.update(changes)
-        _write_json(self.job_dir / "state.json", state)
-
-    def cancelled(self) -> bool:
-        return (self.job_dir / "cancel").exists()
-
-    def wait_for_dependencies(self) -> str | None:
-        """None when every dependency finished with exit 0, else why the job cannot run."""
-        pending = list(self.spec.get("after", []))
-        while pending:
-            if self.cancelled():
-                return "cancelled"
-            for dep in list(pending):
-                state, raw = _job_state(self.root / dep)
-                if raw == "finished" and state.get("exit_code") == 0:
-                    pending.remove(dep)
-                elif raw == "lost":
-                    return f"dependency {dep} did not succeed (its local runner died)"
-                elif raw in ("finished", "failed", "cancelled"):
-                    # PBS semantics: an afterok that can never hold deletes the job.
-                    return f"dependency {dep} did not succeed ({raw})"
-            if pending:
-                time.sleep(self.poll)
-        return None
-
-    def take_slot(self) -> Any | None:
-        """An open, flock-held slot file; the lock dies with this process.
-
-        Jobs take slots in the order they became ready: a job waits while one submitted
-        before it is still waiting for a slot.
-        """
-        slots = self.root / "slots"
-        slots.mkdir(exist_ok=True)
-        max_jobs = int(self.spec.get("max_jobs", 1))
-        _enter_line(self.root, self.spec["id"])
-        while not self.cancelled():
-            if not _first_in_line(self.root, self.spec["id"]):
-                time.sleep(self.poll)
-                continue
-            for n in range(max_jobs):
-                fh = open(slots / f"{n}.lock", "a")  # noqa: SIM115 - held for the job's life
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    fh.close()
-                    continue
-                return fh
-            time.sleep(self.poll)
-        return None
-
-    def run_task(self, index: int | None) -> tuple[int, str]:
-        """Run the script once; return (exit code, reason)."""
-        # Again here: the runner is an entry point of its own, started with any environment.
-        env = dict(scrubbed_environ(), HPCBRIDGE_JOB_ID=self.spec["id"], PATH=job_search_path())
-        env.pop("HPCBRIDGE_ARRAY_INDEX", None)
-        if index is not None:
-            env["HPCBRIDGE_ARRAY_INDEX"] = str(index)
-        stdout, stderr = Path(self.spec["stdout"]), Path(self.spec["stderr"])
-        stdout.parent.mkdir(parents=True, exist_ok=True)
-        stderr.parent.mkdir(parents=True, exist_ok=True)
-        cwd = self.spec.get("work_dir") or str(Path(self.spec["script"]).parent)
-        Path(cwd).mkdir(parents=True, exist_ok=True)
-        with open(stdout, "ab") as out, open(stderr, "ab") as err:
-            proc = subprocess.Popen(
-                ["bash", self.spec["script"]],
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,  # its own process group, so cancel reaches children
-            )
-        self.record(state="running", pid=proc.pid, pgid=proc.pid, start=utc_stamp(), task=index)
-        walltime = self.spec.get("walltime")
-        deadline = time.monotonic() + walltime if walltime else None
-        killed = ""
-        while proc.poll() is None:
-            if not killed and self.cancelled():
-                killed = "cancelled"
-            elif not killed and deadline is not None and time.monotonic() > deadline:
-                killed = f"walltime {walltime} s exceeded"
-                # Said before the kill, so whoever reads the job's status file sees why; the
-                # limit as HH:MM:SS, the way recipes and PBS write it.
-                hours, rest = divmod(int(walltime or 0), 3600)
-                limit = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
-                self.record(reason=killed, killed_by="walltime", limit=limit)
-            if killed:
-                _stop_group(proc)
-                break
-            time.sleep(self.poll)
-        code = proc.wait()
-        if not killed and code != 0 and self.cancelled():
-            killed = "cancelled"  # `cancel` signalled the job itself before we looked
-        return code, killed
-
-    def main(self) -> int:
-        try:
-            why = self.wait_for_dependencies()
-            if why is not None:
-                self.record(state="cancelled", reason=why, end=utc_stamp())
-                return 0
-            slot = self.take_slot()
-        finally:
-            _leave_line(self.root, self.spec["id"])
-        if slot is None:
-            self.record(state="cancelled", reason="cancelled", end=utc_stamp())
-            return 0
-        try:
-            # A new run starts new logs (as qsub and sbatch do): in a reused work folder the
-            # last run's lines would otherwise pass for this run's log tail.
-            for log_path in {self.spec["stdout"], self.spec["stderr"]}:
-                with contextlib.suppress(OSError):
-                    os.truncate(log_path, 0)
-            tasks: list[int | None] = list(self.spec.get("array") or []) or [None]
-            worst, reason = 0, ""
-            for index in tasks:
-                if self.cancelled():
-                    reason = "cancelled"
-                    break
-                code, why_killed = self.run_task(index)
-                if why_killed:
-                    reason = why_killed
-                if code != 0 and worst == 0:
-                    worst = code
-                if why_killed == "cancelled":
-                    break
-        finally:
-            slot.close()
-        exit_code = 128 + (-worst) if worst < 0 else worst
-        if reason == "cancelled":
-            self.record(state="cancelled", reason="cancelled", exit_code=exit_code, end=utc_stamp())
-        else:
-            self.record(
-                state="finished" if exit_code == 0 and not reason else "failed",
-                exit_code=exit_code,
-                signal=-worst if worst < 0 else None,
-                reason=reason,
-                end=utc_stamp(),
-            )
-        return 0
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=_KILL_GRACE)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def run_job(job_dir: Path, submitter: int | None = None) -> int:
-    """The runner's entry point (``python -m hpcbridge.schedulers._localrun JOB_DIR PID``,
-    PID the submitting process's)."""
-    # Published by the submitter right after it records our pid; a submitter killed before
-    # that never publishes it, and then this job must not run. Its death shows as our being
-    # handed to another parent; the deadline covers a submitter that hangs.
-    submitter = os.getppid() if submitter is None else submitter
-    deadline = time.monotonic() + STARTING_GRACE
-    spec = _read_json(job_dir / "job.json")
-    while spec is None and time.monotonic() < deadline:
-        gone = os.getppid() != submitter
-        time.sleep(0.05)
-        spec = _read_json(job_dir / "job.json")
-        if gone:
-            break
-    if spec is None:
-        print(f"no job.json in {job_dir}: its submission never completed", file=sys.stderr)
-        return 2
-    return _Runner(job_dir, spec).main()

@@ -1,304 +1,48 @@
-"""Slurm: argv lists for sbatch/squeue/scancel and parsers for their output and scontrol's.
-
-Pure functions only: nothing here runs a command. Every option is passed as ``--name=value``
-so each value is exactly one argv element. Facts come from ``schedulers.md`` and the Slurm man
-pages (squeue "JOB STATE CODES", scontrol "show job").
+"""Slurm as a :class:`~.batch.BatchScheduler`: the hooks that pick the argv lists and parsers of
+:mod:`.slurm_commands`.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 from collections.abc import Sequence
 
 from hpcbridge.errors import SchedulerError
-from hpcbridge.schedulers.base import JobStatus, Scheduler, State, chunk_ids, merge_array
-from hpcbridge.schedulers.checks import check_array, check_ids, check_value
+from hpcbridge.schedulers.base import JobStatus
+from hpcbridge.schedulers.batch import BatchScheduler
 from hpcbridge.schedulers.script import ScriptInfo
-from hpcbridge.transport import Transport
+from hpcbridge.schedulers.slurm_commands import (
+    array_keys,
+    cancel_argv,
+    check_slurm_ids,
+    find_argv,
+    parse_found,
+    parse_squeue,
+    parse_submit,
+    status_argv,
+    submit_argv,
+    unknown_job,
+)
+from hpcbridge.transport import Result, Transport
 
-__all__ = [
-    "SQUEUE_FORMAT",
-    "SlurmScheduler",
-    "STATE_MAP",
-    "cancel_argv",
-    "parse_scontrol",
-    "parse_squeue",
-    "parse_submit",
-    "status_argv",
-    "submit_argv",
-    "unknown_job",
-]
-
-log = logging.getLogger(__name__)
-
-# id | state | reason | time limit | memory asked | name; the name goes last because it is
-# the only free-text field. The limits are there so a TIMEOUT or OUT_OF_MEMORY job can say
-# which limit it exceeded.
-SQUEUE_FORMAT = "%i|%T|%r|%l|%m|%j"
-_SQUEUE_FIELDS = SQUEUE_FORMAT.count("|") + 1
-
-# The states in which Slurm itself killed the job for a limit, and which limit it was.
-_KILLED_BY = {"TIMEOUT": "walltime", "OUT_OF_MEMORY": "memory"}
-
-# Source: squeue(1) "JOB STATE CODES" and schedulers.md. A PENDING job whose afterok parent
-# failed stays PENDING (Reason=DependencyNeverSatisfied): it is kept QUEUED with the reason, and
-# the orchestration layer decides to cancel it.
-STATE_MAP: dict[str, State] = {
-    "PENDING": State.QUEUED,
-    "CONFIGURING": State.QUEUED,  # nodes allocated, still booting
-    "REQUEUED": State.QUEUED,
-    "REQUEUE_FED": State.QUEUED,
-    "RUNNING": State.RUNNING,
-    "COMPLETING": State.RUNNING,  # some processes still ending
-    "STAGE_OUT": State.RUNNING,
-    "SIGNALING": State.RUNNING,
-    "RESIZING": State.RUNNING,
-    "SUSPENDED": State.HELD,
-    "STOPPED": State.HELD,
-    "REQUEUE_HOLD": State.HELD,
-    "RESV_DEL_HOLD": State.HELD,
-    "COMPLETED": State.FINISHED,
-    "FAILED": State.FAILED,
-    "TIMEOUT": State.FAILED,
-    "OUT_OF_MEMORY": State.FAILED,
-    "NODE_FAIL": State.FAILED,
-    "BOOT_FAIL": State.FAILED,
-    "DEADLINE": State.FAILED,
-    "PREEMPTED": State.FAILED,  # not requeued, or it would show REQUEUED
-    "SPECIAL_EXIT": State.FAILED,
-    "CANCELLED": State.CANCELLED,
-    "REVOKED": State.CANCELLED,  # federation: a sibling cluster ran it
-}
-
-# Job ids as sbatch prints them and squeue shows them: 123, 123_4, 123_[1-10%2], 123+1 (het).
-_JOB_ID = re.compile(r"^\d+(_(\d+|\[[\d,%-]+\]))?(\+\d+)?$")
+__all__ = ["SlurmScheduler", "SqueueHooks"]
 
 
-def _check_ids(ids: Sequence[str]) -> list[str]:
-    return check_ids("Slurm", _JOB_ID, ids)
+class SqueueHooks(BatchScheduler):
+    """Status and lookups through ``squeue``: Slurm's own, and the PBS wrappers'."""
+
+    def status_commands(self, ids: list[str]) -> list[list[str]]:
+        return [status_argv(ids)]
+
+    def statuses_from(self, argv: list[str], stdout: str) -> dict[str, JobStatus]:
+        return parse_squeue(stdout)
+
+    is_unknown = staticmethod(unknown_job)
+    group_keys = staticmethod(array_keys)
+    find_command = staticmethod(find_argv)
+    found_from = staticmethod(parse_found)
 
 
-def _check_value(what: str, value: str) -> str:
-    return check_value("sbatch", what, value)
-
-
-def _map_state(raw: str, job_id: str) -> State:
-    state = STATE_MAP.get(raw)
-    if state is None:
-        log.warning("job %s: unknown Slurm state %r; treating it as unknown", job_id, raw)
-        return State.UNKNOWN
-    return state
-
-
-def submit_argv(
-    script_path: str,
-    *,
-    after: Sequence[str] = (),
-    array: str | None = None,
-    partition: str | None = None,
-    account: str | None = None,
-) -> list[str]:
-    """The ``sbatch --parsable`` argv submitting ``script_path``.
-
-    ``--export=ALL`` is explicit so that ``SBATCH_EXPORT`` (a site's or a user's default) does
-    not decide what a job inherits: every job gets the environment it was submitted from (its
-    PATH finds the tools, as on the local scheduler), which the submission has already cleared
-    of secrets (:meth:`~hpcbridge.transport.Transport.without_secrets`). ``NONE`` would swap
-    it for the login environment on the compute node, which ``srun`` steps then inherit too.
-    """
-    argv = ["sbatch", "--parsable", "--export=ALL"]
-    if partition is not None:
-        argv.append("--partition=" + _check_value("partition", partition))
-    if account is not None:
-        argv.append("--account=" + _check_value("account", account))
-    if after:
-        argv.append("--dependency=afterok:" + ":".join(_check_ids(after)))
-    if array is not None:
-        argv.append("--array=" + check_array("sbatch", array))
-    argv.append(script_path)
-    return argv
-
-
-def parse_submit(stdout: str) -> str:
-    """The job id ``sbatch --parsable`` printed: ``123`` or ``123;cluster`` gives ``123``."""
-    # Job-submit plugins may print notices first; the id is on the last line that fits.
-    for line in reversed(stdout.strip().splitlines()):
-        match = re.match(r"^(\d+)(;[A-Za-z0-9_.-]+)?$", line.strip())
-        if match:
-            return match.group(1)
-    raise SchedulerError(
-        f"sbatch printed no job id: {stdout.strip()[:300]!r}",
-        hint="check the submission output above; the job may not have been queued",
-    )
-
-
-def status_argv(ids: Sequence[str]) -> list[str]:
-    """One ``squeue`` call for all ``ids``; the format is a single argv element.
-
-    ``-t all`` keeps ended jobs (COMPLETED, FAILED, CANCELLED) in the answer for ``MinJobAge``
-    seconds; without it squeue prints nothing for them.
-    """
-    if not ids:
-        raise ValueError("status_argv needs at least one job id (squeue alone lists every job)")
-    return ["squeue", "-h", "-t", "all", "-j", ",".join(_check_ids(ids)), "-o", SQUEUE_FORMAT]
-
-
-def find_argv(name: str) -> list[str]:
-    """The ids of the jobs named ``name``, ended ones too (``-t all``), one per line."""
-    return ["squeue", "-h", "-t", "all", "-n", _check_value("job name", name), "-o", "%i"]
-
-
-def parse_found(stdout: str) -> list[str]:
-    """Job ids from ``find_argv``'s output; array tasks (``123_4``) as their array (``123``)."""
-    found: list[str] = []
-    for line in stdout.split():
-        job_id = line.split("_", 1)[0]
-        if job_id.isdigit() and job_id not in found:
-            found.append(job_id)
-    return sorted(found, key=int)
-
-
-def find_squeue(transport: Transport, name: str, *, timeout: float = 60.0) -> list[str]:
-    """Jobs by name from squeue; shared with the PBS wrappers (their qselect is missing)."""
-    result = transport.run(find_argv(name), timeout=timeout)
-    if not result.ok:
-        raise SchedulerError(f"squeue could not look up jobs named {name}: {result.said()}")
-    return parse_found(result.stdout)
-
-
-def cancel_argv(ids: Sequence[str]) -> list[str]:
-    """``scancel`` for all ``ids``."""
-    if not ids:
-        raise ValueError("cancel_argv needs at least one job id")
-    return ["scancel", *_check_ids(ids)]
-
-
-def _reason(value: str) -> str:
-    # Slurm prints the literal "None" when there is no reason.
-    return "" if value.strip() in ("", "None", "(null)") else value.strip()
-
-
-def _limit(killed_by: str | None, time_limit: str, memory: str) -> str | None:
-    """The limit a killed job exceeded, as Slurm printed it ("20:00", "2G"); None if unknown."""
-    value = {"walltime": time_limit, "memory": memory}.get(killed_by or "", "").strip()
-    return None if value in ("", "0", "N/A", "UNLIMITED", "None", "(null)") else value
-
-
-def parse_squeue(text: str) -> dict[str, JobStatus]:
-    """Parse ``squeue -h -o SQUEUE_FORMAT`` lines into statuses keyed by job id.
-
-    Array tasks keep their own ids (``123_4``); a pending array shows as ``123_[5-10]``.
-    """
-    statuses: dict[str, JobStatus] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        parts = line.split("|", _SQUEUE_FIELDS - 1)
-        if len(parts) < _SQUEUE_FIELDS:
-            log.warning("ignoring squeue line not in the expected format: %r", line)
-            continue
-        job_id, raw, why, time_limit, memory, name = (part.strip() for part in parts)
-        killed_by = _KILLED_BY.get(raw)
-        statuses[job_id] = JobStatus(
-            native_id=job_id,
-            state=_map_state(raw, job_id),
-            raw_state=raw,
-            reason=_reason(why),
-            name=name,
-            killed_by=killed_by,
-            limit=_limit(killed_by, time_limit, memory),
-        )
-    return statuses
-
-
-def _field(text: str, key: str) -> str | None:
-    match = re.search(rf"(?:^|\s){key}=(\S*)", text)
-    return match.group(1) if match else None
-
-
-def parse_scontrol(text: str) -> JobStatus | None:
-    """Parse ``scontrol show job ID``; None when it shows no job (e.g. an invalid id).
-
-    Only the first record is read: an array parent prints one record per task.
-    """
-    record = text.strip().split("\n\n", 1)[0]
-    job_id = _field(record, "JobId")
-    if not job_id:
-        return None
-    raw = _field(record, "JobState") or ""
-    state = _map_state(raw, job_id)
-    exit_code = signal = None
-    exit_field = _field(record, "ExitCode")
-    if exit_field and re.match(r"^\d+:\d+$", exit_field):
-        exit_code, signal = (int(part) for part in exit_field.split(":"))
-        if signal != 0 and state is State.FINISHED:
-            state = State.FAILED  # killed by a signal even if Slurm calls it completed
-    # JobName is free text up to the next " Key=" on the same line.
-    name_match = re.search(r"(?:^|\s)JobName=(.*?)(?=\s+\w+=|$)", record, re.MULTILINE)
-    killed_by = _KILLED_BY.get(raw)
-    # Memory asked per node or per CPU, whichever the job used ("MinMemoryNode=2G").
-    memory = _field(record, "MinMemoryNode") or _field(record, "MinMemoryCPU") or ""
-    array_task = _field(record, "ArrayTaskId")
-    array_job = _field(record, "ArrayJobId")
-    if array_job and array_task and re.match(r"^\d+$", array_task):
-        job_id = f"{array_job}_{array_task}"  # the id squeue would show for the task
-    return JobStatus(
-        native_id=job_id,
-        state=state,
-        raw_state=raw,
-        exit_code=exit_code,
-        name=name_match.group(1) if name_match else "",
-        reason=_reason(_field(record, "Reason") or ""),
-        signal=signal or None,
-        killed_by=killed_by or ("signal" if signal else None),
-        limit=_limit(killed_by, _field(record, "TimeLimit") or "", memory),
-    )
-
-
-def unknown_job(stderr: str, returncode: int) -> bool:
-    """True when squeue/scontrol/scancel failed because Slurm no longer knows the job."""
-    return returncode != 0 and "invalid job id" in stderr.lower()
-
-
-def poll_squeue(
-    transport: Transport, ids: Sequence[str], *, timeout: float = 60.0
-) -> tuple[dict[str, JobStatus], int]:
-    """Statuses of ``ids`` from squeue (one call per chunk), and the number of calls made.
-
-    An array job's tasks (``123_4``, ``123_[5-9]``) are merged into one status for ``123``.
-    Shared with the PBS wrappers, whose ``qstat`` shows neither arrays nor exit states.
-    """
-    calls = 0
-
-    def group_status(group: list[str]) -> dict[str, JobStatus]:
-        nonlocal calls
-        result = transport.run(status_argv(group), timeout=timeout)
-        calls += 1
-        if not result.ok and not unknown_job(result.stderr, result.exit_code):
-            raise SchedulerError(f"squeue failed: {result.said()}")
-        parsed = parse_squeue(result.stdout) if result.ok else {}
-        found: dict[str, JobStatus] = {}
-        for job_id in group:
-            if job_id in parsed:
-                found[job_id] = parsed[job_id]
-                continue
-            members = [v for k, v in parsed.items() if k.startswith(job_id + "_")]
-            if members:
-                found[job_id] = merge_array(job_id, members)
-        if not result.ok and len(group) > 1:
-            # squeue refuses the whole list when one id is invalid: ask each one alone.
-            for job_id in group:
-                found.update(group_status([job_id]))
-        return found
-
-    statuses: dict[str, JobStatus] = {}
-    for group in chunk_ids(_check_ids(ids)):
-        statuses.update(group_status(group))
-    return statuses, calls
-
-
-class SlurmScheduler(Scheduler):
+class SlurmScheduler(SqueueHooks):
     """Slurm through ``sbatch``/``squeue``/``scancel``.
 
     ``squeue`` shows ended jobs only for ``MinJobAge`` seconds and never their exit codes; the
@@ -315,62 +59,47 @@ class SlurmScheduler(Scheduler):
         account: str | None = None,
         timeout: float = 60.0,
     ) -> None:
-        super().__init__(transport)
+        super().__init__(transport, timeout=timeout)
         self.partition = partition
         self.account = account
-        self.timeout = timeout
 
     def check_ids(self, ids: Sequence[str]) -> list[str]:
-        return _check_ids(ids)
+        return check_slurm_ids(ids)
 
-    def submit(
-        self,
-        script_path: str,
-        *,
-        after: Sequence[str] = (),
-        array: str | None = None,
-        info: ScriptInfo | None = None,
-    ) -> str:
-        info = info or ScriptInfo()
-        argv = submit_argv(
-            script_path,
-            after=after,
-            array=array,
-            partition=None if info.queue else self.partition,
-            account=None if info.project else self.account,
+    def submit_command(
+        self, script_path: str, after: list[str], array: str | None, info: ScriptInfo
+    ) -> list[str]:
+        # The script's own directives win; the profile's fill in where it has none.
+        partition = None if info.queue else self.partition
+        account = None if info.project else self.account
+        return submit_argv(
+            script_path, after=after, array=array, partition=partition, account=account
         )
-        result = self.transport.run(
-            self.transport.without_secrets(argv), timeout=self.timeout, retry=False
-        )
+
+    def refused(self, result: Result) -> SchedulerError:
         if result.exit_code == 127:
-            raise SchedulerError(
+            return SchedulerError(
                 "sbatch is not installed where jobs are submitted",
                 hint="is this a Slurm login node? set `scheduler` in the profile "
                 "(pbs, slurm or local)",
             )
-        if not result.ok:
-            raise SchedulerError(
-                f"sbatch refused the job: {result.said()}",
-                hint="check the resource requests (time, memory, partition, account) in the script",
-            )
-        return parse_submit(result.stdout)
+        return SchedulerError(
+            f"sbatch refused the job: {result.said()}",
+            hint="check the resource requests (time, memory, partition, account) in the script",
+        )
 
-    def find_jobs(self, *, name: str, work_dir: str | None = None) -> list[str]:
-        return find_squeue(self.transport, name, timeout=self.timeout)
+    job_id_from = staticmethod(parse_submit)
 
-    def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
-        statuses, calls = poll_squeue(self.transport, ids, timeout=self.timeout)
-        self.status_calls += calls
-        return statuses
-
-    def cancel(self, ids: Sequence[str]) -> list[str]:
+    def cancellable(self, ids: list[str]) -> list[str]:
         # scancel exits 0 and prints nothing for an id it never knew (seen on 22.05), so ask
         # squeue first which ids exist, and cancel only those.
         known = self.status(ids)
-        unknown = [i for i in ids if i not in known]
-        live = [i for i in ids if i in known]
-        for group in chunk_ids(live):
-            result = self.transport.run(cancel_argv(group), timeout=self.timeout)
-            if not result.ok and not unknown_job(result.stderr, result.exit_code):
-                raise SchedulerError(f"scancel failed: {result.said()}")
-        return unknown
+        return [i for i in ids if i in known]
+
+    cancel_command = staticmethod(cancel_argv)
+
+    def cancel_failure(self, result: Result, ids: list[str]) -> list[str] | None:
+        # scancel acts on each id of its list alone, so a failed call is not repeated per id.
+        if unknown_job(result.stderr, result.exit_code):
+            return []
+        raise SchedulerError(f"scancel failed: {result.said()}")

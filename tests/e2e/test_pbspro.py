@@ -28,7 +28,7 @@ from click.testing import CliRunner, Result
 from hpcbridge.cli import main
 from hpcbridge.config import load_settings
 from hpcbridge.jobs import open_scheduler, open_transport
-from hpcbridge.schedulers import pbs
+from hpcbridge.schedulers import pbs_commands
 from hpcbridge.schedulers.base import JobStatus, State, explain_kill
 from hpcbridge.schedulers.pbs import PbsScheduler
 
@@ -159,12 +159,14 @@ def json_and_text(scheduler: PbsScheduler, ids: list[str]) -> tuple[dict, dict]:
     run = scheduler.transport.run
     one_by_one: dict[str, JobStatus] = {}
     for job_id in ids:
-        result = run(pbs.status_argv([job_id], flavour="pbspro", json_output=True), timeout=30)
+        result = run(
+            pbs_commands.status_argv([job_id], flavour="pbspro", json_output=True), timeout=30
+        )
         assert result.ok, result.said()
-        one_by_one.update(pbs.parse_qstat_json(result.stdout))
-    result = run(pbs.status_argv(ids, flavour="pbspro"), timeout=30)
+        one_by_one.update(pbs_commands.parse_qstat_json(result.stdout))
+    result = run(pbs_commands.status_argv(ids, flavour="pbspro"), timeout=30)
     assert result.ok, result.said()
-    return one_by_one, pbs.parse_qstat_full(result.stdout)
+    return one_by_one, pbs_commands.parse_qstat_full(result.stdout)
 
 
 def test_flavour_is_read_from_qstat_version_over_ssh(
@@ -342,7 +344,7 @@ def test_afterok_held_then_run_or_deleted_by_the_server(
     assert "Exit_status" not in orphan
     assert server(failing)["Exit_status"] == 3
     status = scheduler.status([after_failing])[after_failing]
-    assert (status.state, status.reason) == (State.CANCELLED, pbs.NEVER_RAN)
+    assert (status.state, status.reason) == (State.CANCELLED, pbs_commands.NEVER_RAN)
 
     waited = wait_all(good, after_good, failing, after_failing)
     assert waited.exit_code == 3, waited.output
@@ -353,7 +355,7 @@ def test_afterok_held_then_run_or_deleted_by_the_server(
         "failed",
         "cancelled",
     ]
-    assert states[after_failing]["reason"] == pbs.NEVER_RAN
+    assert states[after_failing]["reason"] == pbs_commands.NEVER_RAN
     assert server(after_good)["Exit_status"] == 0
     # the child started only after its parent ended
     parent_end = json.loads((tmp_path / "good/.hpcbridge/status.json").read_text())["end"]

@@ -103,8 +103,8 @@ def test_records_from_before_the_ended_folder_are_moved_there_on_first_read(
 def test_a_queued_job_is_not_judged_by_a_status_file_left_in_its_folder(tmp_path: Path) -> None:
     """A requeued job (or a folder reused by hand) may hold an old outcome: while the
     scheduler says the job waits, that file is not this attempt's and is not read."""
-    from hpcbridge.jobs import _resolve
     from hpcbridge.schedulers.base import JobStatus, State
+    from hpcbridge.schedulers.outcome import resolve as _resolve
     from hpcbridge.transport import LocalTransport
 
     record = job("9")

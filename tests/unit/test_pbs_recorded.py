@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 from hpcbridge.errors import SchedulerError
-from hpcbridge.jobs import STATUS_FILE_GRACE, Job, _resolve, _resolve_by_scheduler
-from hpcbridge.schedulers import State, pbs
+from hpcbridge.jobs import Job
+from hpcbridge.schedulers import State, pbs, pbs_commands
 from hpcbridge.schedulers.base import JobStatus, explain_kill
+from hpcbridge.schedulers.outcome import STATUS_FILE_GRACE
+from hpcbridge.schedulers.outcome import resolve as _resolve
+from hpcbridge.schedulers.outcome import resolve_by_scheduler as _resolve_by_scheduler
 from hpcbridge.transport import Result, Transport
 
 DATA = Path(__file__).parent / "data" / "openpbs"
@@ -60,8 +63,8 @@ QSTATS = [n for n in RECORDS if re.match(r"qstat (-x )?-f", _load(n).command)]
 def _parse(record: Record) -> dict[str, JobStatus]:
     """What hpcbridge makes of a recorded qstat, by the format it asked for."""
     if "-F json" in record.command:
-        return pbs.parse_qstat_json(record.stdout)
-    return pbs.parse_qstat_full(record.stdout)
+        return pbs_commands.parse_qstat_json(record.stdout)
+    return pbs_commands.parse_qstat_full(record.stdout)
 
 
 def test_every_record_is_here_and_readable() -> None:
@@ -179,7 +182,7 @@ def test_recorded_qdel_of_a_running_job() -> None:
 
 def test_recorded_job_that_never_ran() -> None:
     status = _parse(_load("49_qstat_x_f_json_child_of_fail"))["7.vm"]
-    assert status.reason == pbs.NEVER_RAN
+    assert status.reason == pbs_commands.NEVER_RAN
     assert explain_kill(status) == ""
 
 
@@ -202,7 +205,7 @@ def test_every_pbspro_resource_kill(
     job["Exit_status"] = code
     job["comment"] = "Job run at Mon Dec 07 at 16:45 on (vm:ncpus=1:mem=1048576kb) and failed"
     job["Resource_List"][limit_key] = limit if limit_key != "ncpus" else int(limit)
-    status = pbs.parse_qstat_json(json.dumps(doc))["2.vm"]
+    status = pbs_commands.parse_qstat_json(json.dumps(doc))["2.vm"]
     assert (status.state, status.killed_by, status.limit) == (State.FAILED, killed_by, limit)
     assert explain_kill(status).startswith(sentence)
 
@@ -210,14 +213,14 @@ def test_every_pbspro_resource_kill(
 def test_a_kill_without_the_limit_on_record_still_names_the_resource() -> None:
     text = _load("15_qstat_x_f_text_walltime_killed").stdout
     text = text.replace("    Resource_List.walltime = 00:00:05\n", "")
-    status = pbs.parse_qstat_full(text)["2.vm"]
+    status = pbs_commands.parse_qstat_full(text)["2.vm"]
     assert explain_kill(status) == f"killed: walltime exceeded; {WALLTIME_HINT}"
 
 
 def test_the_comment_names_the_kill_where_the_exit_status_is_a_signal() -> None:
     # Older PBS reported a resource kill as 256 + SIGKILL/SIGTERM; the comment still says which.
     text = _load("15_qstat_x_f_text_walltime_killed").stdout.replace("= -29", "= 271")
-    status = pbs.parse_qstat_full(text)["2.vm"]
+    status = pbs_commands.parse_qstat_full(text)["2.vm"]
     assert (status.killed_by, status.limit, status.signal) == ("walltime", "00:00:05", 15)
     assert explain_kill(status) == WALLTIME_KILL
 
@@ -234,7 +237,7 @@ def test_the_comment_names_the_kill_where_the_exit_status_is_a_signal() -> None:
 def test_other_negative_exit_statuses_say_what_they_mean(code: int, start: str) -> None:
     text = _load("15_qstat_x_f_text_walltime_killed").stdout
     text = text.replace("= -29", f"= {code}").replace("exceeded resource walltime", "failed")
-    status = pbs.parse_qstat_full(text)["2.vm"]
+    status = pbs_commands.parse_qstat_full(text)["2.vm"]
     assert (status.state, status.exit_code, status.killed_by) == (State.FAILED, code, None)
     assert status.reason.startswith(start)
     assert f"(PBS exit status {code})" in status.reason
@@ -244,13 +247,15 @@ def test_other_negative_exit_statuses_say_what_they_mean(code: int, start: str) 
 def test_torque_negative_codes_are_not_read_as_pbs_pro_ones() -> None:
     # Torque spells it exit_status, and its JOB_EXEC_* numbers mean other things.
     text = "Job Id: 9.torque\n    job_state = C\n    exit_status = -29\n"
-    status = pbs.parse_qstat_full(text)["9.torque"]
+    status = pbs_commands.parse_qstat_full(text)["9.torque"]
     assert (status.state, status.killed_by) == (State.FAILED, None)
     assert status.reason == "the PBS server could not run the job (PBS exit status -29)"
 
 
 def test_torque_signal_exit() -> None:
-    status = pbs.parse_qstat_full("Job Id: 9.t\n    job_state = C\n    exit_status = 265\n")["9.t"]
+    status = pbs_commands.parse_qstat_full(
+        "Job Id: 9.t\n    job_state = C\n    exit_status = 265\n"
+    )["9.t"]
     assert (status.state, status.signal) == (State.FAILED, 9)
     assert explain_kill(status) == "killed by signal 9 (SIGKILL)"
 
@@ -259,7 +264,7 @@ def test_a_job_deleted_while_queued_is_cancelled() -> None:
     # Deleted before it ran: F, substate 91, no Exit_status.
     doc = json.loads(_load("49_qstat_x_f_json_child_of_fail").stdout)
     doc["Jobs"]["7.vm"]["substate"] = 91
-    status = pbs.parse_qstat_json(json.dumps(doc))["7.vm"]
+    status = pbs_commands.parse_qstat_json(json.dumps(doc))["7.vm"]
     assert (status.state, status.exit_code) == (State.CANCELLED, None)
 
 
@@ -267,14 +272,14 @@ def test_an_ended_array_parent_without_exit_status_is_not_called_cancelled() -> 
     # The parent never runs itself, so "no Exit_status" says nothing about its subjobs.
     doc = json.loads(_load("49_qstat_x_f_json_child_of_fail").stdout)
     doc["Jobs"] = {"8[].vm": doc["Jobs"]["7.vm"]}
-    status = pbs.parse_qstat_json(json.dumps(doc))["8[].vm"]
+    status = pbs_commands.parse_qstat_json(json.dumps(doc))["8[].vm"]
     assert (status.state, status.exit_code) == (State.FINISHED, None)
 
 
 def test_a_job_moved_to_another_server_is_not_ended() -> None:
     doc = json.loads(_load("49_qstat_x_f_json_child_of_fail").stdout)
     doc["Jobs"]["7.vm"].update(substate=94, comment="Job moved to server other")
-    status = pbs.parse_qstat_json(json.dumps(doc))["7.vm"]
+    status = pbs_commands.parse_qstat_json(json.dumps(doc))["7.vm"]
     assert (status.state, status.reason) == (State.UNKNOWN, "Job moved to server other")
 
 
@@ -282,14 +287,14 @@ def test_a_job_that_ran_and_shows_no_exit_status_is_left_to_its_status_file() ->
     # Not seen on a real server, but a job that ran is not "cancelled" for lack of a number.
     doc = json.loads(_load("05_qstat_x_f_json_finished_ok").stdout)
     del doc["Jobs"]["0.vm"]["Exit_status"]
-    status = pbs.parse_qstat_json(json.dumps(doc))["0.vm"]
+    status = pbs_commands.parse_qstat_json(json.dumps(doc))["0.vm"]
     assert (status.state, status.exit_code) == (State.FINISHED, None)
 
 
 def test_qdel_of_a_running_job_on_a_version_without_substates() -> None:
     doc = json.loads(_load("24_qstat_x_f_json_after_qdel").stdout)
     del doc["Jobs"]["3.vm"]["substate"]
-    status = pbs.parse_qstat_json(json.dumps(doc))["3.vm"]
+    status = pbs_commands.parse_qstat_json(json.dumps(doc))["3.vm"]
     assert (status.state, status.reason) == (State.CANCELLED, "deleted by pbsuser@localhost")
 
 
@@ -301,7 +306,7 @@ def _wallkill_text() -> str:
 
 
 def _walltime_killed(text: str, job_id: str = "2.vm") -> JobStatus:
-    status = pbs.parse_qstat_full(text)[job_id]
+    status = pbs_commands.parse_qstat_full(text)[job_id]
     assert (status.state, status.exit_code, status.name) == (State.FAILED, -29, "wallkill")
     assert (status.killed_by, status.limit) == ("walltime", "00:00:05")
     assert status.reason == (
@@ -351,7 +356,7 @@ def test_values_with_equals_signs_and_non_ascii_text() -> None:
         )
         .replace("exceeded resource walltime", "exceeded resource walltime — données = 5 µs")
     )
-    status = pbs.parse_qstat_full(text)["2.vm"]
+    status = pbs_commands.parse_qstat_full(text)["2.vm"]
     assert status.reason.endswith("exceeded resource walltime — données = 5 µs")
     assert (status.killed_by, status.name) == ("walltime", "wallkill")
 
@@ -372,7 +377,7 @@ def test_a_value_missing_its_equals_sign_is_skipped() -> None:
 
 def test_several_jobs_in_one_text() -> None:
     text = _load("06_qstat_x_f_text_finished_ok").stdout + _wallkill_text()
-    parsed = pbs.parse_qstat_full(text)
+    parsed = pbs_commands.parse_qstat_full(text)
     assert {k: v.state for k, v in parsed.items()} == {
         "0.vm": State.FINISHED,
         "2.vm": State.FAILED,
@@ -399,7 +404,7 @@ def _wallkill_json() -> str:
 )
 def test_json_in_any_layout(layout: dict[str, object]) -> None:
     text = json.dumps(json.loads(_wallkill_json()), **layout)  # type: ignore[arg-type]
-    assert pbs.parse_qstat_json(text) == pbs.parse_qstat_json(_wallkill_json())
+    assert pbs_commands.parse_qstat_json(text) == pbs_commands.parse_qstat_json(_wallkill_json())
     _walltime_killed(_wallkill_text())  # and both agree with the text
 
 
@@ -408,7 +413,7 @@ def test_json_with_non_ascii_comment() -> None:
     doc["Jobs"]["2.vm"]["comment"] += " — réessayer"
     for ascii_only in (True, False):
         text = json.dumps(doc, ensure_ascii=ascii_only)
-        status = pbs.parse_qstat_json(text)["2.vm"]
+        status = pbs_commands.parse_qstat_json(text)["2.vm"]
         assert status.reason.endswith("exceeded resource walltime — réessayer")
         assert status.killed_by == "walltime"
 
@@ -417,7 +422,7 @@ def test_json_that_pbs_broke_is_an_error_the_poll_recovers_from() -> None:
     # Some releases print a Variable_List value with a raw control character or quote.
     broken = _wallkill_json().replace('"PBS_O_SHELL":\t"/bin/bash"', '"PBS_O_SHELL":\t"/bin/"sh"')
     with pytest.raises(SchedulerError, match="invalid JSON"):
-        pbs.parse_qstat_json(broken)
+        pbs_commands.parse_qstat_json(broken)
 
 
 # --- the scheduler over recorded output ------------------------------------------------------
@@ -488,7 +493,7 @@ def _poll_argv(ids: str) -> str:
 @pytest.mark.parametrize("name", ["30_qstat_version", "31_qsub_version"])
 def test_recorded_version_is_pbs_pro(name: str) -> None:
     record = _load(name)
-    assert pbs.detect_flavour(record.stdout + record.stderr, record.exit_code) == "pbspro"
+    assert pbs_commands.detect_flavour(record.stdout + record.stderr, record.exit_code) == "pbspro"
 
 
 def test_flavour_is_asked_of_qstat_version_once() -> None:
@@ -515,7 +520,7 @@ def test_flavour_is_asked_of_qstat_version_once() -> None:
 def test_recorded_qsub_ids(name: str, job_id: str) -> None:
     record = _load(name)
     assert record.exit_code == 0
-    assert pbs.parse_submit(record.stdout) == job_id
+    assert pbs_commands.parse_submit(record.stdout) == job_id
     transport = Replay({"/w/job.sh": _answer(name)})
     assert pbs.PbsScheduler(transport, flavour="pbspro").submit("/w/job.sh") == job_id
 
@@ -528,8 +533,8 @@ def test_recorded_qsub_refusal_is_a_scheduler_error() -> None:
 
 @pytest.mark.parametrize("job_id", ["8[].vm", "8[]", "8[1].vm"])
 def test_array_ids_are_pbs_ids(job_id: str) -> None:
-    assert pbs.parse_submit(f"{job_id}\n") == job_id
-    assert pbs.status_argv([job_id], flavour="pbspro")[-1] == job_id
+    assert pbs_commands.parse_submit(f"{job_id}\n") == job_id
+    assert pbs_commands.status_argv([job_id], flavour="pbspro")[-1] == job_id
 
 
 @pytest.mark.parametrize("asked", ["2.vm", "2"])
@@ -555,8 +560,8 @@ def test_recorded_unknown_id_is_absent_not_an_error(name: str) -> None:
     # exit 153, and the JSON header on stdout even so
     record = _load(name)
     assert (record.exit_code, record.stdout.startswith("{")) == (153, True)
-    assert pbs.unknown_job(record.stderr, record.exit_code)
-    assert pbs.unknown_job_ids(record.stderr) == {"9999.vm"}
+    assert pbs_commands.unknown_job(record.stderr, record.exit_code)
+    assert pbs_commands.unknown_job_ids(record.stderr) == {"9999.vm"}
     transport = Replay({_poll_argv("9999.vm"): _answer(name)})
     assert pbs.PbsScheduler(transport, flavour="pbspro").status(["9999.vm"]) == {}
 
@@ -587,7 +592,7 @@ def test_one_unknown_id_among_several_costs_no_extra_poll(ids: list[str]) -> Non
 def test_recorded_finished_without_x_is_a_failed_poll_not_a_vanished_job(name: str) -> None:
     # hpcbridge always asks with -x; should a server answer like this, no job is dropped.
     record = _load(name)
-    assert not pbs.unknown_job(record.stderr, record.exit_code)
+    assert not pbs_commands.unknown_job(record.stderr, record.exit_code)
     job_id = "3.vm" if name.startswith("25") else "7.vm"
     transport = Replay({_poll_argv(job_id): _answer(name)})
     with pytest.raises(SchedulerError, match="qstat failed: .*Job has finished"):
@@ -693,9 +698,9 @@ def test_qdel_of_a_running_job_says_who() -> None:
 def test_a_child_deleted_because_its_parent_failed_is_cancelled() -> None:
     status = _recorded("49_qstat_x_f_json_child_of_fail", "7.vm")
     job = _resolve(_job(id="7.vm", state=State.HELD.value), status, Files({}))
-    assert (job.state, job.exit_code, job.reason) == ("cancelled", None, pbs.NEVER_RAN)
+    assert (job.state, job.exit_code, job.reason) == ("cancelled", None, pbs_commands.NEVER_RAN)
     by_scheduler = _resolve_by_scheduler(_job(id="7.vm", work_dir=None), status)
-    assert (by_scheduler.state, by_scheduler.reason) == ("cancelled", pbs.NEVER_RAN)
+    assert (by_scheduler.state, by_scheduler.reason) == ("cancelled", pbs_commands.NEVER_RAN)
 
 
 @pytest.mark.parametrize(
@@ -735,7 +740,7 @@ def test_jobs_wait_progress_line_says_why(capsys: pytest.CaptureFixture[str]) ->
 
 def test_a_job_the_server_could_not_run_says_so() -> None:
     text = _wallkill_text().replace("= -29", "= -1").replace("exceeded resource walltime", "failed")
-    status = pbs.parse_qstat_full(text)["2.vm"]
+    status = pbs_commands.parse_qstat_full(text)["2.vm"]
     job = _resolve(_job(), status, Files({}))  # it never started: no file at all
     assert (job.state, job.exit_code) == ("failed", -1)
     assert job.reason.startswith("the server could not run the job (execution failed before")
@@ -764,7 +769,7 @@ def test_a_failed_parent_the_server_marked_terminated_is_a_failure() -> None:
     text = text.replace('"substate":\t93', '"substate":\t91').replace(
         "and failed", "and terminated by root@localhost"
     )
-    status = pbs.parse_qstat_json(text)["1.vm"]
+    status = pbs_commands.parse_qstat_json(text)["1.vm"]
     assert (status.state, status.exit_code) == (State.FAILED, 3)
     files = Files({"/w/.hpcbridge/status.json": '{"exit_code": 3, "end": "x"}'})
     job = _resolve(_job(id="1.vm"), status, files)
@@ -810,7 +815,7 @@ def test_an_array_whose_subjob_failed_is_failed() -> None:
     text = _answer("13_qstat_x_f_json_exit3")[0].replace('"1.vm"', '"8[].vm"')
     text = text.replace('"Exit_status":\t3', '"Exit_status":\t0')
     text = text.replace("Job run at", "Job Array Began at")
-    status = pbs.parse_qstat_json(text)["8[].vm"]
+    status = pbs_commands.parse_qstat_json(text)["8[].vm"]
     assert (status.state, status.exit_code) == (State.FAILED, None)
     assert status.reason.endswith("and failed")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hpcbridge.errors import SchedulerError
-from hpcbridge.schedulers import State, chunk_ids, pbs
+from hpcbridge.schedulers import State, chunk_ids
+from hpcbridge.schedulers import pbs_commands as pbs
 
 DATA = Path(__file__).parent / "data" / "sched"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hpcbridge.errors import SchedulerError
-from hpcbridge.schedulers import State, slurm
+from hpcbridge.schedulers import State
+from hpcbridge.schedulers import slurm_commands as slurm
 from hpcbridge.schedulers.base import explain_kill
 
 DATA = Path(__file__).parent / "data" / "sched"
@@ -265,7 +266,8 @@ def test_parse_found_folds_array_tasks_into_their_job_and_sorts() -> None:
 
 
 def test_a_timeout_wins_over_the_143_the_jobs_trap_recorded() -> None:
-    from hpcbridge.jobs import Job, _resolve
+    from hpcbridge.jobs import Job
+    from hpcbridge.schedulers.outcome import resolve as _resolve
     from hpcbridge.transport import LocalTransport
 
     class Files(LocalTransport):
