@@ -97,7 +97,7 @@ LIB_UPLOAD = """
 import json, os, sys, time
 from pathlib import Path
 from hpcbridge.credentials import Secret
-from hpcbridge.stageout import LocalFile, _upload_one, resolve_target
+from hpcbridge.stageout.upload import LocalFile, _upload_one, resolve_target
 from hpcbridge.xnat.address import Address
 from hpcbridge.xnat.client import XnatClient
 
