@@ -214,12 +214,8 @@ def _finish(failed: list, total: int) -> None:
 @click.option("--content", metavar="C", help="Resource content when it is created.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files with different content.")
 @click.option("--assessor", metavar="LABEL", help="Upload to this assessor of the experiment.")
-@click.option(
-    "--inout",
-    type=click.Choice(["in", "out"]),
-    default="out",
-    show_default=True,
-    help="Which assessor resources (with --assessor).",
+@_shown_default(
+    "--inout", "out", click.Choice(["in", "out"]), "Which assessor resources (with --assessor)."
 )
 @click.option("--no-zip", is_flag=True, help="Upload small files one by one, not as one zip.")
 @click.option(
