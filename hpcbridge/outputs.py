@@ -21,23 +21,20 @@ from typing import Any
 
 from .errors import StageError, XnatNotFoundError
 from .recipes import Output
-from .stageout import (
+from .stageout.files import (
     SAFE_PATH,
     LocalFile,
     Secrets,
-    Target,
     check_file,
     kind_of,
     link_refusal,
     open_folder,
     read_link,
     refusal,
-    remote_files,
-    resolve_target,
     secret_ids,
-    stage_out,
     subfolder,
 )
+from .stageout.upload import Target, remote_files, resolve_target, stage_out
 from .xnat.address import Address
 from .xnat.client import XnatClient
 

@@ -7,10 +7,9 @@ CRCs, sizes, digests) while extracting it safely, summarise the DICOM with pydic
 leaves no folder that looks complete; a re-run skips scans whose manifest still verifies against
 both the files on disk and XNAT's listing.
 
-
 The package: ``layout`` (selection, limits, outcome, folder names), ``fetch`` (one scan's plan,
-download and manifest), ``unzip`` (checks while unpacking, later verification) and ``tree`` (the
-staging folders that concurrent stage-ins share).
+download and manifest, and the staging folders concurrent stage-ins share) and ``unzip``
+(checks while unpacking, later verification).
 """
 
 from __future__ import annotations
@@ -27,38 +26,13 @@ from ..xnat.address import Address
 from ..xnat.browse import require, scans_of
 from ..xnat.client import XnatClient
 from ..xnat.model import Scan
-from .fetch import _Plan, _plan, summarise_dicom
-from .layout import (
-    MANIFEST,
-    STAGING,
-    Limits,
-    Progress,
-    Selection,
-    StagedScan,
-    StageInReport,
-    resource_folder,
-    safe_name,
-    scan_folder,
-    xnat_scan_folder,
-)
-from .unzip import md5_of, open_manifest
-
-__all__ = [
-    "MANIFEST",
-    "STAGING",
-    "Limits",
-    "Selection",
-    "StageInReport",
-    "StagedScan",
-    "md5_of",
-    "open_manifest",
-    "resource_folder",
-    "safe_name",
-    "scan_folder",
-    "stage_in",
-    "summarise_dicom",
-    "xnat_scan_folder",
-]
+from .fetch import _Plan, _plan
+from .layout import STAGING as STAGING
+from .layout import Limits, Progress, Selection, StagedScan, StageInReport
+from .layout import safe_name as safe_name
+from .layout import scan_folder as scan_folder
+from .unzip import md5_of as md5_of
+from .unzip import open_manifest as open_manifest
 
 #: The defaults of stage_in: every scan, and the limits' defaults (both frozen).
 EVERY_SCAN = Selection()

@@ -8,62 +8,22 @@ objects with ``inbody=true`` (never a multipart body built in memory); many smal
 as one zip with ``extract=true``. XNAT answers 200 both when it keeps an old file (a
 ``duplicates`` list) and, for a user without write rights, when it stores nothing, so only the
 re-listing afterwards proves an upload: every file is checked by name, size and digest.
-The package: ``refuse`` (what may be read: no links, special files or secrets), ``local``
-(the files to send) and ``upload`` (the target, the requests and the verification).
+
+The package: ``files`` (what may be read: no links, special files or secrets; the files to
+send) and ``upload`` (the target, the requests and the verification).
 """
 
 from __future__ import annotations
 
-from .local import SAFE_PATH, LocalFile, collect
-from .refuse import (
-    UPLOAD,
-    RefusedFileError,
-    Secrets,
-    check_file,
-    kind_of,
-    link_refusal,
-    open_folder,
-    open_regular,
-    open_subfolder,
-    read_link,
-    refusal,
-    replaced,
-    secret_ids,
-    shown,
-    subfolder,
-)
-from .upload import (
-    StageOutReport,
-    Target,
-    default_labels,
-    remote_files,
-    resolve_target,
-    stage_out,
-)
-
-__all__ = [
-    "SAFE_PATH",
-    "UPLOAD",
-    "LocalFile",
-    "RefusedFileError",
-    "Secrets",
-    "StageOutReport",
-    "Target",
-    "check_file",
-    "collect",
-    "default_labels",
-    "kind_of",
-    "link_refusal",
-    "open_folder",
-    "open_regular",
-    "open_subfolder",
-    "read_link",
-    "refusal",
-    "remote_files",
-    "replaced",
-    "resolve_target",
-    "secret_ids",
-    "shown",
-    "stage_out",
-    "subfolder",
-]
+from .files import LocalFile as LocalFile
+from .files import RefusedFileError as RefusedFileError
+from .files import collect as collect
+from .files import kind_of as kind_of
+from .files import link_refusal as link_refusal
+from .files import refusal as refusal
+from .files import replaced as replaced
+from .upload import StageOutReport as StageOutReport
+from .upload import Target as Target
+from .upload import remote_files as remote_files
+from .upload import resolve_target as resolve_target
+from .upload import stage_out as stage_out

@@ -21,7 +21,7 @@ from ..xnat.address import Address
 from ..xnat.browse import experiment, require
 from ..xnat.client import XnatClient
 from ..xnat.model import FileEntry
-from .local import CHUNK, LocalFile
+from .files import CHUNK, LocalFile
 
 # Batch into one zip when there are this many files, all smaller than SMALL_FILE.
 ZIP_MIN_FILES = 8

@@ -582,7 +582,7 @@ def test_a_stage_in_removes_what_killed_stage_ins_left_and_nothing_else(
     ended = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    host = stagein.tree._HOST
+    host = stagein.fetch._HOST
     killed = f"{host}-{ended.stdout.strip()}-0badc0de"  # this host's, its process gone
     old = "login2-4242-0badc0de"  # another host's, untouched for three days
     working = f"{host}-{os.getpid()}-0badc0de"  # a live process's
