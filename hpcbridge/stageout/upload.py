@@ -68,6 +68,7 @@ class StageOutReport:
 
 
 Progress = Callable[[int], None]
+OVERWRITE_HINT = "add --overwrite to replace them"
 
 
 def resolve_target(
@@ -183,23 +184,26 @@ def _plan(
             unproven.append(item.remote)
         else:
             clashes.append(item.remote)
-    _refuse_existing(target, clashes, "with different content")
-    # Older archives may list no digest: same size proves nothing, so do not guess.
-    _refuse_existing(
-        target, unproven, "without a digest, so hpcbridge cannot tell whether they are identical"
-    )
+    if clashes:
+        raise StageError(
+            f"{_first(target, clashes)} already exist(s) in XNAT with "
+            "different content; nothing was uploaded",
+            hint=OVERWRITE_HINT,
+        )
+    if unproven:
+        # Older archives may list no digest: same size proves nothing, so do not guess.
+        raise StageError(
+            f"{_first(target, unproven)} already exist(s) in XNAT without a digest, "
+            "so hpcbridge cannot tell whether they are identical; nothing was uploaded",
+            hint=OVERWRITE_HINT,
+        )
     return todo, skipped
 
 
-def _refuse_existing(target: Target, names: list[str], why: str) -> None:
-    """Nothing is uploaded when files of these ``names`` are in XNAT already, ``why``."""
-    if names:
-        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
-        raise StageError(
-            f"{target.label}: {names[0]}{more} already exist(s) in XNAT {why}; "
-            "nothing was uploaded",
-            hint="add --overwrite to replace them",
-        )
+def _first(target: Target, names: list[str]) -> str:
+    """'LABEL: NAME and N more', for an error about several files."""
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return f"{target.label}: {names[0]}{more}"
 
 
 def _create_resource(

@@ -124,13 +124,9 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 # OpenSSL's X509_V_ERR_* codes, grouped by what the user can do about them.
+_UNTRUSTED = {2, 18, 19, 20, 21}  # no issuer known, self-signed (leaf or in the chain)
+_EXPIRED = {9, 10}  # not yet valid, expired
 _MISMATCH = {62, 64}  # host name, IP address
-_ADVICE = [
-    (_MISMATCH, "use the host name the certificate names in the XNAT URL"),
-    ({9, 10}, "the XNAT administrators must renew it, or this machine's clock is wrong"),
-    # no issuer known, self-signed (leaf or in the chain)
-    ({2, 18, 19, 20, 21}, "set ca_bundle in the profile to your site's CA file"),
-]
 
 
 def _tls_error(exc: BaseException, base: str) -> XnatConnectionError:
@@ -138,20 +134,35 @@ def _tls_error(exc: BaseException, base: str) -> XnatConnectionError:
     host = urlsplit(base).netloc
     for cause in _causes(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
+            code = cause.verify_code
             detail = cause.verify_message or _ssl_text(cause)
-            if cause.verify_code in _MISMATCH:
+            if code in _MISMATCH:
                 detail = f"the certificate is not for that name ({detail.rstrip('.')})"
-            advice = next((a for codes, a in _ADVICE if cause.verify_code in codes), None)
+                hint = (
+                    "use the host name the certificate names in the XNAT URL; "
+                    "see docs/troubleshooting.md#tls"
+                )
+            elif code in _EXPIRED:
+                hint = (
+                    "the XNAT administrators must renew it, or this machine's clock is wrong; "
+                    "see docs/troubleshooting.md#tls"
+                )
+            elif code in _UNTRUSTED:
+                hint = (
+                    "set ca_bundle in the profile to your site's CA file; "
+                    "see docs/troubleshooting.md#tls"
+                )
+            else:
+                hint = TLS_HELP
             return XnatConnectionError(
-                f"cannot verify the TLS certificate of {host}: {detail}",
-                hint=f"{advice}; {TLS_HELP}" if advice else TLS_HELP,
-                url=base,
+                f"cannot verify the TLS certificate of {host}: {detail}", hint=hint, url=base
             )
     for cause in _causes(exc):
         if isinstance(cause, ssl.SSLError):
             return XnatConnectionError(
                 f"the TLS handshake with {host} failed: {_ssl_text(cause)}",
-                hint=f"check that the server speaks https at that port; {TLS_HELP}",
+                hint="check that the server speaks https at that port; "
+                "see docs/troubleshooting.md#tls",
                 url=base,
             )
     return XnatConnectionError(

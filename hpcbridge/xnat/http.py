@@ -86,7 +86,6 @@ class HttpBase:
     def __init__(
         self,
         url: str,
-        *,
         timeout: float,
         verify: bool | str,
         retries: int,

@@ -61,14 +61,7 @@ class SessionBase(HttpBase):
         allow_insecure_http: bool = False,
         refusals: LoginRefusals | None = None,
     ) -> None:
-        super().__init__(
-            url,
-            timeout=timeout,
-            verify=verify,
-            retries=retries,
-            backoff=backoff,
-            allow_insecure_http=allow_insecure_http,
-        )
+        super().__init__(url, timeout, verify, retries, backoff, allow_insecure_http)
         self.credentials = credentials
         self.session_cache = session_cache
         self.refusals = refusals
@@ -172,28 +165,19 @@ class SessionBase(HttpBase):
 
     def _refused(self, creds: Secret, status: int) -> XnatAuthError:
         if creds.is_token and creds.expired():
-            return XnatAuthError(
-                f"the alias token stored for {self.base} expired "
-                f"{expiry_text(creds.expires_ms or 0)}",
-                hint=LOGIN_HINT,
-                status=status,
-                url=self.base,
-            )
-        if creds.is_token:
-            return XnatAuthError(
+            when = expiry_text(creds.expires_ms or 0)
+            why = f"the alias token stored for {self.base} expired {when}"
+        elif creds.is_token:
+            why = (
                 f"XNAT at {self.base} refused the stored alias token "
-                "(invalidated or expired on the server)",
-                hint=LOGIN_HINT,
-                status=status,
-                url=self.base,
+                "(invalidated or expired on the server)"
             )
-        return XnatAuthError(
-            f"XNAT at {self.base} refused the credentials of {creds.user} (from {creds.source}); "
-            "wrong password, locked account, or too many open sessions",
-            hint=LOGIN_HINT,
-            status=status,
-            url=self.base,
-        )
+        else:
+            why = (
+                f"XNAT at {self.base} refused the credentials of {creds.user} (from "
+                f"{creds.source}); wrong password, locked account, or too many open sessions"
+            )
+        return XnatAuthError(why, hint=LOGIN_HINT, status=status, url=self.base)
 
     def logout(self) -> None:
         """End the server session now, cached or not, and forget it."""
