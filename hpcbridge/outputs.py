@@ -21,21 +21,20 @@ from typing import Any
 
 from .errors import StageError, XnatNotFoundError
 from .recipes import Output
-from .stageout import (
+from .stageout.files import (
     SAFE_PATH,
     LocalFile,
-    Target,
+    Secrets,
     check_file,
     kind_of,
     link_refusal,
     open_folder,
-    open_subfolder,
+    read_link,
     refusal,
-    remote_files,
-    resolve_target,
     secret_ids,
-    stage_out,
+    subfolder,
 )
+from .stageout.upload import Target, remote_files, resolve_target, stage_out
 from .xnat.address import Address
 from .xnat.client import XnatClient
 
@@ -80,42 +79,60 @@ def upload_outputs(
     try:
         _refuse_links_and_specials(fd, out)
         _safe_output_names(fd)
-        by_resource: dict[str, list[LocalFile]] = {}
-        for output in outputs:
-            found = by_resource.setdefault(output.resource, [])
-            for rel in _matches(fd, out, output.glob):
-                if all(f.path != out / rel for f in found):
-                    size, ident = check_file(
-                        rel, dir_fd=fd, shown_as=out / rel, secrets=secrets, scope=SCAN
-                    )
-                    found.append(LocalFile(out / rel, Path(rel).name, size, identity=ident))
-        if not any(by_resource.values()):
-            raise StageError(
-                f"the job wrote no output matching {', '.join(o.glob for o in outputs)} in {out}"
-            )
-        batches = {r: _named(found) for r, found in by_resource.items() if found}
         uploaded: list[dict[str, Any]] = []
-        for resource, found in batches.items():
-            _write_provenance(fd, dict(provenance), resource, found)
-            size, ident = check_file(
-                PROVENANCE_FILE, dir_fd=fd, shown_as=out / PROVENANCE_FILE, scope=SCAN
+        for resource, found in _outputs_by_resource(fd, out, outputs, secrets).items():
+            uploaded += _upload_resource(
+                client, address, (fd, out), outputs, dict(provenance), resource, found
             )
-            record = LocalFile(out / PROVENANCE_FILE, PROVENANCE_FILE, size, identity=ident)
-            files = [*found, record]
-            fmt = next((o.format for o in outputs if o.resource == resource and o.format), None)
-            content = next(
-                (o.content for o in outputs if o.resource == resource and o.content), None
-            )
-            target = resolve_target(client, address, resource)
-            stage_out(client, target, files, overwrite=True, fmt=fmt, content=content)
-            _remove_others(client, target, {f.remote for f in files})
-            uploaded += [
-                {"resource": resource, "name": f.remote, "size": f.size, "md5": f.digest()}
-                for f in files
-            ]
     finally:
         os.close(fd)
     return uploaded
+
+
+def _outputs_by_resource(
+    fd: int, out: Path, outputs: Sequence[Output], secrets: Secrets
+) -> dict[str, list[LocalFile]]:
+    """What the recipe's patterns match in the open output folder, checked, by resource."""
+    by_resource: dict[str, list[LocalFile]] = {}
+    for output in outputs:
+        found = by_resource.setdefault(output.resource, [])
+        for rel in _matches(fd, out, output.glob):
+            if all(f.path != out / rel for f in found):
+                size, ident = check_file(
+                    rel, dir_fd=fd, shown_as=out / rel, secrets=secrets, scope=SCAN
+                )
+                found.append(LocalFile(out / rel, Path(rel).name, size, identity=ident))
+    if not any(by_resource.values()):
+        raise StageError(
+            f"the job wrote no output matching {', '.join(o.glob for o in outputs)} in {out}"
+        )
+    return {r: _named(found) for r, found in by_resource.items() if found}
+
+
+def _upload_resource(
+    client: XnatClient,
+    address: Address,
+    folder: tuple[int, Path],
+    outputs: Sequence[Output],
+    provenance: dict[str, Any],
+    resource: str,
+    found: list[LocalFile],
+) -> list[dict[str, Any]]:
+    """One resource's outputs and their provenance record (written into ``folder``, the open
+    output folder and its path), uploaded and verified; what went up."""
+    fd, out = folder
+    _write_provenance(fd, provenance, resource, found)
+    size, ident = check_file(PROVENANCE_FILE, dir_fd=fd, shown_as=out / PROVENANCE_FILE, scope=SCAN)
+    files = [*found, LocalFile(out / PROVENANCE_FILE, PROVENANCE_FILE, size, identity=ident)]
+    mine = [o for o in outputs if o.resource == resource]
+    fmt = next((o.format for o in mine if o.format), None)
+    content = next((o.content for o in mine if o.content), None)
+    target = resolve_target(client, address, resource)
+    stage_out(client, target, files, overwrite=True, fmt=fmt, content=content)
+    _remove_others(client, target, {f.remote for f in files})
+    return [
+        {"resource": resource, "name": f.remote, "size": f.size, "md5": f.digest()} for f in files
+    ]
 
 
 def _remove_others(client: XnatClient, target: Target, keep: set[str]) -> None:
@@ -198,20 +215,13 @@ def _match_in(
         path = folder / name
         into = any(i < len(parts) for i in named)
         if stat.S_ISLNK(mode) and (whole or into and _leads_to_folder(fd, name)):
-            try:
-                target: str | None = os.readlink(name, dir_fd=fd)
-            except OSError:
-                target = None
-            raise link_refusal(path, target, SCAN)
+            raise link_refusal(path, read_link(name, fd), SCAN)
         if stat.S_ISLNK(mode):
             continue  # not matched, and not a folder the pattern would look into
         if stat.S_ISDIR(mode):
             if deeper:
-                sub = open_subfolder(fd, name, path, SCAN)
-                try:
+                with subfolder(fd, name, path, SCAN) as sub:
                     _match_in(sub, path, f"{prefix}{name}/", parts, after, found)
-                finally:
-                    os.close(sub)
             continue
         what = kind_of(mode)
         if what is not None:
@@ -234,17 +244,10 @@ def _refuse_links_and_specials(fd: int, folder: Path) -> None:
             continue
         path = folder / name
         if stat.S_ISLNK(mode):
-            try:
-                target: str | None = os.readlink(name, dir_fd=fd)
-            except OSError:
-                target = None
-            raise link_refusal(path, target, SCAN)
+            raise link_refusal(path, read_link(name, fd), SCAN)
         if stat.S_ISDIR(mode):
-            sub = open_subfolder(fd, name, path, SCAN)
-            try:
+            with subfolder(fd, name, path, SCAN) as sub:
                 _refuse_links_and_specials(sub, path)
-            finally:
-                os.close(sub)
             continue
         what = kind_of(mode)
         if what is not None:

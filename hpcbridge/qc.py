@@ -13,6 +13,7 @@ import json
 import math
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -63,20 +64,40 @@ def _spacing(positions: list[float]) -> dict[str, Any]:
 def scan(folder: Path) -> dict[str, Any]:
     """The QC report for every file under ``folder`` (as written to qc.json)."""
     folder = Path(folder)
-    series: dict[str, dict[str, Any]] = {}
-    numbers: dict[str, list[int]] = {}
-    positions: dict[str, list[float]] = {}
-    non_dicom: list[str] = []
     files = sorted(p for p in folder.rglob("*") if p.is_file())
+    found = _Found()
     for path in files:
         rel = path.relative_to(folder).as_posix()
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - one unreadable file must not stop the report
-            non_dicom.append(rel)
+            found.non_dicom.append(rel)
             continue
+        found.add(ds, rel)
+    report_series = [found.judged(uid, entry) for uid, entry in found.series.items()]
+    report_series.sort(key=lambda s: (_number_key(s["series_number"]), s["series_uid"]))
+    return {
+        "input": str(folder),
+        "files": len(files),
+        "dicom_files": len(files) - len(found.non_dicom),
+        "series": report_series,
+        "non_dicom_files": found.non_dicom,
+        "ok": not any(s["problems"] for s in report_series) and not found.non_dicom,
+    }
+
+
+@dataclass
+class _Found:
+    """The series read so far, with each one's instance numbers and slice positions."""
+
+    series: dict[str, dict[str, Any]] = field(default_factory=dict)
+    numbers: dict[str, list[int]] = field(default_factory=dict)
+    positions: dict[str, list[float]] = field(default_factory=dict)
+    non_dicom: list[str] = field(default_factory=list)
+
+    def add(self, ds: pydicom.Dataset, rel: str) -> None:
         uid = _text(ds, "SeriesInstanceUID") or "(no SeriesInstanceUID)"
-        entry = series.setdefault(
+        entry = self.series.setdefault(
             uid,
             {
                 "series_uid": uid,
@@ -94,43 +115,29 @@ def scan(folder: Path) -> dict[str, Any]:
         entry["files"].append(rel)
         number = ds.get("InstanceNumber")
         try:
-            numbers.setdefault(uid, []).append(int(number))
+            self.numbers.setdefault(uid, []).append(int(number))
         except (TypeError, ValueError):
             entry["without_instance_number"] += 1
         position = _slice_position(ds)
         if position is not None:
-            positions.setdefault(uid, []).append(position)
-    report_series = []
-    problems_total = 0
-    for uid, entry in series.items():
-        seen = numbers.get(uid, [])
-        counts = Counter(seen)
+            self.positions.setdefault(uid, []).append(position)
+
+    def judged(self, uid: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """The series' entry with its gaps, duplicates, spacing and problems added."""
+        seen = self.numbers.get(uid, [])
         entry["missing_instance_numbers"] = (
             sorted(set(range(1, max(seen) + 1)) - set(seen)) if seen else []
         )
-        entry["duplicate_instance_numbers"] = sorted(n for n, c in counts.items() if c > 1)
-        entry["slice_spacing"] = _spacing(positions.get(uid, []))
-        problems = []
-        if entry["missing_instance_numbers"]:
-            problems.append("missing instance numbers")
-        if entry["duplicate_instance_numbers"]:
-            problems.append("duplicate instance numbers")
-        if entry["without_instance_number"]:
-            problems.append("instances without InstanceNumber")
-        if entry["slice_spacing"]["consistent"] is False:
-            problems.append("inconsistent slice spacing")
-        entry["problems"] = problems
-        problems_total += len(problems)
-        report_series.append(entry)
-    report_series.sort(key=lambda s: (_number_key(s["series_number"]), s["series_uid"]))
-    return {
-        "input": str(folder),
-        "files": len(files),
-        "dicom_files": len(files) - len(non_dicom),
-        "series": report_series,
-        "non_dicom_files": non_dicom,
-        "ok": problems_total == 0 and not non_dicom,
-    }
+        entry["duplicate_instance_numbers"] = sorted(n for n, c in Counter(seen).items() if c > 1)
+        entry["slice_spacing"] = _spacing(self.positions.get(uid, []))
+        found = [
+            (entry["missing_instance_numbers"], "missing instance numbers"),
+            (entry["duplicate_instance_numbers"], "duplicate instance numbers"),
+            (entry["without_instance_number"], "instances without InstanceNumber"),
+            (entry["slice_spacing"]["consistent"] is False, "inconsistent slice spacing"),
+        ]
+        entry["problems"] = [words for there, words in found if there]
+        return entry
 
 
 def _number_key(text: str) -> int:

@@ -53,6 +53,11 @@ def _away_exits(report: Path | None) -> Iterator[None]:
         raise TemporaryFailure(exc.message, hint=exc.hint, retry_after=retry_after) from None
 
 
+def _shown_default(name: str, default: Any, kind: Any, text: str) -> Any:
+    """An option whose help shows its default."""
+    return click.option(name, default=default, show_default=True, type=kind, help=text)
+
+
 @main.command("stage-in")
 @click.argument("address")
 @click.option("--scan", "scan_ids", multiple=True, metavar="ID", help="Scan ID (repeatable).")
@@ -78,26 +83,15 @@ def _away_exits(report: Path | None) -> Iterator[None]:
     help="Destination folder.",
 )
 @click.option("--allow-non-dicom", is_flag=True, help="Stage a resource that holds no DICOM.")
-@click.option(
-    "--workers",
-    default=2,
-    show_default=True,
-    type=click.IntRange(1, 8),
-    help="Scans downloaded in parallel.",
-)
-@click.option(
+@_shown_default("--workers", 2, click.IntRange(1, 8), "Scans downloaded in parallel.")
+@_shown_default(
     "--max-bytes",
-    default=64 * 1024**3,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Refuse a scan's zip that unpacks to more than this.",
+    64 * 1024**3,
+    click.IntRange(1),
+    "Refuse a scan's zip that unpacks to more than this.",
 )
-@click.option(
-    "--max-ratio",
-    default=200.0,
-    show_default=True,
-    type=Number(1),
-    help="Refuse zip entries that expand more than this (zip bombs).",
+@_shown_default(
+    "--max-ratio", 200.0, Number(1), "Refuse zip entries that expand more than this (zip bombs)."
 )
 @_away_report_option
 @click.pass_context
@@ -149,37 +143,46 @@ def stage_in_command(
                 on_total=bar.set_total,
             )
         bar.close()
-        rows = [
-            {
-                "scan": s.scan.id,
-                "type": s.scan.type,
-                "status": "skipped" if s.skipped else "staged",
-                "folder": str(s.folder),
-                "files": s.files,
-                "bytes": s.bytes,
-                "dicom_instances": s.dicom.get("instances", 0),
-            }
-            for s in report.staged
-        ]
-        rows += [
-            {"scan": scan.id, "type": scan.type, "status": "failed", "error": err.message}
-            for scan, err in report.failed
-        ]
+        rows = _stage_in_rows(report)
         if settings.json:
             emit_json(rows)
         else:
-            for row in rows:
-                if row["status"] == "failed":
-                    if len(rows) == 1:
-                        continue  # _finish reports the one failure as the error line itself
-                    echo(f"scan {row['scan']}: failed: {row['error']}", err=True)
-                else:
-                    note = " (already staged, unchanged)" if row["status"] == "skipped" else ""
-                    echo(
-                        f"scan {row['scan']}: {row['files']} files, "
-                        f"{human_size(row['bytes'])} -> {row['folder']}{note}"
-                    )
+            _echo_stage_in(rows)
         _finish(report.failed, len(rows))
+
+
+def _stage_in_rows(report: Any) -> list[dict[str, Any]]:
+    """One row per scan, staged, skipped or failed (``--json`` prints them as they are)."""
+    rows = [
+        {
+            "scan": s.scan.id,
+            "type": s.scan.type,
+            "status": "skipped" if s.skipped else "staged",
+            "folder": str(s.folder),
+            "files": s.files,
+            "bytes": s.bytes,
+            "dicom_instances": s.dicom.get("instances", 0),
+        }
+        for s in report.staged
+    ]
+    return rows + [
+        {"scan": scan.id, "type": scan.type, "status": "failed", "error": err.message}
+        for scan, err in report.failed
+    ]
+
+
+def _echo_stage_in(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        if row["status"] == "failed":
+            if len(rows) == 1:
+                continue  # _finish reports the one failure as the error line itself
+            echo(f"scan {row['scan']}: failed: {row['error']}", err=True)
+        else:
+            note = " (already staged, unchanged)" if row["status"] == "skipped" else ""
+            echo(
+                f"scan {row['scan']}: {row['files']} files, "
+                f"{human_size(row['bytes'])} -> {row['folder']}{note}"
+            )
 
 
 def _finish(failed: list, total: int) -> None:
@@ -211,12 +214,8 @@ def _finish(failed: list, total: int) -> None:
 @click.option("--content", metavar="C", help="Resource content when it is created.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files with different content.")
 @click.option("--assessor", metavar="LABEL", help="Upload to this assessor of the experiment.")
-@click.option(
-    "--inout",
-    type=click.Choice(["in", "out"]),
-    default="out",
-    show_default=True,
-    help="Which assessor resources (with --assessor).",
+@_shown_default(
+    "--inout", "out", click.Choice(["in", "out"]), "Which assessor resources (with --assessor)."
 )
 @click.option("--no-zip", is_flag=True, help="Upload small files one by one, not as one zip.")
 @click.option(
@@ -282,7 +281,11 @@ def stage_out_command(
             progress=bar.add,
         )
     bar.close()
-    if settings.json:
+    _echo_stage_out(report, settings.json)
+
+
+def _echo_stage_out(report: Any, as_json: bool) -> None:
+    if as_json:
         emit_json(
             {
                 "target": report.target,

@@ -21,6 +21,11 @@ def _raw(row: Mapping[str, Any]) -> Mapping[str, Any]:
     return dict(row)
 
 
+def _texts(row: Mapping[str, Any], **keys: str) -> dict[str, Any]:
+    """Fields from the row: each field's value under its key, "" where the row lacks it."""
+    return {name: row.get(key, "") for name, key in keys.items()}
+
+
 @dataclass(frozen=True)
 class Project:
     id: str
@@ -31,13 +36,8 @@ class Project:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Project:
-        return cls(
-            row["ID"],
-            row.get("name", ""),
-            row.get("description", ""),
-            row.get("secondary_ID", ""),
-            _raw(row),
-        )
+        texts = _texts(row, name="name", description="description", secondary_id="secondary_ID")
+        return cls(row["ID"], raw=_raw(row), **texts)
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,10 @@ class Experiment:
     def from_row(cls, row: Mapping[str, Any]) -> Experiment:
         return cls(
             row["ID"],
-            row.get("label", ""),
-            row.get("project", ""),
-            row.get("xsiType", ""),
-            row.get("date", ""),
-            row.get("subject_ID") or row.get("xnat:imagesessiondata/subject_id", ""),
-            row.get("subject_label", ""),
-            _raw(row),
+            subject_id=row.get("subject_ID") or row.get("xnat:imagesessiondata/subject_id", ""),
+            raw=_raw(row),
+            **_texts(row, label="label", project="project", xsi_type="xsiType", date="date"),
+            **_texts(row, subject_label="subject_label"),
         )
 
 
@@ -93,14 +90,12 @@ class Scan:
     def from_row(cls, row: Mapping[str, Any], experiment_id: str = "") -> Scan:
         return cls(
             str(row["ID"]),
-            row.get("type", ""),
-            row.get("series_description", ""),
-            row.get("quality", ""),
-            row.get("xsiType", ""),
-            experiment_id,
-            _int(row.get("file_count", 0)),
-            _int(row.get("file_size", 0)),
-            _raw(row),
+            experiment_id=experiment_id,
+            file_count=_int(row.get("file_count", 0)),
+            file_size=_int(row.get("file_size", 0)),
+            raw=_raw(row),
+            **_texts(row, type="type", quality="quality", xsi_type="xsiType"),
+            **_texts(row, series_description="series_description"),
         )
 
 

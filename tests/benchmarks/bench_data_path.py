@@ -74,7 +74,7 @@ LIB_DOWNLOAD = """
 import json, os, sys, time
 from pathlib import Path
 from hpcbridge.credentials import Secret
-from hpcbridge.stagein import _plan
+from hpcbridge.stagein.fetch import _plan
 from hpcbridge.xnat.address import Address
 from hpcbridge.xnat.browse import scans_of
 from hpcbridge.xnat.client import XnatClient
@@ -97,7 +97,7 @@ LIB_UPLOAD = """
 import json, os, sys, time
 from pathlib import Path
 from hpcbridge.credentials import Secret
-from hpcbridge.stageout import LocalFile, _upload_one, resolve_target
+from hpcbridge.stageout.upload import LocalFile, _upload_one, resolve_target
 from hpcbridge.xnat.address import Address
 from hpcbridge.xnat.client import XnatClient
 

@@ -557,7 +557,8 @@ def test_a_disk_filling_up_while_writing_fails_cleanly(
             fh = open(file, how, *args, **kwargs)
             return _FullDisk(fh) if how == mode else fh
 
-        monkeypatch.setattr(stagein, "open", full_open, raising=False)
+        module = stagein.fetch if stage == "download" else stagein.unzip
+        monkeypatch.setattr(module, "open", full_open, raising=False)
         target = "download.zip.part" if stage == "download" else "DICOM/files/0001.dcm"
     result = run("stage-in", SCAN4, "--dest", str(dest))
     assert result.exit_code == 1
@@ -581,7 +582,7 @@ def test_a_stage_in_removes_what_killed_stage_ins_left_and_nothing_else(
     ended = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    host = stagein._HOST
+    host = stagein.fetch._HOST
     killed = f"{host}-{ended.stdout.strip()}-0badc0de"  # this host's, its process gone
     old = "login2-4242-0badc0de"  # another host's, untouched for three days
     working = f"{host}-{os.getpid()}-0badc0de"  # a live process's

@@ -220,7 +220,7 @@ def test_an_existing_file_without_digest_is_not_guessed_identical(
     env: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Older archives list no md5: the same size proves nothing, so it is refused, not skipped."""
-    from hpcbridge import stageout
+    from hpcbridge.stageout import upload as stageout
     from hpcbridge.xnat.model import FileEntry
 
     out = tmp_path / "out"
@@ -386,7 +386,7 @@ def test_a_digest_that_differs_after_upload_is_an_error_naming_the_file(
     env: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The md5 computed while sending must match what XNAT lists afterwards."""
-    from hpcbridge import stageout
+    from hpcbridge.stageout import upload as stageout
     from hpcbridge.xnat.model import FileEntry
 
     out = tmp_path / "out"

@@ -14,7 +14,7 @@ import requests_mock
 from hpcbridge.credentials import LoginRefusals, Secret, SessionCache
 from hpcbridge.errors import CredentialError, XnatAuthError, XnatNotFoundError
 from hpcbridge.xnat import XnatClient
-from hpcbridge.xnat.client import _when
+from hpcbridge.xnat.session import _when
 
 URL = "https://xnat.example.org/xnat"
 SECRET = "s3cret-value-for-tests"
@@ -178,7 +178,7 @@ def test_trust_lasts_at_most_half_the_servers_idle_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr("hpcbridge.xnat.client.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("hpcbridge.xnat.session.time.monotonic", lambda: clock[0])
     with requests_mock.Mocker() as m:
         m.post(f"{URL}/data/JSESSION", text="NEW", cookies={"JSESSIONID": "NEW"})
         auth = m.get(f"{URL}/data/auth", text="User 'alice' is logged in")
