@@ -167,16 +167,9 @@ def run_command(
     """
     from ..runs import RunRequest
 
+    values = _set_values(sets)
     request = RunRequest(
-        recipe=recipe,
-        address=address,
-        scan_ids=scan_ids,
-        scan_types=scan_types,
-        sets=_set_values(sets),
-        max_queued=max_queued,
-        force=force,
-        recipe_dirs=recipe_dirs,
-        chain=chain,
+        recipe, address, scan_ids, scan_types, values, max_queued, force, recipe_dirs, chain
     )
     if chain:
         from ..chain import transfer_queue
@@ -186,29 +179,37 @@ def run_command(
     if dry_run:
         _dry_run(ctx, request)
         return
-    settings = settings_of(ctx)
     with session(ctx, accept_new_host_key) as opened:
         plan = _planned(opened, request)
         if plan.run is None:
             return
-        try:
-            # --wait outlasts a cron pass that got in first: wait for it rather than give up.
-            command = "run --wait" if wait else "run"
-            lock = take_run_lock(ctx, plan.run.id, command, wait=None if wait else 0)
-        except RunBusyError as exc:
-            data = busy(exc)
-            if settings.json:
-                emit_json(data)
-            else:
-                echo(plan.run.id)
-            return
-        with lock:
-            report = move_on(opened, plan.run, lock, watch=wait, interval=interval, shown=False)
-    if settings.json:
-        emit_json({"run": plan.run.id, "counts": report.counts, "state": report.run.state.value})
+        data, report = _first_passes(ctx, opened, plan.run, wait=wait, interval=interval)
+    if opened.settings.json:
+        emit_json(data)
     else:
         echo(plan.run.id)
-    _finish(report)
+    if report is not None:
+        _finish(report)
+
+
+def _first_passes(
+    ctx: click.Context, opened: RunSession, run: Run, *, wait: bool, interval: float | None
+) -> tuple[dict[str, Any], SyncReport | None]:
+    """The new run's pass (``wait``: its passes until it ends) under its lock: their summary
+    and report, or the busy JSON and None when another process holds the run."""
+    try:
+        # --wait outlasts a cron pass that got in first: wait for it rather than give up.
+        command = "run --wait" if wait else "run"
+        lock = take_run_lock(ctx, run.id, command, wait=None if wait else 0)
+    except RunBusyError as exc:
+        return busy(exc), None
+    with lock:
+        report = move_on(opened, run, lock, watch=wait, interval=interval, shown=False)
+    return summary(report), report
+
+
+def summary(report: SyncReport) -> dict[str, Any]:
+    return {"run": report.run.id, "counts": report.counts, "state": report.run.state.value}
 
 
 def _planned(opened: RunSession, request: RunRequest) -> Plan:

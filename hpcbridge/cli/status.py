@@ -10,15 +10,8 @@ from .app import main, settings_of
 from .handles import profile_given, run_of
 from .output import echo, emit_json, emit_table
 
-_STATUS_COLUMNS = [
-    ("scan", "SCAN"),
-    ("state", "STATE"),
-    ("job", "JOB"),
-    ("submitted", "SUBMITTED"),
-    ("ended", "ENDED"),
-    ("exit", "EXIT"),
-    ("output", "OUTPUT"),
-]
+_STATUS_KEYS = ("scan", "state", "job", "submitted", "ended", "exit", "output")
+_STATUS_COLUMNS = [(k, k.upper()) for k in _STATUS_KEYS]
 
 
 @main.command("status")
@@ -43,20 +36,9 @@ def status_command(ctx: click.Context, run_id: int | None) -> None:
         jobs = ledger.jobs(run.id)
         counts = ledger.counts(run.id)
     if settings.json:
-        emit_json(
-            {
-                "run": {
-                    "id": run.id,
-                    "recipe": run.recipe,
-                    "parameters": run.params,
-                    "target": run.target,
-                    "state": run.state.value,
-                    "created": run.created,
-                },
-                "counts": counts,
-                "jobs": [_job_json(j) for j in jobs],
-            }
-        )
+        keys = ("id", "recipe", "parameters", "target", "state", "created")
+        about = {k: v for k, v in _run_json(run, counts, "").items() if k in keys}
+        emit_json({"run": about, "counts": counts, "jobs": [_job_json(j) for j in jobs]})
         return
     echo(f"run {run.id}: {run.recipe} over {run.target} ({run.state.value}, {run.created})")
     rows = [
@@ -122,16 +104,11 @@ def _waiting_json(job: Any) -> dict[str, Any] | None:
 #: Without --all or --limit, `runs` shows this many of the newest runs.
 RUNS_SHOWN = 20
 
-_RUNS_COLUMNS = [
-    ("id", "RUN"),
-    ("recipe", "RECIPE"),
-    ("target", "TARGET"),
-    ("profile", "PROFILE"),
-    ("state", "STATE"),
-    ("jobs", "JOBS"),
-    ("created", "CREATED"),
-    ("last_activity", "LAST ACTIVITY"),
-]
+_RUNS_COLUMNS = (
+    [("id", "RUN")]
+    + [(k, k.upper()) for k in ("recipe", "target", "profile", "state", "jobs", "created")]
+    + [("last_activity", "LAST ACTIVITY")]
+)
 
 
 @main.command("runs")

@@ -21,7 +21,7 @@ from .handles import (
 )
 from .output import echo, emit_json, error_line
 from .params import SECONDS
-from .runs import _finish, move_on
+from .runs import _finish, move_on, summary
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -95,7 +95,7 @@ def _sync_run(
     with lock, session(ctx, accept) as opened:
         run = opened.ledger.run(run_id)
         report = move_on(opened, run, lock, watch=watch, interval=interval, shown=True)
-    return {"run": run.id, "counts": report.counts, "state": report.run.state.value}, report
+    return summary(report), report
 
 
 def _sync_active(ctx: click.Context, watch: bool, interval: float | None, accept: bool) -> None:

@@ -14,9 +14,8 @@ outputs are copied back before they are uploaded.
 """
 
 # ruff: noqa: F401 - the names a caller of the package needs, importable from it
-from .context import SyncReport
+from .context import SyncReport, Trouble, backoff, describe_wait, trouble_of, waiting
 from .control import cancel_run, retry_run
 from .plan import RunRequest, dry_run_scripts, plan_scans, start_run
 from .session import RunSession
 from .sync import wait_run
-from .waits import Trouble, backoff, describe_wait, trouble_of, waiting

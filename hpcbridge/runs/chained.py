@@ -17,8 +17,7 @@ from ..jobs import Job, submit_script
 from ..ledger import JobRow, JobState
 from ..schedulers.base import State
 from ..units import utc_stamp
-from .context import Pass, SyncReport, ref_of
-from .waits import Trouble, without
+from .context import Pass, SyncReport, Trouble, ref_of, without
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from ..jobs import JobStore, cancel_jobs
 from ..ledger import JobRow, JobState, Ledger, Run, RunState
 from ..schedulers.base import Scheduler
 from .chained import ChainState, native_ids
-from .waits import without
+from .context import without
 
 
 def retry_run(

@@ -16,8 +16,7 @@ from ..schedulers.base import State
 from ..stagein import Selection, safe_name, stage_in
 from ..units import utc_stamp
 from ..xnat.address import Address
-from .context import Pass, SyncReport
-from .waits import without
+from .context import Pass, SyncReport, without
 
 
 class SingleJob:

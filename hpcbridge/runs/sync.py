@@ -17,10 +17,9 @@ from ..schedulers.base import Scheduler
 from ..stageout import RefusedFileError
 from ..xnat.client import XnatClient
 from .chained import Chained, native_ids
-from .context import Mode, Pass, SyncReport
+from .context import Mode, Pass, SyncReport, Trouble, due, trouble_of, waiting, without
 from .session import RunSession
 from .single import SingleJob
-from .waits import Trouble, due, trouble_of, waiting, without
 
 Say = Callable[[str], None]
 
@@ -29,23 +28,8 @@ def mode_of(run: Run) -> Mode:
     return Chained() if run.options.get("chain") else SingleJob()
 
 
-def sync(
-    settings: Settings,
-    client: XnatClient,
-    ledger: Ledger,
-    scheduler: Scheduler,
-    run: Run,
-    *,
-    store: JobStore | None = None,
-    **options: Any,
-) -> SyncReport:
-    """One pass over ``run``: poll, stage out, submit more. Safe to repeat at any time.
-    ``options``: see one_pass."""
-    return one_pass(RunSession.of(settings, client, ledger, scheduler, store), run, **options)
-
-
 def one_pass(session: RunSession, run: Run, *, on_event: Say | None = None) -> SyncReport:
-    """:func:`sync` with the session's handles."""
+    """One pass over ``run``: poll, stage out, submit more. Safe to repeat at any time."""
     ctx = Pass(session, run, mode_of(run), on_event)
     ledger = ctx.ledger
     report = SyncReport(run)
@@ -64,20 +48,6 @@ def one_pass(session: RunSession, run: Run, *, on_event: Say | None = None) -> S
     return report
 
 
-def wait_run(
-    settings: Settings,
-    client: XnatClient,
-    ledger: Ledger,
-    scheduler: Scheduler,
-    run: Run,
-    *,
-    store: JobStore | None = None,
-    **options: Any,
-) -> SyncReport:
-    """Sync until the run ends, backing off while nothing changes (``options``: see watch)."""
-    return watch(RunSession.of(settings, client, ledger, scheduler, store), run, **options)
-
-
 def watch(
     session: RunSession,
     run: Run,
@@ -87,7 +57,7 @@ def watch(
     on_event: Say | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> SyncReport:
-    """:func:`wait_run` with the session's handles."""
+    """Passes over ``run`` until it ends, backing off while nothing changes."""
     delay = interval
     while True:
         report = one_pass(session, run, on_event=on_event)
@@ -99,6 +69,29 @@ def watch(
         busy = bool(report.submitted or report.uploaded or report.failed)
         delay = next_delay(delay, interval, changed=busy, ceiling=interval * 10)
         sleep(delay)
+
+
+def _of_handles(passes: Callable[..., SyncReport]) -> Callable[..., SyncReport]:
+    def over(
+        settings: Settings,
+        client: XnatClient,
+        ledger: Ledger,
+        scheduler: Scheduler,
+        run: Run,
+        *,
+        store: JobStore | None = None,
+        **options: Any,
+    ) -> SyncReport:
+        return passes(RunSession.of(settings, client, ledger, scheduler, store), run, **options)
+
+    return over
+
+
+#: :func:`one_pass` and :func:`watch` for callers that hold the handles: ``sync(settings,
+#: client, ledger, scheduler, run, *, store=None, on_event=None)``, and ``wait_run`` the same
+#: with watch's options.
+sync = _of_handles(one_pass)
+wait_run = _of_handles(watch)
 
 
 def _wait_lines(ctx: Pass) -> list[str]:
