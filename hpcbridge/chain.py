@@ -36,29 +36,6 @@ from .transport import Transport
 from .xnat.client import XnatClient, expiry_text
 from .xnat.model import ScanRef
 
-__all__ = [
-    "STEPS",
-    "away_path",
-    "bridge_command",
-    "cached_sessions",
-    "chain_seconds",
-    "check_bridge",
-    "expiry_warning",
-    "fresh_token",
-    "install_token",
-    "installed_token",
-    "remove_secrets",
-    "report_path",
-    "retire_token",
-    "retired_tokens",
-    "spec_path",
-    "stage_out_spec",
-    "step_name",
-    "step_work",
-    "transfer_queue",
-    "transfer_script",
-]
-
 STEPS = ("stage-in", "compute", "stage-out")
 CHAIN_DIR = ".hpcbridge-chain"
 _RETIRED = "retired-tokens.json"  # in CHAIN_DIR: see retire_token

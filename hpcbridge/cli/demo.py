@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,6 +12,9 @@ from ..errors import HpcBridgeError, PartialFailure
 from .app import main, settings_for, settings_of
 from .output import echo, emit_json
 from .params import SECONDS
+
+if TYPE_CHECKING:
+    from ..runs import RunSession
 
 DEMO_PROJECT = "PTV000"
 DEMO_SCAN_TYPE = "*T1*"
@@ -41,15 +45,9 @@ def demo_command(ctx: click.Context, interval: float) -> None:
       hpcbridge --profile sandbox status
       hpcbridge sandbox stop
     """
-    from ..jobs import open_scheduler, open_transport
-    from ..ledger import Ledger
-    from ..runlock import RunLock
-    from ..runner import RunRequest, start_run, wait_run
+    from ..runs import RunSession
     from ..sandbox.control import SandboxPaths, start
     from ..schedulers.local import job_search_path
-    from ..xnat import connect
-    from ..xnat.address import Address
-    from ..xnat.browse import resources
 
     outer = settings_of(ctx)
     # Where the local scheduler's jobs will look, not only this shell's PATH.
@@ -62,63 +60,68 @@ def demo_command(ctx: click.Context, interval: float) -> None:
     say = (lambda text: None) if outer.quiet else (lambda text: echo(text, err=True))
     say(f"sandbox XNAT {'started' if started else 'running'} at {info['url']}")
     settings = settings_for(ctx, "sandbox")
-    request = RunRequest(recipe="dcm2niix", address=DEMO_PROJECT, scan_types=(DEMO_SCAN_TYPE,))
-    with Ledger.for_settings(settings) as ledger, connect(settings) as client:
-        plan = start_run(settings, client, ledger, request)
-        report = None
-        if plan.run is not None:
-            say(
-                f"run {plan.run.id}: converting {len(plan.scans)} scan(s) of {DEMO_PROJECT} "
-                "with dcm2niix on the local scheduler"
-            )
-            transport = open_transport(settings)
-            # A cron `sync` moves the demo's run too: one of the two at a time.
-            lock = RunLock.for_settings(settings, plan.run.id, command="demo")
-            try:
-                with lock.acquire(wait=None):
-                    report = wait_run(
-                        settings,
-                        client,
-                        ledger,
-                        open_scheduler(settings, transport),
-                        plan.run,
-                        interval=interval,
-                        on_event=lambda text: say(f"  {text}"),
-                    )
-            finally:
-                transport.close()
-        else:
-            say("the T1 scans are converted already; listing them")
+    with RunSession(settings) as opened:
+        plan, report = _converted(opened, interval, say)
         scans = [ref for ref, _why in plan.skipped] + plan.scans
-        landed: list[dict[str, Any]] = []
-        for ref in sorted(scans, key=lambda r: r.address):
-            for res in resources(client, Address.parse(ref.address)):
-                if res.label == "NIFTI":
-                    landed.append(
-                        {
-                            "scan": ref.address,
-                            "resource": "NIFTI",
-                            "files": [f.path for f in res.files],
-                        }
-                    )
+        landed = _landed(opened.client, scans)
     if settings.json:
         emit_json(
             {"sandbox": info["url"], "run": plan.run.id if plan.run else None, "outputs": landed}
         )
     else:
-        echo()
-        echo(f"NIfTI outputs in the sandbox XNAT ({info['url']}):")
-        for item in landed:
-            echo(f"  {item['scan']}  resource {item['resource']}: {', '.join(item['files'])}")
-        echo()
-        echo(
-            "Next: `hpcbridge --profile sandbox ls "
-            f"{landed[0]['scan'] if landed else DEMO_PROJECT}` shows the files, "
-            "`hpcbridge --profile sandbox status` the run, `hpcbridge sandbox stop` stops the "
-            "sandbox."
-        )
+        _tell(info["url"], landed)
     if report is not None and (report.counts.get("failed") or report.counts.get("cancelled")):
         raise PartialFailure(
             "some demo scans did not convert",
             hint="`hpcbridge --profile sandbox status` shows why",
         )
+
+
+def _converted(opened: RunSession, interval: float, say: Callable[[str], None]) -> tuple[Any, Any]:
+    """The demo's run planned and waited for (no report when every scan is converted)."""
+    from ..runlock import RunLock
+    from ..runs import RunRequest, start_run
+    from ..runs.sync import watch
+
+    request = RunRequest(recipe="dcm2niix", address=DEMO_PROJECT, scan_types=(DEMO_SCAN_TYPE,))
+    plan = start_run(opened.settings, opened.client, opened.ledger, request)
+    if plan.run is None:
+        say("the T1 scans are converted already; listing them")
+        return plan, None
+    say(
+        f"run {plan.run.id}: converting {len(plan.scans)} scan(s) of {DEMO_PROJECT} "
+        "with dcm2niix on the local scheduler"
+    )
+    # A cron `sync` moves the demo's run too: one of the two at a time.
+    lock = RunLock.for_settings(opened.settings, plan.run.id, command="demo")
+    with lock.acquire(wait=None):
+        report = watch(opened, plan.run, interval=interval, on_event=lambda text: say(f"  {text}"))
+    return plan, report
+
+
+def _landed(client: Any, scans: list[Any]) -> list[dict[str, Any]]:
+    """The NIFTI resources of ``scans``, with their files."""
+    from ..xnat.address import Address
+    from ..xnat.browse import resources
+
+    landed = []
+    for ref in sorted(scans, key=lambda r: r.address):
+        for res in resources(client, Address.parse(ref.address)):
+            if res.label == "NIFTI":
+                files = [f.path for f in res.files]
+                landed.append({"scan": ref.address, "resource": "NIFTI", "files": files})
+    return landed
+
+
+def _tell(url: str, landed: list[dict[str, Any]]) -> None:
+    echo()
+    echo(f"NIfTI outputs in the sandbox XNAT ({url}):")
+    for item in landed:
+        echo(f"  {item['scan']}  resource {item['resource']}: {', '.join(item['files'])}")
+    echo()
+    echo(
+        "Next: `hpcbridge --profile sandbox ls "
+        f"{landed[0]['scan'] if landed else DEMO_PROJECT}` shows the files, "
+        "`hpcbridge --profile sandbox status` the run, `hpcbridge sandbox stop` stops the "
+        "sandbox."
+    )

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,34 +12,11 @@ import click
 from ..errors import PartialFailure, SchedulerError
 from ..schedulers.base import Scheduler, State
 from .app import main, settings_of
+from .handles import adopt_run_profile, host_key_option, session, take_run_lock
 from .output import echo, emit_json, emit_table, warn
 from .params import SECONDS
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def host_key_option(func: F) -> F:
-    return click.option(
-        "--accept-new-host-key",
-        is_flag=True,
-        help="Trust and record the SSH host key of a host not yet in known_hosts "
-        "(compare its fingerprint with the one your admins publish first). A changed key "
-        "is always refused.",
-    )(func)
-
-
-@contextlib.contextmanager
-def connected(ctx: click.Context, accept_new_host_key: bool) -> Iterator[tuple[Any, Scheduler]]:
-    """The profile's job records and scheduler, over one transport closed at the end."""
-    from ..jobs import JobStore, open_scheduler, open_transport
-
-    settings = settings_of(ctx)
-    transport = open_transport(settings, accept_new_host_key=accept_new_host_key)
-    try:
-        yield JobStore(settings.home, settings.profile), open_scheduler(settings, transport)
-    finally:
-        transport.close()
-
 
 _COLUMNS = [
     ("id", "ID"),
@@ -102,7 +78,17 @@ def _progress(quiet: bool) -> Callable[[Any], None]:
     return on_poll
 
 
-def _end_of_wait(jobs: list[Any]) -> None:
+def _wait_for(opened: Any, ids: list[str], interval: float | None, timeout: float | None) -> None:
+    """Poll until the jobs end and show them; PartialFailure when any did not finish well."""
+    from ..jobs import wait_for
+
+    settings = opened.settings
+    every = interval or settings.poll_interval
+    on_poll = _progress(settings.quiet)
+    jobs = wait_for(
+        opened.store, opened.scheduler, ids, interval=every, timeout=timeout, on_poll=on_poll
+    )
+    _show(jobs, json_output=settings.json)
     bad = [j for j in jobs if j.state != State.FINISHED.value]
     if bad:
         raise PartialFailure(
@@ -172,13 +158,13 @@ def submit_command(
       hpcbridge submit stage-out.sh --after "$JOB"
       hpcbridge --profile artemis submit job.sh --wait
     """
-    from ..jobs import submit_script, wait_for
+    from ..jobs import submit_script
 
     settings = settings_of(ctx)
-    with connected(ctx, accept_new_host_key) as (store, scheduler):
+    with session(ctx, accept_new_host_key, xnat=False, ledger=False) as opened:
         job = submit_script(
-            store,
-            scheduler,
+            opened.store,
+            opened.scheduler,
             script,
             after=after,
             array=array,
@@ -193,16 +179,7 @@ def submit_command(
             return
         if not settings.quiet:
             echo(f"submitted job {job.id}; waiting for it to end", err=True)
-        jobs = wait_for(
-            store,
-            scheduler,
-            [job.id],
-            interval=interval or settings.poll_interval,
-            timeout=timeout,
-            on_poll=_progress(settings.quiet),
-        )
-    _show(jobs, json_output=settings.json)
-    _end_of_wait(jobs)
+        _wait_for(opened, [job.id], interval, timeout)
 
 
 #: Without --all, `jobs` shows the jobs that ended within this many seconds.
@@ -238,10 +215,11 @@ def jobs_command(
       hpcbridge jobs 4242 4243 --wait
       hpcbridge --json jobs --all
     """
-    from ..jobs import refresh, wait_for
+    from ..jobs import refresh
 
     settings = settings_of(ctx)
-    with connected(ctx, accept_new_host_key) as (store, scheduler):
+    with session(ctx, accept_new_host_key, xnat=False, ledger=False) as opened:
+        store, scheduler = opened.store, opened.scheduler
         wanted = scheduler.check_ids(ids)
         if wanted:
             records = {i: store.get(i) for i in wanted}
@@ -253,16 +231,7 @@ def jobs_command(
             # Ended records older than a day are not shown without --all: not read either.
             jobs = store.all(ended_since=None if show_all else time.time() - RECENT)
         if wait:
-            jobs = wait_for(
-                store,
-                scheduler,
-                [j.id for j in jobs],
-                interval=interval or settings.poll_interval,
-                timeout=timeout,
-                on_poll=_progress(settings.quiet),
-            )
-            _show(jobs, json_output=settings.json)
-            _end_of_wait(jobs)
+            _wait_for(opened, [j.id for j in jobs], interval, timeout)
             return
         report = refresh(store, scheduler, jobs)
         jobs = report.jobs if wanted or show_all else [j for j in report.jobs if _recent(j)]
@@ -330,8 +299,8 @@ def cancel_command(
     if run_id is not None:
         _cancel_run(ctx, run_id, accept_new_host_key)
         return
-    with connected(ctx, accept_new_host_key) as (store, scheduler):
-        jobs = cancel_jobs(store, scheduler, ids)
+    with session(ctx, accept_new_host_key, xnat=False, ledger=False) as opened:
+        jobs = cancel_jobs(opened.store, opened.scheduler, ids)
     if settings.json:
         emit_json([j.to_json() for j in jobs])
         return
@@ -341,22 +310,16 @@ def cancel_command(
 
 def _cancel_run(ctx: click.Context, run_id: int, accept_new_host_key: bool) -> None:
     from .. import runlock
-    from ..ledger import Ledger
-    from ..runner import cancel_run
-    from .runs import adopt_run_profile, take_run_lock
+    from ..runs import cancel_run
 
     adopt_run_profile(ctx, run_id)
     settings = settings_of(ctx)
     with (
         take_run_lock(ctx, run_id, "cancel", wait=runlock.BUSY_WAIT),
-        Ledger.for_settings(settings) as ledger,
-        connected(ctx, accept_new_host_key) as (
-            store,
-            scheduler,
-        ),
+        session(ctx, accept_new_host_key, xnat=False) as opened,
     ):
-        run = ledger.run(run_id)
-        rows = cancel_run(ledger, scheduler, run, store)
+        run = opened.ledger.run(run_id)
+        rows = cancel_run(opened.ledger, opened.scheduler, run, opened.store)
     if settings.json:
         emit_json({"run": run_id, "cancelled": [r.address for r in rows]})
         return

@@ -117,7 +117,9 @@ data = {"plan_s": None, "passes": [], "submit_one": [], "stage_in": [], "submit_
 now = {"status_commands": 0, "transport_ops": 0, "record_reads": 0, "polled": 0, "depth": 0}
 
 import hpcbridge
-from hpcbridge import jobs, runner
+from hpcbridge import jobs, runs
+from hpcbridge.runs import single
+from hpcbridge.runs import sync as passes
 from hpcbridge.transport import LocalTransport
 
 data["module"] = hpcbridge.__file__
@@ -135,10 +137,12 @@ def timed(module, name, key):
                 data[key].append(time.perf_counter() - t0)
     setattr(module, name, wrapper)
 
-for name, key in (("start_run", "plan_s"), ("_submit_one", "submit_one"),
-                  ("_stage_in_one", "stage_in"), ("submit_script", "submit_script"),
-                  ("_stage_out_one", "stage_out")):
-    timed(runner, name, key)
+for module, name, key in ((runs, "start_run", "plan_s"),
+                          (single.SingleJob, "submit", "submit_one"),
+                          (single, "_stage_in_one", "stage_in"),
+                          (single, "submit_script", "submit_script"),
+                          (single.SingleJob, "uploaded", "stage_out")):
+    timed(module, name, key)
 
 data["ops"] = {}  # transport calls by kind ("run qsub", "put", ...): [count, seconds]
 
@@ -218,22 +222,22 @@ def get(self, job_id):
     return _get(self, job_id)
 jobs.JobStore.get = get
 
-_refresh = runner.refresh
+_refresh = passes.refresh
 def refresh(store, scheduler, records=None):
     now["polled"] += len(records) if records is not None else len(store.all())
     return _refresh(store, scheduler, records)
-runner.refresh = refresh
+passes.refresh = refresh
 
-_sync = runner.sync
-def sync(settings, client, ledger, scheduler, run, **kwargs):
+_sync = passes.one_pass
+def sync(session, run, **kwargs):
     before = dict(now)
-    calls = scheduler.status_calls
+    calls = session.scheduler.status_calls
     t0 = time.perf_counter()
-    report = _sync(settings, client, ledger, scheduler, run, **kwargs)
+    report = _sync(session, run, **kwargs)
     data["passes"].append({
         "seconds": time.perf_counter() - t0,
         "polled": now["polled"] - before["polled"],
-        "status_calls": scheduler.status_calls - calls,
+        "status_calls": session.scheduler.status_calls - calls,
         "status_commands": now["status_commands"] - before["status_commands"],
         "transport_ops": now["transport_ops"] - before["transport_ops"],
         "record_reads": now["record_reads"] - before["record_reads"],
@@ -243,7 +247,7 @@ def sync(settings, client, ledger, scheduler, run, **kwargs):
     })
     data["final_counts"] = dict(report.counts)
     return report
-runner.sync = sync
+passes.one_pass = sync
 
 from hpcbridge.cli import main
 

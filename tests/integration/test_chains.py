@@ -40,7 +40,8 @@ from test_runs import (  # noqa: F401  (fixtures are found by name)
 from hpcbridge.config import load_settings
 from hpcbridge.errors import ConfigError
 from hpcbridge.ledger import Ledger
-from hpcbridge.runner import RunRequest, start_run, sync, wait_run
+from hpcbridge.runs import RunRequest, start_run, wait_run
+from hpcbridge.runs.sync import sync
 from hpcbridge.schedulers.local import LocalScheduler
 from hpcbridge.xnat import connect
 

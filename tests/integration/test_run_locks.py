@@ -36,11 +36,12 @@ from test_runs import (  # noqa: F401  (fixtures are found by name)
     write_recipe,
 )
 
-from hpcbridge import runlock, runner
+from hpcbridge import runlock
 from hpcbridge.config import load_settings
 from hpcbridge.errors import StageError
 from hpcbridge.ledger import Ledger
 from hpcbridge.runlock import lock_path
+from hpcbridge.runs import sync as passes
 
 # test_runs's fixtures, by the names the tests ask for
 xnat = test_runs.xnat
@@ -258,7 +259,7 @@ def test_the_lock_is_released_when_a_pass_fails(
         held.append(lock_path(load_settings(), 1).exists())
         raise raised
 
-    monkeypatch.setattr(runner, "sync", failing)
+    monkeypatch.setattr(passes, "one_pass", failing)
     for args in (["sync", "1"], ["sync"], ["retry", "1"]):
         if args[0] == "retry":
             with Ledger.for_settings(load_settings()) as ledger:

@@ -324,7 +324,8 @@ def test_a_scheduler_that_cannot_be_asked_leaves_the_jobs_be_and_the_run_backs_o
     from hpcbridge.config import load_settings
     from hpcbridge.errors import TransportError
     from hpcbridge.ledger import Ledger
-    from hpcbridge.runner import RunRequest, start_run, sync, waiting
+    from hpcbridge.runs import RunRequest, start_run, waiting
+    from hpcbridge.runs.sync import sync
     from hpcbridge.schedulers.local import LocalScheduler
     from hpcbridge.xnat import connect
 

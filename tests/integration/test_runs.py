@@ -33,7 +33,8 @@ from hpcbridge.cli import main
 from hpcbridge.config import load_settings
 from hpcbridge.ledger import Ledger, ledger_path
 from hpcbridge.outputs import PROVENANCE_FILE
-from hpcbridge.runner import RunRequest, start_run, sync, wait_run
+from hpcbridge.runs import RunRequest, start_run, wait_run
+from hpcbridge.runs.sync import sync
 from hpcbridge.sandbox import SandboxServer
 from hpcbridge.schedulers.local import LocalScheduler
 from hpcbridge.xnat import connect

@@ -23,7 +23,7 @@ from hpcbridge.errors import (
     XnatPermissionError,
     XnatServerError,
 )
-from hpcbridge.runner import Trouble, backoff, trouble_of
+from hpcbridge.runs import Trouble, backoff, trouble_of
 from hpcbridge.xnat.client import raise_for_response, retry_after
 
 HOST = "alice@login.example.org"
