@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import LedgerError, RunBusyError
-from .ledger.files import ledger_path
-from .ledger.lockfile import HOST, break_stale_lock, look, pid_alive, remove_if_ours
+from .ledger.files import HOST, break_stale_lock, ledger_path, look, pid_alive, remove_if_ours
 from .units import UTC_STAMP, parse_utc_stamp, utc_stamp
 
 if TYPE_CHECKING:
@@ -105,13 +104,7 @@ class Holder:
         return f"{self.command} by {self.user} on {self.host} (pid {self.pid}) since {shown}"
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "command": self.command,
-            "user": self.user,
-            "host": self.host,
-            "pid": self.pid,
-            "since": self.since,
-        }
+        return {name: getattr(self, name) for name in ("command", "user", "host", "pid", "since")}
 
 
 class RunLock:

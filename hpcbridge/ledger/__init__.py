@@ -16,9 +16,9 @@ Two modes, because many clusters put home directories on NFS:
   holds a lock file made with ``O_CREAT|O_EXCL``, which NFS does atomically even where its byte
   range locks, which SQLite relies on, are broken or local to one host.
 
-The schema, its states and rows are in :mod:`.schema`; the file, its copies and the lock file in
-:mod:`.files` and :mod:`.lockfile`; connection and transactions in :mod:`.database`, on which
-the queries of :mod:`.runs` and :mod:`.jobs` build; :class:`Ledger` puts them together.
+The schema, its states and rows are in :mod:`.schema`; the file, its copies and its lock file in
+:mod:`.files`; connection and transactions in :mod:`.database`, on which the queries of
+:mod:`.runs` and :mod:`.jobs` build; :class:`Ledger` puts them together.
 """
 
 from __future__ import annotations

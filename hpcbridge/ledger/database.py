@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import LedgerError
-from . import files, lockfile, schema
+from . import files, schema
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,7 @@ class Database:
     def close(self) -> None:
         with self._mutex:
             self._closed = True
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    # -- opening ----------------------------------------------------------------------------
+            self._disconnect()
 
     def _create_file(self) -> None:
         """Make a new ledger if there is none; refuse an empty one.
@@ -114,9 +110,6 @@ class Database:
             if not parent.is_dir():
                 parent.mkdir(parents=True, exist_ok=True)
                 parent.chmod(0o700)  # holds what was run on which data; nobody else's business
-        except OSError as exc:
-            raise LedgerError(f"cannot create the ledger {self.path}: {exc.strerror}") from None
-        try:
             # Creators take the lock file so that none of them removes what another just made.
             with self._lock_file():
                 if not self.path.exists():
@@ -201,8 +194,6 @@ class Database:
             self._backup_day = day
             files.backup(conn, self.path, day, self.keep_backups)
 
-    # -- transactions and the lock file ------------------------------------------------------
-
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         try:
@@ -256,9 +247,7 @@ class Database:
                 self._backup(conn)
 
     def _lock_file(self) -> contextlib.AbstractContextManager[None]:
-        return lockfile.held(
-            self.lock_path, timeout=self.lock_timeout, stale_after=self.stale_after
-        )
+        return files.held(self.lock_path, timeout=self.lock_timeout, stale_after=self.stale_after)
 
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None

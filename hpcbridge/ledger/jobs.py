@@ -27,14 +27,8 @@ from .schema import (
 
 _S = JobState
 # The time column stamped on entering a state.
-_STAMPS = {
-    _S.SUBMITTED: "submitted_at",
-    _S.RUNNING: "started_at",
-    _S.FINISHED: "ended_at",
-    _S.FAILED: "ended_at",
-    _S.CANCELLED: "ended_at",
-    _S.UPLOADED: "uploaded_at",
-}
+_STAMPS = {_S.SUBMITTED: "submitted_at", _S.RUNNING: "started_at", _S.UPLOADED: "uploaded_at"}
+_STAMPS |= dict.fromkeys((_S.FINISHED, _S.FAILED, _S.CANCELLED), "ended_at")
 
 # What a retry forgets: the previous attempt's outcome would otherwise be shown as the new one's.
 _RETRY_CLEARS: tuple[str, ...] = ("native_id", "exit_code", "last_error", "log_tail", "raw_state")
