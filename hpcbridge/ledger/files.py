@@ -94,28 +94,22 @@ def leftovers(path: Path) -> list[str]:
     return [str(p) for p in beside if p.exists()]
 
 
-def _restore(path: Path, what: str, beside: list[str]) -> str | None:
-    backups = ledger_backups(path)
-    if not backups:
-        return None
+def _before_cp(beside: list[str]) -> str:
     # A journal or WAL left by the lost file would be replayed into the copy put back (a new
     # ledger removes them itself).
-    before_cp = f"; before the `cp`, delete {' and '.join(beside)}" if beside else ""
-    return (
-        f"the last good copy is {backups[-1]}: `cp` it back, or move the {what} file away to "
-        f"start afresh{before_cp}"
-    )
+    return f"; before the `cp`, delete {' and '.join(beside)}" if beside else ""
 
 
 def refuse_empty(path: Path) -> None:
     """Raise if the ledger file is empty; FileNotFoundError if there is none."""
     if path.stat().st_size > 0:
         return
-    if restore := _restore(path, "empty", leftovers(path)):
+    if backups := ledger_backups(path):
         raise LedgerError(
             f"the ledger {path} is empty (0 bytes) but this machine has used it "
             "before; refusing to start a new one over it",
-            hint=restore,
+            hint=f"the last good copy is {backups[-1]}: `cp` it back, or move the empty file "
+            f"away to start afresh{_before_cp(leftovers(path))}",
         )
     raise LedgerError(
         f"the ledger {path} is empty (0 bytes): what it held is lost; refusing to "
@@ -127,13 +121,14 @@ def refuse_empty(path: Path) -> None:
 
 def damaged(path: Path, reason: object, beside: list[str]) -> LedgerError:
     """The error for a ledger SQLite cannot use, naming the last good copy if there is one."""
-    restore = _restore(path, "damaged", beside)
-    return LedgerError(
-        f"the ledger {path} cannot be used: {reason}",
-        hint=f"it is damaged or not a ledger; {restore}"
-        if restore
-        else "if it is not a ledger or is damaged, move it aside to start a new one",
-    )
+    if backups := ledger_backups(path):
+        hint = (
+            f"it is damaged or not a ledger; the last good copy is {backups[-1]}: `cp` it "
+            f"back, or move the damaged file away to start afresh{_before_cp(beside)}"
+        )
+    else:
+        hint = "if it is not a ledger or is damaged, move it aside to start a new one"
+    return LedgerError(f"the ledger {path} cannot be used: {reason}", hint=hint)
 
 
 def make_new_file(path: Path) -> None:
