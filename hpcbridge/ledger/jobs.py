@@ -74,14 +74,9 @@ def _set(
 
 
 def _record(
-    conn: sqlite3.Connection,
-    job_id: int,
-    now: str,
-    came: JobState | None,
-    to: JobState,
-    detail: str,
+    conn: sqlite3.Connection, job_id: int, at: str, came: JobState | None, to: JobState, detail: str
 ) -> None:
-    values = {"job_id": job_id, "at": now, "to_state": to.value, "detail": detail}
+    values = {"job_id": job_id, "at": at, "to_state": to.value, "detail": detail}
     insert(conn, "events", {**values, "from_state": came.value if came else None})
 
 
