@@ -161,6 +161,22 @@ class LedgerError(HpcBridgeError):
     """The run ledger cannot be opened, is locked, is from a newer hpcbridge, or was asked for
     something it does not hold or allow (an unknown run or job, an illegal state change)."""
 
+    run_id: int | None = None
+    job_id: int | None = None
+
+    @classmethod
+    def no_run(cls, run_id: int) -> LedgerError:
+        error = cls(f"no run {run_id}", hint="`hpcbridge runs` lists the runs")
+        error.run_id = run_id
+        return error
+
+    @classmethod
+    def no_job(cls, job_id: int, ledger: object) -> LedgerError:
+        """No job ``job_id`` in the ledger file ``ledger``."""
+        error = cls(f"no job {job_id} in the ledger {ledger}")
+        error.job_id = job_id
+        return error
+
 
 class RunBusyError(HpcBridgeError):
     """Another process holds the run's lock (``sync``, ``run``, ``retry`` or ``cancel`` of the

@@ -22,18 +22,16 @@ import json
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .errors import LedgerError, RunBusyError
-from .ledger import break_stale_lock
+from .ledger.files import HOST, break_stale_lock, ledger_path, look, pid_alive, remove_if_ours
 from .units import UTC_STAMP, parse_utc_stamp, utc_stamp
 
 if TYPE_CHECKING:
@@ -51,8 +49,6 @@ STALE_AFTER = 600.0
 #: A lock file still empty after this long lost its writer between creating and writing it.
 _EMPTY_STALE = 60.0
 
-_HOST = socket.gethostname()
-
 
 def _user() -> str:
     try:
@@ -65,8 +61,6 @@ def lock_path(settings: Settings, run_id: int) -> Path:
     """``locks/run-<id>.lock`` beside the ledger, so every process sharing a ledger (whatever
     its ``HPCBRIDGE_HOME``) sees the same locks; a ledger not named ``ledger.sqlite`` prefixes
     its name, so two ledgers in one folder do not share them."""
-    from .ledger import ledger_path
-
     ledger = ledger_path(settings)
     prefix = "" if ledger.name == "ledger.sqlite" else f"{ledger.name}-"
     return ledger.parent / "locks" / f"{prefix}run-{run_id}.lock"
@@ -87,14 +81,8 @@ class Holder:
     def parse(cls, text: str) -> Holder | None:
         try:
             data = json.loads(text)
-            return cls(
-                host=str(data["host"]),
-                pid=int(data["pid"]),
-                user=str(data["user"]),
-                command=str(data["command"]),
-                since=str(data["since"]),
-                token=str(data["token"]),
-            )
+            values: dict[str, Any] = {f.name: str(data[f.name]) for f in fields(cls)}
+            return cls(**{**values, "pid": int(data["pid"])})
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -116,23 +104,7 @@ class Holder:
         return f"{self.command} by {self.user} on {self.host} (pid {self.pid}) since {shown}"
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "command": self.command,
-            "user": self.user,
-            "host": self.host,
-            "pid": self.pid,
-            "since": self.since,
-        }
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+        return {name: getattr(self, name) for name in ("command", "user", "host", "pid", "since")}
 
 
 class RunLock:
@@ -212,7 +184,7 @@ class RunLock:
     def _try_take(self) -> Holder | None:
         """None once the lock is ours; else its live holder."""
         mine = Holder(
-            host=_HOST,
+            host=HOST,
             pid=os.getpid(),
             user=_user(),
             command=self.command,
@@ -223,13 +195,10 @@ class RunLock:
             if self._create(mine):
                 self._mine = mine
                 return None
-            try:
-                seen = self.path.read_text()
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
+            found = look(self.path, "run lock")
+            if found is None:
                 continue
-            except OSError as exc:
-                raise LedgerError(f"cannot read the run lock {self.path}: {exc}") from None
+            seen, age = found
             holder = Holder.parse(seen)
             if not self._stale(holder, age):
                 return holder or self._starting(age)
@@ -243,7 +212,7 @@ class RunLock:
         lock never exists empty (a second `sync` reading it then could not say who holds it).
         link() is atomic on NFS too; its answer may be lost there, so the link count decides.
         """
-        tmp = self.path.with_name(f".{self.path.name}.{_HOST}.{os.getpid()}.{mine.token}")
+        tmp = self.path.with_name(f".{self.path.name}.{HOST}.{os.getpid()}.{mine.token}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -279,7 +248,7 @@ class RunLock:
             return age > _EMPTY_STALE
         if age > self.stale_after:  # a live holder touches it every `heartbeat` seconds
             return True
-        return holder.host == _HOST and not _pid_alive(holder.pid)
+        return holder.host == HOST and not pid_alive(holder.pid)
 
     def _break(self, seen: str, holder: Holder | None) -> None:
         if break_stale_lock(self.path, seen, "run lock"):
@@ -294,30 +263,19 @@ class RunLock:
         if self._beat is not None:
             self._beat.join()
             self._beat = None
-        if mine is None:
-            return
-        try:
-            if Holder.parse(self.path.read_text()) == mine:
-                self.path.unlink()
-                return
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove the run lock %s: %s", self.path, exc)
-            return
-        log.warning(
-            "run %d: its lock %s was taken over while this process held it", self.run_id, self.path
-        )
+        if mine is not None and not remove_if_ours(
+            self.path, lambda seen: Holder.parse(seen) == mine, "run lock"
+        ):
+            log.warning(
+                "run %d: its lock %s was taken over while this process held it",
+                self.run_id,
+                self.path,
+            )
 
     def __enter__(self) -> RunLock:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
     # -- while it is held ------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_migrations_apply_in_order_each_in_its_own_transaction(
         "ALTER TABLE runs ADD COLUMN note TEXT; CREATE TABLE notes (text TEXT DEFAULT 'a;b');",
         "CREATE TABLE half (x);\nINSERT INTO nowhere VALUES (1);",
     ]
-    monkeypatch.setattr(ledger_mod, "MIGRATIONS", later)
+    monkeypatch.setattr(ledger_mod.schema, "MIGRATIONS", later)
     with pytest.raises(LedgerError, match="no such table: nowhere"):
         Ledger(path)
     # The good one stuck, the broken one left nothing behind (not even its first statement).
@@ -156,7 +156,7 @@ def test_migration_scripts_split_at_statements_not_at_every_semicolon() -> None:
         CREATE TABLE t (x TEXT DEFAULT 'a;b');  -- a comment; with a semicolon
         CREATE TRIGGER tr AFTER INSERT ON t BEGIN UPDATE t SET x = 'c;d'; END;
     """
-    statements = list(ledger_mod._statements(script))
+    statements = list(ledger_mod.schema.statements(script))
     assert len(statements) == 2
     assert statements[1].endswith("END;")
     conn = sqlite3.connect(":memory:")

@@ -410,7 +410,7 @@ def test_an_upgrade_copies_the_ledger_before_migrating(
     used_ledger(path, mode)
     shutil.rmtree(backup_folder(path))
     later = [*MIGRATIONS, "CREATE TABLE notes (text TEXT)"]
-    monkeypatch.setattr(ledger_mod, "MIGRATIONS", later)
+    monkeypatch.setattr(ledger_mod.schema, "MIGRATIONS", later)
     with Ledger(path, mode=mode, clock=on_day(1)) as ledger:
         assert len(ledger.runs()) == 2
     [backup] = ledger_backups(path)
