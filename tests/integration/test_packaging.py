@@ -1,4 +1,5 @@
-"""The wheel a plain `pip install .` builds carries the built-in templates and sandbox schemas."""
+"""The wheel a plain `pip install .` builds carries all the code, the built-in templates and the
+sandbox schemas."""
 
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def test_wheel_ships_templates_and_schemas(tmp_path: Path) -> None:
     assert shipped, "templates/ is empty"
     for rel in shipped:
         assert f"hpcbridge/templates/{rel}" in names
+    code = {
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "hpcbridge").rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    # A package missing from pyproject's hand-written list installs without it.
+    assert code - names == set()
     assert "hpcbridge/sandbox/schemas/xnat.xsd" in names
     assert "hpcbridge/sandbox/schemas/xdat.xsd" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
