@@ -116,7 +116,8 @@ class HttpBase:
                 # Before ConnectionError, its base class: a certificate does not get better
                 # by asking again, and its reason must be told whole.
                 raise _tls_error(exc, self.base) from None
-            except requests.ConnectionError as exc:
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                # A body cut off mid-read is a broken connection too, not a bug of ours.
                 if attempt + 1 < attempts:
                     self._pause(attempt, f"connection failed ({_reason(exc)})")
                     continue

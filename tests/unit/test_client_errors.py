@@ -118,3 +118,18 @@ def test_listing_turns_string_numbers_into_ints(client: XnatClient) -> None:
 
 def test_credentials_repr_hides_secret() -> None:
     assert "s3cret" not in repr(Secret("alice", "s3cret", "environment"))
+
+
+def test_answer_cut_off_mid_body_is_a_broken_connection(client: XnatClient) -> None:
+    # The fault soak saw it: XNAT dropped the connection halfway through a chunked answer.
+    import requests
+
+    cut = requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")
+    with requests_mock.Mocker() as m:
+        _login(m)
+        m.get(f"{URL}/data/projects", [{"exc": cut}, {"json": {"ResultSet": {"Result": []}}}])
+        assert client.listing("/data/projects", "projects") == []
+        m.put(f"{URL}/data/projects/P", exc=cut)
+        with pytest.raises(XnatConnectionError, match="cannot reach XNAT at"):
+            client.request("PUT", "/data/projects/P", "create P")
+        assert sum(1 for r in m.request_history if r.method == "PUT") == 1
