@@ -10,10 +10,11 @@ import click
 from ..config import check_xnat_url
 from ..credentials import LoginRefusals, Secret, SessionCache, TokenStore, resolve
 from ..errors import CredentialError, PartialFailure, XnatError
-from ..xnat import XnatClient, connect, server_url
+from ..xnat import XnatClient
 from ..xnat.client import expiry_text
 from .app import emit_json, main, settings_of
 from .output import echo, warn
+from .server import connect, resolve_url
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -36,13 +37,7 @@ def _resolve_url(ctx: click.Context, url: str | None) -> tuple[str, bool]:
         url = check_xnat_url(
             url, allow_insecure_http=settings.allow_insecure_http, origin="option --xnat"
         )
-    url = url or server_url(settings)
-    if url == "sandbox":
-        from ..sandbox.control import SandboxPaths, read_ready
-
-        # The sandbox is http only, with a throwaway password (see xnat.connect).
-        return str(read_ready(SandboxPaths.under(settings.home).ready)["url"]).rstrip("/"), True
-    return url.rstrip("/"), settings.allow_insecure_http
+    return resolve_url(settings, url)
 
 
 @main.command("login")

@@ -52,8 +52,9 @@ def ls_command(ctx: click.Context, address: str, all_scans: bool) -> None:
       hpcbridge ls PTV000 --scans
       hpcbridge --json ls PTV000/Haofei01/Haofei01_MR1/4
     """
-    from ..xnat import Address, connect
+    from ..xnat import Address
     from ..xnat.browse import ls
+    from .server import connect
 
     settings = settings_of(ctx)
     where = Address.parse(address)

@@ -123,7 +123,8 @@ def stage_in_command(
       hpcbridge stage-in PTV000/Haofei01/Haofei01_MR1 --scan-type '*T1*' --dest in
     """
     from ..stagein import Limits, Selection, stage_in
-    from ..xnat import Address, connect
+    from ..xnat import Address
+    from .server import connect
 
     settings = settings_of(ctx)
     where = Address.parse(address)
@@ -253,7 +254,8 @@ def stage_out_command(
       hpcbridge stage-out PTV000/Haofei01/Haofei01_MR1 --assessor QC1 --resource PDF report.pdf
     """
     from ..stageout import collect, resolve_target, stage_out
-    from ..xnat import Address, connect
+    from ..xnat import Address
+    from .server import connect
 
     settings = settings_of(ctx)
     where = Address.parse(address)
@@ -309,7 +311,7 @@ def _stage_out_spec(settings: Any, where: Any, out: Path, spec_file: Path) -> No
     from ..errors import StageError
     from ..outputs import upload_outputs
     from ..recipes import Output
-    from ..xnat import connect
+    from .server import connect
 
     try:
         spec = json.loads(spec_file.read_text())

@@ -48,6 +48,7 @@ def demo_command(ctx: click.Context, interval: float) -> None:
     from ..runs import RunSession
     from ..sandbox.control import SandboxPaths, start
     from ..schedulers.local import job_search_path
+    from .server import connect
 
     outer = settings_of(ctx)
     # Where the local scheduler's jobs will look, not only this shell's PATH.
@@ -60,7 +61,7 @@ def demo_command(ctx: click.Context, interval: float) -> None:
     say = (lambda text: None) if outer.quiet else (lambda text: echo(text, err=True))
     say(f"sandbox XNAT {'started' if started else 'running'} at {info['url']}")
     settings = settings_for(ctx, "sandbox")
-    with RunSession(settings) as opened:
+    with RunSession(settings, connect=connect) as opened:
         plan, report = _converted(opened, interval, say)
         scans = [ref for ref, _why in plan.skipped] + plan.scans
         landed = _landed(opened.client, scans)

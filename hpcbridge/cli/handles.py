@@ -33,8 +33,11 @@ def host_key_option(func: F) -> F:
 def session(ctx: click.Context, accept_new_host_key: bool, **opened: bool) -> RunSession:
     """The command's session (``opened``: which handles, see RunSession), to use in ``with``."""
     from ..runs import RunSession
+    from .server import connect
 
-    return RunSession(settings_of(ctx), accept_new_host_key=accept_new_host_key, **opened)
+    return RunSession(
+        settings_of(ctx), accept_new_host_key=accept_new_host_key, connect=connect, **opened
+    )
 
 
 def adopt_run_profile(ctx: click.Context, run_id: int | None) -> int:

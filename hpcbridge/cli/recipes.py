@@ -346,9 +346,10 @@ def _scan_variables(settings: Any, text: str) -> dict[str, str]:
     """The scan.* values of the scan at ``text``, its type and description from XNAT."""
     from ..errors import StageError
     from ..recipes import scan_variables
-    from ..xnat import Address, connect
+    from ..xnat import Address
     from ..xnat.browse import scans_of
     from ..xnat.model import ScanRef
+    from .server import connect
 
     address = Address.parse(text)
     if address.depth != 4:

@@ -4,12 +4,13 @@ the transport with its scheduler, the job records -- opened in one place and clo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
+from .. import xnat
 from ..config import Settings
 from ..jobs import JobStore, open_scheduler, open_transport
 from ..ledger import Ledger
 from ..schedulers.base import Scheduler
-from ..xnat import connect
 from ..xnat.client import XnatClient
 
 
@@ -30,8 +31,11 @@ class RunSession:
         ledger: bool = True,
         jobs: bool = True,
         accept_new_host_key: bool = False,
+        connect: Callable[[Settings], XnatClient] = xnat.connect,
     ) -> None:
         self.settings = settings
+        # The command line passes its own, which also finds the sandbox of the sandbox profile.
+        self._connect = connect
         self._wanted = (ledger, xnat, jobs)
         self._accept_new_host_key = accept_new_host_key
         self._stack = contextlib.ExitStack()
@@ -60,7 +64,7 @@ class RunSession:
             if ledger:
                 self.ledger = stack.enter_context(Ledger.for_settings(self.settings))
             if xnat:
-                self.client = stack.enter_context(connect(self.settings))
+                self.client = stack.enter_context(self._connect(self.settings))
             if jobs:
                 transport = open_transport(
                     self.settings, accept_new_host_key=self._accept_new_host_key

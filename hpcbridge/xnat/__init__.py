@@ -31,30 +31,29 @@ def server_url(settings: Settings) -> str:
     )
 
 
-def connect(settings: Settings, *, cache_session: bool = True) -> XnatClient:
-    """A client for the settings' XNAT with the credentials found for it (see credentials.py).
+def connect(
+    settings: Settings, *, cache_session: bool = True, secret: Secret | None = None
+) -> XnatClient:
+    """A client for the settings' XNAT, with ``secret`` or else the credentials found for it
+    (see credentials.py).
 
     With ``cache_session`` the server session is kept for the next run instead of ended.
     """
     url = server_url(settings)
     if url == "sandbox":
-        from ..sandbox.control import SandboxPaths, read_ready
-
-        info = read_ready(SandboxPaths.under(settings.home).ready)
-        url, secret = info["url"], Secret(info["user"], info["password"], "sandbox")
-        # The sandbox speaks only http, with a throwaway password, also when `sandbox start
-        # --host` made it listen beyond loopback (and warned then).
-        insecure_ok = True
-    else:
-        insecure_ok = settings.allow_insecure_http
-        found = resolve(url, user=settings.user, home=settings.home)
-        if found is None:
-            raise CredentialError(
-                f"no credentials for {url}",
-                hint=f"run `hpcbridge login --xnat {url}`, set HPCBRIDGE_USER and "
-                "HPCBRIDGE_PASSWORD, or add the host to ~/.netrc",
-            )
-        secret = found
+        # The sandbox profile names a server that only the command line starts and finds.
+        raise ConfigError(
+            "the XNAT URL 'sandbox' names the sandbox server, not an address",
+            hint="connect to the sandbox's URL with its user and password",
+        )
+    if secret is None:
+        secret = resolve(url, user=settings.user, home=settings.home)
+    if secret is None:
+        raise CredentialError(
+            f"no credentials for {url}",
+            hint=f"run `hpcbridge login --xnat {url}`, set HPCBRIDGE_USER and "
+            "HPCBRIDGE_PASSWORD, or add the host to ~/.netrc",
+        )
     cache = SessionCache.under(settings.home) if cache_session else None
     return XnatClient(
         url,
@@ -62,6 +61,6 @@ def connect(settings: Settings, *, cache_session: bool = True) -> XnatClient:
         timeout=settings.timeout,
         verify=settings.tls_verify,
         session_cache=cache,
-        allow_insecure_http=insecure_ok,
+        allow_insecure_http=settings.allow_insecure_http,
         refusals=LoginRefusals.under(settings.home),
     )
