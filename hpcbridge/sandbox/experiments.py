@@ -9,29 +9,19 @@ from typing import Any
 from . import resources, scans
 from .http import HttpError, Reply, Request
 from .store import VALID_LABEL
-from .views import Ctx, Owner, Site, item, not_found, only_get, qs, table
+from .views import Ctx, Owner, Site, cells, item, not_found, only_get, qs, table
 
-EXPT_COLUMNS = ["ID", "project", "date", "xsiType", "label", "insert_date", "URI"]
+EXPT_COLUMNS = "ID project date xsiType label insert_date URI".split()
 SCAN_XPATHS = ("xnat:imagescandata/", "xnat:imagesessiondata/scans/scan/")
 
 
 def _row(e: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "ID": e["id"],
-        "project": e["project"],
-        "date": e["date"],
-        "xsiType": e["xsi_type"],
-        "label": e["label"],
-        "insert_date": e["insert_date"],
-        "URI": f"/data/experiments/{e['id']}",
-        "xnat:subjectassessordata/id": e["id"],
-        "subject_ID": e["subject_id"],
-        "subject_label": e["subject_label"],
-        "xnat:imagesessiondata/subject_id": e["subject_id"],
-        "xnat:imagesessiondata/label": e["label"],
-        "xnat:imagesessiondata/id": e["id"],
-        "insert_user": e["insert_user"],
-    }
+    spec = (
+        "ID=id project date xsiType=xsi_type label insert_date URI xnat:subjectassessordata/id=id"
+        " subject_ID=subject_id subject_label xnat:imagesessiondata/subject_id=subject_id"
+        " xnat:imagesessiondata/label=label xnat:imagesessiondata/id=id insert_user"
+    )
+    return cells(e, spec, URI=f"/data/experiments/{e['id']}")
 
 
 def _rows(site: Site, ctx: Ctx, all_experiments: bool, req: Request) -> list[dict[str, Any]]:
@@ -168,14 +158,8 @@ def experiment(site: Site, req: Request, ctx: Ctx, rest: list[str]) -> Reply:
 
 
 def _item(site: Site, req: Request, expt: dict[str, Any]) -> Reply:
-    fields = {
-        "ID": expt["id"],
-        "label": expt["label"],
-        "project": expt["project"],
-        "subject_ID": expt["subject_id"],
-        "date": expt["date"],
-        "modality": _modality(expt["xsi_type"]),
-    }
+    spec = "ID=id label project subject_ID=subject_id date modality"
+    fields = cells(expt, spec, modality=_modality(expt["xsi_type"]))
     children = [scans.scan_child(site, expt, s) for s in site.store.scans(expt["id"])]
     listed = [{"field": "scans/scan", "items": children}] if children else []
     return item(req, expt["xsi_type"], fields, listed)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import uploads
+from .filestore import StoredFile
 from .http import HttpError, Reply, Request
-from .store import StoredFile
 from .streams import ZipEntry, write_zip
 from .views import Owner, Site, not_found, table
 
@@ -30,17 +30,7 @@ CONTENT_TYPES = {
     ".tiff": "image/tiff",
     ".bmp": "image/bmp",
 }
-FILE_COLUMNS = [
-    "Name",
-    "Size",
-    "URI",
-    "collection",
-    "file_tags",
-    "file_format",
-    "file_content",
-    "cat_ID",
-    "digest",
-]
+FILE_COLUMNS = "Name Size URI collection file_tags file_format file_content cat_ID digest".split()
 Selected = list[tuple[Owner, dict[str, Any], StoredFile]]
 
 

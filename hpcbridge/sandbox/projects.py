@@ -9,17 +9,10 @@ from typing import Any
 from . import experiments, resources, subjects
 from .http import HttpError, Reply, Request
 from .store import VALID_LABEL
-from .views import Ctx, Owner, Site, item, not_found, only_get, qs_fields, table
+from .views import Ctx, Owner, Site, cells, item, not_found, only_get, qs_fields, table
 
-PROJECT_COLUMNS = [
-    "ID",
-    "secondary_ID",
-    "name",
-    "description",
-    "pi_firstname",
-    "pi_lastname",
-    "URI",
-]
+PROJECT_COLUMNS = "ID secondary_ID name description pi_firstname pi_lastname URI".split()
+FIELDS = "ID=id secondary_ID=secondary_id name description"
 
 
 def route(site: Site, req: Request, segs: list[str]) -> Reply:
@@ -47,17 +40,8 @@ def route(site: Site, req: Request, segs: list[str]) -> Reply:
 
 
 def _row(p: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "ID": p["id"],
-        "secondary_ID": p["secondary_id"],
-        "name": p["name"],
-        "description": p["description"],
-        "pi_firstname": p["pi_firstname"],
-        "pi_lastname": p["pi_lastname"],
-        "URI": f"/data/projects/{p['id']}",
-        "insert_date": p["insert_date"],
-        "insert_user": p["insert_user"],
-    }
+    spec = f"{FIELDS} pi_firstname pi_lastname URI insert_date insert_user"
+    return cells(p, spec, URI=f"/data/projects/{p['id']}")
 
 
 def _project(site: Site, req: Request, pid: str, proj: dict[str, Any] | None) -> Reply:
@@ -68,13 +52,7 @@ def _project(site: Site, req: Request, pid: str, proj: dict[str, Any] | None) ->
     if req.method == "DELETE":
         site.store.delete_owner("project", proj["id"])
         return Reply()
-    fields = {
-        "ID": proj["id"],
-        "secondary_ID": proj["secondary_id"],
-        "name": proj["name"],
-        "description": proj["description"],
-    }
-    return item(req, "xnat:projectData", fields, [])
+    return item(req, "xnat:projectData", cells(proj, FIELDS), [])
 
 
 def _put(site: Site, req: Request, pid: str, proj: dict[str, Any] | None) -> Reply:

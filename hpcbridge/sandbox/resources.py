@@ -8,21 +8,12 @@ from typing import Any
 
 from . import files, uploads
 from .http import HttpError, Reply, Request
-from .views import Owner, Site, not_found, only_get, table, xml
+from .views import Owner, Site, cells, not_found, only_get, table, xml
 
-RESOURCE_COLUMNS = [
-    "xnat_abstractresource_id",
-    "label",
-    "element_name",
-    "category",
-    "cat_id",
-    "cat_desc",
-    "file_count",
-    "file_size",
-    "tags",
-    "content",
-    "format",
-]
+RESOURCE_COLUMNS = (
+    "xnat_abstractresource_id label element_name category cat_id cat_desc file_count file_size"
+    " tags content format"
+).split()
 NO_CATALOG = "Unable to find the specified catalog."
 
 
@@ -41,19 +32,17 @@ def owner_tail(site: Site, req: Request, owners: Owner | list[Owner], rest: list
 
 def _row(site: Site, owner: Owner, res: dict[str, Any]) -> dict[str, Any]:
     count, size = site.store.resource_stats(res["id"])
-    return {
-        "xnat_abstractresource_id": res["id"],
-        "label": res["label"],
-        "element_name": "xnat:resourceCatalog",
-        "category": owner.category,
-        "cat_id": owner.cat_id,
-        "cat_desc": owner.cat_desc,
-        "file_count": count,
-        "file_size": size,
-        "tags": res["tags"],
-        "content": res["content"],
-        "format": res["format"],
-    }
+    spec = "xnat_abstractresource_id=id label element_name category cat_id cat_desc file_count"
+    return cells(
+        res,
+        spec + " file_size tags content format",
+        element_name="xnat:resourceCatalog",
+        category=owner.category,
+        cat_id=owner.cat_id,
+        cat_desc=owner.cat_desc,
+        file_count=count,
+        file_size=size,
+    )
 
 
 def _listing(site: Site, req: Request, owners: list[Owner]) -> Reply:

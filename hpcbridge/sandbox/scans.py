@@ -10,30 +10,18 @@ from typing import Any
 from . import resources
 from .http import HttpError, Reply, Request
 from .store import VALID_LABEL
-from .views import Ctx, Owner, Site, child_item, item, not_found, only_get, qs_fields, table
+from .views import Ctx, Owner, Site, cells, child_item, item, not_found, only_get, qs_fields, table
 
-SCAN_COLUMNS = [
-    "xnat_imagescandata_id",
-    "ID",
-    "type",
-    "quality",
-    "xsiType",
-    "note",
-    "series_description",
-    "URI",
-]
+SCAN_COLUMNS = "xnat_imagescandata_id ID type quality xsiType note series_description URI".split()
+
+
+def _uri(expt: dict[str, Any]) -> str:
+    return f"/data/experiments/{expt['id']}"
 
 
 def _fields(expt: dict[str, Any], scan: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "ID": scan["scan_id"],
-        "type": scan["type"],
-        "series_description": scan["series_description"],
-        "quality": scan["quality"],
-        "image_session_ID": expt["id"],
-        "xnat_imagescandata_id": scan["pk"],
-        "project": expt["project"],
-    }
+    spec = "ID=scan_id type series_description quality image_session_ID xnat_imagescandata_id=pk"
+    fields = cells(scan, spec + " project", image_session_ID=expt["id"], project=expt["project"])
     if scan["note"]:
         fields["note"] = scan["note"]
     if scan["frames"]:
@@ -45,15 +33,9 @@ def _file_children(site: Site, expt: dict[str, Any], scan: dict[str, Any]) -> li
     files = []
     for res in site.store.resources("scan", str(scan["pk"])):
         count, size = site.store.resource_stats(res["id"])
-        fields = {
-            "label": res["label"],
-            "format": res["format"],
-            "content": res["content"],
-            "file_count": count,
-            "file_size": size,
-            "xnat_abstractresource_id": res["id"],
-            "URI": f"/data/experiments/{expt['id']}/scans/{scan['scan_id']}/resources/{res['id']}",
-        }
+        uri = f"{_uri(expt)}/scans/{scan['scan_id']}/resources/{res['id']}"
+        spec = "label format content file_count file_size xnat_abstractresource_id=id URI"
+        fields = cells(res, spec, file_count=count, file_size=size, URI=uri)
         files.append(child_item("xnat:resourceCatalog", fields))
     return [{"field": "file", "items": files}] if files else []
 
@@ -97,18 +79,9 @@ def _owner(ctx: Ctx, scan: dict[str, Any]) -> Owner:
 
 def _listing(site: Site, req: Request, expt: dict[str, Any]) -> Reply:
     only_get(req)
+    spec = "xnat_imagescandata_id=pk ID=scan_id type quality xsiType=xsi_type note"
     rows = [
-        {
-            "xnat_imagescandata_id": s["pk"],
-            "ID": s["scan_id"],
-            "type": s["type"],
-            "quality": s["quality"],
-            "xsiType": s["xsi_type"],
-            "note": s["note"],
-            "series_description": s["series_description"],
-            "frames": s["frames"],
-            "URI": f"/data/experiments/{expt['id']}/scans/{s['scan_id']}",
-        }
+        cells(s, f"{spec} series_description frames URI", URI=f"{_uri(expt)}/scans/{s['scan_id']}")
         for s in site.store.scans(expt["id"])
     ]
     # ScanList overwrites the query's WHERE clause with the session id, so XNAT ignores
@@ -164,12 +137,7 @@ def assessors(site: Site, req: Request, ctx: Ctx, rest: list[str]) -> Reply:
         if req.method == "DELETE":
             site.store.delete_owner("assessor", found["id"])
             return Reply()
-        fields = {
-            "ID": found["id"],
-            "label": found["label"],
-            "project": found["project"],
-            "imageSession_ID": expt["id"],
-        }
+        fields = cells(found, "ID=id label project imageSession_ID", imageSession_ID=expt["id"])
         return item(req, found["xsi_type"], fields, [])
     inout = "out"
     if tail[0] in ("in", "out"):
@@ -190,20 +158,13 @@ def assessors(site: Site, req: Request, ctx: Ctx, rest: list[str]) -> Reply:
 
 
 def _assessor_listing(site: Site, req: Request, expt: dict[str, Any]) -> Reply:
+    spec = "ID=id label xsiType=xsi_type project insert_date session_ID session_label URI"
+    session = {"session_ID": expt["id"], "session_label": expt["label"]}
     rows = [
-        {
-            "ID": a["id"],
-            "label": a["label"],
-            "xsiType": a["xsi_type"],
-            "project": a["project"],
-            "insert_date": a["insert_date"],
-            "session_ID": expt["id"],
-            "session_label": expt["label"],
-            "URI": f"/data/experiments/{expt['id']}/assessors/{a['id']}",
-        }
+        cells(a, spec, **session, URI=f"{_uri(expt)}/assessors/{a['id']}")
         for a in site.store.assessors(expt["id"])
     ]
-    return table(req, rows, ["ID", "label", "xsiType", "project", "insert_date", "URI"])
+    return table(req, rows, "ID label xsiType project insert_date URI".split())
 
 
 def _put_assessor(

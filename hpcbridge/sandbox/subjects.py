@@ -9,24 +9,17 @@ from typing import Any
 from . import experiments, resources
 from .http import HttpError, Reply, Request
 from .store import VALID_LABEL
-from .views import Ctx, Owner, Site, item, not_found, only_get, qs, table
+from .views import Ctx, Owner, Site, cells, item, not_found, only_get, qs, table
 
 
 def listing(site: Site, req: Request, proj: dict[str, Any] | None) -> Reply:
     only_get(req)
+    spec = "ID=id project label insert_date insert_user URI gender"
     rows = [
-        {
-            "ID": s["id"],
-            "project": s["project"],
-            "label": s["label"],
-            "insert_date": s["insert_date"],
-            "insert_user": s["insert_user"],
-            "URI": f"/data/subjects/{s['id']}",
-            "gender": s["gender"],
-        }
+        cells(s, spec, URI=f"/data/subjects/{s['id']}")
         for s in site.store.subjects(proj["id"] if proj else None)
     ]
-    return table(req, rows, ["ID", "project", "label", "insert_date", "insert_user", "URI"])
+    return table(req, rows, "ID project label insert_date insert_user URI".split())
 
 
 def put_or_get(site: Site, req: Request, ctx: Ctx, ident: str, rest: list[str]) -> Reply:
@@ -59,7 +52,7 @@ def subject(site: Site, req: Request, ctx: Ctx, rest: list[str]) -> Reply:
         if req.method == "DELETE":
             site.store.delete_owner("subject", subj["id"])
             return Reply()
-        fields = {"ID": subj["id"], "label": subj["label"], "project": subj["project"]}
+        fields = cells(subj, "ID=id label project")
         if subj["gender"]:
             fields["gender"] = subj["gender"]
         return item(req, "xnat:subjectData", fields, [])

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .filestore import PathRefused, safe_relpath
 from .http import HttpError, Reply, Request
-from .store import PathRefused, safe_relpath
 from .streams import BodyError, iter_multipart
 from .views import Site
 

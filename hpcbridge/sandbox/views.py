@@ -64,6 +64,16 @@ def not_found(reason: str = NO_MATCH) -> HttpError:
     return HttpError(404, reason)
 
 
+def cells(row: dict[str, Any], spec: str, **computed: Any) -> dict[str, Any]:
+    """The fields ``spec`` names (``Out=column`` or ``column``, space-separated), in its order,
+    from ``row`` or, for names given there, from ``computed``."""
+    out = {}
+    for name in spec.split():
+        key, _, column = name.partition("=")
+        out[key] = computed[key] if key in computed else row[column or key]
+    return out
+
+
 def only_get(req: Request) -> None:
     if req.method != "GET":
         raise HttpError(405, "Method Not Allowed")

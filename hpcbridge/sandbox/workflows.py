@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from .http import HttpError, Reply, Request
-from .views import Site, child_item
+from .views import Site, cells, child_item
 
 #: The workflow columns of the store; any other ``wrk:workflowData/`` field goes to ``fields``.
 COLUMNS = ("id", "data_type", "pipeline_name", "launch_time", "status", "scan_id")
@@ -76,15 +76,8 @@ def _fields(query: dict[str, str]) -> dict[str, str]:
 
 
 def _item(row: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "ID": row["id"],
-        "data_type": row["data_type"],
-        "pipeline_name": row["pipeline_name"],
-        "launch_time": row["launch_time"],
-        "status": row["status"],
-        "wrk_workflowData_id": row["wrk_id"],
-        "create_user": row["create_user"],
-    }
+    spec = "ID=id data_type pipeline_name launch_time status wrk_workflowData_id=wrk_id create_user"
+    fields = cells(row, spec)
     if row["scan_id"]:
         fields["scan_id"] = row["scan_id"]
     fields.update(json.loads(row["fields"] or "{}"))
