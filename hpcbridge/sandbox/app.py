@@ -190,20 +190,11 @@ class SandboxApp:
     # -- model discovery for xnatpy ------------------------------------------------------
     def search_elements(self, req: Request, segs: list[str]) -> Reply:
         if not segs:
-            counts = {
-                "xnat:projectData": len(self.store.projects()),
-                "xnat:subjectData": len(self.store.subjects()),
-                "xnat:mrSessionData": len(self.store.experiments()),
-            }
+            store = self.store
+            counts = [len(store.projects()), len(store.subjects()), len(store.experiments())]
             rows = [
-                {
-                    "ELEMENT_NAME": n,
-                    "SINGULAR": s,
-                    "PLURAL": p,
-                    "SECURED": "true",
-                    "COUNT": counts[n],
-                }
-                for n, s, p in SEARCH_ELEMENTS
+                {"ELEMENT_NAME": n, "SINGULAR": s, "PLURAL": p, "SECURED": "true", "COUNT": c}
+                for (n, s, p), c in zip(SEARCH_ELEMENTS, counts, strict=True)
             ]
             body, ctype = render_table(rows, defaults=list(rows[0]), query=req.query)
             return Reply(200, body, ctype)

@@ -83,7 +83,6 @@ class _Handler(BaseHTTPRequestHandler):
             )
         except ConnectionAbortedError:  # only the fault injection cuts a request body
             app.stats.cut()
-            self.close_connection = True
             self._abort()
             return
         except Exception:  # a bug in the sandbox must not kill the connection silently
@@ -143,8 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_file(self, path: Path, head: bool) -> None:
         app = self.server.app
-        size = path.stat().st_size
-        self.send_header("Content-Length", str(size))
+        self.send_header("Content-Length", str(path.stat().st_size))
         self.end_headers()
         if head:
             return

@@ -160,13 +160,7 @@ class Store(FileStore):
             self.delete_owner(*child)
         for res in self.resources(kind, ident, inout=None):
             self.delete_resource(res["id"])
-        table, col = {
-            "project": ("projects", "id"),
-            "subject": ("subjects", "id"),
-            "experiment": ("experiments", "id"),
-            "scan": ("scans", "pk"),
-            "assessor": ("assessors", "id"),
-        }[kind]
+        table, col = kind + "s", "pk" if kind == "scan" else "id"
         with self.transaction() as db:
             db.execute(f"DELETE FROM {table} WHERE {col}=?", (ident,))
 
