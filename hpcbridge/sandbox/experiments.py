@@ -36,6 +36,13 @@ def _rows(site: Site, ctx: Ctx, all_experiments: bool, req: Request) -> list[dic
     return rows
 
 
+def route(site: Site, req: Request, ctx: Ctx, rest: list[str]) -> Reply:
+    """``experiments[/{id or label}/...]`` below a project or subject."""
+    if not rest:
+        return listing(site, req, ctx)
+    return put_or_get(site, req, ctx, rest[0], rest[1:])
+
+
 def listing(site: Site, req: Request, ctx: Ctx, all_experiments: bool = False) -> Reply:
     only_get(req)
     rows = _rows(site, ctx, all_experiments, req)

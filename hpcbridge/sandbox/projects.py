@@ -31,9 +31,7 @@ def route(site: Site, req: Request, segs: list[str]) -> Reply:
             return subjects.listing(site, req, proj)
         return subjects.put_or_get(site, req, ctx, rest[1], rest[2:])
     if rest[0] == "experiments":
-        if len(rest) == 1:
-            return experiments.listing(site, req, ctx)
-        return experiments.put_or_get(site, req, ctx, rest[1], rest[2:])
+        return experiments.route(site, req, ctx, rest[1:])
     uri = f"/data/projects/{proj['id']}"
     owner = Owner("project", proj["id"], uri, proj["id"], archive_name=proj["id"])
     return resources.owner_tail(site, req, owner, rest)

@@ -58,9 +58,7 @@ def subject(site: Site, req: Request, ctx: Ctx, rest: list[str]) -> Reply:
         return item(req, "xnat:subjectData", fields, [])
     if rest[0] == "experiments":
         ctx.via_subject = True
-        if len(rest) == 1:
-            return experiments.listing(site, req, ctx)
-        return experiments.put_or_get(site, req, ctx, rest[1], rest[2:])
+        return experiments.route(site, req, ctx, rest[1:])
     uri = f"/data/projects/{proj['id']}/subjects/{subj['id']}"
     owner = Owner("subject", subj["id"], uri, subj["label"], archive_name=subj["label"])
     return resources.owner_tail(site, req, owner, rest)
