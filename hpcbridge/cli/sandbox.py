@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,6 +13,9 @@ from ..errors import EXIT_ERROR, SandboxError
 from .app import log, main, settings_of
 from .output import echo, emit_json
 from .params import Number
+
+if TYPE_CHECKING:
+    from ..sandbox import SandboxServer
 
 
 @main.group("sandbox")
@@ -26,15 +29,22 @@ def sandbox_group() -> None:
     """
 
 
+def _option(name: str, default: Any, kind: Any, text: str, shown: bool = True) -> Any:
+    """A typed option with a default, shown in --help unless ``shown`` is false."""
+    return click.option(name, default=default, show_default=shown, type=kind, help=text)
+
+
+# The options of ``serve`` that go to AuthSettings and Faults, by their field names.
+AUTH_OPTIONS = (
+    "max_sessions session_timeout token_lifetime max_failed_logins lockout_seconds guest_access"
+).split()
+FAULT_OPTIONS = "latency fail_every drop_every drop_after".split()
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 @sandbox_group.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option(
-    "--port",
-    default=0,
-    show_default=True,
-    type=click.IntRange(0, 65535),
-    help="Port to bind; 0 picks a free one.",
-)
+@_option("--port", 0, click.IntRange(0, 65535), "Port to bind; 0 picks a free one.")
 @click.option(
     "--data",
     type=click.Path(file_okay=False),
@@ -55,36 +65,20 @@ def sandbox_group() -> None:
     metavar="PATH",
     help="Write JSON {url, user, password, pid} here (0600) once accepting connections.",
 )
-@click.option(
+@_option(
     "--max-sessions",
-    default=1000,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Live sessions a user may hold; further logins get 401.",
+    1000,
+    click.IntRange(1),
+    "Live sessions a user may hold; further logins get 401.",
 )
-@click.option(
-    "--session-timeout",
-    default=900.0,
-    show_default=True,
-    type=Number(0.1),
-    help="Seconds an idle session lives.",
-)
-@click.option(
-    "--token-lifetime",
-    default=172800.0,
-    show_default=True,
-    type=Number(0.1),
-    help="Seconds an alias token lives.",
-)
-@click.option(
-    "--max-failed-logins",
-    default=20,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Failed logins in a row that lock an account.",
+@_option("--session-timeout", 900.0, Number(0.1), "Seconds an idle session lives.")
+@_option("--token-lifetime", 172800.0, Number(0.1), "Seconds an alias token lives.")
+@_option(
+    "--max-failed-logins", 20, click.IntRange(1), "Failed logins in a row that lock an account."
 )
 @click.option(
     "--lockout",
+    "lockout_seconds",
     default=3600.0,
     show_default=True,
     type=Number(0),
@@ -96,46 +90,18 @@ def sandbox_group() -> None:
     help="Serve requests without a live session as the user 'guest' (who sees no project) "
     "instead of answering 401, as an XNAT that allows guests does.",
 )
-@click.option(
-    "--latency", default=0.0, type=Number(0), help="Fault: seconds added to every answer."
-)
-@click.option(
-    "--fail-every", default=0, type=click.IntRange(0), help="Fault: every Nth request answers 503."
-)
-@click.option(
+@_option("--latency", 0.0, Number(0), "Fault: seconds added to every answer.", shown=False)
+@_option("--fail-every", 0, click.IntRange(0), "Fault: every Nth request answers 503.", shown=False)
+@_option(
     "--drop-every",
-    default=0,
-    type=click.IntRange(0),
-    help="Fault: every Nth body transfer is cut (see --drop-after).",
+    0,
+    click.IntRange(0),
+    "Fault: every Nth body transfer is cut (see --drop-after).",
+    shown=False,
 )
-@click.option(
-    "--drop-after",
-    default=65536,
-    show_default=True,
-    type=click.IntRange(0),
-    help="Fault: bytes that pass before a cut.",
-)
+@_option("--drop-after", 65536, click.IntRange(0), "Fault: bytes that pass before a cut.")
 @click.pass_context
-def sandbox_serve(
-    ctx: click.Context,
-    host: str,
-    port: int,
-    data: str | None,
-    seed: str | None,
-    admin_user: str,
-    admin_password: str,
-    ready_file: str | None,
-    max_sessions: int,
-    session_timeout: float,
-    token_lifetime: float,
-    max_failed_logins: int,
-    lockout: float,
-    guest_access: bool,
-    latency: float,
-    fail_every: int,
-    drop_every: int,
-    drop_after: int,
-) -> None:
+def sandbox_serve(ctx: click.Context, ready_file: str | None, **options: Any) -> None:
     """Serve the sandbox XNAT in the foreground until Ctrl-C or SIGTERM.
 
     \b
@@ -143,34 +109,7 @@ def sandbox_serve(
       hpcbridge sandbox serve --seed demo --port 0 --ready-file sandbox.json
       curl -u admin:admin "$(jq -r .url sandbox.json)/data/projects?format=json"
     """
-    from ..sandbox import AuthSettings, Faults, SandboxServer
-
-    auth = AuthSettings(
-        max_sessions=max_sessions,
-        session_timeout=session_timeout,
-        token_lifetime=token_lifetime,
-        max_failed_logins=max_failed_logins,
-        lockout_seconds=lockout,
-        guest_access=guest_access,
-    )
-    faults = Faults(
-        latency=latency, fail_every=fail_every, drop_every=drop_every, drop_after=drop_after
-    )
-    try:
-        server = SandboxServer(
-            data,
-            host=host,
-            port=port,
-            seed=seed,
-            admin_user=admin_user,
-            admin_password=admin_password,
-            auth=auth,
-            faults=faults,
-        )
-    except OSError as exc:
-        raise SandboxError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("the sandbox listens on %s without TLS and with a test credential", host)
+    server = _server(options)
 
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -194,6 +133,22 @@ def sandbox_serve(
         server.stop()
         if ready_file:
             Path(ready_file).unlink(missing_ok=True)
+
+
+def _server(options: dict[str, Any]) -> SandboxServer:
+    """The server ``serve``'s options describe, listening (not serving yet)."""
+    from ..sandbox import AuthSettings, Faults, SandboxServer
+
+    auth = AuthSettings(**{k: options.pop(k) for k in AUTH_OPTIONS})
+    faults = Faults(**{k: options.pop(k) for k in FAULT_OPTIONS})
+    host, port = options["host"], options["port"]
+    try:
+        server = SandboxServer(options.pop("data"), auth=auth, faults=faults, **options)
+    except OSError as exc:
+        raise SandboxError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if host not in LOOPBACK:
+        log.warning("the sandbox listens on %s without TLS and with a test credential", host)
+    return server
 
 
 @sandbox_group.command("start")

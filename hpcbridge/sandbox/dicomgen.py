@@ -23,6 +23,7 @@ import io
 import sys
 from array import array
 from dataclasses import dataclass
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -43,6 +44,56 @@ _BITS_STORED = 12
 _MAX_PIXEL = (1 << _BITS_STORED) - 1
 
 _STUDY_TIME = "093000"
+
+# Tags every slice of every series shares. The MR acquisition parameters describe a generic 3 T
+# spoiled-gradient-echo 3D T1 protocol; dcm2niix copies them into the BIDS sidecar and uses
+# several of them for its heuristics.
+_FIXED_TAGS: dict[str, Any] = {
+    "SpecificCharacterSet": "ISO_IR 100",
+    "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"],
+    "SOPClassUID": MRImageStorage,
+    "StudyTime": _STUDY_TIME,
+    "AccessionNumber": "",
+    "Manufacturer": MANUFACTURER,
+    "InstitutionName": "hpcbridge sandbox",
+    "ReferringPhysicianName": "",
+    "StudyDescription": "hpcbridge sandbox study",
+    "ManufacturerModelName": "dicomgen",
+    "PatientBirthDate": "",
+    "PatientSex": "O",
+    "ScanningSequence": "GR",
+    "SequenceVariant": ["SP", "MP"],
+    "ScanOptions": "",
+    "MRAcquisitionType": "3D",
+    "SequenceName": "*fl3d1",
+    "RepetitionTime": "8.2",
+    "EchoTime": "3.2",
+    "InversionTime": "450",
+    "NumberOfAverages": "1",
+    "ImagingFrequency": "127.7",
+    "ImagedNucleus": "1H",
+    "EchoNumbers": "1",
+    "MagneticFieldStrength": "3",
+    "EchoTrainLength": "1",
+    "PercentSampling": "100",
+    "PercentPhaseFieldOfView": "100",
+    "PixelBandwidth": "240",
+    "InPlanePhaseEncodingDirection": "COL",
+    "FlipAngle": "12",
+    "PatientPosition": "HFS",
+    "StudyID": "1",
+    "AcquisitionNumber": 1,
+    "ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"],
+    "PositionReferenceIndicator": "",
+    "SamplesPerPixel": 1,
+    "PhotometricInterpretation": "MONOCHROME2",
+    "BitsAllocated": 16,
+    "BitsStored": _BITS_STORED,
+    "HighBit": _BITS_STORED - 1,
+    "PixelRepresentation": 0,
+    "WindowCenter": "800",
+    "WindowWidth": "1600",
+}
 
 
 @dataclass(frozen=True)
@@ -162,105 +213,69 @@ def _slice_dataset(
     study_date: str,
     series_time: str,
 ) -> FileDataset:
+    ds = FileDataset("", Dataset(), file_meta=_file_meta(sop_uid), preamble=b"\0" * 128)
+    if _PYDICOM_MAJOR < 3:
+        # pydicom 2.x needs the encoding on the dataset; 3.x derives it from the file meta
+        # and deprecates these attributes.
+        ds.is_little_endian = True
+        ds.is_implicit_VR = False
+    _set(ds, _FIXED_TAGS)
+    dates = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+    _set(ds, dict.fromkeys(dates, study_date))
+    _set(ds, dict.fromkeys(("SeriesTime", "AcquisitionTime", "ContentTime"), series_time))
+    _set(
+        ds,
+        {
+            "SOPInstanceUID": sop_uid,
+            "StudyInstanceUID": study_uid,
+            "SeriesInstanceUID": series_uid,
+            "FrameOfReferenceUID": frame_uid,
+            "PatientName": patient_name,
+            "PatientID": patient_id,
+            "Modality": spec.modality,
+            "SeriesDescription": spec.series_description,
+            "ProtocolName": spec.series_description,
+            "SeriesNumber": spec.series_number,
+            "InstanceNumber": index + 1,
+        },
+    )
+    _set(ds, _geometry(spec, index))
+    ds.PixelData = _phantom_slice(spec, index)
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
+def _set(ds: Dataset, tags: dict[str, Any]) -> None:
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+
+
+def _file_meta(sop_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = UID(make_uid("hpcbridge", "sandbox", "dicomgen"))
     meta.ImplementationVersionName = _IMPLEMENTATION_VERSION_NAME
+    return meta
 
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    if _PYDICOM_MAJOR < 3:
-        # pydicom 2.x needs the encoding on the dataset; 3.x derives it from the file meta
-        # and deprecates these attributes.
-        ds.is_little_endian = True
-        ds.is_implicit_VR = False
 
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = study_date
-    ds.SeriesDate = study_date
-    ds.AcquisitionDate = study_date
-    ds.ContentDate = study_date
-    ds.StudyTime = _STUDY_TIME
-    ds.SeriesTime = series_time
-    ds.AcquisitionTime = series_time
-    ds.ContentTime = series_time
-    ds.AccessionNumber = ""
-    ds.Modality = spec.modality
-    ds.Manufacturer = MANUFACTURER
-    ds.InstitutionName = "hpcbridge sandbox"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "hpcbridge sandbox study"
-    ds.SeriesDescription = spec.series_description
-    ds.ManufacturerModelName = "dicomgen"
-
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-
-    # MR acquisition parameters: a generic 3 T spoiled-gradient-echo 3D T1 protocol. dcm2niix
-    # copies these into the BIDS sidecar and uses several of them for its heuristics.
-    ds.ScanningSequence = "GR"
-    ds.SequenceVariant = ["SP", "MP"]
-    ds.ScanOptions = ""
-    ds.MRAcquisitionType = "3D"
-    ds.SequenceName = "*fl3d1"
-    ds.SliceThickness = _ds(spec.slice_thickness)
-    ds.RepetitionTime = "8.2"
-    ds.EchoTime = "3.2"
-    ds.InversionTime = "450"
-    ds.NumberOfAverages = "1"
-    ds.ImagingFrequency = "127.7"
-    ds.ImagedNucleus = "1H"
-    ds.EchoNumbers = "1"
-    ds.MagneticFieldStrength = "3"
-    ds.SpacingBetweenSlices = _ds(spec.slice_thickness)
-    ds.EchoTrainLength = "1"
-    ds.PercentSampling = "100"
-    ds.PercentPhaseFieldOfView = "100"
-    ds.PixelBandwidth = "240"
-    ds.ProtocolName = spec.series_description
-    ds.AcquisitionMatrix = [spec.cols, 0, 0, spec.rows]
-    ds.InPlanePhaseEncodingDirection = "COL"
-    ds.FlipAngle = "12"
-    ds.PatientPosition = "HFS"
-
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = spec.series_number
-    ds.AcquisitionNumber = 1
-    ds.InstanceNumber = index + 1
-
-    # Centre the volume on the isocentre. With orientation rows=+x, cols=+y the slice normal
-    # is +z, so slice k sits exactly k * slice_thickness above slice 0.
+def _geometry(spec: SeriesSpec, index: int) -> dict[str, Any]:
+    """Size, spacing and position of slice ``index``, centred on the isocentre. With orientation
+    rows=+x, cols=+y the slice normal is +z, so slice k sits k * slice_thickness above slice 0."""
     x0 = -(spec.cols - 1) / 2 * spec.pixel_spacing
     y0 = -(spec.rows - 1) / 2 * spec.pixel_spacing
     z = (index - (spec.n_slices - 1) / 2) * spec.slice_thickness
-    ds.ImagePositionPatient = [_ds(x0), _ds(y0), _ds(z)]
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.FrameOfReferenceUID = frame_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SliceLocation = _ds(z)
-
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = spec.rows
-    ds.Columns = spec.cols
-    ds.PixelSpacing = [_ds(spec.pixel_spacing), _ds(spec.pixel_spacing)]
-    ds.BitsAllocated = 16
-    ds.BitsStored = _BITS_STORED
-    ds.HighBit = _BITS_STORED - 1
-    ds.PixelRepresentation = 0
-    ds.WindowCenter = "800"
-    ds.WindowWidth = "1600"
-    ds.PixelData = _phantom_slice(spec, index)
-    ds["PixelData"].VR = "OW"
-    return ds
+    return {
+        "Rows": spec.rows,
+        "Columns": spec.cols,
+        "AcquisitionMatrix": [spec.cols, 0, 0, spec.rows],
+        "PixelSpacing": [_ds(spec.pixel_spacing), _ds(spec.pixel_spacing)],
+        "SliceThickness": _ds(spec.slice_thickness),
+        "SpacingBetweenSlices": _ds(spec.slice_thickness),
+        "ImagePositionPatient": [_ds(x0), _ds(y0), _ds(z)],
+        "SliceLocation": _ds(z),
+    }
 
 
 def _phantom_slice(spec: SeriesSpec, index: int) -> bytes:

@@ -220,3 +220,8 @@ class Faults:
             self._transfers += 1
             hit = self._transfers % self.drop_every == 0
         return self.drop_after if hit else None
+
+
+def cookie(name: str, value: str) -> str:
+    """A Set-Cookie value as Tomcat sends its session cookie."""
+    return f"{name}={value}; Path=/; HttpOnly"
