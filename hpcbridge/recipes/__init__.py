@@ -1,0 +1,61 @@
+"""Recipes: a lab's conversion steps as small TOML files, validated and rendered into job scripts.
+
+A recipe is ``NAME.toml`` or a folder ``NAME/recipe.toml`` (with the command beside it in
+``command.sh.j2`` if the lab prefers). docs/recipes.md describes every key. Recipes are found in
+``--recipes`` folders, then ``$HPCBRIDGE_RECIPES`` (``:``-separated), then
+``$HPCBRIDGE_HOME/recipes``, then the built-ins shipped in ``hpcbridge.templates/recipes``.
+
+A recipe is data from a shared folder, not code: every template renders in Jinja's immutable
+sandbox (no attribute walks into Python's internals), discovery only parses templates (it never
+renders one), a recipe folder or file that every user may write is refused, and resources are
+bounded. ``model`` says what a recipe is, ``loading`` reads one file, ``catalog`` finds them,
+``render`` turns one into a job script.
+"""
+
+from ..errors import RecipeError as RecipeError
+from .catalog import (  # noqa: F401 - the package's API, and `_reported` for the tests
+    BrokenRecipe,
+    Catalog,
+    _reported,
+    discover,
+    find,
+    search_path,
+)
+from .loading import load_recipe as load_recipe
+from .model import (  # noqa: F401 - the package's API
+    COMMAND_VARS,
+    ENV_KEYS,
+    INPUT_KEYS,
+    NAME,
+    OUTPUT_KEYS,
+    PARAM_KEYS,
+    RESOURCE_KEYS,
+    RUN_KEYS,
+    SCHEDULERS,
+    TOP_KEYS,
+    Output,
+    Parameter,
+    Recipe,
+    Resources,
+    check_resources,
+    format_walltime,
+    parse_memory,
+    parse_walltime,
+)
+from .render import (  # noqa: F401 - the package's API
+    JobSpec,
+    Raw,
+    builtin_dir,
+    check_render,
+    command_environment,
+    job_name,
+    render_command,
+    render_script,
+    render_setup,
+    sample_context,
+    scan_variables,
+    scheduler_environment,
+    setup_environment,
+    shell_quote,
+    uses_scan_variables,
+)

@@ -1,0 +1,285 @@
+"""Reading one recipe file: its TOML validated key by key, its command template checked without
+being rendered, and the file refused where another user could have written it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from ..errors import RecipeError
+from .model import (
+    ENV_KEYS,
+    INPUT_KEYS,
+    NAME,
+    OUTPUT_KEYS,
+    PARAM_KEYS,
+    PARAM_TYPES,
+    RESOURCE_KEYS,
+    RUN_KEYS,
+    SAFE_DIRECTIVE,
+    TOP_KEYS,
+    Output,
+    Parameter,
+    Recipe,
+    Resources,
+    check_resources,
+    one_line,
+    parse_memory,
+    parse_walltime,
+)
+from .render import check_template
+
+
+def _unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+    extra = sorted(set(table) - known)
+    if extra:
+        raise RecipeError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
+
+
+def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: [{key}] must be a table")
+    return value
+
+
+def load_recipe(path: Path, origin: str = "") -> Recipe:
+    """Read and validate one recipe file; errors name the file and the field."""
+    path = Path(path)
+    where = str(path)
+    data = _read_toml(path, where)
+    _unknown(data, TOP_KEYS, where)
+    name = data.get("name") or (path.parent.name if path.name == "recipe.toml" else path.stem)
+    if not isinstance(name, str) or not NAME.match(name):
+        raise RecipeError(
+            f"{where}: name {name!r} must be a letter then letters, digits, '_' or '-'"
+        )
+    params = _parameters(_table(data, "parameters", where), where)
+    run = _table(data, "run", where)
+    _unknown(run, RUN_KEYS, f"{where} [run]")
+    command, command_field = _command(run, path, where)
+    env = _table(data, "environment", where)
+    _unknown(env, ENV_KEYS, f"{where} [environment]")
+    inputs = _table(data, "inputs", where)
+    _unknown(inputs, INPUT_KEYS, f"{where} [inputs]")
+    recipe = Recipe(
+        name=name,
+        description=str(data.get("description", "")),
+        source=path,
+        origin=origin or str(path.parent),
+        command=command,
+        parameters=params,
+        resources=_resources(_table(data, "resources", where), where),
+        modules=tuple(_strings(env.get("modules", []), f"{where} [environment] modules")),
+        setup=str(env.get("setup", "")),
+        input_resource=str(inputs.get("resource", "DICOM")),
+        scan_types=tuple(_strings(inputs.get("scan_types", ["*"]), f"{where} [inputs] scan_types")),
+        outputs=_outputs(data.get("outputs", []), where),
+        version=str(data.get("version", "")),
+        command_field=command_field,
+    )
+    # Only parsed, never rendered: loading (and so discovering) a recipe runs none of it.
+    check_template(recipe, where)
+    return recipe
+
+
+def _read_toml(path: Path, where: str) -> dict[str, Any]:
+    problem = file_problem(path)
+    if problem:
+        raise RecipeError(problem)
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{where}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{where}: not valid TOML: not UTF-8 text") from None
+    except RecursionError:  # tomllib recurses into nested arrays and tables
+        raise RecipeError(f"{where}: not valid TOML: nested too deeply") from None
+    except OSError as exc:
+        raise RecipeError(f"{where}: cannot read: {exc.strerror}") from None
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecipeError(f"{where}: must be a list of strings")
+    return value
+
+
+def _parameters(table: dict[str, Any], where: str) -> dict[str, Parameter]:
+    params = {}
+    for name, spec in table.items():
+        at = f"{where} [parameters.{name}]"
+        if not isinstance(spec, dict):
+            raise RecipeError(f"{at}: must be a table with type, default and help")
+        _unknown(spec, PARAM_KEYS, at)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise RecipeError(f"{at}: parameter names are letters, digits and '_'")
+        kind = spec.get("type", "str")
+        if kind not in PARAM_TYPES:
+            raise RecipeError(f"{at}: type {kind!r} is not one of {', '.join(PARAM_TYPES)}")
+        if "default" not in spec:
+            raise RecipeError(f"{at}: a default is needed")
+        if not isinstance(spec.get("choices", []), list):
+            raise RecipeError(f"{at}: choices must be a list")
+        param = Parameter(
+            name, kind, None, str(spec.get("help", "")), tuple(spec.get("choices", ()))
+        )
+        default = param.convert(spec["default"], f"{at} default")
+        params[name] = Parameter(name, kind, default, param.help, param.choices)
+    return params
+
+
+def _resources(table: dict[str, Any], where: str) -> Resources:
+    at = f"{where} [resources]"
+    _unknown(table, RESOURCE_KEYS, at)
+    for key in ("queue", "account"):
+        value = table.get(key, "")
+        if value and not (isinstance(value, str) and SAFE_DIRECTIVE.match(value)):
+            raise RecipeError(f"{at}: {key} {value!r} may only hold letters, digits and '_.@+-'")
+    res = Resources(
+        cpus=table.get("cpus", 1),
+        memory_mb=parse_memory(table.get("memory", "2GB"), at),
+        walltime=parse_walltime(table.get("walltime", "01:00:00"), at),
+        queue=table.get("queue", ""),
+        account=table.get("account", ""),
+        gpus=table.get("gpus", 0),
+    )
+    check_resources(res, at)
+    return res
+
+
+def _outputs(items: Any, where: str) -> tuple[Output, ...]:
+    if not isinstance(items, list):
+        raise RecipeError(f"{where}: [[outputs]] must be an array of tables")
+    outs = []
+    for i, item in enumerate(items):
+        at = f"{where} [[outputs]] #{i + 1}"
+        if not isinstance(item, dict):
+            raise RecipeError(f"{at}: must be a table")
+        _unknown(item, OUTPUT_KEYS, at)
+        if "glob" not in item or "resource" not in item:
+            raise RecipeError(f"{at}: glob and resource are needed")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(item["resource"])):
+            raise RecipeError(
+                f"{at}: resource {item['resource']!r} must be letters, digits, '_' or '-'"
+            )
+        outs.append(
+            Output(
+                str(item["glob"]),
+                str(item["resource"]),
+                str(item.get("format", "")),
+                str(item.get("content", "")),
+            )
+        )
+    return tuple(outs)
+
+
+def _command(run: dict[str, Any], path: Path, where: str) -> tuple[str, str]:
+    """The command template and how errors name it."""
+    if "command" in run and "command_file" in run:
+        raise RecipeError(f"{where} [run]: give command or command_file, not both")
+    if "command_file" in run:
+        file = path.parent / str(run["command_file"])
+        problem = file_problem(file)
+        if problem:
+            raise RecipeError(f"{where} [run] command_file: {problem}")
+        try:
+            return file.read_text(), f"[run] command_file {run['command_file']}"
+        except OSError as exc:
+            raise RecipeError(
+                f"{where} [run] command_file: cannot read {file}: {exc.strerror}"
+            ) from None
+        except ValueError as exc:  # not UTF-8, or a NUL in the name
+            raise RecipeError(
+                f"{where} [run] command_file: cannot read {str(file)!r}: {one_line(str(exc))}"
+            ) from None
+    command = run.get("command")
+    if not isinstance(command, str) or not command.strip():
+        raise RecipeError(f"{where}: [run] command is missing")
+    return command, "[run] command"
+
+
+def _files_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = sorted(folder.glob("*.toml")) + sorted(folder.glob("*/recipe.toml"))
+    return found
+
+
+def _open_to_all(path: Path, *, sticky_ok: bool = False) -> int | None:
+    """The mode of ``path`` when every user may write it (else None); ``sticky_ok`` spares a
+    sticky folder such as /tmp, where nobody may rename or delete another user's entries."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except (OSError, ValueError):  # ValueError: a NUL in a command_file name
+        return None
+    if mode & stat.S_IWOTH and not (sticky_ok and mode & stat.S_ISVTX):
+        return mode
+    return None
+
+
+def _real(path: Path) -> Path:
+    """``path`` with its links resolved, as far as they resolve."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a link loop, before Python 3.13
+        return Path(os.path.abspath(path))
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why the recipes of ``folder`` cannot be trusted, as OpenSSH's StrictModes would say it:
+    any user who may write the folder, or replace it through a parent, writes the recipes."""
+    if not folder.name:  # "." (a recipe named by a bare file name) says nothing in a message
+        folder = Path(os.path.abspath(folder))
+    mode = _open_to_all(folder)
+    if mode is not None:
+        return (
+            f"{folder} is writable by every user (mode {mode:04o}); refusing its recipes "
+            f"(run `chmod o-w {shlex.quote(str(folder))}`)"
+        )
+    absolute = Path(os.path.abspath(folder))
+    parents = dict.fromkeys([*absolute.parents, *_real(absolute).parents])
+    for parent in parents:
+        mode = _open_to_all(parent, sticky_ok=True)
+        if mode is not None:
+            return (
+                f"{parent} is writable by every user (mode {mode:04o}), so anyone may replace "
+                f"{folder}; refusing its recipes (run `chmod o-w {shlex.quote(str(parent))}`)"
+            )
+    return None
+
+
+def file_problem(file: Path) -> str | None:
+    """Why a recipe's file (the TOML or its command_file) cannot be trusted, or None."""
+    mode = _open_to_all(file)
+    if mode is not None:
+        return (
+            f"{file} is writable by every user (mode {mode:04o}); refusing it "
+            f"(run `chmod o-w {shlex.quote(str(file))}`)"
+        )
+    problem = folder_problem(file.parent)
+    if problem is None and file.is_symlink():
+        problem = folder_problem(_real(file).parent)
+    return problem
+
+
+def name_of(file: Path, readable: bool) -> str:
+    """The name a recipe file claims: its ``name`` key where it can be read, else its path's."""
+    if readable:
+        try:
+            name = tomllib.loads(file.read_text()).get("name")
+        except (OSError, ValueError, RecursionError):  # ValueError: TOML and UTF-8 errors
+            name = None
+        if isinstance(name, str) and NAME.match(name):
+            return name
+    return file.parent.name if file.name == "recipe.toml" else file.stem
