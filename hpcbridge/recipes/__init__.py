@@ -12,50 +12,35 @@ bounded. ``model`` says what a recipe is, ``loading`` reads one file, ``catalog`
 ``render`` turns one into a job script.
 """
 
+# The names used outside the package (and `_reported`, which tests clear).
 from ..errors import RecipeError as RecipeError
-from .catalog import (  # noqa: F401 - the package's API, and `_reported` for the tests
-    BrokenRecipe,
-    Catalog,
-    _reported,
-    discover,
-    find,
-    search_path,
-)
-from .loading import load_recipe as load_recipe
-from .model import (  # noqa: F401 - the package's API
-    COMMAND_VARS,
+from .catalog import _reported, discover, find, search_path  # noqa: F401
+from .loading import (  # noqa: F401
     ENV_KEYS,
     INPUT_KEYS,
     NAME,
     OUTPUT_KEYS,
     PARAM_KEYS,
-    RESOURCE_KEYS,
     RUN_KEYS,
-    SCHEDULERS,
     TOP_KEYS,
+    load_recipe,
+)
+from .model import (  # noqa: F401
+    RESOURCE_KEYS,
     Output,
-    Parameter,
     Recipe,
     Resources,
-    check_resources,
     format_walltime,
     parse_memory,
     parse_walltime,
 )
-from .render import (  # noqa: F401 - the package's API
-    JobSpec,
-    Raw,
-    builtin_dir,
-    check_render,
-    command_environment,
+from .render import (  # noqa: F401
+    COMMAND_VARS,
+    SCHEDULERS,
     job_name,
-    render_command,
     render_script,
-    render_setup,
-    sample_context,
     scan_variables,
     scheduler_environment,
     setup_environment,
-    shell_quote,
     uses_scan_variables,
 )

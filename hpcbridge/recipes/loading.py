@@ -17,39 +17,28 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from ..errors import RecipeError
-from .model import (
-    ENV_KEYS,
-    INPUT_KEYS,
-    NAME,
-    OUTPUT_KEYS,
-    PARAM_KEYS,
-    PARAM_TYPES,
-    RESOURCE_KEYS,
-    RUN_KEYS,
-    SAFE_DIRECTIVE,
-    TOP_KEYS,
-    Output,
-    Parameter,
-    Recipe,
-    Resources,
-    check_resources,
-    one_line,
-    parse_memory,
-    parse_walltime,
-)
+from .model import PARAM_TYPES, Output, Parameter, Recipe, one_line, read_resources, unknown_keys
 from .render import check_template
 
+TOP_KEYS = set(
+    "name description version parameters resources environment inputs outputs run".split()
+)
+PARAM_KEYS = {"type", "default", "help", "choices"}
+ENV_KEYS = {"modules", "setup"}
+INPUT_KEYS = {"resource", "scan_types"}
+OUTPUT_KEYS = {"glob", "resource", "format", "content"}
+RUN_KEYS = {"command", "command_file"}
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
-def _unknown(table: dict[str, Any], known: set[str], where: str) -> None:
-    extra = sorted(set(table) - known)
-    if extra:
-        raise RecipeError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
 
-
-def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+def _table(
+    data: dict[str, Any], key: str, where: str, known: set[str] | None = None
+) -> dict[str, Any]:
     value = data.get(key, {})
     if not isinstance(value, dict):
         raise RecipeError(f"{where}: [{key}] must be a table")
+    if known is not None:
+        unknown_keys(value, known, f"{where} [{key}]")
     return value
 
 
@@ -58,20 +47,17 @@ def load_recipe(path: Path, origin: str = "") -> Recipe:
     path = Path(path)
     where = str(path)
     data = _read_toml(path, where)
-    _unknown(data, TOP_KEYS, where)
+    unknown_keys(data, TOP_KEYS, where)
     name = data.get("name") or (path.parent.name if path.name == "recipe.toml" else path.stem)
     if not isinstance(name, str) or not NAME.match(name):
         raise RecipeError(
             f"{where}: name {name!r} must be a letter then letters, digits, '_' or '-'"
         )
     params = _parameters(_table(data, "parameters", where), where)
-    run = _table(data, "run", where)
-    _unknown(run, RUN_KEYS, f"{where} [run]")
+    run = _table(data, "run", where, RUN_KEYS)
     command, command_field = _command(run, path, where)
-    env = _table(data, "environment", where)
-    _unknown(env, ENV_KEYS, f"{where} [environment]")
-    inputs = _table(data, "inputs", where)
-    _unknown(inputs, INPUT_KEYS, f"{where} [inputs]")
+    env = _table(data, "environment", where, ENV_KEYS)
+    inputs = _table(data, "inputs", where, INPUT_KEYS)
     recipe = Recipe(
         name=name,
         description=str(data.get("description", "")),
@@ -79,7 +65,7 @@ def load_recipe(path: Path, origin: str = "") -> Recipe:
         origin=origin or str(path.parent),
         command=command,
         parameters=params,
-        resources=_resources(_table(data, "resources", where), where),
+        resources=read_resources(_table(data, "resources", where), where),
         modules=tuple(_strings(env.get("modules", []), f"{where} [environment] modules")),
         setup=str(env.get("setup", "")),
         input_resource=str(inputs.get("resource", "DICOM")),
@@ -121,7 +107,7 @@ def _parameters(table: dict[str, Any], where: str) -> dict[str, Parameter]:
         at = f"{where} [parameters.{name}]"
         if not isinstance(spec, dict):
             raise RecipeError(f"{at}: must be a table with type, default and help")
-        _unknown(spec, PARAM_KEYS, at)
+        unknown_keys(spec, PARAM_KEYS, at)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise RecipeError(f"{at}: parameter names are letters, digits and '_'")
         kind = spec.get("type", "str")
@@ -139,25 +125,6 @@ def _parameters(table: dict[str, Any], where: str) -> dict[str, Parameter]:
     return params
 
 
-def _resources(table: dict[str, Any], where: str) -> Resources:
-    at = f"{where} [resources]"
-    _unknown(table, RESOURCE_KEYS, at)
-    for key in ("queue", "account"):
-        value = table.get(key, "")
-        if value and not (isinstance(value, str) and SAFE_DIRECTIVE.match(value)):
-            raise RecipeError(f"{at}: {key} {value!r} may only hold letters, digits and '_.@+-'")
-    res = Resources(
-        cpus=table.get("cpus", 1),
-        memory_mb=parse_memory(table.get("memory", "2GB"), at),
-        walltime=parse_walltime(table.get("walltime", "01:00:00"), at),
-        queue=table.get("queue", ""),
-        account=table.get("account", ""),
-        gpus=table.get("gpus", 0),
-    )
-    check_resources(res, at)
-    return res
-
-
 def _outputs(items: Any, where: str) -> tuple[Output, ...]:
     if not isinstance(items, list):
         raise RecipeError(f"{where}: [[outputs]] must be an array of tables")
@@ -166,7 +133,7 @@ def _outputs(items: Any, where: str) -> tuple[Output, ...]:
         at = f"{where} [[outputs]] #{i + 1}"
         if not isinstance(item, dict):
             raise RecipeError(f"{at}: must be a table")
-        _unknown(item, OUTPUT_KEYS, at)
+        unknown_keys(item, OUTPUT_KEYS, at)
         if "glob" not in item or "resource" not in item:
             raise RecipeError(f"{at}: glob and resource are needed")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", str(item["resource"])):

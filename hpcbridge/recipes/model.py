@@ -10,23 +10,9 @@ from typing import Any
 
 from ..errors import RecipeError
 
-SCHEDULERS = ("pbs", "torque", "slurm", "local")
 PARAM_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-TOP_KEYS = set(
-    "name description version parameters resources environment inputs outputs run".split()
-)
 RESOURCE_KEYS = {"cpus", "memory", "walltime", "queue", "account", "gpus"}
-PARAM_KEYS = {"type", "default", "help", "choices"}
-ENV_KEYS = {"modules", "setup"}
-INPUT_KEYS = {"resource", "scan_types"}
-OUTPUT_KEYS = {"glob", "resource", "format", "content"}
-RUN_KEYS = {"command", "command_file"}
-# What a command template may use, besides the recipe's own parameters under ``params``.
-COMMAND_VARS = set("params input_dir output_dir work_dir scan cpus memory_mb walltime gpus".split())
 SAFE_DIRECTIVE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
-SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./+@-]*$")
-NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-SCAN_KEYS = ("project", "subject", "experiment", "id", "type", "series_description")
 
 # Bounds on what a recipe may ask of a scheduler (docs/recipes.md). Generous, since one node of
 # the largest machines has a few hundred cores and tens of TB; a value beyond them is a typo or
@@ -192,3 +178,30 @@ class Recipe:
 def one_line(text: str) -> str:
     """``text`` with its runs of whitespace (newlines too) as single spaces, for messages."""
     return " ".join(str(text).split())
+
+
+def unknown_keys(table: dict[str, Any], known: set[str], where: str) -> None:
+    """Refuse a key the table may not hold, naming the keys it may."""
+    extra = sorted(set(table) - known)
+    if extra:
+        raise RecipeError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
+
+
+def read_resources(table: dict[str, Any], where: str) -> Resources:
+    """The ``[resources]`` table of a recipe, validated."""
+    at = f"{where} [resources]"
+    unknown_keys(table, RESOURCE_KEYS, at)
+    for key in ("queue", "account"):
+        value = table.get(key, "")
+        if value and not (isinstance(value, str) and SAFE_DIRECTIVE.match(value)):
+            raise RecipeError(f"{at}: {key} {value!r} may only hold letters, digits and '_.@+-'")
+    res = Resources(
+        cpus=table.get("cpus", 1),
+        memory_mb=parse_memory(table.get("memory", "2GB"), at),
+        walltime=parse_walltime(table.get("walltime", "01:00:00"), at),
+        queue=table.get("queue", ""),
+        account=table.get("account", ""),
+        gpus=table.get("gpus", 0),
+    )
+    check_resources(res, at)
+    return res

@@ -24,18 +24,13 @@ from jinja2.exceptions import SecurityError
 
 from ..errors import RecipeError
 from ..xnat.model import ScanRef
-from .model import (
-    COMMAND_VARS,
-    SAFE_DIRECTIVE,
-    SAFE_PATH,
-    SCAN_KEYS,
-    SCHEDULERS,
-    Recipe,
-    check_resources,
-    format_walltime,
-    one_line,
-    whole,
-)
+from .model import SAFE_DIRECTIVE, Recipe, check_resources, format_walltime, one_line, whole
+
+SCHEDULERS = ("pbs", "torque", "slurm", "local")
+# What a command template may use, besides the recipe's own parameters under ``params``.
+COMMAND_VARS = set("params input_dir output_dir work_dir scan cpus memory_mb walltime gpus".split())
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./+@-]*$")
+SCAN_KEYS = ("project", "subject", "experiment", "id", "type", "series_description")
 
 
 class Raw(str):
