@@ -99,9 +99,7 @@ DEFAULTS: dict[str, Any] = {
 # xnatpy's variable names, honoured after ours so scripts written for it keep working.
 ENV_ALIASES: dict[str, tuple[str, ...]] = {"xnat": ("XNAT_HOST",), "user": ("XNAT_USER",)}
 
-BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
-    "sandbox": {"xnat": "sandbox", "scheduler": "local"},
-}
+BUILTIN_PROFILES: dict[str, dict[str, Any]] = {"sandbox": {"xnat": "sandbox", "scheduler": "local"}}
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:

@@ -12,8 +12,8 @@ from ..credentials import LoginRefusals, Secret, SessionCache, TokenStore, resol
 from ..errors import CredentialError, PartialFailure, XnatError
 from ..xnat import XnatClient, connect, server_url
 from ..xnat.client import expiry_text
-from .app import emit_json, main, settings_of
-from .output import echo, warn
+from .app import main, settings_of
+from .output import echo, emit_json, warn
 
 DAY_MS = 24 * 3600 * 1000
 

@@ -13,8 +13,8 @@ from ..config import SCHEDULERS, Unfit, check_xnat_url, read_config_file, write_
 from ..credentials import resolve
 from ..errors import ConfigError, HpcBridgeError
 from ..xnat.client import expiry_text
-from .app import emit_json, emit_table, main, settings_of
-from .output import echo
+from .app import main, settings_of
+from .output import echo, emit_json, emit_table
 
 
 @main.group("config")

@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from ..errors import RecipeError
-from .app import emit_json, emit_table, main, settings_of
-from .output import echo, emit_document, warn
+from .app import main, settings_of
+from .output import echo, emit_document, emit_json, emit_table, warn
 
 recipes_option = click.option(
     "--recipes",
