@@ -35,8 +35,7 @@ def search_path(
 def _files_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    found = sorted(folder.glob("*.toml")) + sorted(folder.glob("*/recipe.toml"))
-    return found
+    return sorted(folder.glob("*.toml")) + sorted(folder.glob("*/recipe.toml"))
 
 
 @dataclass(frozen=True)

@@ -176,13 +176,6 @@ def _command(run: dict[str, Any], path: Path, where: str) -> tuple[str, str]:
     return command, "[run] command"
 
 
-def _files_in(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    found = sorted(folder.glob("*.toml")) + sorted(folder.glob("*/recipe.toml"))
-    return found
-
-
 def _open_to_all(path: Path, *, sticky_ok: bool = False) -> int | None:
     """The mode of ``path`` when every user may write it (else None); ``sticky_ok`` spares a
     sticky folder such as /tmp, where nobody may rename or delete another user's entries."""

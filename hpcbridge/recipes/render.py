@@ -266,14 +266,8 @@ def sample_context() -> dict[str, Any]:
 
 def scan_variables(ref: ScanRef) -> dict[str, str]:
     """The ``scan.*`` variables of a job's template (docs/recipes.md), for one scan."""
-    return {
-        "project": ref.project,
-        "subject": ref.subject_label,
-        "experiment": ref.experiment_label,
-        "id": ref.scan_id,
-        "type": ref.type,
-        "series_description": ref.series_description,
-    }
+    values = (ref.project, ref.subject_label, ref.experiment_label, ref.scan_id, ref.type)
+    return dict(zip(SCAN_KEYS, (*values, ref.series_description), strict=True))
 
 
 def uses_scan_variables(recipe: Recipe) -> bool:
