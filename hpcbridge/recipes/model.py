@@ -180,6 +180,13 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def directive(value: Any, what: str) -> Any:
+    """``value``, checked for a scheduler directive line (where it goes unquoted)."""
+    if value and not (isinstance(value, str) and SAFE_DIRECTIVE.match(value)):
+        raise RecipeError(f"{what} {value!r} may only hold letters, digits and '_.@+-'")
+    return value
+
+
 def unknown_keys(table: dict[str, Any], known: set[str], where: str) -> None:
     """Refuse a key the table may not hold, naming the keys it may."""
     extra = sorted(set(table) - known)
@@ -192,9 +199,7 @@ def read_resources(table: dict[str, Any], where: str) -> Resources:
     at = f"{where} [resources]"
     unknown_keys(table, RESOURCE_KEYS, at)
     for key in ("queue", "account"):
-        value = table.get(key, "")
-        if value and not (isinstance(value, str) and SAFE_DIRECTIVE.match(value)):
-            raise RecipeError(f"{at}: {key} {value!r} may only hold letters, digits and '_.@+-'")
+        directive(table.get(key, ""), f"{at}: {key}")
     res = Resources(
         cpus=table.get("cpus", 1),
         memory_mb=parse_memory(table.get("memory", "2GB"), at),

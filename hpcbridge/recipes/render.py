@@ -24,7 +24,7 @@ from jinja2.exceptions import SecurityError
 
 from ..errors import RecipeError
 from ..xnat.model import ScanRef
-from .model import SAFE_DIRECTIVE, Recipe, check_resources, format_walltime, one_line, whole
+from .model import Recipe, check_resources, directive, format_walltime, one_line, whole
 
 SCHEDULERS = ("pbs", "torque", "slurm", "local")
 # What a command template may use, besides the recipe's own parameters under ``params``.
@@ -316,12 +316,6 @@ def job_name(text: str) -> str:
     return (name if name[0].isalpha() else "j" + name)[:64]
 
 
-def _directive(value: str, what: str) -> str:
-    if value and not SAFE_DIRECTIVE.match(value):
-        raise RecipeError(f"{what} {value!r} may only hold letters, digits and '_.@+-'")
-    return value
-
-
 def _absolute(path: str | Path, what: str) -> str:
     text = str(path)
     if not text.startswith("/") or "\n" in text or "\0" in text:
@@ -356,8 +350,8 @@ def _job_spec(
         cpus=res.cpus,
         memory_mb=res.memory_mb,
         walltime=format_walltime(res.walltime),
-        queue=_directive(queue if queue is not None else res.queue, "queue"),
-        account=_directive(account if account is not None else res.account, "account"),
+        queue=directive(queue if queue is not None else res.queue, "queue"),
+        account=directive(account if account is not None else res.account, "account"),
         gpus=res.gpus,
         stdout=f"{work}/.hpcbridge/job.out",
         stderr=f"{work}/.hpcbridge/job.err",
