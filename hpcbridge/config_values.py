@@ -104,13 +104,13 @@ def _ca_bundle(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise TypeError(value)
     path = Path(value.strip()).expanduser().absolute()
-    wanted = "ca_bundle must be a readable PEM file of CA certificates, or a folder of them"
+    wanted = "ca_bundle must be a readable PEM file of CA certificates, or a folder of them:"
     if not path.exists():
-        raise Unfit(f"{wanted}: {path} does not exist")
+        raise Unfit(f"{wanted} {path} does not exist")
     if not (path.is_file() or path.is_dir()):
-        raise Unfit(f"{wanted}: {path} is neither a file nor a folder")
+        raise Unfit(f"{wanted} {path} is neither a file nor a folder")
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-        raise Unfit(f"{wanted}: {path} is not readable by you")
+        raise Unfit(f"{wanted} {path} is not readable by you")
     return str(path)
 
 
