@@ -8,13 +8,12 @@ A recipe is ``NAME.toml`` or a folder ``NAME/recipe.toml`` (with the command bes
 A recipe is data from a shared folder, not code: every template renders in Jinja's immutable
 sandbox (no attribute walks into Python's internals), discovery only parses templates (it never
 renders one), a recipe folder or file that every user may write is refused, and resources are
-bounded. ``model`` says what a recipe is, ``loading`` reads one file, ``catalog`` finds them,
-``render`` turns one into a job script.
+bounded. ``model`` says what a recipe is, ``loading`` reads and finds recipe files, ``render``
+turns one into a job script.
 """
 
 # The names used outside the package (and `_reported`, which tests clear).
 from ..errors import RecipeError as RecipeError
-from .catalog import _reported, discover, find, search_path  # noqa: F401
 from .loading import (  # noqa: F401
     ENV_KEYS,
     INPUT_KEYS,
@@ -23,7 +22,11 @@ from .loading import (  # noqa: F401
     PARAM_KEYS,
     RUN_KEYS,
     TOP_KEYS,
+    _reported,
+    discover,
+    find,
     load_recipe,
+    search_path,
 )
 from .model import (  # noqa: F401
     RESOURCE_KEYS,
