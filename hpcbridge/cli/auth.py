@@ -173,13 +173,11 @@ def whoami_command(ctx: click.Context) -> None:
         server = client.base
     expires = creds.expires_ms if creds is not None and creds.is_token else None
     source = creds.source if creds is not None else "none"
-    auth = (
-        "alias token"
-        if source == "token"
-        else {"environment": "password from environment", "netrc": "password from ~/.netrc"}.get(
-            source, source
-        )
-    )
+    auth = {
+        "token": "alias token",
+        "environment": "password from environment",
+        "netrc": "password from ~/.netrc",
+    }.get(source, source)
     if settings.json:
         emit_json({"server": server, "user": user, "auth": auth, "token_expires": expires})
     else:

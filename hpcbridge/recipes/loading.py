@@ -87,7 +87,7 @@ def load_recipe(path: Path, origin: str = "") -> Recipe:
 
 
 def _read_toml(path: Path, where: str) -> dict[str, Any]:
-    problem = file_problem(path)
+    problem = _file_problem(path)
     if problem:
         raise RecipeError(problem)
     try:
@@ -164,7 +164,7 @@ def _command(run: dict[str, Any], path: Path, where: str) -> tuple[str, str]:
         raise RecipeError(f"{where} [run]: give command or command_file, not both")
     if "command_file" in run:
         file = path.parent / str(run["command_file"])
-        problem = file_problem(file)
+        problem = _file_problem(file)
         if problem:
             raise RecipeError(f"{where} [run] command_file: {problem}")
         try:
@@ -203,7 +203,7 @@ def _real(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
-def folder_problem(folder: Path) -> str | None:
+def _folder_problem(folder: Path) -> str | None:
     """Why the recipes of ``folder`` cannot be trusted, as OpenSSH's StrictModes would say it:
     any user who may write the folder, or replace it through a parent, writes the recipes."""
     if not folder.name:  # "." (a recipe named by a bare file name) says nothing in a message
@@ -226,7 +226,7 @@ def folder_problem(folder: Path) -> str | None:
     return None
 
 
-def file_problem(file: Path) -> str | None:
+def _file_problem(file: Path) -> str | None:
     """Why a recipe's file (the TOML or its command_file) cannot be trusted, or None."""
     mode = _open_to_all(file)
     if mode is not None:
@@ -234,13 +234,13 @@ def file_problem(file: Path) -> str | None:
             f"{file} is writable by every user (mode {mode:04o}); refusing it "
             f"(run `chmod o-w {shlex.quote(str(file))}`)"
         )
-    problem = folder_problem(file.parent)
+    problem = _folder_problem(file.parent)
     if problem is None and file.is_symlink():
-        problem = folder_problem(_real(file).parent)
+        problem = _folder_problem(_real(file).parent)
     return problem
 
 
-def name_of(file: Path, readable: bool) -> str:
+def _name_of(file: Path, readable: bool) -> str:
     """The name a recipe file claims: its ``name`` key where it can be read, else its path's."""
     if readable:
         try:
@@ -311,12 +311,12 @@ def discover(extra: list[Path] | None = None, home: Path | None = None) -> Catal
     catalog = Catalog()
     for folder, origin in search_path(extra, home):
         files = _files_in(folder)
-        refused = folder_problem(folder) if files else None
+        refused = _folder_problem(folder) if files else None
         if refused:
             whole = BrokenRecipe(folder, origin, refused)
             catalog.broken.append(whole)
             for file in files:  # names from paths only: nothing in the folder is read
-                catalog._claim(name_of(file, readable=False), whole)
+                catalog._claim(_name_of(file, readable=False), whole)
             continue
         for file in files:
             try:
@@ -327,8 +327,8 @@ def discover(extra: list[Path] | None = None, home: Path | None = None) -> Catal
                     if isinstance(exc, RecipeError)
                     else f"{file}: cannot be loaded: {type(exc).__name__}: {one_line(str(exc))}"
                 )
-                trusted = file_problem(file) is None
-                broken = BrokenRecipe(file, origin, error, name_of(file, trusted))
+                trusted = _file_problem(file) is None
+                broken = BrokenRecipe(file, origin, error, _name_of(file, trusted))
                 catalog.broken.append(broken)
                 catalog._claim(broken.name, broken)
             else:
