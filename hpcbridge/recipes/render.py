@@ -139,30 +139,35 @@ def check_template(recipe: Recipe, where: str) -> None:
     # here and fail at render time with `--set robust=true`, as jinja's "'dict object' has no
     # attribute". The same for scan.NAME.
     for node in ast.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem)):
-        target = getattr(node, "node", None)
-        if not (isinstance(target, jinja2.nodes.Name) and target.name in ("params", "scan")):
-            continue
-        if isinstance(node, jinja2.nodes.Getattr):
-            if hasattr(dict, node.attr):  # params.items() and friends are the dict's own
-                continue
-            key: Any = node.attr
-        elif isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const):
-            key = node.arg.value
-        else:
-            continue
-        if target.name == "scan" and key not in SCAN_KEYS:
-            raise RecipeError(f"{at}: unknown variable scan.{key} (known: {', '.join(SCAN_KEYS)})")
-        if target.name == "params" and key not in recipe.parameters:
-            raise RecipeError(
-                f"{at}: unknown parameter params.{key} "
-                f"(parameters: {', '.join(recipe.parameters) or 'none'})"
-            )
+        _check_key(node, recipe, at)
     setup = f"{where} [environment] setup"
     unknown = sorted(jinja2.meta.find_undeclared_variables(_parse(recipe.setup, setup)))
     if unknown:
         raise RecipeError(
             f"{setup}: unknown variable {unknown[0]!r} (setup is the recipe's own shell text; "
             "it has no variables)"
+        )
+
+
+def _check_key(node: jinja2.nodes.Node, recipe: Recipe, at: str) -> None:
+    """Refuse ``params.NAME`` that is not a parameter and ``scan.NAME`` that is not a scan key."""
+    target = getattr(node, "node", None)
+    if not (isinstance(target, jinja2.nodes.Name) and target.name in ("params", "scan")):
+        return
+    if isinstance(node, jinja2.nodes.Getattr):
+        if hasattr(dict, node.attr):  # params.items() and friends are the dict's own
+            return
+        key: Any = node.attr
+    elif isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const):
+        key = node.arg.value
+    else:
+        return
+    if target.name == "scan" and key not in SCAN_KEYS:
+        raise RecipeError(f"{at}: unknown variable scan.{key} (known: {', '.join(SCAN_KEYS)})")
+    if target.name == "params" and key not in recipe.parameters:
+        raise RecipeError(
+            f"{at}: unknown parameter params.{key} "
+            f"(parameters: {', '.join(recipe.parameters) or 'none'})"
         )
 
 
