@@ -89,13 +89,7 @@ def _set_values(pairs: tuple[str, ...]) -> dict[str, str]:
 def _row(
     name: str | None, description: str, origin: str, file: Path, error: str | None
 ) -> dict[str, Any]:
-    return {
-        "name": name,
-        "description": description,
-        "origin": origin,
-        "file": str(file),
-        "error": error,
-    }
+    return dict(name=name, description=description, origin=origin, file=str(file), error=error)
 
 
 @recipes_group.command("list")

@@ -1,15 +1,10 @@
 """Recipes: a lab's conversion steps as small TOML files, validated and rendered into job scripts.
 
 A recipe is ``NAME.toml`` or a folder ``NAME/recipe.toml`` (with the command beside it in
-``command.sh.j2`` if the lab prefers). docs/recipes.md describes every key. Recipes are found in
-``--recipes`` folders, then ``$HPCBRIDGE_RECIPES`` (``:``-separated), then
-``$HPCBRIDGE_HOME/recipes``, then the built-ins shipped in ``hpcbridge.templates/recipes``.
-
-A recipe is data from a shared folder, not code: every template renders in Jinja's immutable
-sandbox (no attribute walks into Python's internals), discovery only parses templates (it never
-renders one), a recipe folder or file that every user may write is refused, and resources are
-bounded. ``model`` says what a recipe is, ``loading`` reads and finds recipe files, ``render``
-turns one into a job script.
+``command.sh.j2`` if the lab prefers); docs/recipes.md describes every key. A recipe is data from
+a shared folder, not code: templates render only in Jinja's immutable sandbox, a recipe file or
+folder that every user may write is refused, and resources are bounded. ``model`` says what a
+recipe is, ``loading`` reads and finds recipe files, ``render`` turns one into a job script.
 """
 
 # The names used outside the package (and `_reported`, which tests clear).

@@ -255,7 +255,8 @@ def _name_of(file: Path, readable: bool) -> str:
 def search_path(
     extra: list[Path] | None = None, home: Path | None = None
 ) -> list[tuple[Path, str]]:
-    """(folder, origin) in the order they are searched."""
+    """(folder, origin) in the order they are searched: ``--recipes`` folders, then
+    ``$HPCBRIDGE_RECIPES`` (``:``-separated), ``$HPCBRIDGE_HOME/recipes``, the built-ins."""
     out: list[tuple[Path, str]] = [(Path(p), str(p)) for p in extra or []]
     env = os.environ.get("HPCBRIDGE_RECIPES", "")
     out += [(Path(p), p) for p in env.split(os.pathsep) if p]
