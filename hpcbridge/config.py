@@ -234,6 +234,11 @@ def _profile_table(data: dict[str, Any], name: str, path: Path, explicit: bool) 
     return {}
 
 
+def _first_set(env: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that ``env`` sets to something."""
+    return next((name for name in names if env.get(name)), None)
+
+
 def load_settings(
     *,
     profile: str | None = None,
@@ -258,12 +263,11 @@ def load_settings(
         values[key] = convert_setting(key, value, origins[key])
         sources[key] = "builtin profile" if name in BUILTIN_PROFILES else f"file {path}"
     for key in DEFAULTS:
-        for var in (ENV_PREFIX + key.upper(), *ENV_ALIASES.get(key, ())):
-            if env.get(var):
-                origins[key] = f"environment {var}"
-                values[key] = convert_setting(key, env[var], origins[key])
-                sources[key] = origins[key]
-                break
+        var = _first_set(env, (ENV_PREFIX + key.upper(), *ENV_ALIASES.get(key, ())))
+        if var:
+            origins[key] = f"environment {var}"
+            values[key] = convert_setting(key, env[var], origins[key])
+            sources[key] = origins[key]
     for key, value in (flags or {}).items():
         if value is not None and key in DEFAULTS:
             origins[key] = f"option --{key.replace('_', '-')}"
@@ -271,12 +275,10 @@ def load_settings(
             sources[key] = "flag"
     # requests' own variables, below the profile's ca_bundle: a site-wide REQUESTS_CA_BUNDLE
     # must not override the CA a profile names for its server.
-    if values["ca_bundle"] is None and values["verify_tls"]:
-        for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
-            if env.get(var):
-                values["ca_bundle"] = convert_setting("ca_bundle", env[var], f"environment {var}")
-                sources["ca_bundle"] = f"environment {var}"
-                break
+    var = _first_set(env, ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"))
+    if values["ca_bundle"] is None and values["verify_tls"] and var:
+        values["ca_bundle"] = convert_setting("ca_bundle", env[var], f"environment {var}")
+        sources["ca_bundle"] = f"environment {var}"
     if values["xnat"] not in (None, "sandbox"):
         check_xnat_url(
             values["xnat"],
