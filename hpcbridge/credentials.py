@@ -225,6 +225,12 @@ def token_of(data: dict[str, Any], url: str) -> Secret | None:
     return Secret(entry["alias"], entry["secret"], "token", entry.get("expires"), entry.get("user"))
 
 
+def _entry(folder: Path, url: str, user: str) -> Path:
+    """The file of ``folder`` for one server and user, named by a hash (no host or user in it)."""
+    digest = hashlib.sha256(f"{server_key(url)}\n{user}".encode()).hexdigest()[:24]
+    return folder / f"{digest}.json"
+
+
 @dataclass(frozen=True)
 class SessionCache:
     """The JSESSIONID of the last run, per server and user, so many runs share one session."""
@@ -235,12 +241,8 @@ class SessionCache:
     def under(cls, home: Path) -> SessionCache:
         return cls(Path(home) / "sessions")
 
-    def _path(self, url: str, user: str) -> Path:
-        digest = hashlib.sha256(f"{server_key(url)}\n{user}".encode()).hexdigest()[:24]
-        return self.folder / f"{digest}.json"
-
     def get(self, url: str, user: str) -> str | None:
-        path = self._path(url, user)
+        path = _entry(self.folder, url, user)
         try:
             data = read_private(path)
         except CredentialError as exc:
@@ -255,13 +257,13 @@ class SessionCache:
     def put(self, url: str, user: str, jsessionid: str) -> None:
         data = {"server": server_key(url), "user": user, "jsessionid": jsessionid}
         try:
-            write_private(self._path(url, user), dict(data, saved=int(time.time())))
+            write_private(_entry(self.folder, url, user), dict(data, saved=int(time.time())))
         except CredentialError as exc:
             # The session works; only the next run's reuse of it is lost.
             log.warning("could not save the XNAT session for the next run: %s", exc.message)
 
     def delete(self, url: str, user: str) -> None:
-        self._path(url, user).unlink(missing_ok=True)
+        _entry(self.folder, url, user).unlink(missing_ok=True)
 
     @contextmanager
     def renewal(self, url: str, user: str, stale: str | None) -> Iterator[str | None]:
@@ -276,7 +278,7 @@ class SessionCache:
         lock held until they leave. Where the file system has no locks, or a holder takes
         longer than ``RENEWAL_WAIT``, each process logs in on its own, as without a cache.
         """
-        fd = _lock(self._path(url, user).with_suffix(".lock"))
+        fd = _lock(_entry(self.folder, url, user).with_suffix(".lock"))
         try:
             current = self.get(url, user)
             yield current if current and current != stale else None
@@ -404,16 +406,12 @@ class LoginRefusals:
     def under(cls, home: Path) -> LoginRefusals:
         return cls(Path(home) / "refused")
 
-    def _path(self, url: str, user: str) -> Path:
-        digest = hashlib.sha256(f"{server_key(url)}\n{user}".encode()).hexdigest()[:24]
-        return self.folder / f"{digest}.json"
-
     def _fingerprint(self, secret: str, salt: bytes) -> str:
         return hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, self.ROUNDS).hex()
 
     def get(self, url: str, user: str, secret: str) -> Refusal | None:
         """The refusal of exactly this secret for ``user`` at ``url``, if one is recorded."""
-        data = read_private(self._path(url, user))
+        data = read_private(_entry(self.folder, url, user))
         if not data or data.get("server") != server_key(url) or data.get("user") != user:
             return None
         try:
@@ -435,12 +433,12 @@ class LoginRefusals:
             "salt": salt.hex(),
             "fingerprint": self._fingerprint(secret, salt),
         }
-        write_private(self._path(url, user), data)
+        write_private(_entry(self.folder, url, user), data)
 
     def clear(self, url: str, user: str | None = None) -> None:
         """Forget the refusals at ``url``: of ``user``, or of every user."""
         if user is not None:
-            self._path(url, user).unlink(missing_ok=True)
+            _entry(self.folder, url, user).unlink(missing_ok=True)
             return
         try:
             files = [p for p in self.folder.iterdir() if p.suffix == ".json"]

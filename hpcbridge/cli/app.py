@@ -17,10 +17,7 @@ import click
 from .. import __version__
 from ..config import Settings, load_settings
 from ..errors import HpcBridgeError
-from .output import ProgressBar as ProgressBar
 from .output import echo, error_line, log_handler
-from .output import emit_json as emit_json
-from .output import emit_table as emit_table
 from .output import fit_widths as fit_widths
 
 log = logging.getLogger("hpcbridge")

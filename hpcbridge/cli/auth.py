@@ -12,8 +12,8 @@ from ..credentials import LoginRefusals, Secret, SessionCache, TokenStore, resol
 from ..errors import CredentialError, PartialFailure, XnatError
 from ..xnat import XnatClient
 from ..xnat.client import expiry_text
-from .app import emit_json, main, settings_of
-from .output import echo, warn
+from .app import main, settings_of
+from .output import echo, emit_json, warn
 from .server import connect, resolve_url
 
 DAY_MS = 24 * 3600 * 1000
@@ -168,13 +168,11 @@ def whoami_command(ctx: click.Context) -> None:
         server = client.base
     expires = creds.expires_ms if creds is not None and creds.is_token else None
     source = creds.source if creds is not None else "none"
-    auth = (
-        "alias token"
-        if source == "token"
-        else {"environment": "password from environment", "netrc": "password from ~/.netrc"}.get(
-            source, source
-        )
-    )
+    auth = {
+        "token": "alias token",
+        "environment": "password from environment",
+        "netrc": "password from ~/.netrc",
+    }.get(source, source)
     if settings.json:
         emit_json({"server": server, "user": user, "auth": auth, "token_expires": expires})
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,8 +13,8 @@ from ..config import SCHEDULERS, Unfit, check_xnat_url, read_config_file, write_
 from ..credentials import resolve
 from ..errors import ConfigError, HpcBridgeError
 from ..xnat.client import expiry_text
-from .app import emit_json, emit_table, main, settings_of
-from .output import echo
+from .app import main, settings_of
+from .output import echo, emit_json, emit_table
 
 
 @main.group("config")
@@ -101,26 +102,10 @@ def config_init(
           --scheduler slurm --host login.cluster.example.org --work-root /scratch/alice/hb
     """
     settings = settings_of(ctx)
-    if work_root is not None and not work_root.startswith("/"):
-        raise ConfigError(f"--work-root must be an absolute path, not {work_root!r}")
     path = settings.config_path
-    if name in read_config_file(path).get("profiles", {}) and not force:
-        raise ConfigError(
-            f"profile {name!r} already exists in {path}", hint="add --force to replace it"
-        )
+    _check_new_profile(path, name, force=force, work_root=work_root)
     interactive = sys.stdin.isatty()
-    if xnat is None and interactive:
-        xnat = click.prompt("XNAT server URL")
-    if not xnat:
-        raise ConfigError("an XNAT server URL is needed", hint="pass --xnat URL")
-    try:
-        xnat_url(xnat)
-    except Unfit:
-        pass  # its own message, which check_xnat_url gives below
-    except ValueError:
-        raise ConfigError(f"{xnat!r} is not an http(s) URL") from None
-    # The rule settings apply when they load the profile, so init never writes one they refuse.
-    xnat = check_xnat_url(xnat, allow_insecure_http=allow_insecure_http, origin="option --xnat")
+    xnat = _server(xnat, interactive, allow_insecure_http)
     if user is None and interactive:
         user = click.prompt("XNAT user (empty for token-only)", default="", show_default=False)
     if scheduler is None:
@@ -142,6 +127,31 @@ def config_init(
     }
     write_profile(path, name, values, make_default=make_default)
     echo(f"profile {name!r} written to {path}; next: hpcbridge login")
+
+
+def _check_new_profile(path: Path, name: str, *, force: bool, work_root: str | None) -> None:
+    if work_root is not None and not work_root.startswith("/"):
+        raise ConfigError(f"--work-root must be an absolute path, not {work_root!r}")
+    if name in read_config_file(path).get("profiles", {}) and not force:
+        raise ConfigError(
+            f"profile {name!r} already exists in {path}", hint="add --force to replace it"
+        )
+
+
+def _server(xnat: str | None, interactive: bool, allow_insecure_http: bool) -> str:
+    """The profile's XNAT URL, from --xnat or asked on a terminal, checked."""
+    if xnat is None and interactive:
+        xnat = click.prompt("XNAT server URL")
+    if not xnat:
+        raise ConfigError("an XNAT server URL is needed", hint="pass --xnat URL")
+    try:
+        xnat_url(xnat)
+    except Unfit:
+        pass  # its own message, which check_xnat_url gives below
+    except ValueError:
+        raise ConfigError(f"{xnat!r} is not an http(s) URL") from None
+    # The rule settings apply when they load the profile, so init never writes one they refuse.
+    return check_xnat_url(xnat, allow_insecure_http=allow_insecure_http, origin="option --xnat")
 
 
 def _note(text: str, quiet: bool) -> None:

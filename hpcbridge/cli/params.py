@@ -23,11 +23,7 @@ class Number(click.FloatRange):
     name = "number"
 
     def __init__(
-        self,
-        min: float | None = None,
-        max: float | None = MAX_SECONDS,
-        *,
-        min_open: bool = False,
+        self, min: float | None = None, max: float | None = MAX_SECONDS, *, min_open: bool = False
     ) -> None:
         super().__init__(min=min, max=max, min_open=min_open)
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ..errors import RecipeError
-from .app import emit_json, emit_table, main, settings_of
-from .output import echo, emit_document, warn
+from .app import main, settings_of
+from .output import echo, emit_document, emit_json, emit_table, warn
 
 recipes_option = click.option(
     "--recipes",
@@ -85,6 +86,12 @@ def _set_values(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _row(
+    name: str | None, description: str, origin: str, file: Path, error: str | None
+) -> dict[str, Any]:
+    return dict(name=name, description=description, origin=origin, file=str(file), error=error)
+
+
 @recipes_group.command("list")
 @recipes_option
 @click.pass_context
@@ -103,26 +110,11 @@ def recipes_list(ctx: click.Context, recipe_dirs: tuple[Path, ...]) -> None:
 
     settings = settings_of(ctx)
     found = discover(list(recipe_dirs), settings.home)
-    rows: list[dict[str, Any]] = [
-        {
-            "name": r.name,
-            "description": r.description,
-            "origin": r.origin,
-            "file": str(r.source),
-            "error": None,
-        }
+    rows = [
+        _row(r.name, r.description, r.origin, r.source, None)
         for r in sorted(found.values(), key=lambda r: r.name)
     ]
-    broken = [
-        {
-            "name": b.name or None,
-            "description": "",
-            "origin": b.origin,
-            "file": str(b.path),
-            "error": b.error,
-        }
-        for b in found.broken
-    ]
+    broken = [_row(b.name or None, "", b.origin, b.path, b.error) for b in found.broken]
     if settings.json:
         emit_json(rows + broken)
         return
@@ -158,14 +150,7 @@ def recipes_show(ctx: click.Context, name: str, recipe_dirs: tuple[Path, ...]) -
             p.name: {"type": p.type, "default": p.default, "help": p.help}
             for p in recipe.parameters.values()
         },
-        "resources": {
-            "cpus": res.cpus,
-            "memory_mb": res.memory_mb,
-            "walltime": format_walltime(res.walltime),
-            "queue": res.queue,
-            "account": res.account,
-            "gpus": res.gpus,
-        },
+        "resources": dict(asdict(res), walltime=format_walltime(res.walltime)),
         "modules": list(recipe.modules),
         "inputs": {"resource": recipe.input_resource, "scan_types": list(recipe.scan_types)},
         "outputs": [o.__dict__ for o in recipe.outputs],
@@ -228,6 +213,10 @@ def recipes_new(ctx: click.Context, name: str, folder: Path | None) -> None:
     echo(f"wrote {target}; edit it, then: hpcbridge recipes show {name} --recipes {folder}")
 
 
+def _folder_option(flag: str, dest: str, help: str, *, required: bool = False) -> Any:
+    return click.option(flag, dest, required=required, type=click.Path(path_type=Path), help=help)
+
+
 @main.command("render")
 @click.argument("recipe")
 @click.option(
@@ -236,25 +225,10 @@ def recipes_new(ctx: click.Context, name: str, folder: Path | None) -> None:
     help="Scheduler [default: the profile's].",
 )
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Recipe parameter.")
-@click.option(
-    "--input",
-    "input_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Folder the job reads (staged DICOM).",
-)
-@click.option(
-    "--output",
-    "output_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Folder the job writes.",
-)
-@click.option(
-    "--work",
-    "work_dir",
-    type=click.Path(path_type=Path),
-    help="Job work folder (status files, logs) [default: parent of --output].",
+@_folder_option("--input", "input_dir", "Folder the job reads (staged DICOM).", required=True)
+@_folder_option("--output", "output_dir", "Folder the job writes.", required=True)
+@_folder_option(
+    "--work", "work_dir", "Job work folder (status files, logs) [default: parent of --output]."
 )
 @click.option("--name", help="Job name [default: the recipe's].")
 @click.option(
@@ -325,6 +299,11 @@ def render_command(
         account=project,
         mail=mail,
     )
+    _warn_without_project(settings, kind, project)
+    _write_script(script, out_file)
+
+
+def _warn_without_project(settings: Any, kind: str, project: str | None) -> None:
     # Torque's -A and the Slurm PBS wrappers' accounts are optional; PBS Pro sites often are not.
     flavour = settings.pbs_flavour if settings.scheduler == "pbs" else None
     if kind == "pbs" and not project and flavour in (None, "pbspro"):
@@ -332,6 +311,9 @@ def render_command(
             "the script has no project: PBS Pro sites such as Artemis reject jobs without "
             "-P PROJECT (pass --account PROJECT, or set account in the profile)"
         )
+
+
+def _write_script(script: str, out_file: Path | None) -> None:
     if out_file is None:
         emit_document(script)
         return
