@@ -45,13 +45,13 @@ def convert(scan: Address) -> None:
         )
         store = jobs.JobStore(settings.home, settings.profile)
         job = jobs.submit_script(store, scheduler, script, host=settings.host or "")
-        print(f"{scan}: job {job.id} submitted, waiting", file=sys.stderr)
-        [job] = jobs.wait_for(store, scheduler, [job.id], interval=settings.poll_interval)
+        print(f"{scan}: job {job.native_id} submitted, waiting", file=sys.stderr)
+        [job] = jobs.wait_for(store, scheduler, [job.native_id], interval=settings.poll_interval)
     if job.state != "finished":
-        raise HpcBridgeError(f"job {job.id} {job.state}: {job.reason}\n{job.log_tail}")
+        raise HpcBridgeError(f"job {job.native_id} {job.state}: {job.reason}\n{job.log_tail}")
     # A new XNAT session: the job may have queued and run for longer than the first one lasts.
     with connect(settings) as xnat:
-        uploaded = upload_outputs(xnat, scan, work / "out", recipe.outputs, {"job": job.id})
+        uploaded = upload_outputs(xnat, scan, work / "out", recipe.outputs, {"job": job.native_id})
     for item in uploaded:
         print(f"{scan} {item['resource']}/{item['name']} {item['size']} bytes")
 

@@ -127,10 +127,10 @@ def submit_script(
                 f"job {dep} already {upstream.state}; a job after it would never run"
             )
     target = _place_script(store, scheduler, local_script, text, info, work, host)
-    job_id = scheduler.submit(target, after=after, array=array, info=info)
-    stdout, stderr = scheduler.log_paths(job_id, info)
+    native_id = scheduler.submit(target, after=after, array=array, info=info)
+    stdout, stderr = scheduler.log_paths(native_id, info)
     job = Job(
-        id=job_id,
+        native_id=native_id,
         scheduler=scheduler.kind,
         host=host,
         script=target,
@@ -205,8 +205,8 @@ def _check_work_dir_free(store: JobStore, scheduler: Scheduler, work_dir: str, h
         busy = [j for j in refresh(store, scheduler, busy).jobs if not j.final]
     for job in busy:
         raise SchedulerError(
-            f"work folder {work_dir} belongs to job {job.id}, which is {job.state}",
-            hint=f"wait for it (`hpcbridge jobs {job.id}`), cancel it, or render into "
+            f"work folder {work_dir} belongs to job {job.native_id}, which is {job.state}",
+            hint=f"wait for it (`hpcbridge jobs {job.native_id}`), cancel it, or render into "
             "another folder",
         )
 
@@ -251,15 +251,15 @@ def refresh(store: JobStore, scheduler: Scheduler, jobs: Iterable[Job] | None = 
     statuses: dict[str, JobStatus] = {}
     if live:
         try:
-            statuses = scheduler.status([j.id for j in live])
+            statuses = scheduler.status([j.native_id for j in live])
         except (SchedulerError, TransportError) as exc:
             # A failed poll never changes a job's state: report it and keep what we knew.
             return PollReport(tracked, [], exc)
     changed: list[Job] = []
-    by_id = {j.id: j for j in tracked}
+    by_id = {j.native_id: j for j in tracked}
     for job in live:
         try:
-            new = resolve(job, statuses.get(job.id), transport)
+            new = resolve(job, statuses.get(job.native_id), transport)
         except TransportError as exc:
             error = exc
             continue
@@ -267,16 +267,16 @@ def refresh(store: JobStore, scheduler: Scheduler, jobs: Iterable[Job] | None = 
             new = replace(new, log_tail=_log_tail(transport, new))
         if new != job:
             store.save(new)
-            by_id[job.id] = new
+            by_id[job.native_id] = new
             if (new.state, new.exit_code, new.reason) != (job.state, job.exit_code, job.reason):
                 changed.append(new)
     changed += _cancel_orphans(store, scheduler, by_id)
-    return PollReport([by_id[j.id] for j in tracked], changed, error)
+    return PollReport([by_id[j.native_id] for j in tracked], changed, error)
 
 
 def _cancel_orphans(store: JobStore, scheduler: Scheduler, by_id: dict[str, Job]) -> list[Job]:
     """Cancel live jobs whose afterok parent failed or was cancelled, down the whole chain."""
-    everyone = {j.id: j for j in store.live()}
+    everyone = {j.native_id: j for j in store.live()}
     everyone.update(by_id)
     # Parents that ended are read one by one: only live jobs' parents matter here.
     for parent in {a for j in list(everyone.values()) if not j.final for a in j.after}:
@@ -293,7 +293,7 @@ def _cancel_orphans(store: JobStore, scheduler: Scheduler, by_id: dict[str, Job]
         if not orphans:
             return cancelled
         try:
-            scheduler.cancel([j.id for j in orphans])
+            scheduler.cancel([j.native_id for j in orphans])
         except (SchedulerError, TransportError) as exc:
             log.warning("could not cancel jobs whose dependencies failed: %s", exc)
             return cancelled
@@ -307,9 +307,9 @@ def _cancel_orphans(store: JobStore, scheduler: Scheduler, by_id: dict[str, Job]
                 f"{everyone[parent].state}",
             )
             store.save(new)
-            everyone[job.id] = new
-            if job.id in by_id:
-                by_id[job.id] = new
+            everyone[job.native_id] = new
+            if job.native_id in by_id:
+                by_id[job.native_id] = new
             cancelled.append(new)
 
 
@@ -327,14 +327,14 @@ def cancel_jobs(store: JobStore, scheduler: Scheduler, ids: Sequence[str]) -> li
     unknown = scheduler.cancel(to_cancel) if to_cancel else []
     done: list[Job] = []
     missing: list[str] = []
-    for job_id in ids:
-        job = store.get(job_id)
-        if job_id in unknown and job is None:
-            missing.append(job_id)
+    for native_id in ids:
+        job = store.get(native_id)
+        if native_id in unknown and job is None:
+            missing.append(native_id)
             continue
         if job is None:
             job = Job(
-                id=job_id,
+                native_id=native_id,
                 scheduler=scheduler.kind,
                 host="",
                 script="",
@@ -383,7 +383,7 @@ def wait_for(
         if deadline is not None and time.monotonic() + delay > deadline:
             raise SchedulerError(
                 f"jobs still running after {timeout:g} s: "
-                + ", ".join(j.id for j in report.jobs if not _settled(j)),
+                + ", ".join(j.native_id for j in report.jobs if not _settled(j)),
                 hint="they keep running; check later with `hpcbridge jobs`",
             )
         delay = next_delay(delay, interval, changed=bool(report.changed), ceiling=ceiling)

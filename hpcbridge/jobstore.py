@@ -20,9 +20,9 @@ __all__ = ["Job", "JobStore"]
 
 @dataclass
 class Job:
-    """What hpcbridge knows about one submitted job."""
+    """What hpcbridge knows about one submitted job; ``native_id`` is the scheduler's id."""
 
-    id: str
+    native_id: str
     scheduler: str
     host: str
     script: str
@@ -50,13 +50,20 @@ class Job:
         return f"{self.work_dir}/.hpcbridge" if self.work_dir else None
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        """The record as ``jobs --json`` prints it."""
+        data = self.stored()
         data.pop("ended_seen")
         return data
 
+    def stored(self) -> dict[str, Any]:
+        """The record as its file holds it; there, as in ``jobs --json``, the scheduler's id
+        keeps the name "id" it had before ``native_id``."""
+        data = asdict(self)
+        return {"id": data.pop("native_id"), **data}
 
-def _safe_name(job_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\[\]-]", "_", job_id)
+
+def _safe_name(native_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\[\]-]", "_", native_id)
 
 
 class JobStore:
@@ -74,39 +81,41 @@ class JobStore:
         self.ended_dir = self.dir / "ended"
         self._live: dict[str, Job] | None = None
 
-    def _path(self, job_id: str, *, ended: bool) -> Path:
-        return (self.ended_dir if ended else self.dir) / f"{_safe_name(job_id)}.json"
+    def _path(self, native_id: str, *, ended: bool) -> Path:
+        return (self.ended_dir if ended else self.dir) / f"{_safe_name(native_id)}.json"
 
     def save(self, job: Job) -> None:
-        path = self._path(job.id, ended=job.final)
+        path = self._path(job.native_id, ended=job.final)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-        tmp.write_text(json.dumps(asdict(job), indent=1) + "\n")
+        tmp.write_text(json.dumps(job.stored(), indent=1) + "\n")
         os.replace(tmp, path)
         if job.final:
-            self._path(job.id, ended=False).unlink(missing_ok=True)
+            self._path(job.native_id, ended=False).unlink(missing_ok=True)
         if self._live is not None:
-            self._live.pop(job.id, None)  # the latest saved last, as on disk
+            self._live.pop(job.native_id, None)  # the latest saved last, as on disk
             if not job.final:
-                self._live[job.id] = job
+                self._live[job.native_id] = job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, native_id: str) -> Job | None:
         for ended in (False, True):
-            job = self._read(self._path(job_id, ended=ended), job_id)
+            job = self._read(self._path(native_id, ended=ended), native_id)
             if job is not None:
                 return job
         return None
 
-    def _read(self, path: Path, job_id: str) -> Job | None:
+    def _read(self, path: Path, native_id: str) -> Job | None:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, json.JSONDecodeError) as exc:
             raise SchedulerError(
-                f"cannot read the record of job {job_id} ({path}): {exc}"
+                f"cannot read the record of job {native_id} ({path}): {exc}"
             ) from None
         known = {f.name for f in fields(Job)}
+        if "id" in data:
+            data["native_id"] = data.pop("id")
         return Job(**{k: v for k, v in data.items() if k in known})
 
     def _load(self, folder: Path, *, since: float | None = None) -> list[tuple[float, Job]]:
@@ -134,7 +143,7 @@ class JobStore:
                 if job.final:  # recorded before ended/ existed: file it there now
                     self.save(job)
                 else:
-                    self._live[job.id] = job
+                    self._live[job.native_id] = job
         return list(self._live.values())
 
     def all(self, *, ended_since: float | None = None) -> list[Job]:
@@ -143,7 +152,7 @@ class JobStore:
         merged = [(mtime, 1, job) for mtime, job in self._load(self.ended_dir, since=ended_since)]
         for job in self.live():
             try:
-                mtime = self._path(job.id, ended=False).stat().st_mtime
+                mtime = self._path(job.native_id, ended=False).stat().st_mtime
             except FileNotFoundError:
                 mtime = float("inf")  # saved by this store and not on disk: the newest
             merged.append((mtime, 0, job))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -15,6 +15,9 @@ from .app import main, settings_of
 from .handles import adopt_run_profile, host_key_option, session, take_run_lock
 from .output import echo, emit_json, emit_table, warn
 from .params import SECONDS
+
+if TYPE_CHECKING:  # imported when a command runs, to start fast
+    from ..jobstore import Job
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,10 +32,10 @@ _COLUMNS = [
 ]
 
 
-def _rows(jobs: list[Any]) -> list[dict[str, Any]]:
+def _rows(jobs: list[Job]) -> list[dict[str, Any]]:
     return [
         {
-            "id": j.id,
+            "id": j.native_id,
             "name": j.name,
             "state": j.state + (f" ({j.raw_state})" if j.raw_state and not j.final else ""),
             "exit_code": "" if j.exit_code is None else j.exit_code,
@@ -44,7 +47,7 @@ def _rows(jobs: list[Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _show(jobs: list[Any], *, json_output: bool) -> None:
+def _show(jobs: list[Job], *, json_output: bool) -> None:
     if json_output:
         emit_json([j.to_json() for j in jobs])
         return
@@ -55,7 +58,7 @@ def _show(jobs: list[Any], *, json_output: bool) -> None:
     for job in jobs:
         if job.state == State.FAILED.value and job.log_tail:
             echo(err=True)
-            echo(f"--- job {job.id} ({job.name}) failed; last lines of its log:", err=True)
+            echo(f"--- job {job.native_id} ({job.name}) failed; last lines of its log:", err=True)
             echo(job.log_tail, err=True, multiline=True)
 
 
@@ -71,7 +74,7 @@ def _progress(quiet: bool) -> Callable[[Any], None]:
             # walltime ...": the exit code alone (143) does not say the scheduler killed it.
             if job.final and job.state != State.FINISHED.value and job.reason:
                 extra += f" ({job.reason})"
-            echo(f"job {job.id} ({job.name}): {job.state}{extra}", err=True)
+            echo(f"job {job.native_id} ({job.name}): {job.state}{extra}", err=True)
         if report.error is not None:
             warn(f"poll failed, will retry: {report.error}")
 
@@ -93,7 +96,7 @@ def _wait_for(opened: Any, ids: list[str], interval: float | None, timeout: floa
     if bad:
         raise PartialFailure(
             f"{len(bad)} of {len(jobs)} job(s) did not finish successfully: "
-            + ", ".join(f"{j.id} {j.state}" for j in bad)
+            + ", ".join(f"{j.native_id} {j.state}" for j in bad)
         )
 
 
@@ -175,11 +178,11 @@ def submit_command(
             if settings.json:
                 emit_json(job.to_json())
             else:
-                echo(job.id)
+                echo(job.native_id)
             return
         if not settings.quiet:
-            echo(f"submitted job {job.id}; waiting for it to end", err=True)
-        _wait_for(opened, [job.id], interval, timeout)
+            echo(f"submitted job {job.native_id}; waiting for it to end", err=True)
+        _wait_for(opened, [job.native_id], interval, timeout)
 
 
 #: Without --all, `jobs` shows the jobs that ended within this many seconds.
@@ -231,7 +234,7 @@ def jobs_command(
             # Ended records older than a day are not shown without --all: not read either.
             jobs = store.all(ended_since=None if show_all else time.time() - RECENT)
         if wait:
-            _wait_for(opened, [j.id for j in jobs], interval, timeout)
+            _wait_for(opened, [j.native_id for j in jobs], interval, timeout)
             return
         report = refresh(store, scheduler, jobs)
         jobs = report.jobs if wanted or show_all else [j for j in report.jobs if _recent(j)]
@@ -243,7 +246,7 @@ def jobs_command(
             )
 
 
-def _recent(job: Any) -> bool:
+def _recent(job: Job) -> bool:
     from datetime import datetime, timedelta, timezone
 
     from ..units import parse_utc_stamp
@@ -305,7 +308,7 @@ def cancel_command(
         emit_json([j.to_json() for j in jobs])
         return
     for job in jobs:
-        echo(f"{job.id}: {job.state}")
+        echo(f"{job.native_id}: {job.state}")
 
 
 def _cancel_run(ctx: click.Context, run_id: int, accept_new_host_key: bool) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .app import main, settings_of
 from .handles import profile_given, run_of
 from .output import echo, emit_json, emit_table
+
+if TYPE_CHECKING:  # imported when a command runs, to start fast
+    from ..ledger import JobRow
 
 _STATUS_KEYS = ("scan", "state", "job", "submitted", "ended", "exit", "output")
 _STATUS_COLUMNS = [(k, k.upper()) for k in _STATUS_KEYS]
@@ -67,9 +70,9 @@ def status_command(ctx: click.Context, run_id: int | None) -> None:
             echo(f"--- {job.address}: {describe_wait(record)}: {record.get('error')}", err=True)
 
 
-def _job_json(job: Any) -> dict[str, Any]:
+def _job_json(job: JobRow) -> dict[str, Any]:
     return {
-        "id": job.id,
+        "id": job.job_id,
         "name": job.name,
         "scan": job.address,
         "scan_type": job.scan_type,
@@ -89,7 +92,7 @@ def _job_json(job: Any) -> dict[str, Any]:
     }
 
 
-def _waiting_json(job: Any) -> dict[str, Any] | None:
+def _waiting_json(job: JobRow) -> dict[str, Any] | None:
     """What a scan waits for: XNAT or the cluster away (``for``), or a second try of a step
     that failed once (``for`` null); since when, how many tries, when the next is."""
     from ..runs import waiting

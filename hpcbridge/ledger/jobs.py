@@ -45,7 +45,7 @@ def _changes(job: JobRow, target: JobState, now: str) -> tuple[dict[str, Any], b
     if target not in TRANSITIONS[job.state]:
         allowed = ", ".join(sorted(s.value for s in TRANSITIONS[job.state])) or "none"
         raise LedgerError(
-            f"job {job.id} ({job.name}) cannot go from {job.state} to {target}",
+            f"job {job.job_id} ({job.name}) cannot go from {job.state} to {target}",
             hint=f"from {job.state}: {allowed}",
         )
     changes: dict[str, Any] = {"state": target.value}

@@ -196,9 +196,10 @@ class Run:
 
 @dataclass(frozen=True)
 class JobRow:
-    """One scan's job within a run, as the ledger last recorded it."""
+    """One scan's job within a run, as the ledger last recorded it: ``job_id`` is ours (the
+    jobs table's ``id``), ``native_id`` the scheduler's."""
 
-    id: int
+    job_id: int
     run_id: int
     address: str
     project: str | None
@@ -231,7 +232,7 @@ class JobRow:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRow:
-        data = {name: row[name] for name in JOB_COLUMNS}
+        data = {f.name: row[column] for f, column in zip(fields(cls), JOB_COLUMNS, strict=True)}
         data["state"] = JobState(data["state"])
         data["uploaded"] = json.loads(data["uploaded"] or "[]")
         data["extra"] = json.loads(data["extra"] or "{}")
@@ -257,7 +258,7 @@ class Event:
 
 
 RUN_COLUMNS = tuple(f.name for f in fields(Run))
-JOB_COLUMNS = tuple(f.name for f in fields(JobRow))
+JOB_COLUMNS = ("id", *(f.name for f in fields(JobRow)[1:]))
 EVENT_COLUMNS = tuple(f.name for f in fields(Event))
 
 

@@ -97,7 +97,7 @@ class Chained:
         # scheduler call per step.
         resuming = "submitting" in row.extra
         if not resuming:
-            row = ctx.ledger.update(row.id, extra=dict(row.extra, submitting=utc_stamp()))
+            row = ctx.ledger.update(row.job_id, extra=dict(row.extra, submitting=utc_stamp()))
         since = row.extra["submitting"]
         state = ChainState.of(row)
         ids = dict(state.jobs or {})
@@ -119,12 +119,12 @@ class Chained:
             if job is None:
                 row, job = _submit_step(ctx, row, step, after, ids, launched or since)
             launched = launched or job.submitted
-            ids[step] = job.id
-            row = ctx.ledger.update(row.id, extra=ChainState(ids, state.waited).into(row.extra))
-            after = [job.id]
+            ids[step] = job.native_id
+            row = ctx.ledger.update(row.job_id, extra=ChainState(ids, state.waited).into(row.extra))
+            after = [job.native_id]
         extra = dict(without(row.extra, "submitting"), launched=launched or utc_stamp())
         submitted = ctx.ledger.transition(
-            row.id, JobState.SUBMITTED, native_id=ids["compute"], work_dir=folder, extra=extra
+            row.job_id, JobState.SUBMITTED, native_id=ids["compute"], work_dir=folder, extra=extra
         )
         ctx.workflow(submitted)
         return submitted
@@ -156,7 +156,7 @@ class Chained:
                 return
         if steps["stage-out"].state == State.FINISHED.value:
             ctx.ledger.transition(
-                row.id,
+                row.job_id,
                 JobState.FINISHED,
                 raw_state=f"stage-out {steps['stage-out'].raw_state}".strip(),
                 exit_code=steps["compute"].exit_code,
@@ -167,11 +167,11 @@ class Chained:
         raw = f"{step} {steps[step].raw_state}".strip()
         moving = step != "stage-in" or steps[step].state == State.RUNNING.value
         if moving and row.state is not JobState.RUNNING:
-            running = ctx.ledger.transition(row.id, JobState.RUNNING, raw_state=raw)
-            ctx.say(f"{row.address}: running ({step} job {steps[step].id})")
+            running = ctx.ledger.transition(row.job_id, JobState.RUNNING, raw_state=raw)
+            ctx.say(f"{row.address}: running ({step} job {steps[step].native_id})")
             ctx.workflow(running)
         elif row.raw_state != raw:
-            ctx.ledger.update(row.id, raw_state=raw)
+            ctx.ledger.update(row.job_id, raw_state=raw)
 
     def stage_out_needs(self, ctx: Pass) -> str:
         return ctx.settings.host or "the scheduler"  # the report is read from the cluster
@@ -248,9 +248,9 @@ def _submit_step(
 
 def _step_failed(ctx: Pass, report: SyncReport, row: JobRow, step: str, job: Job) -> None:
     final = JobState.FAILED if job.state == State.FAILED.value else JobState.CANCELLED
-    why = f"{step} job {job.id} {job.state}" + (f": {job.reason}" if job.reason else "")
+    why = f"{step} job {job.native_id} {job.state}" + (f": {job.reason}" if job.reason else "")
     updated = ctx.ledger.transition(
-        row.id,
+        row.job_id,
         final,
         detail=why,
         raw_state=f"{step} {job.raw_state}".strip(),
@@ -260,7 +260,7 @@ def _step_failed(ctx: Pass, report: SyncReport, row: JobRow, step: str, job: Job
     )
     ctx.say(f"{row.address}: {final.value} ({why})")
     # A retry redoes this step and the ones after it, not the ones that succeeded.
-    updated = ctx.ledger.update(row.id, extra=dict(updated.extra, failed_step=step))
+    updated = ctx.ledger.update(row.job_id, extra=dict(updated.extra, failed_step=step))
     ctx.workflow(updated)
     report.failed.append(updated)
 
@@ -271,7 +271,9 @@ def _step_away(ctx: Pass, row: JobRow, step: str, job: Job) -> None:
     a stage-in: none, its later jobs never ran) and waits out the run's backoff, as the bridge's
     own transfers do; then the next pass submits that step's job again."""
     found = _away_report(ctx, chain.away_path(ctx.remote_folder(row), step))
-    message = str(found.get("error") or f"{step} job {job.id} found XNAT away (exit code 75)")
+    message = str(
+        found.get("error") or f"{step} job {job.native_id} found XNAT away (exit code 75)"
+    )
     after = found.get("retry_after")
     away = Trouble("XNAT", True, float(after) if isinstance(after, (int, float)) else None)
     state = ChainState.of(row)
@@ -280,13 +282,15 @@ def _step_away(ctx: Pass, row: JobRow, step: str, job: Job) -> None:
     if state.waited is not None:
         extra["waiting"] = state.waited
     again = ctx.ledger.transition(
-        row.id,
+        row.job_id,
         JobState.PLANNED,
-        detail=f"{step} job {job.id} found XNAT away; to be submitted again",
+        detail=f"{step} job {job.native_id} found XNAT away; to be submitted again",
         extra=extra,
     )
     record = ctx.wait(again, "upload" if step == "stage-out" else "stage-in", message, away)
-    ctx.say(f"{row.address}: {step} job {job.id} found XNAT away; next try at {record['next']}")
+    ctx.say(
+        f"{row.address}: {step} job {job.native_id} found XNAT away; next try at {record['next']}"
+    )
 
 
 def _away_report(ctx: Pass, path: str) -> dict[str, Any]:

@@ -258,7 +258,7 @@ class Pass:
 
         A pass that finds XNAT (or the cluster) away counts a try for every scan it could not
         move for that reason, and gives them all the next try of the run's backoff."""
-        row = self.ledger.job(row.id)  # fresh: a half-done submission may have recorded job ids
+        row = self.ledger.job(row.job_id)  # fresh: a half-done submission may have recorded job ids
         old = waiting(row)
         same = old is not None and old.get("step") == step
         tries = (int(old.get("tries") or 0) if same and old else 0) + 1
@@ -284,7 +284,7 @@ class Pass:
                 self.down[away.what] = record
             self.waits.setdefault(away.what, []).append(row.address)
         if old != record:
-            self.ledger.update(row.id, extra=dict(row.extra, waiting=record))
+            self.ledger.update(row.job_id, extra=dict(row.extra, waiting=record))
         return record
 
     def workflow(self, row: JobRow) -> None:
@@ -338,26 +338,32 @@ class Pass:
         wanted = job_name(name)
         known: set[str] = set()
         for job in self.store.all():
-            known.add(job.id)
+            known.add(job.native_id)
             # By name, or by work folder (unique per run, scan and step): the local scheduler's
             # records carry the script's file name, not the ledger's.
             mine = job.name == wanted or (job.work_dir == work_dir and job.host == host)
             if mine and job.submitted >= since:
-                log.info("%s: found job %s submitted before a crash; adopting it", work_dir, job.id)
+                log.info(
+                    "%s: found job %s submitted before a crash; adopting it",
+                    work_dir,
+                    job.native_id,
+                )
                 return job
         found = [
             i for i in self.scheduler.find_jobs(name=wanted, work_dir=work_dir) if i not in known
         ]
         if not found:
             return None
-        job_id = found[-1]
+        native_id = found[-1]
         log.info(
-            "%s: the scheduler has job %s, submitted before a crash; adopting it", work_dir, job_id
+            "%s: the scheduler has job %s, submitted before a crash; adopting it",
+            work_dir,
+            native_id,
         )
         info = parse_script(script.read_text() if script.is_file() else "")
-        stdout, stderr = self.scheduler.log_paths(job_id, info)
+        stdout, stderr = self.scheduler.log_paths(native_id, info)
         job = Job(
-            id=job_id,
+            native_id=native_id,
             scheduler=self.scheduler.kind,
             host=host,
             script=f"{work_dir}/.hpcbridge/job.sh",
@@ -402,7 +408,7 @@ class Pass:
             moved,
         )
         kept = [*row.extra.get("old_out", []), moved]
-        return self.ledger.update(row.id, extra=dict(row.extra, old_out=kept))
+        return self.ledger.update(row.job_id, extra=dict(row.extra, old_out=kept))
 
     def drop_old_outputs(self, row: JobRow) -> JobRow:
         """The new result is in XNAT and verified: earlier attempts' output folders can go."""
@@ -418,7 +424,7 @@ class Pass:
         if not result.ok:
             log.warning("%s: could not remove %s: %s", row.address, ", ".join(old), result.said())
             return row
-        return self.ledger.update(row.id, extra=without(row.extra, "old_out"))
+        return self.ledger.update(row.job_id, extra=without(row.extra, "old_out"))
 
     def provenance(self, row: JobRow) -> dict[str, Any]:
         """What made a scan's outputs; the upload adds the converter version and the files."""

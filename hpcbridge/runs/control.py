@@ -33,11 +33,11 @@ def retry_run(
         if step == "upload" and row.exit_code == 0:
             again.append(
                 ledger.transition(
-                    row.id, JobState.FINISHED, detail="retry: upload again", extra=extra
+                    row.job_id, JobState.FINISHED, detail="retry: upload again", extra=extra
                 )
             )
             continue
-        again.append(ledger.transition(row.id, JobState.PLANNED, extra=extra))
+        again.append(ledger.transition(row.job_id, JobState.PLANNED, extra=extra))
     if again and run.state is not RunState.ACTIVE:
         ledger.set_run_state(run.id, RunState.ACTIVE)
     return again
@@ -49,6 +49,6 @@ def cancel_run(ledger: Ledger, scheduler: Scheduler, run: Run, store: JobStore) 
     in_scheduler = [i for r in live for i in native_ids(r)]
     if in_scheduler:
         cancel_jobs(store, scheduler, in_scheduler)
-    done = [ledger.transition(r.id, JobState.CANCELLED, detail="run cancelled") for r in live]
+    done = [ledger.transition(r.job_id, JobState.CANCELLED, detail="run cancelled") for r in live]
     ledger.set_run_state(run.id, RunState.CANCELLED)
     return done

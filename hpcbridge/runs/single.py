@@ -29,7 +29,7 @@ class SingleJob:
         folder = ctx.remote_folder(row)
         if row.state is JobState.PLANNED:
             _stage_in_one(ctx, row)
-            row = ctx.ledger.transition(row.id, JobState.STAGED, work_dir=folder)
+            row = ctx.ledger.transition(row.job_id, JobState.STAGED, work_dir=folder)
         # A job recorded as submitting but not submitted (a crash between qsub and the ledger)
         # may be in the scheduler already: adopt it rather than submit it twice.
         adopted = _adopt(ctx, row)
@@ -41,10 +41,14 @@ class SingleJob:
         local.write_text(script)
         digest = hashlib.sha256(script.encode()).hexdigest()
         row = ctx.fresh_outputs(row)
-        ctx.ledger.update(row.id, script_hash=digest, extra=dict(row.extra, submitting=utc_stamp()))
+        ctx.ledger.update(
+            row.job_id, script_hash=digest, extra=dict(row.extra, submitting=utc_stamp())
+        )
         job = submit_script(ctx.store, ctx.scheduler, local, host=ctx.settings.host or "")
         extra = dict(without(row.extra, "submitting"), launched=job.submitted)
-        submitted = ctx.ledger.transition(row.id, JobState.SUBMITTED, native_id=job.id, extra=extra)
+        submitted = ctx.ledger.transition(
+            row.job_id, JobState.SUBMITTED, native_id=job.native_id, extra=extra
+        )
         ctx.workflow(submitted)
         return submitted
 
@@ -62,22 +66,22 @@ class SingleJob:
         state = State(job.state)
         if state in (State.QUEUED, State.HELD, State.UNKNOWN):
             if row.raw_state != job.raw_state:
-                ctx.ledger.update(row.id, raw_state=job.raw_state)
+                ctx.ledger.update(row.job_id, raw_state=job.raw_state)
             return
         if state is State.RUNNING:
-            running = ctx.ledger.transition(row.id, JobState.RUNNING, raw_state=job.raw_state)
+            running = ctx.ledger.transition(row.job_id, JobState.RUNNING, raw_state=job.raw_state)
             if row.state is not JobState.RUNNING:
                 ctx.say(f"{row.address}: running (job {row.native_id})")
                 ctx.workflow(running)
             return
         if state is State.FINISHED:
             ctx.ledger.transition(
-                row.id, JobState.FINISHED, raw_state=job.raw_state, exit_code=job.exit_code
+                row.job_id, JobState.FINISHED, raw_state=job.raw_state, exit_code=job.exit_code
             )
             return
         final = JobState.FAILED if state is State.FAILED else JobState.CANCELLED
         updated = ctx.ledger.transition(
-            row.id,
+            row.job_id,
             final,
             detail=job.reason,
             raw_state=job.raw_state,
@@ -119,7 +123,10 @@ def _adopt(ctx: Pass, row: JobRow) -> JobRow | None:
     if job is None:
         return None
     return ctx.ledger.transition(
-        row.id, JobState.SUBMITTED, native_id=job.id, extra=without(row.extra, "submitting")
+        row.job_id,
+        JobState.SUBMITTED,
+        native_id=job.native_id,
+        extra=without(row.extra, "submitting"),
     )
 
 

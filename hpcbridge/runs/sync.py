@@ -123,10 +123,10 @@ def _poll(ctx: Pass, report: SyncReport) -> None:
         for row in polled_rows:
             ctx.wait(row, "poll", polled.error.message, away)
         return
-    by_native = {j.id: j for j in polled.jobs}
+    by_native = {j.native_id: j for j in polled.jobs}
     for row in polled_rows:
         if waiting(row) is not None:
-            row = ctx.ledger.update(row.id, extra=without(row.extra, "waiting"))
+            row = ctx.ledger.update(row.job_id, extra=without(row.extra, "waiting"))
         ctx.mode.apply(ctx, report, row, by_native)
 
 
@@ -143,7 +143,7 @@ def _records(ctx: Pass, report: SyncReport) -> tuple[list[Job], list[JobRow]]:
                 f"job {', '.join(missing) or row.native_id} of {row.address} "
                 "is not in the job records"
             )
-            ctx.ledger.transition(row.id, JobState.FAILED, last_error=message)
+            ctx.ledger.transition(row.job_id, JobState.FAILED, last_error=message)
             report.errors.append(message)
             continue
         records += [j for j in jobs if j is not None]
@@ -167,7 +167,7 @@ def _stage_out_finished(ctx: Pass, report: SyncReport) -> None:
             _stage_out_failed(ctx, report, row, exc)
             continue
         done = ctx.ledger.transition(
-            row.id,
+            row.job_id,
             JobState.UPLOADED,
             uploaded=uploaded,
             extra=without(row.extra, "waiting", "waited", "stage_out_tries"),
@@ -203,7 +203,7 @@ def _stage_out_failed(ctx: Pass, report: SyncReport, row: JobRow, exc: HpcBridge
         ": no such folder"
     )
     failed = ctx.ledger.transition(
-        row.id,
+        row.job_id,
         JobState.FAILED,
         last_error=f"stage-out failed: {exc.message}",
         extra=dict(
@@ -241,14 +241,14 @@ def _submit(ctx: Pass, report: SyncReport, row: JobRow) -> bool:
             return False
         # Stage-in errors name the scan already; the ledger row and the line name it once.
         reason = exc.message.removeprefix(f"{row.address}: ")
-        failed = ctx.ledger.transition(row.id, JobState.FAILED, last_error=reason)
+        failed = ctx.ledger.transition(row.job_id, JobState.FAILED, last_error=reason)
         report.failed.append(failed)
         ctx.say(f"{row.address}: failed: {reason}")
         return False
     record = waiting(submitted)
     if record is not None:
         extra = ctx.mode.after_wait(without(submitted.extra, "waiting"), record)
-        submitted = ctx.ledger.update(submitted.id, extra=extra)
+        submitted = ctx.ledger.update(submitted.job_id, extra=extra)
     report.submitted.append(submitted)
     ctx.say(ctx.mode.submitted(submitted))
     return True

@@ -34,9 +34,9 @@ __all__ = ["run_job"]
 _KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL, as PBS and Slurm do by default
 
 
-def _first_in_line(root: Path, job_id: str) -> bool:
+def _first_in_line(root: Path, native_id: str) -> bool:
     """True when no job submitted earlier is still waiting for a slot."""
-    me = int(job_id)
+    me = int(native_id)
     for entry in (root / "waiting").iterdir():
         if not entry.name.isdigit() or int(entry.name) >= me:
             continue

@@ -124,13 +124,13 @@ def chunk_ids(ids: Sequence[str], *, max_chars: int = 4000) -> Iterator[list[str
         raise ValueError("max_chars must be positive")
     group: list[str] = []
     size = 0
-    for job_id in ids:
-        extra = len(job_id) + (1 if group else 0)
+    for native_id in ids:
+        extra = len(native_id) + (1 if group else 0)
         if group and size + extra > max_chars:
             yield group
             group, size = [], 0
-            extra = len(job_id)
-        group.append(job_id)
+            extra = len(native_id)
+        group.append(native_id)
         size += extra
     if group:
         yield group
@@ -195,7 +195,7 @@ class Scheduler(ABC):
         ended), oldest first: a job submitted just before a crash, looked up before submitting
         it again. A lookup that fails raises, so nothing is submitted twice on a guess."""
 
-    def log_paths(self, job_id: str, info: ScriptInfo) -> tuple[str | None, str | None]:
+    def log_paths(self, native_id: str, info: ScriptInfo) -> tuple[str | None, str | None]:
         """Where the job's stdout and stderr go; the script's directives say, by default."""
         return info.stdout, info.stderr
 

@@ -178,8 +178,8 @@ class LocalScheduler(Scheduler):
     def check_ids(self, ids: Sequence[str]) -> list[str]:
         return check_ids("local", _ID, ids)
 
-    def log_paths(self, job_id: str, info: ScriptInfo) -> tuple[str | None, str | None]:
-        spec = _read_json(self.root / job_id / "job.json") or {}
+    def log_paths(self, native_id: str, info: ScriptInfo) -> tuple[str | None, str | None]:
+        spec = _read_json(self.root / native_id / "job.json") or {}
         return spec.get("stdout", info.stdout), spec.get("stderr", info.stderr)
 
     def _next_id(self) -> str:
@@ -190,9 +190,9 @@ class LocalScheduler(Scheduler):
                 last = int(counter.read_text().strip() or 0)
             except (FileNotFoundError, ValueError):
                 last = 0
-            job_id = str(last + 1)
-            _write_text(counter, job_id)
-        return job_id
+            native_id = str(last + 1)
+            _write_text(counter, native_id)
+        return native_id
 
     def _submit(
         self, script_path: str, after: list[str], array: str | None, info: ScriptInfo
@@ -204,10 +204,10 @@ class LocalScheduler(Scheduler):
         for dep in after:
             self._check_dependency(dep)
         indices = array_indices(array) if array else []
-        job_id = self._next_id()
-        job_dir = self.root / job_id
+        native_id = self._next_id()
+        job_dir = self.root / native_id
         job_dir.mkdir()
-        spec = self._spec(job_id, script, after, indices, info)
+        spec = self._spec(native_id, script, after, indices, info)
         # The job is published (job.json, which status, find_jobs and cancel read) only once its
         # runner's pid is on record: a submitter killed before then leaves no job that anyone
         # would adopt or wait for, and its runner, if it started, gives up (_localrun.run_job).
@@ -216,12 +216,12 @@ class LocalScheduler(Scheduler):
         if not after:
             # In line for a slot from now on, so jobs start in the order they were submitted
             # whichever runner process happens to start first.
-            _enter_line(self.root, job_id)
+            _enter_line(self.root, native_id)
         pid = self._start_runner(job_dir)
         # Only the runner writes state.json; its pid goes to a file of its own.
         _write_text(job_dir / "runner.pid", str(pid))
         os.replace(job_dir / PENDING_SPEC, job_dir / "job.json")
-        return job_id
+        return native_id
 
     def _check_dependency(self, dep: str) -> None:
         if not (self.root / dep / "job.json").is_file():
@@ -236,11 +236,11 @@ class LocalScheduler(Scheduler):
             )
 
     def _spec(
-        self, job_id: str, script: Path, after: list[str], indices: list[int], info: ScriptInfo
+        self, native_id: str, script: Path, after: list[str], indices: list[int], info: ScriptInfo
     ) -> dict[str, Any]:
-        logs_dir = Path(info.state_dir) if info.state_dir else self.root / job_id
+        logs_dir = Path(info.state_dir) if info.state_dir else self.root / native_id
         return {
-            "id": job_id,
+            "id": native_id,
             "script": str(script.absolute()),
             "work_dir": info.work_dir,
             "name": info.name or script.stem,
@@ -277,8 +277,8 @@ class LocalScheduler(Scheduler):
             _write_json(job_dir / "state.json", {"state": "failed", "reason": str(exc)})
             raise SchedulerError(f"cannot start the local job runner: {exc}") from None
 
-    def _status_of(self, job_id: str) -> JobStatus | None:
-        job_dir = self.root / job_id
+    def _status_of(self, native_id: str) -> JobStatus | None:
+        job_dir = self.root / native_id
         spec = _read_json(job_dir / "job.json")
         if spec is None:
             return None
@@ -291,7 +291,7 @@ class LocalScheduler(Scheduler):
             "cancelled": State.CANCELLED,
         }.get(raw, State.UNKNOWN if raw != "lost" else State.FAILED)
         return JobStatus(
-            native_id=job_id,
+            native_id=native_id,
             state=mapped,
             raw_state=raw,
             exit_code=state.get("exit_code"),
@@ -307,18 +307,18 @@ class LocalScheduler(Scheduler):
     def status(self, ids: Sequence[str]) -> dict[str, JobStatus]:
         self.status_calls += 1
         found: dict[str, JobStatus] = {}
-        for job_id in self.check_ids(ids):
-            status = self._status_of(job_id)
+        for native_id in self.check_ids(ids):
+            status = self._status_of(native_id)
             if status is not None:
-                found[job_id] = status
+                found[native_id] = status
         return found
 
     def cancel(self, ids: Sequence[str]) -> list[str]:
         unknown: list[str] = []
-        for job_id in self.check_ids(ids):
-            job_dir = self.root / job_id
+        for native_id in self.check_ids(ids):
+            job_dir = self.root / native_id
             if not (job_dir / "job.json").is_file():
-                unknown.append(job_id)
+                unknown.append(native_id)
                 continue
             (job_dir / "cancel").touch()
             state = _read_json(job_dir / "state.json") or {}
@@ -347,11 +347,11 @@ class LocalScheduler(Scheduler):
         return sorted(found, key=int)
 
 
-def _enter_line(root: Path, job_id: str) -> None:
+def _enter_line(root: Path, native_id: str) -> None:
     (root / "waiting").mkdir(exist_ok=True)
-    (root / "waiting" / job_id).touch()
+    (root / "waiting" / native_id).touch()
 
 
-def _leave_line(root: Path, job_id: str) -> None:
+def _leave_line(root: Path, native_id: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        (root / "waiting" / job_id).unlink()
+        (root / "waiting" / native_id).unlink()

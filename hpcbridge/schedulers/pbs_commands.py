@@ -236,11 +236,11 @@ def _unfold(text: str) -> list[str]:
     return lines
 
 
-def _exit_code(value: object, job_id: str) -> int | None:
+def _exit_code(value: object, native_id: str) -> int | None:
     try:
         return int(str(value).strip())
     except ValueError:
-        log.warning("job %s: exit status %r is not a number; ignoring it", job_id, value)
+        log.warning("job %s: exit status %r is not a number; ignoring it", native_id, value)
         return None
 
 
@@ -309,10 +309,10 @@ def _substate(value: object) -> int | None:
         return None
 
 
-def _state(raw: str, job_id: str) -> State:
+def _state(raw: str, native_id: str) -> State:
     state = STATE_MAP.get(raw)
     if state is None:
-        log.warning("job %s: unknown PBS job_state %r; treating it as unknown", job_id, raw)
+        log.warning("job %s: unknown PBS job_state %r; treating it as unknown", native_id, raw)
         return State.UNKNOWN
     return state
 
@@ -373,7 +373,7 @@ def _ended(status: JobStatus, substate: int | None, comment: str, no_exit: bool)
     return status
 
 
-def _status(job_id: str, fields: Mapping[str, object]) -> JobStatus:
+def _status(native_id: str, fields: Mapping[str, object]) -> JobStatus:
     """Build a JobStatus from one job's attributes (from text or JSON)."""
     fields = _flatten(fields)
     raw = str(fields.get("job_state", "")).strip()
@@ -381,12 +381,12 @@ def _status(job_id: str, fields: Mapping[str, object]) -> JobStatus:
     # Torque spells it exit_status; PBS Pro Exit_status. Their negative codes differ, so the
     # PBS Pro table is read only for PBS Pro's spelling.
     exit_value = fields.get("Exit_status", fields.get("exit_status"))
-    exit_code = None if exit_value is None else _exit_code(exit_value, job_id)
+    exit_code = None if exit_value is None else _exit_code(exit_value, native_id)
     signal, killed_by, reason = _kill(exit_code, "Exit_status" in fields, comment)
     limit = fields.get(_CAUSE_LIMIT.get(killed_by or "", ""))
     status = JobStatus(
-        native_id=job_id,
-        state=_state(raw, job_id),
+        native_id=native_id,
+        state=_state(raw, native_id),
         raw_state=raw,
         exit_code=exit_code,
         name=str(fields.get("Job_Name", "")),
@@ -413,7 +413,7 @@ def parse_qstat_full(text: str) -> dict[str, JobStatus]:
             current[match.group(2)] = line[match.end() :].strip()
         elif not line.strip():
             current = None  # a blank line ends the job's block
-    return {job_id: _status(job_id, fields) for job_id, fields in blocks.items()}
+    return {native_id: _status(native_id, fields) for native_id, fields in blocks.items()}
 
 
 def parse_qstat_json(text: str) -> dict[str, JobStatus]:
@@ -431,7 +431,7 @@ def parse_qstat_json(text: str) -> dict[str, JobStatus]:
     jobs = data.get("Jobs", {}) if isinstance(data, dict) else None
     if not isinstance(jobs, dict) or not all(isinstance(v, dict) for v in jobs.values()):
         raise SchedulerError(f"unexpected qstat JSON structure: {text.strip()[:200]!r}")
-    return {job_id: _status(job_id, fields) for job_id, fields in jobs.items()}
+    return {native_id: _status(native_id, fields) for native_id, fields in jobs.items()}
 
 
 _UNKNOWN_ID = re.compile(r"Unknown Job Id(?: Error)?\s+(\S+)", re.IGNORECASE)
@@ -456,6 +456,6 @@ def unknown_job_ids(stderr: str) -> set[str]:
     return set(_UNKNOWN_ID.findall(stderr))
 
 
-def short_id(job_id: str) -> str:
+def short_id(native_id: str) -> str:
     """``123.server`` -> ``123``: servers print ids with or without their suffix."""
-    return job_id.split(".", 1)[0]
+    return native_id.split(".", 1)[0]

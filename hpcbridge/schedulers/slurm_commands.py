@@ -71,10 +71,10 @@ def _check_value(what: str, value: str) -> str:
     return check_value("sbatch", what, value)
 
 
-def _map_state(raw: str, job_id: str) -> State:
+def _map_state(raw: str, native_id: str) -> State:
     state = STATE_MAP.get(raw)
     if state is None:
-        log.warning("job %s: unknown Slurm state %r; treating it as unknown", job_id, raw)
+        log.warning("job %s: unknown Slurm state %r; treating it as unknown", native_id, raw)
         return State.UNKNOWN
     return state
 
@@ -141,9 +141,9 @@ def parse_found(stdout: str) -> list[str]:
     """Job ids from ``find_argv``'s output; array tasks (``123_4``) as their array (``123``)."""
     found: list[str] = []
     for line in stdout.split():
-        job_id = line.split("_", 1)[0]
-        if job_id.isdigit() and job_id not in found:
-            found.append(job_id)
+        native_id = line.split("_", 1)[0]
+        if native_id.isdigit() and native_id not in found:
+            found.append(native_id)
     return sorted(found, key=int)
 
 
@@ -178,11 +178,11 @@ def parse_squeue(text: str) -> dict[str, JobStatus]:
         if len(parts) < _SQUEUE_FIELDS:
             log.warning("ignoring squeue line not in the expected format: %r", line)
             continue
-        job_id, raw, why, time_limit, memory, name = (part.strip() for part in parts)
+        native_id, raw, why, time_limit, memory, name = (part.strip() for part in parts)
         killed_by = _KILLED_BY.get(raw)
-        statuses[job_id] = JobStatus(
-            native_id=job_id,
-            state=_map_state(raw, job_id),
+        statuses[native_id] = JobStatus(
+            native_id=native_id,
+            state=_map_state(raw, native_id),
             raw_state=raw,
             reason=_reason(why),
             name=name,
@@ -203,11 +203,11 @@ def parse_scontrol(text: str) -> JobStatus | None:
     Only the first record is read: an array parent prints one record per task.
     """
     record = text.strip().split("\n\n", 1)[0]
-    job_id = _field(record, "JobId")
-    if not job_id:
+    native_id = _field(record, "JobId")
+    if not native_id:
         return None
     raw = _field(record, "JobState") or ""
-    state = _map_state(raw, job_id)
+    state = _map_state(raw, native_id)
     exit_code = signal = None
     exit_field = _field(record, "ExitCode")
     if exit_field and re.match(r"^\d+:\d+$", exit_field):
@@ -222,9 +222,9 @@ def parse_scontrol(text: str) -> JobStatus | None:
     array_task = _field(record, "ArrayTaskId")
     array_job = _field(record, "ArrayJobId")
     if array_job and array_task and re.match(r"^\d+$", array_task):
-        job_id = f"{array_job}_{array_task}"  # the id squeue would show for the task
+        native_id = f"{array_job}_{array_task}"  # the id squeue would show for the task
     return JobStatus(
-        native_id=job_id,
+        native_id=native_id,
         state=state,
         raw_state=raw,
         exit_code=exit_code,

@@ -263,7 +263,7 @@ def test_one_status_call_per_poll_and_an_ssh_drop_is_survived(
                     child.kill()
 
         done = wait_for(
-            store, scheduler, [j.id for j in jobs], interval=0.3, timeout=120,
+            store, scheduler, [j.native_id for j in jobs], interval=0.3, timeout=120,
             on_poll=drop_connection_once,
         )  # fmt: skip
     finally:

@@ -326,7 +326,7 @@ def assert_finished_exactly_once(
     with Ledger.for_settings(load_settings()) as ledger:
         assert [r.id for r in ledger.runs()] == [1]
         for job in ledger.jobs(1):
-            events = [str(e.to_state) for e in ledger.events(job.id)]
+            events = [str(e.to_state) for e in ledger.events(job.job_id)]
             assert events.count("uploaded") == 1 and events.count("submitted") == 1, events
     for scan in T1_SCANS:
         assert xnat.files(scan, "NIFTI") == T1_OUTPUTS  # none missing, none twice

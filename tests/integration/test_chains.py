@@ -348,7 +348,7 @@ def test_a_chain_cut_by_a_crash_between_its_jobs_is_completed_not_repeated(
         def crash_on_second_save(self: Any, job: Any) -> None:
             if len(saved) == 1:
                 raise SaveCrash
-            saved.append(job.id)
+            saved.append(job.native_id)
             save(self, job)
 
         monkeypatch.setattr(jobs_module.JobStore, "save", crash_on_second_save)

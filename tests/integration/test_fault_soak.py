@@ -670,7 +670,7 @@ class Soak:
                 )
         with Ledger(self.home / "ledger.sqlite") as ledger:
             for row in ledger.jobs(1):
-                events = [e.to_state.value for e in ledger.events(row.id)]
+                events = [e.to_state.value for e in ledger.events(row.job_id)]
                 if events.count("submitted") != 1 or events.count("uploaded") != 1:
                     problems.append(f"{row.address}: events {events}")
                 elif "failed" in events or "cancelled" in events:

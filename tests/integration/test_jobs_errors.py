@@ -62,7 +62,8 @@ def test_a_failed_poll_changes_nothing_and_says_so(
     monkeypatch.setenv("HPCBRIDGE_SCHEDULER", "slurm")
     store = JobStore(isolated_home, "default")
     queued = Job(
-        id="4242", scheduler="slurm", host="", script="/w/job.sh", work_dir="/w", name="conv",
+        native_id="4242", scheduler="slurm", host="", script="/w/job.sh", work_dir="/w",
+        name="conv",
         submitted="2026-11-26T00:00:00Z", state="queued", raw_state="PENDING",
     )  # fmt: skip
     store.save(queued)

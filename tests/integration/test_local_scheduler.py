@@ -125,8 +125,8 @@ def store(isolated_home: Path) -> JobStore:
 
 
 def wait(store: JobStore, sched: LocalScheduler, *jobs: Job) -> dict[str, Job]:
-    done = wait_for(store, sched, [j.id for j in jobs], interval=0.1, timeout=30)
-    return {j.id: j for j in done}
+    done = wait_for(store, sched, [j.native_id for j in jobs], interval=0.1, timeout=30)
+    return {j.native_id: j for j in done}
 
 
 def local_status(sched: LocalScheduler, job_id: str) -> JobStatus:
@@ -147,14 +147,14 @@ def test_a_job_that_succeeds(tmp_path: Path, sched: LocalScheduler, store: JobSt
     job = submit_script(store, sched, script)
     assert job.state == "queued" and job.scheduler == "local"
     assert job.script == str(state_dir(job) / "job.sh")
-    done = wait(store, sched, job)[job.id]
+    done = wait(store, sched, job)[job.native_id]
     assert (done.state, done.exit_code, done.reason) == ("finished", 0, "")
     assert done.end is not None
     assert (Path(done.work_dir or "") / "result.txt").read_text() == "result\n"
     status = read_json(state_dir(job) / "status.json")
-    assert status["exit_code"] == 0 and status["job_id"] == job.id
-    assert settled(sched, job.id).state is State.FINISHED
-    assert store.get(job.id) == done  # the record on disk says the same
+    assert status["exit_code"] == 0 and status["job_id"] == job.native_id
+    assert settled(sched, job.native_id).state is State.FINISHED
+    assert store.get(job.native_id) == done  # the record on disk says the same
 
 
 def test_a_job_that_exits_3_is_failed_with_its_log_tail(
@@ -162,12 +162,12 @@ def test_a_job_that_exits_3_is_failed_with_its_log_tail(
 ) -> None:
     body = "echo starting\necho 'dcm2niix: no DICOM files in input' >&2\nexit 3"
     job = submit_script(store, sched, job_script(tmp_path, "bad", body))
-    done = wait(store, sched, job)[job.id]
+    done = wait(store, sched, job)[job.native_id]
     assert (done.state, done.exit_code) == ("failed", 3)
     assert done.reason == "exit code 3"
     assert "dcm2niix: no DICOM files in input" in done.log_tail
     assert read_json(state_dir(job) / "status.json")["exit_code"] == 3
-    status = settled(sched, job.id)
+    status = settled(sched, job.native_id)
     assert (status.state, status.exit_code) == (State.FAILED, 3)
 
 
@@ -182,10 +182,10 @@ def test_a_hand_written_script_is_judged_by_the_scheduler(
     job_bad = submit_script(store, sched, bad)
     assert job_ok.work_dir is None and job_ok.script == str(ok)  # submitted in place
     done = wait(store, sched, job_ok, job_bad)
-    assert (done[job_ok.id].state, done[job_ok.id].exit_code) == ("finished", 0)
+    assert (done[job_ok.native_id].state, done[job_ok.native_id].exit_code) == ("finished", 0)
     assert (tmp_path / "ok.txt").read_text() == "fine\n"  # ran next to the script
-    assert (done[job_bad.id].state, done[job_bad.id].exit_code) == ("failed", 5)
-    assert "hand-written failure" in done[job_bad.id].log_tail
+    assert (done[job_bad.native_id].state, done[job_bad.native_id].exit_code) == ("failed", 5)
+    assert "hand-written failure" in done[job_bad.native_id].log_tail
 
 
 # --- jobs outlive the CLI ---------------------------------------------------------------------
@@ -232,15 +232,15 @@ def test_with_one_slot_the_second_job_waits_for_the_first(
     # While the first holds the only slot, the second stays queued and does not start.
     for _ in range(5):
         time.sleep(0.1)
-        assert local_status(sched, second.id).state is State.QUEUED
+        assert local_status(sched, second.native_id).state is State.QUEUED
         assert not (state_dir(second) / "started.json").exists()
-    assert {j.id: j.state for j in refresh(store, sched).jobs} == {
-        first.id: "running",
-        second.id: "queued",
+    assert {j.native_id: j.state for j in refresh(store, sched).jobs} == {
+        first.native_id: "running",
+        second.native_id: "queued",
     }
     open_gate(first)
     done = wait(store, sched, first, second)
-    assert [done[j.id].state for j in (first, second)] == ["finished", "finished"]
+    assert [done[j.native_id].state for j in (first, second)] == ["finished", "finished"]
     first_end = float((tmp_path / "work" / "first" / "t_end").read_text())
     second_start = float((tmp_path / "work" / "second" / "t_start").read_text())
     assert second_start >= first_end
@@ -258,7 +258,7 @@ def test_two_slots_run_two_jobs_at_once(
     ]
     started = [lambda j=j: (state_dir(j) / "started.json").exists() for j in jobs]
     eventually(lambda: started[0]() and started[1](), "two jobs to run side by side")
-    assert local_status(sched, jobs[2].id).state is State.QUEUED
+    assert local_status(sched, jobs[2].native_id).state is State.QUEUED
     for job in jobs:
         open_gate(job)
     assert all(j.state == "finished" for j in wait(store, sched, *jobs).values())
@@ -270,15 +270,15 @@ def test_two_slots_run_two_jobs_at_once(
 def test_afterok_runs_b_after_a(tmp_path: Path, sched: LocalScheduler, store: JobStore) -> None:
     a_body = f"{T_START}\n{WAIT_FOR_GATE}\n{T_END}"
     a = submit_script(store, sched, job_script(tmp_path, "a", a_body))
-    b = submit_script(store, sched, job_script(tmp_path, "b", T_START), after=[a.id])
-    assert b.after == [a.id]
+    b = submit_script(store, sched, job_script(tmp_path, "b", T_START), after=[a.native_id])
+    assert b.after == [a.native_id]
     eventually(lambda: (state_dir(a) / "started.json").exists(), "A to start")
     time.sleep(0.3)
-    assert local_status(sched, b.id).state is State.QUEUED  # four free slots, yet B waits
+    assert local_status(sched, b.native_id).state is State.QUEUED  # four free slots, yet B waits
     assert not (state_dir(b) / "started.json").exists()
     open_gate(a)
     done = wait(store, sched, a, b)
-    assert (done[a.id].state, done[b.id].state) == ("finished", "finished")
+    assert (done[a.native_id].state, done[b.native_id].state) == ("finished", "finished")
     assert float((tmp_path / "work/b/t_start").read_text()) >= float(
         (tmp_path / "work/a/t_end").read_text()
     )
@@ -292,16 +292,17 @@ def test_when_a_fails_b_is_cancelled_naming_a(
     tmp_path: Path, sched: LocalScheduler, store: JobStore
 ) -> None:
     a = submit_script(store, sched, job_script(tmp_path, "a", f"{WAIT_FOR_GATE}\nexit 3"))
-    b = submit_script(store, sched, job_script(tmp_path, "b", "echo never"), after=[a.id])
+    b = submit_script(store, sched, job_script(tmp_path, "b", "echo never"), after=[a.native_id])
     open_gate(a)
     done = wait(store, sched, a, b)
-    assert (done[a.id].state, done[a.id].exit_code) == ("failed", 3)
-    assert done[b.id].state == "cancelled"
+    assert (done[a.native_id].state, done[a.native_id].exit_code) == ("failed", 3)
+    assert done[b.native_id].state == "cancelled"
     # Whoever noticed first (hpcbridge's poll or the local runner) names the failed job.
-    assert f"job {a.id} " in done[b.id].reason or f"dependency {a.id} " in done[b.id].reason
+    reason = done[b.native_id].reason
+    assert f"job {a.native_id} " in reason or f"dependency {a.native_id} " in reason
     assert not (state_dir(b) / "started.json").exists()
     assert not (tmp_path / "work" / "b" / ".hpcbridge" / "job.out").exists()
-    assert settled(sched, b.id).state is State.CANCELLED
+    assert settled(sched, b.native_id).state is State.CANCELLED
 
 
 def test_the_scheduler_alone_cancels_a_job_whose_dependency_failed(
@@ -322,36 +323,36 @@ def test_a_failing_head_cancels_the_whole_chain(
     tmp_path: Path, sched: LocalScheduler, store: JobStore
 ) -> None:
     a = submit_script(store, sched, job_script(tmp_path, "a", f"{WAIT_FOR_GATE}\nexit 3"))
-    b = submit_script(store, sched, job_script(tmp_path, "b", "echo b"), after=[a.id])
-    c = submit_script(store, sched, job_script(tmp_path, "c", "echo c"), after=[b.id])
+    b = submit_script(store, sched, job_script(tmp_path, "b", "echo b"), after=[a.native_id])
+    c = submit_script(store, sched, job_script(tmp_path, "c", "echo c"), after=[b.native_id])
     open_gate(a)
     done = wait(store, sched, a, b, c)
-    assert [done[j.id].state for j in (a, b, c)] == ["failed", "cancelled", "cancelled"]
-    assert a.id in done[b.id].reason
-    assert b.id in done[c.id].reason
+    assert [done[j.native_id].state for j in (a, b, c)] == ["failed", "cancelled", "cancelled"]
+    assert a.native_id in done[b.native_id].reason
+    assert b.native_id in done[c.native_id].reason
     for job in (b, c):
         assert not (state_dir(job) / "started.json").exists()
-        assert settled(sched, job.id).state is State.CANCELLED
+        assert settled(sched, job.native_id).state is State.CANCELLED
 
 
 def test_after_a_job_that_already_failed_is_refused(
     tmp_path: Path, sched: LocalScheduler, store: JobStore
 ) -> None:
     a = submit_script(store, sched, job_script(tmp_path, "a", "exit 3"))
-    assert wait(store, sched, a)[a.id].state == "failed"
-    with pytest.raises(SchedulerError, match=f"job {a.id} already failed"):
-        submit_script(store, sched, job_script(tmp_path, "b", "echo b"), after=[a.id])
-    assert [j.id for j in store.all()] == [a.id]  # nothing was submitted
+    assert wait(store, sched, a)[a.native_id].state == "failed"
+    with pytest.raises(SchedulerError, match=f"job {a.native_id} already failed"):
+        submit_script(store, sched, job_script(tmp_path, "b", "echo b"), after=[a.native_id])
+    assert [j.native_id for j in store.all()] == [a.native_id]  # nothing was submitted
 
 
 def test_after_a_failed_job_is_refused_even_before_anyone_polled_it(
     tmp_path: Path, sched: LocalScheduler, store: JobStore
 ) -> None:
     a = submit_script(store, sched, job_script(tmp_path, "a", "exit 3"))
-    assert settled(sched, a.id).state is State.FAILED
-    assert store.get(a.id).state == "queued"  # type: ignore[union-attr]  # not polled yet
-    with pytest.raises(SchedulerError, match=f"job {a.id} already failed"):
-        submit_script(store, sched, job_script(tmp_path, "b", "echo b"), after=[a.id])
+    assert settled(sched, a.native_id).state is State.FAILED
+    assert store.get(a.native_id).state == "queued"  # type: ignore[union-attr]  # not polled yet
+    with pytest.raises(SchedulerError, match=f"job {a.native_id} already failed"):
+        submit_script(store, sched, job_script(tmp_path, "b", "echo b"), after=[a.native_id])
 
 
 def test_after_an_id_the_scheduler_never_issued_is_refused(
@@ -374,7 +375,7 @@ def test_an_array_job_runs_every_index(
     body = 'echo "task $HPCBRIDGE_ARRAY_INDEX" > "$HPCBRIDGE_WORK/task.$HPCBRIDGE_ARRAY_INDEX"'
     job = submit_script(store, sched, job_script(tmp_path, "arr", body), array="1-3")
     assert job.array == "1-3"
-    done = wait(store, sched, job)[job.id]
+    done = wait(store, sched, job)[job.native_id]
     assert (done.state, done.exit_code) == ("finished", 0)
     for i in (1, 2, 3):
         assert read_json(state_dir(job) / f"status.{i}.json")["exit_code"] == 0
@@ -388,12 +389,12 @@ def test_an_array_with_one_failing_index_fails(
 ) -> None:
     body = '[ "$HPCBRIDGE_ARRAY_INDEX" != 2 ] || { echo "task 2 broke" >&2; exit 4; }'
     job = submit_script(store, sched, job_script(tmp_path, "arr", body), array="1,2,3")
-    done = wait(store, sched, job)[job.id]
+    done = wait(store, sched, job)[job.native_id]
     assert (done.state, done.exit_code) == ("failed", 4)
     assert "task 2 broke" in done.log_tail
     codes = [read_json(state_dir(job) / f"status.{i}.json")["exit_code"] for i in (1, 2, 3)]
     assert codes == [0, 4, 0]  # the other tasks still ran
-    assert settled(sched, job.id).state is State.FAILED
+    assert settled(sched, job.native_id).state is State.FAILED
 
 
 def test_a_bad_array_range_submits_nothing(
@@ -414,13 +415,13 @@ def test_a_job_over_its_walltime_is_killed_and_failed(
     script = job_script(tmp_path, "slow", body, walltime="00:00:01")
     assert parse_script(script.read_text()).walltime == "00:00:01"
     job = submit_script(store, sched, script)
-    done = wait(store, sched, job)[job.id]
+    done = wait(store, sched, job)[job.native_id]
     assert done.state == "failed"
     assert done.exit_code not in (None, 0)
     assert "walltime" in done.reason
     # The script's own record does not claim success either.
     assert read_json(state_dir(job) / "status.json")["exit_code"] != 0
-    status = settled(sched, job.id)
+    status = settled(sched, job.native_id)
     assert status.state is State.FAILED
     assert status.reason == "walltime 1 s exceeded"
     child = int((tmp_path / "work" / "slow" / "child.pid").read_text())
@@ -439,13 +440,13 @@ def test_cancelling_a_running_job_kills_its_processes(
     eventually(pid_file.exists, "the job to start its sleep")
     child = int(pid_file.read_text())
     assert not gone(child)
-    [cancelled] = cancel_jobs(store, sched, [job.id])
+    [cancelled] = cancel_jobs(store, sched, [job.native_id])
     assert (cancelled.state, cancelled.reason) == ("cancelled", "cancelled")
     eventually(lambda: gone(child), "the job's sleep to be killed")
-    assert settled(sched, job.id).state is State.CANCELLED
+    assert settled(sched, job.native_id).state is State.CANCELLED
     # Later polls keep it cancelled, whatever its script recorded on the way out.
     assert refresh(store, sched).jobs[0].state == "cancelled"
-    assert store.get(job.id).state == "cancelled"  # type: ignore[union-attr]
+    assert store.get(job.native_id).state == "cancelled"  # type: ignore[union-attr]
 
 
 def test_cancelling_a_queued_job(
@@ -455,13 +456,13 @@ def test_cancelling_a_queued_job(
     first = submit_script(store, sched, job_script(tmp_path, "first", WAIT_FOR_GATE))
     queued = submit_script(store, sched, job_script(tmp_path, "queued", "echo ran > ran.txt"))
     eventually(lambda: (state_dir(first) / "started.json").exists(), "the first job to start")
-    assert local_status(sched, queued.id).state is State.QUEUED
-    [cancelled] = cancel_jobs(store, sched, [queued.id])
+    assert local_status(sched, queued.native_id).state is State.QUEUED
+    [cancelled] = cancel_jobs(store, sched, [queued.native_id])
     assert cancelled.state == "cancelled"
-    assert settled(sched, queued.id).state is State.CANCELLED
+    assert settled(sched, queued.native_id).state is State.CANCELLED
     open_gate(first)
     done = wait(store, sched, first, queued)
-    assert (done[first.id].state, done[queued.id].state) == ("finished", "cancelled")
+    assert (done[first.native_id].state, done[queued.native_id].state) == ("finished", "cancelled")
     assert not (tmp_path / "work" / "queued" / "ran.txt").exists()
     assert not (state_dir(queued) / "started.json").exists()
 
@@ -480,9 +481,9 @@ def test_cancelling_a_finished_job_changes_nothing(
 ) -> None:
     job = submit_script(store, sched, job_script(tmp_path, "ok", "true"))
     wait(store, sched, job)
-    [same] = cancel_jobs(store, sched, [job.id])
+    [same] = cancel_jobs(store, sched, [job.native_id])
     assert (same.state, same.exit_code) == ("finished", 0)
-    assert settled(sched, job.id).state is State.FINISHED
+    assert settled(sched, job.native_id).state is State.FINISHED
 
 
 # --- a runner that died -----------------------------------------------------------------------
@@ -492,28 +493,28 @@ def test_a_job_whose_runner_died_is_failed_not_queued_forever(
     tmp_path: Path, sched: LocalScheduler, store: JobStore
 ) -> None:
     a = submit_script(store, sched, job_script(tmp_path, "a", WAIT_FOR_GATE))
-    b = submit_script(store, sched, job_script(tmp_path, "b", "echo b"), after=[a.id])
-    c = submit_script(store, sched, job_script(tmp_path, "c", "echo c"), after=[b.id])
-    assert local_status(sched, b.id).state is State.QUEUED
-    pid = runner_pid(sched, b.id)
+    b = submit_script(store, sched, job_script(tmp_path, "b", "echo b"), after=[a.native_id])
+    c = submit_script(store, sched, job_script(tmp_path, "c", "echo c"), after=[b.native_id])
+    assert local_status(sched, b.native_id).state is State.QUEUED
+    pid = runner_pid(sched, b.native_id)
     os.kill(pid, signal.SIGKILL)  # our own child: sched.submit started it
     eventually(lambda: gone(pid), "the runner to die")
-    status = local_status(sched, b.id)
+    status = local_status(sched, b.native_id)
     assert (status.state, status.raw_state) == (State.FAILED, "lost")
     assert "runner died" in status.reason
     # C's runner sees it too and gives up instead of waiting forever.
-    c_status = settled(sched, c.id)
+    c_status = settled(sched, c.native_id)
     assert c_status.state is State.CANCELLED
-    assert b.id in c_status.reason and "runner died" in c_status.reason
+    assert b.native_id in c_status.reason and "runner died" in c_status.reason
     report = refresh(store, sched)
-    by_id = {j.id: j for j in report.jobs}
-    assert by_id[b.id].state == "failed"
-    assert "runner died" in by_id[b.id].reason
-    assert by_id[c.id].state == "cancelled"
-    assert by_id[a.id].state == "running"
+    by_id = {j.native_id: j for j in report.jobs}
+    assert by_id[b.native_id].state == "failed"
+    assert "runner died" in by_id[b.native_id].reason
+    assert by_id[c.native_id].state == "cancelled"
+    assert by_id[a.native_id].state == "running"
     open_gate(a)
     done = wait(store, sched, a, b, c)
-    assert [done[j.id].state for j in (a, b, c)] == ["finished", "failed", "cancelled"]
+    assert [done[j.native_id].state for j in (a, b, c)] == ["finished", "failed", "cancelled"]
     assert not (state_dir(b) / "started.json").exists()
 
 
@@ -522,12 +523,12 @@ def test_a_running_job_outlives_its_runner_and_its_status_file_decides(
 ) -> None:
     job = submit_script(store, sched, job_script(tmp_path, "orphan", WAIT_FOR_GATE))
     eventually(lambda: (state_dir(job) / "started.json").exists(), "the job to start")
-    pid = runner_pid(sched, job.id)
+    pid = runner_pid(sched, job.native_id)
     os.kill(pid, signal.SIGKILL)
     eventually(lambda: gone(pid), "the runner to die")
-    assert local_status(sched, job.id).raw_state == "lost"
+    assert local_status(sched, job.native_id).raw_state == "lost"
     open_gate(job)  # the job itself is alive and now ends well
-    done = wait(store, sched, job)[job.id]
+    done = wait(store, sched, job)[job.native_id]
     assert (done.state, done.exit_code) == ("finished", 0)
 
 
@@ -541,23 +542,23 @@ def test_a_reused_work_folder_starts_clean(
     one = submit_script(
         store, sched, job_script(tmp_path, "one", "echo run-one; echo err-one >&2", work=work)
     )
-    assert wait(store, sched, one)[one.id].state == "finished"
+    assert wait(store, sched, one)[one.native_id].state == "finished"
     assert (work / ".hpcbridge" / "status.json").exists()
     body = f"{WAIT_FOR_GATE}\necho run-two\necho err-two >&2\nexit 2"
     two = submit_script(store, sched, job_script(tmp_path, "two", body, work=work))
     # The last run's outcome is gone: the new job is not taken for finished.
     assert not (work / ".hpcbridge" / "status.json").exists()
     for _ in range(3):
-        polled = {j.id: j for j in refresh(store, sched).jobs}[two.id]
+        polled = {j.native_id: j for j in refresh(store, sched).jobs}[two.native_id]
         assert polled.state in ("queued", "running")
         time.sleep(0.1)
     (work / "gate").touch()
-    done = wait(store, sched, two)[two.id]
+    done = wait(store, sched, two)[two.native_id]
     assert (done.state, done.exit_code) == ("failed", 2)
     # Its log is its own: the first run's lines are not passed off as this run's.
     assert "err-two" in done.log_tail and "err-one" not in done.log_tail
     assert (work / ".hpcbridge" / "job.out").read_text() == "run-two\n"
-    assert store.get(one.id).state == "finished"  # type: ignore[union-attr]
+    assert store.get(one.native_id).state == "finished"  # type: ignore[union-attr]
 
 
 def test_a_work_folder_in_use_is_refused(
@@ -567,16 +568,16 @@ def test_a_work_folder_in_use_is_refused(
     first = submit_script(store, sched, job_script(tmp_path, "first", WAIT_FOR_GATE, work=work))
     eventually(lambda: (work / ".hpcbridge" / "started.json").exists(), "the job to start")
     second = job_script(tmp_path, "second", "echo two", work=work)
-    with pytest.raises(SchedulerError, match=f"belongs to job {first.id}") as err:
+    with pytest.raises(SchedulerError, match=f"belongs to job {first.native_id}") as err:
         submit_script(store, sched, second)
     assert str(work) in err.value.message
     assert err.value.hint and "cancel" in err.value.hint
     # The running job was not disturbed: its started file is still there.
     assert (work / ".hpcbridge" / "started.json").exists()
-    assert [j.id for j in store.all()] == [first.id]
+    assert [j.native_id for j in store.all()] == [first.native_id]
     (work / "gate").touch()
-    assert settled(sched, first.id).state is State.FINISHED
+    assert settled(sched, first.native_id).state is State.FINISHED
     # Ended, though nobody polled it yet: the folder is free again.
     again = submit_script(store, sched, second)
-    assert store.get(first.id).state == "finished"  # type: ignore[union-attr]
-    assert wait(store, sched, again)[again.id].state == "finished"
+    assert store.get(first.native_id).state == "finished"  # type: ignore[union-attr]
+    assert wait(store, sched, again)[again.native_id].state == "finished"

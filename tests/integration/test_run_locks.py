@@ -84,7 +84,7 @@ def plant(run_id: int, *, host: str, pid: int, age: float = 0.0, command: str = 
 def uploaded_events(run_id: int) -> list[int]:
     with Ledger.for_settings(load_settings()) as ledger:
         return [
-            [str(e.to_state) for e in ledger.events(job.id)].count("uploaded")
+            [str(e.to_state) for e in ledger.events(job.job_id)].count("uploaded")
             for job in ledger.jobs(run_id)
         ]
 
@@ -263,7 +263,7 @@ def test_the_lock_is_released_when_a_pass_fails(
     for args in (["sync", "1"], ["sync"], ["retry", "1"]):
         if args[0] == "retry":
             with Ledger.for_settings(load_settings()) as ledger:
-                ledger.transition(ledger.jobs(1)[0].id, "failed", last_error="test")
+                ledger.transition(ledger.jobs(1)[0].job_id, "failed", last_error="test")
         failed = cli(*args)
         assert failed.exit_code == (1 if args == ["sync"] and code == 1 else code), failed.output
         assert "Traceback" not in failed.stderr

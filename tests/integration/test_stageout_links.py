@@ -531,7 +531,7 @@ def test_a_run_over_ssh_fails_the_scan_whose_job_left_a_link(
         done = hb(*args, "--wait", *FAST, timeout=WAIT_LIMIT * 3)
     finally:
         # a run cut short leaves nothing queued: its jobs are cancelled by their ids
-        live = [j.id for j in JobStore(isolated_home, "ci").all() if not j.final]
+        live = [j.native_id for j in JobStore(isolated_home, "ci").all() if not j.final]
         if live:
             subprocess.run(["scancel", *live], capture_output=True, timeout=T, check=False)
     assert done.returncode == 3, done.stderr

@@ -253,18 +253,18 @@ def test_add_job_is_idempotent_per_run_and_address(ledger: Ledger) -> None:
     job = new_job(ledger, run.id)
     assert job.state is JobState.PLANNED and job.attempts == 0
     assert job.uploaded == [] and job.extra == {}
-    ledger.transition(job.id, "staged")
+    ledger.transition(job.job_id, "staged")
     again = new_job(ledger, run.id, name="another-name", work_dir="/elsewhere")
-    assert again.id == job.id
+    assert again.job_id == job.job_id
     assert again.state is JobState.STAGED and again.name == job.name
     assert len(ledger.jobs(run.id)) == 1
-    assert len(ledger.events(job.id)) == 2  # created, staged: no second creation
+    assert len(ledger.events(job.job_id)) == 2  # created, staged: no second creation
 
 
 def test_job_names_are_unique_in_the_whole_ledger(ledger: Ledger) -> None:
     one, two = new_run(ledger), new_run(ledger)
     job = new_job(ledger, one.id, name="hpcb-x")
-    with pytest.raises(LedgerError, match=f"already used by job {job.id}"):
+    with pytest.raises(LedgerError, match=f"already used by job {job.job_id}"):
         new_job(ledger, two.id, name="hpcb-x")
     assert ledger.job_by_name("hpcb-x") == job
     assert ledger.job_by_name("nobody") is None
@@ -275,18 +275,18 @@ def test_job_names_are_unique_in_the_whole_ledger(ledger: Ledger) -> None:
 def test_the_whole_way_records_every_step_with_times(ledger: Ledger) -> None:
     run = new_run(ledger)
     job = new_job(ledger, run.id)
-    job = ledger.transition(job.id, "staged", detail="42 files, 21 MB")
-    job = ledger.transition(job.id, JobState.SUBMITTED, native_id="1234.pbs", script_hash="ab")
+    job = ledger.transition(job.job_id, "staged", detail="42 files, 21 MB")
+    job = ledger.transition(job.job_id, JobState.SUBMITTED, native_id="1234.pbs", script_hash="ab")
     assert job.submitted_at and job.native_id == "1234.pbs" and job.script_hash == "ab"
-    job = ledger.transition(job.id, JobState.RUNNING, raw_state="R")
+    job = ledger.transition(job.job_id, JobState.RUNNING, raw_state="R")
     assert job.started_at and job.raw_state == "R" and job.ended_at is None
-    job = ledger.transition(job.id, JobState.FINISHED, exit_code=0, raw_state="F")
+    job = ledger.transition(job.job_id, JobState.FINISHED, exit_code=0, raw_state="F")
     assert job.ended_at and job.exit_code == 0
     files = [{"name": "T1.nii.gz", "size": 123, "md5": "0" * 32}, {"name": "T1.json"}]
-    job = ledger.transition(job.id, JobState.UPLOADED, uploaded=files)
+    job = ledger.transition(job.job_id, JobState.UPLOADED, uploaded=files)
     assert job.uploaded_at and job.uploaded == files and job.final
     assert all(t.endswith("Z") for t in (job.submitted_at, job.started_at, job.updated_at))
-    events = ledger.events(job.id)
+    events = ledger.events(job.job_id)
     assert [(e.from_state, e.to_state) for e in events] == [
         (None, JobState.PLANNED),
         (JobState.PLANNED, JobState.STAGED),
@@ -320,15 +320,15 @@ def test_illegal_transitions_are_refused_and_change_nothing(
     run = new_run(ledger)
     job = new_job(ledger, run.id)
     for step in steps:
-        job = ledger.transition(job.id, step)
-    events = ledger.events(job.id)
+        job = ledger.transition(job.job_id, step)
+    events = ledger.events(job.job_id)
     with pytest.raises(LedgerError) as err:
-        ledger.transition(job.id, illegal, native_id="should-not-stick")
+        ledger.transition(job.job_id, illegal, native_id="should-not-stick")
     message = str(err.value)
-    assert f"job {job.id}" in message and job.name in message
+    assert f"job {job.job_id}" in message and job.name in message
     assert f"from {job.state.value} to {illegal.value}" in message
-    assert ledger.job(job.id) == job
-    assert ledger.events(job.id) == events
+    assert ledger.job(job.job_id) == job
+    assert ledger.events(job.job_id) == events
 
 
 def test_the_transition_table_is_what_the_states_promise() -> None:
@@ -344,72 +344,72 @@ def test_the_transition_table_is_what_the_states_promise() -> None:
 
 def test_a_chain_job_is_submitted_before_staging(ledger: Ledger) -> None:
     job = new_job(ledger, new_run(ledger).id)
-    job = ledger.transition(job.id, "submitted", extra={"chain": ["1.pbs", "2.pbs", "3.pbs"]})
+    job = ledger.transition(job.job_id, "submitted", extra={"chain": ["1.pbs", "2.pbs", "3.pbs"]})
     assert job.state is JobState.SUBMITTED
     assert job.extra == {"chain": ["1.pbs", "2.pbs", "3.pbs"]}
 
 
 def test_the_same_state_again_records_no_event_but_keeps_the_fields(ledger: Ledger) -> None:
     job = new_job(ledger, new_run(ledger).id)
-    job = ledger.transition(job.id, "submitted", native_id="7")
-    assert ledger.transition(job.id, "submitted") == job
-    again = ledger.transition(job.id, "submitted", raw_state="Q")
+    job = ledger.transition(job.job_id, "submitted", native_id="7")
+    assert ledger.transition(job.job_id, "submitted") == job
+    again = ledger.transition(job.job_id, "submitted", raw_state="Q")
     assert again.raw_state == "Q" and again.submitted_at == job.submitted_at
-    assert len(ledger.events(job.id)) == 2
+    assert len(ledger.events(job.job_id)) == 2
 
 
 def test_a_retry_counts_the_attempt_and_forgets_the_last_outcome(ledger: Ledger) -> None:
     job = new_job(ledger, new_run(ledger).id)
     for step in (JobState.STAGED, JobState.SUBMITTED, JobState.RUNNING):
-        ledger.transition(job.id, step, native_id="99.pbs", raw_state="R")
+        ledger.transition(job.job_id, step, native_id="99.pbs", raw_state="R")
     failed = ledger.transition(
-        job.id, "failed", exit_code=137, last_error="killed: walltime", log_tail="...\nKilled\n"
+        job.job_id, "failed", exit_code=137, last_error="killed: walltime", log_tail="...\nKilled\n"
     )
     assert failed.exit_code == 137 and failed.ended_at and failed.final
-    retried = ledger.transition(job.id, "planned", detail="retry --failed")
+    retried = ledger.transition(job.job_id, "planned", detail="retry --failed")
     assert retried.attempts == 1
     assert retried.state is JobState.PLANNED
     for name in ("native_id", "exit_code", "last_error", "log_tail", "raw_state", "ended_at"):
         assert getattr(retried, name) is None, name
     assert retried.work_dir == job.work_dir and retried.name == job.name
-    ledger.transition(job.id, "cancelled")
-    assert ledger.transition(job.id, "planned").attempts == 2
-    assert ledger.events(job.id)[-3].detail == "retry --failed"
+    ledger.transition(job.job_id, "cancelled")
+    assert ledger.transition(job.job_id, "planned").attempts == 2
+    assert ledger.events(job.job_id)[-3].detail == "retry --failed"
 
 
 def test_fields_are_checked_and_update_records_no_event(ledger: Ledger) -> None:
     job = new_job(ledger, new_run(ledger).id)
     with pytest.raises(TypeError, match="unknown job field.*nativeid"):
-        ledger.transition(job.id, "staged", nativeid="1")
+        ledger.transition(job.job_id, "staged", nativeid="1")
     with pytest.raises(TypeError, match="unknown job field.*state"):
-        ledger.update(job.id, state="uploaded")
+        ledger.update(job.job_id, state="uploaded")
     with pytest.raises(TypeError, match="uploaded must be a list"):
-        ledger.update(job.id, uploaded="T1.nii")
+        ledger.update(job.job_id, uploaded="T1.nii")
     with pytest.raises(LedgerError, match="cannot be recorded"):
-        ledger.update(job.id, extra={"when": object()})
+        ledger.update(job.job_id, extra={"when": object()})
     with pytest.raises(LedgerError, match="unknown job state 'done'"):
-        ledger.transition(job.id, "done")
+        ledger.transition(job.job_id, "done")
     updated = ledger.update(
-        job.id, work_dir=Path("/scratch/x"), extra={"stage_in": "1.pbs"}, script_hash="cafe"
+        job.job_id, work_dir=Path("/scratch/x"), extra={"stage_in": "1.pbs"}, script_hash="cafe"
     )
     assert updated.work_dir == "/scratch/x" and updated.extra == {"stage_in": "1.pbs"}
     assert updated.state is JobState.PLANNED
-    assert ledger.job(job.id) == updated
-    assert len(ledger.events(job.id)) == 1
+    assert ledger.job(job.job_id) == updated
+    assert len(ledger.events(job.job_id)) == 1
 
 
 def test_jobs_by_state_in_id_order(ledger: Ledger) -> None:
     run, other = new_run(ledger), new_run(ledger)
     jobs = [new_job(ledger, run.id, scan=str(n)) for n in range(1, 6)]
     new_job(ledger, other.id, scan="1")
-    ledger.transition(jobs[1].id, "failed")
-    ledger.transition(jobs[3].id, "cancelled")
-    assert [j.id for j in ledger.jobs(run.id)] == [j.id for j in jobs]
-    assert [j.id for j in ledger.jobs(run.id, ["failed", JobState.CANCELLED])] == [
-        jobs[1].id,
-        jobs[3].id,
+    ledger.transition(jobs[1].job_id, "failed")
+    ledger.transition(jobs[3].job_id, "cancelled")
+    assert [j.job_id for j in ledger.jobs(run.id)] == [j.job_id for j in jobs]
+    assert [j.job_id for j in ledger.jobs(run.id, ["failed", JobState.CANCELLED])] == [
+        jobs[1].job_id,
+        jobs[3].job_id,
     ]
-    assert [j.id for j in ledger.jobs(run.id, JobState.FAILED)] == [jobs[1].id]
+    assert [j.job_id for j in ledger.jobs(run.id, JobState.FAILED)] == [jobs[1].job_id]
     assert ledger.jobs(run.id, []) == []
     with pytest.raises(LedgerError, match="unknown job state"):
         ledger.jobs(run.id, ["queued"])
@@ -423,8 +423,8 @@ def test_find_done_matches_recipe_params_and_address(ledger: Ledger) -> None:
     done = new_job(ledger, run.id, scan="4")
     pending = new_job(ledger, run.id, scan="5")
     for step in (*PIPELINE, JobState.UPLOADED):
-        done = ledger.transition(done.id, step)
-    ledger.transition(pending.id, "staged")
+        done = ledger.transition(done.job_id, step)
+    ledger.transition(pending.job_id, "staged")
     address = done.address
     same = {"merge": 1.0, "extra": ("-b", "y"), "compress": "y"}  # other order, other types
     assert ledger.find_done("dcm2niix", same, address) == done
@@ -443,11 +443,11 @@ def test_two_ledger_objects_on_one_file_see_each_other(path: Path, mode: str) ->
     with Ledger(path, mode=mode) as a, Ledger(path, mode=mode) as b:
         run = new_run(a)
         job = new_job(a, run.id)
-        assert b.job(job.id) == job
-        b.transition(job.id, "staged")
-        assert a.job(job.id).state is JobState.STAGED
+        assert b.job(job.job_id) == job
+        b.transition(job.job_id, "staged")
+        assert a.job(job.job_id).state is JobState.STAGED
         with pytest.raises(LedgerError, match="from staged to running"):
-            a.transition(job.id, "running")  # a's picture of the job is out of date
+            a.transition(job.job_id, "running")  # a's picture of the job is out of date
         assert a.counts(run.id) == b.counts(run.id)
 
 
@@ -459,7 +459,7 @@ def test_threads_share_one_ledger(ledger: Ledger) -> None:
         for step in PIPELINE:
             ledger.transition(job_id, step)
 
-    threads = [threading.Thread(target=work, args=(j.id,)) for j in jobs]
+    threads = [threading.Thread(target=work, args=(j.job_id,)) for j in jobs]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -478,7 +478,7 @@ def test_processes_writing_at_once_lose_nothing(path: Path, mode: str) -> None:
     workers, per_worker = 4, 10  # 10 jobs x 5 transitions = 50 transitions each
     with Ledger(path, mode=mode) as ledger:
         run = new_run(ledger)
-        ids = [new_job(ledger, run.id, scan=str(n)).id for n in range(workers * per_worker)]
+        ids = [new_job(ledger, run.id, scan=str(n)).job_id for n in range(workers * per_worker)]
     procs = [
         mp.Process(target=_work_through, args=(str(path), mode, ids[n::workers]))
         for n in range(workers)
@@ -536,11 +536,11 @@ def test_a_writer_killed_mid_transaction_leaves_the_previous_state(
         run = new_run(ledger)
         for scan in range(20):
             new_job(ledger, run.id, scan=str(scan))
-        job = ledger.transition(new_job(ledger, run.id).id, "submitted", native_id="1")
-        events = ledger.events(job.id)
+        job = ledger.transition(new_job(ledger, run.id).job_id, "submitted", native_id="1")
+        events = ledger.events(job.job_id)
         before = ledger.jobs(run.id)
     ready = mp.Event()
-    proc = mp.Process(target=child, args=(str(path), mode, job.id, ready))
+    proc = mp.Process(target=child, args=(str(path), mode, job.job_id, ready))
     proc.start()
     try:
         assert ready.wait(10), "the child never reached the middle of its transaction"
@@ -557,8 +557,8 @@ def test_a_writer_killed_mid_transaction_leaves_the_previous_state(
     assert Path(f"{path}.lock").exists() == (mode == "nfs")  # left behind by the dead holder
     with Ledger(path, mode=mode, lock_timeout=2) as ledger:
         assert ledger.jobs(run.id) == before
-        assert ledger.events(job.id) == events
-        assert ledger.transition(job.id, "running").state is JobState.RUNNING
+        assert ledger.events(job.job_id) == events
+        assert ledger.transition(job.job_id, "running").state is JobState.RUNNING
     assert not Path(f"{path}.lock").exists()
     assert not Path(f"{path}-journal").exists()
     with sqlite3.connect(path) as conn:
@@ -581,7 +581,7 @@ def test_nfs_mode_holds_the_lock_file_while_it_works(path: Path) -> None:
             return conn
 
         ledger._connect = traced  # type: ignore[method-assign]
-        ledger.transition(job.id, "staged")
+        ledger.transition(job.job_id, "staged")
         assert seen, "no statement ran"
         assert len(set(seen)) == 1  # one lock held across the whole transaction
         assert seen[0].startswith(f"{socket.gethostname()}:{os.getpid()}:")

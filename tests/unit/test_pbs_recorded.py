@@ -651,7 +651,7 @@ class Files(Replay):
 
 def _job(**changes: object) -> Job:
     base = Job(
-        id="2.vm",
+        native_id="2.vm",
         scheduler="pbs",
         host="",
         script="/w/.hpcbridge/job.sh",
@@ -685,21 +685,21 @@ def test_walltime_kill_with_no_status_file() -> None:
 
 def test_script_failure_reads_as_its_exit_code() -> None:
     files = Files({"/w/.hpcbridge/status.json": '{"exit_code": 3, "end": "x"}'})
-    job = _resolve(_job(id="1.vm"), _recorded("13_qstat_x_f_json_exit3", "1.vm"), files)
+    job = _resolve(_job(native_id="1.vm"), _recorded("13_qstat_x_f_json_exit3", "1.vm"), files)
     assert (job.state, job.reason) == ("failed", "exit code 3")
 
 
 def test_qdel_of_a_running_job_says_who() -> None:
     files = Files({"/w/.hpcbridge/status.json": '{"exit_code": 143, "end": "x"}'})
-    job = _resolve(_job(id="3.vm"), _recorded("24_qstat_x_f_json_after_qdel", "3.vm"), files)
+    job = _resolve(_job(native_id="3.vm"), _recorded("24_qstat_x_f_json_after_qdel", "3.vm"), files)
     assert job.reason == "deleted by pbsuser@localhost: killed by signal 15 (SIGTERM)"
 
 
 def test_a_child_deleted_because_its_parent_failed_is_cancelled() -> None:
     status = _recorded("49_qstat_x_f_json_child_of_fail", "7.vm")
-    job = _resolve(_job(id="7.vm", state=State.HELD.value), status, Files({}))
+    job = _resolve(_job(native_id="7.vm", state=State.HELD.value), status, Files({}))
     assert (job.state, job.exit_code, job.reason) == ("cancelled", None, pbs_commands.NEVER_RAN)
-    by_scheduler = _resolve_by_scheduler(_job(id="7.vm", work_dir=None), status)
+    by_scheduler = _resolve_by_scheduler(_job(native_id="7.vm", work_dir=None), status)
     assert (by_scheduler.state, by_scheduler.reason) == ("cancelled", pbs_commands.NEVER_RAN)
 
 
@@ -720,7 +720,7 @@ def test_a_child_deleted_because_its_parent_failed_is_cancelled() -> None:
 def test_scripts_hpcbridge_did_not_render_are_judged_by_the_scheduler(
     name: str, job_id: str, state: str, reason: str
 ) -> None:
-    job = _resolve_by_scheduler(_job(id=job_id, work_dir=None), _recorded(name, job_id))
+    job = _resolve_by_scheduler(_job(native_id=job_id, work_dir=None), _recorded(name, job_id))
     assert job.state == state
     assert job.reason.endswith(reason)
 
@@ -772,7 +772,7 @@ def test_a_failed_parent_the_server_marked_terminated_is_a_failure() -> None:
     status = pbs_commands.parse_qstat_json(text)["1.vm"]
     assert (status.state, status.exit_code) == (State.FAILED, 3)
     files = Files({"/w/.hpcbridge/status.json": '{"exit_code": 3, "end": "x"}'})
-    job = _resolve(_job(id="1.vm"), status, files)
+    job = _resolve(_job(native_id="1.vm"), status, files)
     assert (job.state, job.exit_code, job.reason) == ("failed", 3, "exit code 3")
 
 
@@ -823,7 +823,7 @@ def test_an_array_whose_subjob_failed_is_failed() -> None:
 def test_a_job_deleted_while_it_ran_is_cancelled_not_failed() -> None:
     # Its script's trap recorded 143 (SIGTERM); the scheduler says a user deleted it.
     files = Files({"/w/.hpcbridge/status.json": '{"exit_code": 143, "end": "x"}'})
-    job = _resolve(_job(id="3.vm"), _recorded("24_qstat_x_f_json_after_qdel", "3.vm"), files)
+    job = _resolve(_job(native_id="3.vm"), _recorded("24_qstat_x_f_json_after_qdel", "3.vm"), files)
     assert (job.state, job.exit_code) == ("cancelled", 143)
     assert job.reason == "deleted by pbsuser@localhost: killed by signal 15 (SIGTERM)"
 
@@ -831,6 +831,6 @@ def test_a_job_deleted_while_it_ran_is_cancelled_not_failed() -> None:
 def test_a_deleted_job_says_the_same_without_its_status_file() -> None:
     # The scheduler ended it before its trap wrote anything: the reason does not depend on that.
     files = Files({"/w/.hpcbridge/started.json": "{}"})
-    job = _resolve(_job(id="3.vm"), _recorded("24_qstat_x_f_json_after_qdel", "3.vm"), files)
+    job = _resolve(_job(native_id="3.vm"), _recorded("24_qstat_x_f_json_after_qdel", "3.vm"), files)
     assert job.state == "cancelled"
     assert job.reason == "deleted by pbsuser@localhost: killed by signal 15 (SIGTERM)"
