@@ -138,7 +138,9 @@ def _cancelled_by_scheduler(job: Job, status: JobStatus) -> Job:
         state=State.CANCELLED.value,
         raw_state=status.raw_state,
         end=utc_stamp(),
-        # the same words whether or not its trap had time to write a status file
+        # The same words and exit code whether or not its trap had time to write a status
+        # file: the trap records 128 + the signal (143 for the SIGTERM of a deletion).
+        exit_code=_SIGNAL_EXIT + status.signal if status.signal else job.exit_code,
         reason=_scheduler_cause(status) or status.reason or "cancelled",
     )
 

@@ -832,5 +832,5 @@ def test_a_deleted_job_says_the_same_without_its_status_file() -> None:
     # The scheduler ended it before its trap wrote anything: the reason does not depend on that.
     files = Files({"/w/.hpcbridge/started.json": "{}"})
     job = _resolve(_job(native_id="3.vm"), _recorded("24_qstat_x_f_json_after_qdel", "3.vm"), files)
-    assert job.state == "cancelled"
+    assert (job.state, job.exit_code) == ("cancelled", 143)
     assert job.reason == "deleted by pbsuser@localhost: killed by signal 15 (SIGTERM)"
