@@ -10,6 +10,10 @@ and read :attr:`FakeCluster.calls` to see what hpcbridge asked. (hpcbridge never
 Where real servers differ, the fake follows the one seen: OpenPBS 23.06 names each unknown id
 ("qstat: Unknown Job Id 9.vm", exit 153) and ``qdel`` deletes none of a list that holds an
 unknown id; ``stop_at_unknown`` mimics a server whose qstat stops at the first unknown id.
+
+:class:`LoginNode` is the same server behind a login node that shares this machine's disk (a
+:class:`~hpcbridge.transport.LocalTransport`): job files are real files, other commands run
+here, and :meth:`LoginNode.finish` does what a job's script would (its status file, outputs).
 """
 
 from __future__ import annotations
@@ -19,8 +23,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from hpcbridge.transport import Result, Transport
+from hpcbridge import __version__
+from hpcbridge.config import Settings
+from hpcbridge.credentials import Secret
+from hpcbridge.jobs import JobStore, open_scheduler
+from hpcbridge.ledger import JobRow, Ledger, Run
+from hpcbridge.runs import RunRequest, RunSession, SyncReport, start_run
+from hpcbridge.runs.sync import one_pass
+from hpcbridge.schedulers.script import parse_script
+from hpcbridge.transport import LocalTransport, Result, Transport
+from hpcbridge.xnat import connect
 
 DATA = Path(__file__).parent / "unit" / "data"
 PBS = DATA / "openpbs"
@@ -36,6 +50,9 @@ PBS_RECORDS = {
 }
 # A Slurm job's state -> a line of squeue.txt, by its id there.
 SQUEUE_LINES = {"pending": "4101", "running": "4103", "completed": "4105", "timeout": "4107"}
+# The state a job that ended is in, as each server shows it until it forgets the job.
+ENDED = {"pbs": "finished", "slurm": "completed"}
+COMMANDS = ("qsub", "qstat", "qdel", "qselect", "sbatch", "squeue", "scancel")
 
 
 def _pbs_block(state: str, native_id: str) -> str:
@@ -56,8 +73,9 @@ def _squeue_line(state: str, native_id: str) -> str:
     return native_id + line[line.index("|") :]
 
 
-@dataclass
-class FakeCluster(Transport):
+# eq=False: a server is itself, and hashable (hpcbridge caches answers per transport)
+@dataclass(eq=False)
+class BatchServer(Transport):
     """One PBS or Slurm server, as far as hpcbridge's commands can see it."""
 
     kind: str = "pbs"  # or "slurm" (whose PBS wrappers answer qsub and qstat --version)
@@ -65,7 +83,10 @@ class FakeCluster(Transport):
     jobs: dict[str, str] = field(default_factory=dict)  # native id -> state
     tasks: dict[str, dict[int, str]] = field(default_factory=dict)  # Slurm array -> task states
     calls: list[list[str]] = field(default_factory=list)
-    fail_next: dict[str, Result] = field(default_factory=dict)  # command -> forced answer
+    # command -> its next answer instead of the server's; an exception is raised (a transport
+    # that lost its connection)
+    fail_next: dict[str, Result | Exception] = field(default_factory=dict)
+    submitted: dict[str, list[str]] = field(default_factory=dict)  # native id -> submit argv
     next_id: int = 1
 
     def add(self, state: str, native_id: str | None = None) -> str:
@@ -100,37 +121,21 @@ class FakeCluster(Transport):
             argv = argv[next(i for i, a in enumerate(argv) if a in ("qsub", "sbatch")) :]
         self.calls.append(argv)
         if argv[0] in self.fail_next:
-            return self.fail_next.pop(argv[0])
+            forced = self.fail_next.pop(argv[0])
+            if isinstance(forced, Exception):
+                raise forced
+            return forced
         answer = getattr(self, "_" + argv[0])(argv[1:])
         return Result(tuple(argv), *answer)
-
-    def write_text(self, path: str, text: str, *, mode: int = 0o644) -> None:
-        raise AssertionError("the scheduler writes no file")
-
-    def read_text(self, path: str, *, limit: int = 0) -> str | None:
-        raise AssertionError("the scheduler reads no file")
-
-    def put(self, local: Path, path: str, *, mode: int | None = None) -> None:
-        raise AssertionError("the scheduler copies no file")
-
-    def get(self, path: str, local: Path) -> None:
-        raise AssertionError("the scheduler copies no file")
-
-    def makedirs(self, path: str) -> None:
-        raise AssertionError("the scheduler makes no folder")
-
-    def files_in(self, folder: str) -> list[str]:
-        raise AssertionError("the scheduler lists no folder")
-
-    def remove(self, path: str) -> None:
-        raise AssertionError("the scheduler removes no file")
 
     # --- PBS ---------------------------------------------------------------------------------
 
     def _qsub(self, args: list[str]) -> tuple[int, str, str]:
         if self.kind == "slurm":  # Slurm's qsub wrapper: an sbatch
             return self._sbatch(args)
-        return 0, self.add("held" if "-W" in args else "running") + "\n", ""
+        native_id = self.add("held" if "-W" in args else "running")
+        self.submitted[native_id] = ["qsub", *args]
+        return 0, native_id + "\n", ""
 
     def _qstat(self, args: list[str]) -> tuple[int, str, str]:
         if args == ["--version"]:  # Slurm's wrappers reject the option
@@ -138,7 +143,8 @@ class FakeCluster(Transport):
                 return 0, (PBS / "30_qstat_version.stdout").read_text(), ""
             return 2, "", "Unknown option: version\nUsage: qstat [-f] [-a|-i|-r] ...\n"
         ids = [a for a in args if not a.startswith("-") and a != "json"]
-        out, err = [], []
+        out: list[str | tuple[str, dict[str, object]]] = []
+        err: list[str] = []
         for native_id in ids:
             if native_id not in self.jobs:
                 err.append(f"qstat: Unknown Job Id {native_id}\n")
@@ -167,7 +173,9 @@ class FakeCluster(Transport):
     # --- Slurm -------------------------------------------------------------------------------
 
     def _sbatch(self, args: list[str]) -> tuple[int, str, str]:
-        return 0, self.add("pending") + "\n", ""
+        native_id = self.add("pending")
+        self.submitted[native_id] = ["sbatch", *args]
+        return 0, native_id + "\n", ""
 
     def _squeue(self, args: list[str]) -> tuple[int, str, str]:
         ids = args[args.index("-j") + 1].split(",")
@@ -183,3 +191,173 @@ class FakeCluster(Transport):
             if native_id in self.jobs:
                 self.jobs[native_id] = "completed"
         return 0, "", ""
+
+
+@dataclass(eq=False)
+class FakeCluster(BatchServer):
+    """The server alone: hpcbridge's scheduler layer moves no file."""
+
+    def write_text(self, path: str, text: str, *, mode: int = 0o644) -> None:
+        raise AssertionError("the scheduler writes no file")
+
+    def read_text(self, path: str, *, limit: int = 0) -> str | None:
+        raise AssertionError("the scheduler reads no file")
+
+    def put(self, local: Path, path: str, *, mode: int | None = None) -> None:
+        raise AssertionError("the scheduler copies no file")
+
+    def get(self, path: str, local: Path) -> None:
+        raise AssertionError("the scheduler copies no file")
+
+    def makedirs(self, path: str) -> None:
+        raise AssertionError("the scheduler makes no folder")
+
+    def files_in(self, folder: str) -> list[str]:
+        raise AssertionError("the scheduler lists no folder")
+
+    def remove(self, path: str) -> None:
+        raise AssertionError("the scheduler removes no file")
+
+
+@dataclass(eq=False)
+class LoginNode(BatchServer, LocalTransport):
+    """The server behind a login node on this machine's disk: the scheduler's commands are the
+    fake's, ``hpcbridge --version`` answers as this hpcbridge (a chain's transfer command, set
+    as ``bridge_command = "hpcbridge"``), and any other command (``sh``, ``rm``, ``tail``)
+    runs here. No job runs: a test says how each ended with :meth:`finish`."""
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        stdin: str | None = None,
+        retry: bool = True,
+    ) -> Result:
+        if argv[0] in COMMANDS:
+            return super().run(argv, timeout=timeout, stdin=stdin, retry=retry)
+        if list(argv) == ["hpcbridge", "--version"]:
+            return Result(tuple(argv), 0, f"hpcbridge, version {__version__}\n", "")
+        return LocalTransport.run(self, argv, timeout=timeout, stdin=stdin, retry=retry)
+
+    def work_dir(self, native_id: str) -> Path:
+        """The work folder of a submitted job, as its script names it."""
+        script = Path(self.submitted[native_id][-1])
+        work = parse_script(script.read_text()).work_dir
+        assert work is not None, f"job {native_id}'s script names no work folder"
+        return Path(work)
+
+    def _qselect(self, args: list[str]) -> tuple[int, str, str]:
+        name = args[args.index("-N") + 1]
+        found = [i for i, argv in self.submitted.items() if self._name(argv[-1]) == name]
+        return 0, "".join(i + "\n" for i in found), ""
+
+    @staticmethod
+    def _name(script: str) -> str | None:
+        return parse_script(Path(script).read_text()).name
+
+    def start(self, native_id: str) -> None:
+        """The job's script begins: it is running, and says so in its folder."""
+        state = self.work_dir(native_id) / ".hpcbridge"
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "started.json").write_text('{"start": "2026-12-08T00:00:00Z", "host": "n1"}\n')
+        self.set_state(native_id, "running")
+
+    def finish(
+        self,
+        native_id: str,
+        exit_code: int = 0,
+        files: dict[str, str] | None = None,
+        *,
+        forgotten: bool = False,
+    ) -> None:
+        """The job's script ran: it wrote ``files`` (paths relative to its work folder) and
+        its status file with ``exit_code``; the server shows it ended (``forgotten``: it
+        forgot it already)."""
+        self.start(native_id)
+        work = self.work_dir(native_id)
+        for name, text in (files or {}).items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_text(text)
+        status = {"exit_code": exit_code, "end": "2026-12-08T00:01:00Z", "job_id": native_id}
+        (work / ".hpcbridge" / "status.json").write_text(json.dumps(status) + "\n")
+        self.set_state(native_id, None if forgotten else ENDED[self.kind])
+
+
+COUNTING_RECIPE = """name = "count"
+version = "7"
+[inputs]
+resource = "DICOM"
+[[outputs]]
+glob = "*.txt"
+resource = "RESULT"
+[run]
+command = 'ls {{ input_dir }} | wc -l > {{ output_dir }}/count.txt'
+"""
+
+
+class Bridge:
+    """hpcbridge's side of runs over a :class:`LoginNode`: a PBS Pro (or Slurm) profile with the
+    counting recipe, pointed at an XNAT, with the real ledger and job records in ``home``.
+    :meth:`restart` opens them again as a new process would; the cluster stays as it is."""
+
+    def __init__(self, home: Path, xnat: str, user: str, password: str, **profile: Any) -> None:
+        kind = profile.setdefault("scheduler", "pbs")
+        self.cluster = LoginNode(kind=kind)
+        self.recipes = home.parent / "recipes"
+        self.recipes.mkdir(parents=True, exist_ok=True)
+        (self.recipes / "count.toml").write_text(COUNTING_RECIPE)
+        defaults = dict(
+            pbs_flavour="pbspro",
+            work_root=str(home.parent / "cluster"),
+            allow_insecure_http=True,  # the sandbox listens on loopback
+            bridge_command="hpcbridge",
+            transfer_queue="dtq",
+        )
+        self.settings = Settings(
+            home=home,
+            config_path=home / "config.toml",
+            profile="default",
+            xnat=xnat,
+            user=user,
+            **{**defaults, **profile},
+        )
+        self.client = connect(self.settings, secret=Secret(user, password, "environment"))
+        self.events: list[str] = []
+        self.ledger = Ledger.for_settings(self.settings)
+        self.session = self.restart()
+
+    def restart(self) -> RunSession:
+        """A new ledger handle, job store and scheduler over the same files and cluster."""
+        self.ledger.close()
+        self.ledger = Ledger.for_settings(self.settings)
+        scheduler = open_scheduler(self.settings, self.cluster)
+        store = JobStore(self.settings.home, self.settings.profile)
+        self.session = RunSession.of(self.settings, self.client, self.ledger, scheduler, store)
+        return self.session
+
+    def start(self, address: str, *scan_ids: str, **request: Any) -> Run:
+        """``hpcbridge run count ADDRESS``: the run planned, nothing submitted."""
+        wanted = RunRequest("count", address, scan_ids, recipe_dirs=(self.recipes,), **request)
+        plan = start_run(self.settings, self.client, self.ledger, wanted)
+        assert plan.run is not None
+        return plan.run
+
+    def sync(self, run: Run) -> SyncReport:
+        """One pass over the run, as it is in the ledger now."""
+        return one_pass(self.session, self.ledger.run(run.id), on_event=self.events.append)
+
+    def rows(self, run: Run) -> list[JobRow]:
+        return self.ledger.jobs(run.id)
+
+    def time_passes(self, run: Run) -> None:
+        """Every wait the run's scans record is over (its next try is due)."""
+        for row in self.rows(run):
+            record = row.extra.get("waiting")
+            if isinstance(record, dict):
+                due = dict(record, next="2000-01-01T00:00:00Z")
+                self.ledger.update(row.id, extra=dict(row.extra, waiting=due))
+
+    def close(self) -> None:
+        self.ledger.close()
+        self.client.close()
