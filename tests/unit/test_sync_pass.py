@@ -98,6 +98,22 @@ def test_a_finished_job_is_staged_out_and_uploaded_and_the_run_ends(
     assert f"{T1[0]}: uploaded 2 file(s)" in bridge.events
 
 
+def test_a_job_that_wrote_no_outputs_is_tried_once_more_then_fails_to_be_computed_again(
+    bridge: Bridge,
+) -> None:
+    run = bridge.start(ONE, "4")
+    (job,) = bridge.sync(run).submitted
+    # exit code 0, and nothing the recipe uploads (*.txt)
+    bridge.cluster.finish(job.native_id or "", files={"out/count.csv": "12\n"})
+    report = bridge.sync(run)
+    assert report.failed == [] and "stage-out failed, will retry once at" in report.errors[0]
+    assert states(bridge, run) == {T1[0]: "finished"}
+    bridge.time_passes(run)
+    (row,) = bridge.sync(run).failed
+    assert (row.last_error or "").startswith("stage-out failed: the job wrote no output matching")
+    assert row.extra["failed_step"] == "compute"  # a retry runs the job again, not the upload
+
+
 @pytest.mark.parametrize(
     ("exit_code", "state", "error"), [(0, "uploaded", None), (3, "failed", "exit code 3")]
 )
