@@ -159,6 +159,16 @@ class BatchServer(Transport):
             text = json.dumps({"Jobs": dict(o for o in out if isinstance(o, tuple))} if out else {})
         return (UNKNOWN_EXIT if err else 0), text, "".join(err)
 
+    def _named(self, name: str) -> str:
+        """The ids of the jobs the server knows by the name in their script, one per line."""
+        scripts = {i: Path(argv[-1]) for i, argv in self.submitted.items() if i in self.jobs}
+        return "".join(
+            i + "\n" for i, p in scripts.items() if parse_script(p.read_text()).name == name
+        )
+
+    def _qselect(self, args: list[str]) -> tuple[int, str, str]:
+        return 0, self._named(args[args.index("-N") + 1]), ""
+
     def _qdel(self, ids: list[str]) -> tuple[int, str, str]:
         unknown = [i for i in ids if i not in self.jobs]
         if unknown:  # OpenPBS deletes none of them, and names the unknown one
@@ -173,11 +183,17 @@ class BatchServer(Transport):
     # --- Slurm -------------------------------------------------------------------------------
 
     def _sbatch(self, args: list[str]) -> tuple[int, str, str]:
+        after = [a.split(":")[1:] for a in args if a.startswith("--dependency=afterok:")]
+        if any(i not in self.jobs for i in (after[0] if after else [])):
+            # what sbatch says of a dependency on a job that slurmctld has purged (MinJobAge)
+            return 1, "", "sbatch: error: Batch job submission failed: Job dependency problem\n"
         native_id = self.add("pending")
         self.submitted[native_id] = ["sbatch", *args]
         return 0, native_id + "\n", ""
 
     def _squeue(self, args: list[str]) -> tuple[int, str, str]:
+        if "-n" in args:  # looked up by name
+            return 0, self._named(args[args.index("-n") + 1]), ""
         ids = args[args.index("-j") + 1].split(",")
         if any(i not in self.jobs and i not in self.tasks for i in ids):
             return 1, "", "slurm_load_jobs error: Invalid job id specified\n"
@@ -246,15 +262,6 @@ class LoginNode(BatchServer, LocalTransport):
         work = parse_script(script.read_text()).work_dir
         assert work is not None, f"job {native_id}'s script names no work folder"
         return Path(work)
-
-    def _qselect(self, args: list[str]) -> tuple[int, str, str]:
-        name = args[args.index("-N") + 1]
-        found = [i for i, argv in self.submitted.items() if self._name(argv[-1]) == name]
-        return 0, "".join(i + "\n" for i in found), ""
-
-    @staticmethod
-    def _name(script: str) -> str | None:
-        return parse_script(Path(script).read_text()).name
 
     def start(self, native_id: str) -> None:
         """The job's script begins: it is running, and says so in its folder."""

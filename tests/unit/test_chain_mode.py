@@ -201,3 +201,38 @@ def test_a_stage_out_job_that_found_xnat_away_waits_and_is_submitted_again_alone
     # the compute job has ended well: the new stage-out job depends on nothing
     assert not any(arg.startswith("depend=") for arg in bridge.cluster.submitted["4.vm"])
     assert len(bridge.cluster.submitted) == 4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: a chain resumed after a cut-short submission makes its compute job "
+    "depend on the stage-in job it recorded without asking how that job ended; once the "
+    "scheduler has forgotten it (Slurm's MinJobAge), sbatch refuses and the scan fails",
+)
+def test_a_chain_resumed_after_its_stage_in_ended_and_was_forgotten_is_completed(
+    make_bridge: Callable[..., Bridge], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops before the compute job's sbatch reaches the server; by the next
+    sync (cron, a quarter of an hour later) the stage-in job has ended well and slurmctld has
+    purged it. Nothing failed: the chain should go on from its compute job."""
+    bridge = make_bridge(scheduler="slurm")
+    sbatch = bridge.cluster._sbatch
+
+    def lost_on_the_second(args: list[str]) -> tuple[int, str, str]:
+        if len(bridge.cluster.submitted) == 1:
+            raise TransportError("ssh: the connection dropped")
+        return sbatch(args)
+
+    monkeypatch.setattr(bridge.cluster, "_sbatch", lost_on_the_second)
+    run = bridge.start(EXPERIMENT, "4", chain=True)
+    bridge.sync(run)
+    assert chain_of(bridge, run) == {"stage-in": "1"}
+    bridge.cluster.finish("1", forgotten=True)
+    monkeypatch.setattr(bridge.cluster, "_sbatch", sbatch)
+
+    bridge.restart()
+    bridge.time_passes(run)
+    report = bridge.sync(run)
+    assert report.failed == [], report.failed[0].last_error
+    (row,) = report.submitted
+    assert row.extra["chain"] == {"stage-in": "1", "compute": "2", "stage-out": "3"}
