@@ -14,6 +14,8 @@ unknown id; ``stop_at_unknown`` mimics a server whose qstat stops at the first u
 :class:`LoginNode` is the same server behind a login node that shares this machine's disk (a
 :class:`~hpcbridge.transport.LocalTransport`): job files are real files, other commands run
 here, and :meth:`LoginNode.finish` does what a job's script would (its status file, outputs).
+:class:`Bridge` is hpcbridge's side of a run over one: a profile, the real ledger and job
+records, and a :class:`~hpcbridge.runs.RunSession` whose passes tests run one at a time.
 """
 
 from __future__ import annotations
@@ -332,16 +334,19 @@ class Bridge:
         self.client = connect(self.settings, secret=Secret(user, password, "environment"))
         self.events: list[str] = []
         self.ledger = Ledger.for_settings(self.settings)
-        self.session = self.restart()
+        self.session = self._session()
 
-    def restart(self) -> RunSession:
-        """A new ledger handle, job store and scheduler over the same files and cluster."""
-        self.ledger.close()
-        self.ledger = Ledger.for_settings(self.settings)
+    def _session(self) -> RunSession:
         scheduler = open_scheduler(self.settings, self.cluster)
         store = JobStore(self.settings.home, self.settings.profile)
-        self.session = RunSession.of(self.settings, self.client, self.ledger, scheduler, store)
-        return self.session
+        return RunSession.of(self.settings, self.client, self.ledger, scheduler, store)
+
+    def restart(self) -> None:
+        """A new ledger handle, job store and scheduler over the same files and cluster, as the
+        next process has (the XNAT client is kept: XNAT is not what is tested)."""
+        self.ledger.close()
+        self.ledger = Ledger.for_settings(self.settings)
+        self.session = self._session()
 
     def start(self, address: str, *scan_ids: str, **request: Any) -> Run:
         """``hpcbridge run count ADDRESS``: the run planned, nothing submitted."""

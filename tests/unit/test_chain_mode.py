@@ -7,39 +7,19 @@ job records, scheduler classes and files are the real ones."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fakes import ENDED, Bridge
 
 from hpcbridge.errors import TransportError
 from hpcbridge.ledger import JobState, Run, RunState
-from hpcbridge.sandbox import SandboxServer
 
 EXPERIMENT = "PTV000/Haofei01/Haofei01_MR1"
 SCAN = EXPERIMENT + "/4"
 # What a stage-out job reports it uploaded (the fake job uploads nothing itself).
 REPORT = {"uploaded": [{"name": "count.txt", "resource": "RESULT", "size": 3, "md5": "0" * 32}]}
-
-
-@pytest.fixture()
-def make_bridge(sandbox: SandboxServer, isolated_home: Path) -> Iterator[Callable[..., Bridge]]:
-    made: list[Bridge] = []
-
-    def make(**profile: Any) -> Bridge:
-        made.append(Bridge(isolated_home, sandbox.url, sandbox.user, sandbox.password, **profile))
-        return made[-1]
-
-    yield make
-    for bridge in made:
-        bridge.close()
-
-
-@pytest.fixture()
-def bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
-    return make_bridge()
 
 
 def chain_of(bridge: Bridge, run: Run) -> dict[str, str]:

@@ -6,7 +6,7 @@ job records, scheduler classes and files are the real ones."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -22,24 +22,6 @@ from hpcbridge.schedulers.outcome import STATUS_FILE_GRACE
 
 T1 = [f"PTV000/{s}/{s}_MR1/4" for s in ("Haofei01", "Haofei02", "Haofei03")]
 ONE = "PTV000/Haofei01/Haofei01_MR1"
-
-
-@pytest.fixture()
-def make_bridge(sandbox: SandboxServer, isolated_home: Any) -> Iterator[Callable[..., Bridge]]:
-    made: list[Bridge] = []
-
-    def make(**profile: Any) -> Bridge:
-        made.append(Bridge(isolated_home, sandbox.url, sandbox.user, sandbox.password, **profile))
-        return made[-1]
-
-    yield make
-    for bridge in made:
-        bridge.close()
-
-
-@pytest.fixture()
-def bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
-    return make_bridge()
 
 
 def states(bridge: Bridge, run: Any) -> dict[str, str]:
