@@ -15,6 +15,7 @@ from fakes import ENDED, Bridge
 
 from hpcbridge.errors import TransportError
 from hpcbridge.ledger import JobState, Run, RunState
+from hpcbridge.runs import cancel_run
 
 EXPERIMENT = "PTV000/Haofei01/Haofei01_MR1"
 SCAN = EXPERIMENT + "/4"
@@ -216,3 +217,23 @@ def test_a_chain_resumed_after_its_stage_in_ended_and_was_forgotten_is_completed
     assert report.failed == [], report.failed[0].last_error
     (row,) = report.submitted
     assert row.extra["chain"] == {"stage-in": "1", "compute": "2", "stage-out": "3"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: `cancel --run` ends a chain run without its chain's token being "
+    "invalidated or deleted (only a pass that finds the run done does that), and a pass over "
+    "a cancelled run does nothing: the alias token stays valid on the cluster until it expires",
+)
+def test_a_cancelled_chain_run_leaves_no_token_behind(bridge: Bridge) -> None:
+    run = bridge.start(EXPERIMENT, "4", chain=True)
+    bridge.sync(run)
+    chain = chain_of(bridge, run)
+    assert token_file(bridge, run).exists()
+    session = bridge.session
+    (row,) = cancel_run(session.ledger, session.scheduler, bridge.ledger.run(run.id), session.store)
+    assert row.state is JobState.CANCELLED
+    qdels = [argv for argv in bridge.cluster.calls if argv[0] == "qdel"]
+    assert qdels == [["qdel", chain["stage-in"], chain["compute"], chain["stage-out"]]]
+    bridge.sync(run)  # the next pass, should the cancel not see to it itself
+    assert not token_file(bridge, run).exists()  # "when the run ends" (docs/chains.md)

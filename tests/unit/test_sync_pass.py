@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import pytest
 import requests
 from fakes import Bridge
 
 from hpcbridge.errors import TransportError
-from hpcbridge.ledger import JobState, RunState
+from hpcbridge.ledger import JobState, Run, RunState
 from hpcbridge.runs import cancel_run
 from hpcbridge.sandbox import SandboxServer
 from hpcbridge.schedulers.outcome import STATUS_FILE_GRACE
@@ -24,7 +23,7 @@ T1 = [f"PTV000/{s}/{s}_MR1/4" for s in ("Haofei01", "Haofei02", "Haofei03")]
 ONE = "PTV000/Haofei01/Haofei01_MR1"
 
 
-def states(bridge: Bridge, run: Any) -> dict[str, str]:
+def states(bridge: Bridge, run: Run) -> dict[str, str]:
     return {row.address: row.state.value for row in bridge.rows(run)}
 
 
