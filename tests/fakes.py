@@ -10,6 +10,12 @@ and read :attr:`FakeCluster.calls` to see what hpcbridge asked. (hpcbridge never
 Where real servers differ, the fake follows the one seen: OpenPBS 23.06 names each unknown id
 ("qstat: Unknown Job Id 9.vm", exit 153) and ``qdel`` deletes none of a list that holds an
 unknown id; ``stop_at_unknown`` mimics a server whose qstat stops at the first unknown id.
+
+:class:`LoginNode` is the same server behind a login node that shares this machine's disk (a
+:class:`~hpcbridge.transport.LocalTransport`): job files are real files, other commands run
+here, and :meth:`LoginNode.finish` does what a job's script would (its status file, outputs).
+:class:`Bridge` is hpcbridge's side of a run over one: a profile, the real ledger and job
+records, and a :class:`~hpcbridge.runs.RunSession` whose passes tests run one at a time.
 """
 
 from __future__ import annotations
@@ -19,8 +25,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from hpcbridge.transport import Result, Transport
+from hpcbridge import __version__
+from hpcbridge.config import Settings
+from hpcbridge.credentials import Secret
+from hpcbridge.jobs import JobStore, open_scheduler
+from hpcbridge.ledger import JobRow, Ledger, Run
+from hpcbridge.runs import RunRequest, RunSession, SyncReport, start_run
+from hpcbridge.runs.sync import one_pass
+from hpcbridge.schedulers.script import parse_script
+from hpcbridge.transport import LocalTransport, Result, Transport
+from hpcbridge.xnat import connect
 
 DATA = Path(__file__).parent / "unit" / "data"
 PBS = DATA / "openpbs"
@@ -36,6 +52,9 @@ PBS_RECORDS = {
 }
 # A Slurm job's state -> a line of squeue.txt, by its id there.
 SQUEUE_LINES = {"pending": "4101", "running": "4103", "completed": "4105", "timeout": "4107"}
+# The state a job that ended is in, as each server shows it until it forgets the job.
+ENDED = {"pbs": "finished", "slurm": "completed"}
+COMMANDS = ("qsub", "qstat", "qdel", "qselect", "sbatch", "squeue", "scancel")
 
 
 def _pbs_block(state: str, native_id: str) -> str:
@@ -56,8 +75,9 @@ def _squeue_line(state: str, native_id: str) -> str:
     return native_id + line[line.index("|") :]
 
 
-@dataclass
-class FakeCluster(Transport):
+# eq=False: a server is itself, and hashable (hpcbridge caches answers per transport)
+@dataclass(eq=False)
+class BatchServer(Transport):
     """One PBS or Slurm server, as far as hpcbridge's commands can see it."""
 
     kind: str = "pbs"  # or "slurm" (whose PBS wrappers answer qsub and qstat --version)
@@ -65,7 +85,10 @@ class FakeCluster(Transport):
     jobs: dict[str, str] = field(default_factory=dict)  # native id -> state
     tasks: dict[str, dict[int, str]] = field(default_factory=dict)  # Slurm array -> task states
     calls: list[list[str]] = field(default_factory=list)
-    fail_next: dict[str, Result] = field(default_factory=dict)  # command -> forced answer
+    # command -> its next answer instead of the server's; an exception is raised (a transport
+    # that lost its connection)
+    fail_next: dict[str, Result | Exception] = field(default_factory=dict)
+    submitted: dict[str, list[str]] = field(default_factory=dict)  # native id -> submit argv
     next_id: int = 1
 
     def add(self, state: str, native_id: str | None = None) -> str:
@@ -100,9 +123,97 @@ class FakeCluster(Transport):
             argv = argv[next(i for i, a in enumerate(argv) if a in ("qsub", "sbatch")) :]
         self.calls.append(argv)
         if argv[0] in self.fail_next:
-            return self.fail_next.pop(argv[0])
+            forced = self.fail_next.pop(argv[0])
+            if isinstance(forced, Exception):
+                raise forced
+            return forced
         answer = getattr(self, "_" + argv[0])(argv[1:])
         return Result(tuple(argv), *answer)
+
+    # --- PBS ---------------------------------------------------------------------------------
+
+    def _qsub(self, args: list[str]) -> tuple[int, str, str]:
+        if self.kind == "slurm":  # Slurm's qsub wrapper: an sbatch
+            return self._sbatch(args)
+        native_id = self.add("held" if "-W" in args else "running")
+        self.submitted[native_id] = ["qsub", *args]
+        return 0, native_id + "\n", ""
+
+    def _qstat(self, args: list[str]) -> tuple[int, str, str]:
+        if args == ["--version"]:  # Slurm's wrappers reject the option
+            if self.kind == "pbs":
+                return 0, (PBS / "30_qstat_version.stdout").read_text(), ""
+            return 2, "", "Unknown option: version\nUsage: qstat [-f] [-a|-i|-r] ...\n"
+        ids = [a for a in args if not a.startswith("-") and a != "json"]
+        out: list[str | tuple[str, dict[str, object]]] = []
+        err: list[str] = []
+        for native_id in ids:
+            if native_id not in self.jobs:
+                err.append(f"qstat: Unknown Job Id {native_id}\n")
+                if self.stop_at_unknown:
+                    break
+            elif "json" in args:
+                out.append((native_id, _pbs_json(self.jobs[native_id], native_id)))
+            else:
+                out.append(_pbs_block(self.jobs[native_id], native_id))
+        text = "\n".join(o for o in out if isinstance(o, str))
+        if "json" in args:
+            text = json.dumps({"Jobs": dict(o for o in out if isinstance(o, tuple))} if out else {})
+        return (UNKNOWN_EXIT if err else 0), text, "".join(err)
+
+    def _named(self, name: str) -> str:
+        """The ids of the jobs the server knows by the name in their script, one per line."""
+        scripts = {i: Path(argv[-1]) for i, argv in self.submitted.items() if i in self.jobs}
+        return "".join(
+            i + "\n" for i, p in scripts.items() if parse_script(p.read_text()).name == name
+        )
+
+    def _qselect(self, args: list[str]) -> tuple[int, str, str]:
+        return 0, self._named(args[args.index("-N") + 1]), ""
+
+    def _qdel(self, ids: list[str]) -> tuple[int, str, str]:
+        unknown = [i for i in ids if i not in self.jobs]
+        if unknown:  # OpenPBS deletes none of them, and names the unknown one
+            return UNKNOWN_EXIT, "", f"qdel: Unknown Job Id {unknown[0]}\n"
+        ended = [i for i in ids if self.jobs[i] in ("finished", "walltime")]
+        if ended:
+            return 35, "", f"qdel: Job has finished {ended[0]}\n"
+        for native_id in ids:
+            self.jobs[native_id] = "finished"
+        return 0, "", ""
+
+    # --- Slurm -------------------------------------------------------------------------------
+
+    def _sbatch(self, args: list[str]) -> tuple[int, str, str]:
+        after = [a.split(":")[1:] for a in args if a.startswith("--dependency=afterok:")]
+        if any(i not in self.jobs for i in (after[0] if after else [])):
+            # what sbatch says of a dependency on a job that slurmctld has purged (MinJobAge)
+            return 1, "", "sbatch: error: Batch job submission failed: Job dependency problem\n"
+        native_id = self.add("pending")
+        self.submitted[native_id] = ["sbatch", *args]
+        return 0, native_id + "\n", ""
+
+    def _squeue(self, args: list[str]) -> tuple[int, str, str]:
+        if "-n" in args:  # looked up by name
+            return 0, self._named(args[args.index("-n") + 1]), ""
+        ids = args[args.index("-j") + 1].split(",")
+        if any(i not in self.jobs and i not in self.tasks for i in ids):
+            return 1, "", "slurm_load_jobs error: Invalid job id specified\n"
+        lines = [_squeue_line(self.jobs[i], i) for i in ids if i in self.jobs]
+        for array in (i for i in ids if i in self.tasks):
+            lines += [_squeue_line(s, f"{array}_{n}") for n, s in self.tasks[array].items()]
+        return 0, "".join(line + "\n" for line in lines), ""
+
+    def _scancel(self, ids: list[str]) -> tuple[int, str, str]:
+        for native_id in ids:  # silent about ids it never knew (seen on 22.05)
+            if native_id in self.jobs:
+                self.jobs[native_id] = "completed"
+        return 0, "", ""
+
+
+@dataclass(eq=False)
+class FakeCluster(BatchServer):
+    """The server alone: hpcbridge's scheduler layer moves no file."""
 
     def write_text(self, path: str, text: str, *, mode: int = 0o644) -> None:
         raise AssertionError("the scheduler writes no file")
@@ -125,61 +236,140 @@ class FakeCluster(Transport):
     def remove(self, path: str) -> None:
         raise AssertionError("the scheduler removes no file")
 
-    # --- PBS ---------------------------------------------------------------------------------
 
-    def _qsub(self, args: list[str]) -> tuple[int, str, str]:
-        if self.kind == "slurm":  # Slurm's qsub wrapper: an sbatch
-            return self._sbatch(args)
-        return 0, self.add("held" if "-W" in args else "running") + "\n", ""
+@dataclass(eq=False)
+class LoginNode(BatchServer, LocalTransport):
+    """The server behind a login node on this machine's disk: the scheduler's commands are the
+    fake's, ``hpcbridge --version`` answers as this hpcbridge (a chain's transfer command, set
+    as ``bridge_command = "hpcbridge"``), and any other command (``sh``, ``rm``, ``tail``)
+    runs here. No job runs: a test says how each ended with :meth:`finish`."""
 
-    def _qstat(self, args: list[str]) -> tuple[int, str, str]:
-        if args == ["--version"]:  # Slurm's wrappers reject the option
-            if self.kind == "pbs":
-                return 0, (PBS / "30_qstat_version.stdout").read_text(), ""
-            return 2, "", "Unknown option: version\nUsage: qstat [-f] [-a|-i|-r] ...\n"
-        ids = [a for a in args if not a.startswith("-") and a != "json"]
-        out, err = [], []
-        for native_id in ids:
-            if native_id not in self.jobs:
-                err.append(f"qstat: Unknown Job Id {native_id}\n")
-                if self.stop_at_unknown:
-                    break
-            elif "json" in args:
-                out.append((native_id, _pbs_json(self.jobs[native_id], native_id)))
-            else:
-                out.append(_pbs_block(self.jobs[native_id], native_id))
-        text = "\n".join(o for o in out if isinstance(o, str))
-        if "json" in args:
-            text = json.dumps({"Jobs": dict(o for o in out if isinstance(o, tuple))} if out else {})
-        return (UNKNOWN_EXIT if err else 0), text, "".join(err)
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        stdin: str | None = None,
+        retry: bool = True,
+    ) -> Result:
+        if argv[0] in COMMANDS:
+            return super().run(argv, timeout=timeout, stdin=stdin, retry=retry)
+        if list(argv) == ["hpcbridge", "--version"]:
+            return Result(tuple(argv), 0, f"hpcbridge, version {__version__}\n", "")
+        return LocalTransport.run(self, argv, timeout=timeout, stdin=stdin, retry=retry)
 
-    def _qdel(self, ids: list[str]) -> tuple[int, str, str]:
-        unknown = [i for i in ids if i not in self.jobs]
-        if unknown:  # OpenPBS deletes none of them, and names the unknown one
-            return UNKNOWN_EXIT, "", f"qdel: Unknown Job Id {unknown[0]}\n"
-        ended = [i for i in ids if self.jobs[i] in ("finished", "walltime")]
-        if ended:
-            return 35, "", f"qdel: Job has finished {ended[0]}\n"
-        for native_id in ids:
-            self.jobs[native_id] = "finished"
-        return 0, "", ""
+    def work_dir(self, native_id: str) -> Path:
+        """The work folder of a submitted job, as its script names it."""
+        script = Path(self.submitted[native_id][-1])
+        work = parse_script(script.read_text()).work_dir
+        assert work is not None, f"job {native_id}'s script names no work folder"
+        return Path(work)
 
-    # --- Slurm -------------------------------------------------------------------------------
+    def start(self, native_id: str) -> None:
+        """The job's script begins: it is running, and says so in its folder."""
+        state = self.work_dir(native_id) / ".hpcbridge"
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "started.json").write_text('{"start": "2026-12-08T00:00:00Z", "host": "n1"}\n')
+        self.set_state(native_id, "running")
 
-    def _sbatch(self, args: list[str]) -> tuple[int, str, str]:
-        return 0, self.add("pending") + "\n", ""
+    def finish(
+        self,
+        native_id: str,
+        exit_code: int = 0,
+        files: dict[str, str] | None = None,
+        *,
+        forgotten: bool = False,
+    ) -> None:
+        """The job's script ran: it wrote ``files`` (paths relative to its work folder) and
+        its status file with ``exit_code``; the server shows it ended (``forgotten``: it
+        forgot it already)."""
+        self.start(native_id)
+        work = self.work_dir(native_id)
+        for name, text in (files or {}).items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_text(text)
+        status = {"exit_code": exit_code, "end": "2026-12-08T00:01:00Z", "job_id": native_id}
+        (work / ".hpcbridge" / "status.json").write_text(json.dumps(status) + "\n")
+        self.set_state(native_id, None if forgotten else ENDED[self.kind])
 
-    def _squeue(self, args: list[str]) -> tuple[int, str, str]:
-        ids = args[args.index("-j") + 1].split(",")
-        if any(i not in self.jobs and i not in self.tasks for i in ids):
-            return 1, "", "slurm_load_jobs error: Invalid job id specified\n"
-        lines = [_squeue_line(self.jobs[i], i) for i in ids if i in self.jobs]
-        for array in (i for i in ids if i in self.tasks):
-            lines += [_squeue_line(s, f"{array}_{n}") for n, s in self.tasks[array].items()]
-        return 0, "".join(line + "\n" for line in lines), ""
 
-    def _scancel(self, ids: list[str]) -> tuple[int, str, str]:
-        for native_id in ids:  # silent about ids it never knew (seen on 22.05)
-            if native_id in self.jobs:
-                self.jobs[native_id] = "completed"
-        return 0, "", ""
+COUNTING_RECIPE = """name = "count"
+version = "7"
+[inputs]
+resource = "DICOM"
+[[outputs]]
+glob = "*.txt"
+resource = "RESULT"
+[run]
+command = 'ls {{ input_dir }} | wc -l > {{ output_dir }}/count.txt'
+"""
+
+
+class Bridge:
+    """hpcbridge's side of runs over a :class:`LoginNode`: a PBS Pro (or Slurm) profile with the
+    counting recipe, pointed at an XNAT, with the real ledger and job records in ``home``.
+    :meth:`restart` opens them again as a new process would; the cluster stays as it is."""
+
+    def __init__(self, home: Path, xnat: str, user: str, password: str, **profile: Any) -> None:
+        kind = profile.setdefault("scheduler", "pbs")
+        self.cluster = LoginNode(kind=kind)
+        self.recipes = home.parent / "recipes"
+        self.recipes.mkdir(parents=True, exist_ok=True)
+        (self.recipes / "count.toml").write_text(COUNTING_RECIPE)
+        defaults = dict(
+            pbs_flavour="pbspro",
+            work_root=str(home.parent / "cluster"),
+            allow_insecure_http=True,  # the sandbox listens on loopback
+            bridge_command="hpcbridge",
+            transfer_queue="dtq",
+        )
+        self.settings = Settings(
+            home=home,
+            config_path=home / "config.toml",
+            profile="default",
+            xnat=xnat,
+            user=user,
+            **{**defaults, **profile},
+        )
+        self.client = connect(self.settings, secret=Secret(user, password, "environment"))
+        self.events: list[str] = []
+        self.ledger = Ledger.for_settings(self.settings)
+        self.session = self._session()
+
+    def _session(self) -> RunSession:
+        scheduler = open_scheduler(self.settings, self.cluster)
+        store = JobStore(self.settings.home, self.settings.profile)
+        return RunSession.of(self.settings, self.client, self.ledger, scheduler, store)
+
+    def restart(self) -> None:
+        """A new ledger handle, job store and scheduler over the same files and cluster, as the
+        next process has (the XNAT client is kept: XNAT is not what is tested)."""
+        self.ledger.close()
+        self.ledger = Ledger.for_settings(self.settings)
+        self.session = self._session()
+
+    def start(self, address: str, *scan_ids: str, **request: Any) -> Run:
+        """``hpcbridge run count ADDRESS``: the run planned, nothing submitted."""
+        wanted = RunRequest("count", address, scan_ids, recipe_dirs=(self.recipes,), **request)
+        plan = start_run(self.settings, self.client, self.ledger, wanted)
+        assert plan.run is not None
+        return plan.run
+
+    def sync(self, run: Run) -> SyncReport:
+        """One pass over the run, as it is in the ledger now."""
+        return one_pass(self.session, self.ledger.run(run.id), on_event=self.events.append)
+
+    def rows(self, run: Run) -> list[JobRow]:
+        return self.ledger.jobs(run.id)
+
+    def time_passes(self, run: Run) -> None:
+        """Every wait the run's scans record is over (its next try is due)."""
+        for row in self.rows(run):
+            record = row.extra.get("waiting")
+            if isinstance(record, dict):
+                due = dict(record, next="2000-01-01T00:00:00Z")
+                self.ledger.update(row.id, extra=dict(row.extra, waiting=due))
+
+    def close(self) -> None:
+        self.ledger.close()
+        self.client.close()
