@@ -368,7 +368,7 @@ class Bridge:
             record = row.extra.get("waiting")
             if isinstance(record, dict):
                 due = dict(record, next="2000-01-01T00:00:00Z")
-                self.ledger.update(row.id, extra=dict(row.extra, waiting=due))
+                self.ledger.update(row.job_id, extra=dict(row.extra, waiting=due))
 
     def close(self) -> None:
         self.ledger.close()
