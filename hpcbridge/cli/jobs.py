@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ..errors import PartialFailure, SchedulerError
+from ..errors import HpcBridgeError, PartialFailure, SchedulerError
 from ..schedulers.base import Scheduler, State
 from .app import main, settings_of
 from .handles import adopt_run_profile, host_key_option, session, take_run_lock
@@ -18,6 +18,7 @@ from .params import SECONDS
 
 if TYPE_CHECKING:  # imported when a command runs, to start fast
     from ..jobstore import Job
+    from ..runs import RunSession
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -311,6 +312,20 @@ def cancel_command(
         echo(f"{job.native_id}: {job.state}")
 
 
+def _end_chain(
+    ctx: click.Context, opened: RunSession, run_id: int, accept_new_host_key: bool
+) -> None:
+    """Invalidate and remove a cancelled chain's XNAT token now, not at the next sync."""
+    from ..runs.sync import one_pass
+
+    try:
+        with session(ctx, accept_new_host_key, ledger=False, jobs=False) as xnat:
+            opened.client = xnat.client
+            one_pass(opened, opened.ledger.run(run_id))
+    except HpcBridgeError as exc:
+        warn(f"the chain's XNAT token stays until the next sync of run {run_id}: {exc.message}")
+
+
 def _cancel_run(ctx: click.Context, run_id: int, accept_new_host_key: bool) -> None:
     from .. import runlock
     from ..runs import cancel_run
@@ -323,6 +338,8 @@ def _cancel_run(ctx: click.Context, run_id: int, accept_new_host_key: bool) -> N
     ):
         run = opened.ledger.run(run_id)
         rows = cancel_run(opened.ledger, opened.scheduler, run, opened.store)
+        if run.options.get("chain"):
+            _end_chain(ctx, opened, run_id, accept_new_host_key)
     if settings.json:
         emit_json({"run": run_id, "cancelled": [r.address for r in rows]})
         return

@@ -44,6 +44,9 @@ def one_pass(session: RunSession, run: Run, *, on_event: Say | None = None) -> S
     if run.state is RunState.ACTIVE and live == 0:
         ledger.set_run_state(run.id, RunState.DONE)
         ctx.mode.finish(ctx)
+    elif run.state is RunState.CANCELLED:
+        # Cancelling needs no XNAT, so a cancelled chain's token may still be there.
+        ctx.mode.finish(ctx)
     report.run = ledger.run(run.id)
     return report
 

@@ -541,3 +541,23 @@ def test_sync_submits_no_chain_once_a_pbs_profile_lacks_its_transfer_queue(
         assert stopped.value.hint.endswith(f"then `hpcbridge sync {plan.run.id}` goes on")
         assert {job.state.value for job in ledger.jobs(plan.run.id)} == {"planned"}
     assert local_jobs(isolated_home) == []
+
+
+def test_cancel_of_a_chain_run_ends_its_token_at_once(xnat: Xnat, isolated_home: Path) -> None:
+    # The token is a credential on the cluster: a cancelled run must not leave it valid
+    # until it expires, nor wait for a sync that may never come.
+    started = hb(*CHAIN_T1)
+    assert started.returncode == 0, started.stderr
+    creds = isolated_home / "work" / "run-1" / ".hpcbridge-chain" / "credentials.json"
+    token = next(iter(json.loads(creds.read_text())["servers"].values()))
+    cancelled = hb("cancel", "--run", "1")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.startswith("run 1: cancelled ")
+    assert not creds.exists()
+    refused = requests.get(
+        f"{xnat.server.url}/data/projects",
+        auth=(token["alias"], token["secret"]),
+        params={"format": "json"},
+        timeout=T,
+    )
+    assert refused.status_code == 401

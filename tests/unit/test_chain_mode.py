@@ -219,12 +219,6 @@ def test_a_chain_resumed_after_its_stage_in_ended_and_was_forgotten_is_completed
     assert row.extra["chain"] == {"stage-in": "1", "compute": "2", "stage-out": "3"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: `cancel --run` ends a chain run without its chain's token being "
-    "invalidated or deleted (only a pass that finds the run done does that), and a pass over "
-    "a cancelled run does nothing: the alias token stays valid on the cluster until it expires",
-)
 def test_a_cancelled_chain_run_leaves_no_token_behind(bridge: Bridge) -> None:
     run = bridge.start(EXPERIMENT, "4", chain=True)
     bridge.sync(run)
