@@ -13,7 +13,7 @@ from typing import Any
 from .. import chain
 from ..credentials import Secret
 from ..errors import EXIT_TEMPFAIL, ConfigError, HpcBridgeError, StageError
-from ..jobs import Job, submit_script
+from ..jobs import Job, refresh, submit_script
 from ..ledger import JobRow, JobState
 from ..schedulers.base import State
 from ..units import utc_stamp
@@ -110,6 +110,10 @@ class Chained:
                 # dependency: the scheduler may have forgotten it, and then refuses a job
                 # that waits for it.
                 done = ctx.store.get(ids[step])
+                if resuming and done is not None and not done.final:
+                    # Ended since it was submitted, maybe long enough ago to be forgotten:
+                    # ask (its status file decides) before making the next step wait for it.
+                    done = refresh(ctx.store, ctx.scheduler, [done]).jobs[0]
                 finished = done is not None and done.state == State.FINISHED.value
                 after = [] if finished else [ids[step]]
                 continue

@@ -184,12 +184,6 @@ def test_a_stage_out_job_that_found_xnat_away_waits_and_is_submitted_again_alone
     assert len(bridge.cluster.submitted) == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: a chain resumed after a cut-short submission makes its compute job "
-    "depend on the stage-in job it recorded without asking how that job ended; once the "
-    "scheduler has forgotten it (Slurm's MinJobAge), sbatch refuses and the scan fails",
-)
 def test_a_chain_resumed_after_its_stage_in_ended_and_was_forgotten_is_completed(
     make_bridge: Callable[..., Bridge], monkeypatch: pytest.MonkeyPatch
 ) -> None:
