@@ -17,14 +17,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from types import TracebackType
-from typing import TypeVar
 
+from .closing import Closing
 from .credentials import SECRET_ENV, scrubbed_environ
 from .errors import TransportError
 
 READ_LIMIT = 1024 * 1024
-_T = TypeVar("_T", bound="Transport")
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ def unset_secrets(argv: Sequence[str]) -> list[str]:
     return ["env", *(arg for name in SECRET_ENV for arg in ("-u", name)), *argv]
 
 
-class Transport(ABC):
+class Transport(Closing, ABC):
     """Run commands and move files on the machine that talks to the scheduler."""
 
     name = "transport"
@@ -135,20 +133,6 @@ class Transport(ABC):
     @abstractmethod
     def remove(self, path: str) -> None:
         """Delete a file; a missing one is not an error."""
-
-    def close(self) -> None:  # noqa: B027 - most transports hold nothing to close
-        """Release connections; the default holds none."""
-
-    def __enter__(self: _T) -> _T:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class LocalTransport(Transport):

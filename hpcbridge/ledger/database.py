@@ -12,16 +12,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from ..closing import Closing
 from ..errors import LedgerError
 from . import files, schema
 
 log = logging.getLogger(__name__)
 
 MODES = ("wal", "nfs")
-
-_Self = TypeVar("_Self", bound="Database")
 
 
 def insert(conn: sqlite3.Connection, table: str, values: dict[str, Any]) -> int:
@@ -34,7 +33,7 @@ def insert(conn: sqlite3.Connection, table: str, values: dict[str, Any]) -> int:
     return cur.lastrowid
 
 
-class Database:
+class Database(Closing):
     """The ledger file at ``path``, open in ``mode``; see :class:`~hpcbridge.ledger.Ledger`."""
 
     def __init__(
@@ -78,12 +77,6 @@ class Database:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, mode={self.mode!r})"
-
-    def __enter__(self: _Self) -> _Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         with self._mutex:

@@ -28,11 +28,11 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from types import TracebackType
 from typing import Any
 
 import requests
 
+from ..closing import Closing
 from ..errors import XnatError, XnatServerError
 from .failures import raise_for_response, retry_after
 from .session import GUEST_USER, SessionBase, _user_of, expiry_text
@@ -42,19 +42,8 @@ __all__ = ["XnatClient", "expiry_text", "raise_for_response", "retry_after"]
 log = logging.getLogger(__name__)
 
 
-class XnatClient(SessionBase):
+class XnatClient(SessionBase, Closing):
     """A context manager holding one requests session and one XNAT server session."""
-
-    def __enter__(self) -> XnatClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @contextmanager
     def stream(
