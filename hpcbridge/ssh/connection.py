@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import paramiko
 
-from ..errors import SshConnectionError, TransportError
+from ..errors import SshConnectionError, Step, TransportError
 from ..transport import Result
 from .auth import authenticate
 from .base import CHUNK, CONNECTION_ERRORS, Dropped, reason
@@ -69,7 +69,7 @@ class Connection:
                     raise SshConnectionError(
                         f"lost the connection to {self.address} while `{what}` was running; "
                         "the command may or may not have run",
-                        hint="check with `hpcbridge jobs` before submitting again",
+                        step=Step.CHECK_JOBS_FIRST,
                     ) from None
                 if reconnects == 0:
                     raise SshConnectionError(
