@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import paramiko
@@ -183,10 +184,8 @@ class Connection:
         try:
             return self._connect()
         except SshConnectionError as exc:
-            raise SshConnectionError(
-                f"lost the connection to {self.address} and could not reconnect: {exc.message}",
-                hint=exc.hint,
-            ) from None
+            why = f"lost the connection to {self.address} and could not reconnect: {exc.message}"
+            raise replace(exc, message=why) from None  # its hint and facts still hold
 
     def _connect(self) -> paramiko.Transport:
         opened: list[paramiko.Transport] = []
