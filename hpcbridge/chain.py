@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import DEFAULTS, Settings
 from .credentials import SECRET_ENV, Secret, token_entry, token_of
-from .errors import ConfigError, CredentialError, HpcBridgeError, TransportError
+from .errors import ConfigError, CredentialError, HpcBridgeError, Step, TransportError
 from .recipes import (
     Recipe,
     Resources,
@@ -263,7 +263,7 @@ def fresh_token(client: XnatClient) -> Secret:
             return creds
         raise CredentialError(
             f"cannot issue an XNAT alias token for the chain's transfer jobs: {exc.message}",
-            hint="run `hpcbridge login` (it stores a token the chains can use)",
+            step=Step.LOGIN_FOR_CHAINS,
         ) from None
     expires = data.get("estimatedExpirationTime")
     return Secret(
@@ -348,16 +348,16 @@ def remove_secrets(transport: Transport, root: str) -> None:
     ).check(f"removing the chain's credentials from {home}")
 
 
-def expiry_warning(token: Secret, seconds: int, now: float | None = None) -> str | None:
+def expiry_warning(token: Secret, seconds: int, now: float | None = None) -> CredentialError | None:
     """A warning when ``token`` may expire before a chain submitted now can end."""
     if token.expires_ms is None:
         return None
     now = time.time() if now is None else now
     if token.expires_ms / 1000 >= now + seconds + QUEUE_ALLOWANCE:
         return None
-    return (
+    return CredentialError(
         f"the XNAT token the chains use expires {expiry_text(token.expires_ms, now)}; a chain "
         f"submitted now may need it for {format_walltime(seconds)} of walltime plus up to "
-        f"{QUEUE_ALLOWANCE // 3600} h queued, and a stage-out after it expires fails "
-        "(`hpcbridge login` again, then `hpcbridge retry`)"
+        f"{QUEUE_ALLOWANCE // 3600} h queued, and a stage-out after it expires fails",
+        step=Step.LOGIN_THEN_RETRY,
     )

@@ -2,12 +2,15 @@
 
 Library code raises these; only ``hpcbridge.cli`` turns them into a one-line message and an exit
 code. Every error a user can cause says what went wrong and, where there is one, what to do next
-(``hint``). Messages never contain secrets: callers pass addresses and URLs without credentials.
+(``hint``, or a ``step`` that the CLI words). Messages never contain secrets: callers pass
+addresses and URLs without credentials.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import KW_ONLY, dataclass
+from enum import Enum
+from typing import Any, Protocol
 
 #: Exit codes of the command-line contract (CLI.md).
 EXIT_OK = 0
@@ -20,15 +23,56 @@ EXIT_PARTIAL = 3
 EXIT_TEMPFAIL = 75
 
 
+#: What to do next when it is a command of hpcbridge's, which ``hpcbridge.cli.hints`` words. The
+#: facts a step names are the error's: LOGIN_AT its url, SYNC_AFTER its run_id (after its hint),
+#: LS and LS_ABOVE (the one above what was not found) its address, WAIT_FOR_JOB its native_id.
+Step = Enum(
+    "Step",
+    "LOGIN LOGIN_AT LOGIN_FOR_CHAINS LOGIN_THEN_RETRY CHOOSE_SERVER WHOAMI CHECK_URL LIST_RUNS "
+    "SYNC_AFTER LS LS_ABOVE LS_TOP RENDER WAIT_FOR_JOB LIST_JOBS CHECK_JOBS_LATER CHECK_JOBS_FIRST",
+)
+
+
+class CommandResult(Protocol):
+    """What a command did (:class:`hpcbridge.transport.Result` is one)."""
+
+    @property
+    def argv(self) -> tuple[str, ...]: ...
+    @property
+    def exit_code(self) -> int: ...
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
+    def said(self) -> str: ...
+
+
+@dataclass(eq=False, repr=False)
 class HpcBridgeError(Exception):
-    """Base of every error hpcbridge raises on purpose."""
+    """Base of every error hpcbridge raises on purpose: its message, and what to do next in its
+    own words (``hint``) or as a ``step``. The facts after those are what a step names and a
+    program may act on; the constructor that knows one sets it."""
 
     exit_code = EXIT_ERROR
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
+    message: str
+    _: KW_ONLY
+    hint: str | None = None
+    step: Step | None = None
+    run_id: int | None = None
+    job_id: int | None = None
+    native_id: str | None = None
+    address: str | None = None
+    url: str | None = None
+    #: the status of XNAT's answer
+    status: int | None = None
+    #: seconds XNAT asked to wait (Retry-After of a 429 or 503), when it said
+    retry_after: float | None = None
+    #: what the command that failed did (argv, exit code, output)
+    result: CommandResult | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
@@ -52,21 +96,6 @@ class AddressError(HpcBridgeError):
 
 class XnatError(HpcBridgeError):
     """Anything that went wrong talking to an XNAT server."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        hint: str | None = None,
-        status: int | None = None,
-        url: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, hint=hint)
-        self.status = status
-        self.url = url
-        #: seconds the server asked us to wait (Retry-After of a 429 or 503), when it said
-        self.retry_after = retry_after
 
 
 class XnatConnectionError(XnatError):
@@ -107,13 +136,6 @@ class TemporaryFailure(HpcBridgeError):
 
     exit_code = EXIT_TEMPFAIL
 
-    def __init__(
-        self, message: str, *, hint: str | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message, hint=hint)
-        #: seconds XNAT asked to wait (Retry-After), when it said
-        self.retry_after = retry_after
-
 
 class StageError(HpcBridgeError):
     """Staging data in or out failed: a bad download, a refused archive, a verification that
@@ -125,7 +147,8 @@ class RecipeError(HpcBridgeError):
 
 
 class TransportError(HpcBridgeError):
-    """A command could not be run, timed out, or failed; or a file could not be moved."""
+    """A command could not be run, timed out, or failed (``result`` says how, when it ran); or a
+    file could not be moved."""
 
 
 class SshConnectionError(TransportError):
@@ -147,8 +170,14 @@ class SandboxError(HpcBridgeError):
 class SchedulerError(HpcBridgeError):
     """A scheduler command's output could not be understood, or the scheduler refused a request.
 
-    The message quotes the offending output so the user can see what the scheduler said.
+    The message quotes the offending output so the user can see what the scheduler said; ``result``
+    is the command's, when one ran.
     """
+
+    @classmethod
+    def failed(cls, result: CommandResult, what: str = "failed") -> SchedulerError:
+        """A command that failed: ``qstat failed: <what it said last>``, ``what`` for failed."""
+        return cls(f"{result.argv[0]} {what}: {result.said()}", result=result)
 
 
 class PartialFailure(HpcBridgeError):
@@ -161,21 +190,14 @@ class LedgerError(HpcBridgeError):
     """The run ledger cannot be opened, is locked, is from a newer hpcbridge, or was asked for
     something it does not hold or allow (an unknown run or job, an illegal state change)."""
 
-    run_id: int | None = None
-    job_id: int | None = None
-
     @classmethod
     def no_run(cls, run_id: int) -> LedgerError:
-        error = cls(f"no run {run_id}", hint="`hpcbridge runs` lists the runs")
-        error.run_id = run_id
-        return error
+        return cls(f"no run {run_id}", step=Step.LIST_RUNS, run_id=run_id)
 
     @classmethod
     def no_job(cls, job_id: int, ledger: object) -> LedgerError:
         """No job ``job_id`` in the ledger file ``ledger``."""
-        error = cls(f"no job {job_id} in the ledger {ledger}")
-        error.job_id = job_id
-        return error
+        return cls(f"no job {job_id} in the ledger {ledger}", job_id=job_id)
 
 
 class RunBusyError(HpcBridgeError):
@@ -183,6 +205,5 @@ class RunBusyError(HpcBridgeError):
     same run); ``holder`` says who, ``run_id`` which run."""
 
     def __init__(self, message: str, *, hint: str | None = None, run_id: int, holder: Any) -> None:
-        super().__init__(message, hint=hint)
-        self.run_id = run_id
+        super().__init__(message, hint=hint, run_id=run_id)
         self.holder = holder

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import Settings
-from .errors import ConfigError, HpcBridgeError, SchedulerError, TransportError
+from .errors import ConfigError, HpcBridgeError, SchedulerError, Step, TransportError
 from .jobstore import Job, JobStore
 from .schedulers.base import JobStatus, Scheduler, State
 from .schedulers.local import LocalScheduler, array_indices
@@ -155,8 +155,7 @@ def _read_script(local_script: Path) -> str:
         raise SchedulerError(f"cannot read job script {local_script}: {exc}") from None
     if not text.startswith("#!"):
         raise SchedulerError(
-            f"{local_script} does not start with #! (e.g. #!/bin/bash)",
-            hint="render job scripts with `hpcbridge render`",
+            f"{local_script} does not start with #! (e.g. #!/bin/bash)", step=Step.RENDER
         )
     return text
 
@@ -206,8 +205,8 @@ def _check_work_dir_free(store: JobStore, scheduler: Scheduler, work_dir: str, h
     for job in busy:
         raise SchedulerError(
             f"work folder {work_dir} belongs to job {job.native_id}, which is {job.state}",
-            hint=f"wait for it (`hpcbridge jobs {job.native_id}`), cancel it, or render into "
-            "another folder",
+            step=Step.WAIT_FOR_JOB,
+            native_id=job.native_id,
         )
 
 
@@ -347,10 +346,7 @@ def cancel_jobs(store: JobStore, scheduler: Scheduler, ids: Sequence[str]) -> li
             store.save(job)
         done.append(job)
     if missing:
-        raise SchedulerError(
-            f"unknown job id(s): {', '.join(missing)}",
-            hint="`hpcbridge jobs` lists the jobs this profile submitted",
-        )
+        raise SchedulerError(f"unknown job id(s): {', '.join(missing)}", step=Step.LIST_JOBS)
     return done
 
 
@@ -384,7 +380,7 @@ def wait_for(
             raise SchedulerError(
                 f"jobs still running after {timeout:g} s: "
                 + ", ".join(j.native_id for j in report.jobs if not _settled(j)),
-                hint="they keep running; check later with `hpcbridge jobs`",
+                step=Step.CHECK_JOBS_LATER,
             )
         delay = next_delay(delay, interval, changed=bool(report.changed), ceiling=ceiling)
         sleep(delay)

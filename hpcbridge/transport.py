@@ -53,7 +53,8 @@ class Result:
         tail = self.tail()
         raise TransportError(
             f"{what}: `{shlex.join(self.argv)}` exited {self.exit_code}"
-            + (f": {tail}" if tail else "")
+            + (f": {tail}" if tail else ""),
+            result=self,
         )
 
 

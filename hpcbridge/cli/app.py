@@ -17,6 +17,7 @@ import click
 from .. import __version__
 from ..config import Settings, load_settings
 from ..errors import HpcBridgeError
+from . import hints
 from .output import echo, error_line, log_handler
 from .output import fit_widths as fit_widths
 
@@ -30,7 +31,7 @@ class BridgeGroup(click.Group):
         try:
             return super().invoke(ctx)
         except HpcBridgeError as exc:
-            _fail(ctx, exc.message, exc.exit_code, hint=exc.hint)
+            _fail(ctx, exc.message, exc.exit_code, hint=hints.hint(exc))
         except KeyboardInterrupt:
             _fail(ctx, "interrupted", 130)
 

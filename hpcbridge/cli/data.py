@@ -12,6 +12,7 @@ import click
 
 from ..errors import HpcBridgeError, PartialFailure, TemporaryFailure, xnat_away
 from ..units import human_size
+from . import hints
 from .app import main, settings_of
 from .output import ProgressBar, echo, emit_json
 from .params import Number
@@ -50,7 +51,7 @@ def _away_exits(report: Path | None) -> Iterator[None]:
             # The exit code says it already; the report only adds the details.
             with contextlib.suppress(HpcBridgeError):
                 LocalTransport().write_text(str(report), text)
-        raise TemporaryFailure(exc.message, hint=exc.hint, retry_after=retry_after) from None
+        raise TemporaryFailure(exc.message, hint=hints.hint(exc), retry_after=retry_after) from None
 
 
 def _shown_default(name: str, default: Any, kind: Any, text: str) -> Any:
@@ -196,7 +197,7 @@ def _finish(failed: list, total: int) -> None:
     if len(away) == len(failed) == total and total > 1:
         raise TemporaryFailure(
             f"{len(failed)} of {total} scans failed, XNAT away; first: {away[0].message}",
-            hint=away[0].hint,
+            hint=hints.hint(away[0]),
             retry_after=max((e.retry_after or 0 for e in away), default=0) or None,
         )
     scan, err = failed[0]

@@ -11,6 +11,7 @@ import click
 
 from ..errors import HpcBridgeError, PartialFailure, SchedulerError
 from ..schedulers.base import Scheduler, State
+from . import hints
 from .app import main, settings_of
 from .handles import adopt_run_profile, host_key_option, session, take_run_lock
 from .output import echo, emit_json, emit_table, warn
@@ -77,7 +78,7 @@ def _progress(quiet: bool) -> Callable[[Any], None]:
                 extra += f" ({job.reason})"
             echo(f"job {job.native_id} ({job.name}): {job.state}{extra}", err=True)
         if report.error is not None:
-            warn(f"poll failed, will retry: {report.error}")
+            warn(f"poll failed, will retry: {hints.line(report.error)}")
 
     return on_poll
 

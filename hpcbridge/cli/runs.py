@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import PartialFailure, RunBusyError
+from . import hints
 from .app import main, settings_of
 from .handles import busy, host_key_option, say, session, take_run_lock
 from .output import echo, emit_json, emit_table, status_line, warn
@@ -78,7 +79,7 @@ class _Progress:
 
 def _warn(report: Any) -> None:
     for error in report.errors:
-        warn(error)
+        warn(error if isinstance(error, str) else hints.line(error))
 
 
 def _finish(report: Any) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import ConfigError, HpcBridgeError, PartialFailure, RunBusyError
+from . import hints
 from .app import main, settings_for, settings_of
 from .handles import (
     adopt_run_profile,
@@ -169,12 +170,12 @@ class _Sweep:
                 _finish(report)
         except PartialFailure as exc:
             self.partial = True
-            error_line(exc.message, exc.hint)
+            error_line(exc.message, hints.hint(exc))
         except HpcBridgeError as exc:
             self.errors.append(exc.exit_code)
             self.out.add(run.id)
             prefix = "" if exc.message.startswith(f"run {run.id}") else f"run {run.id}: "
-            error_line(prefix + exc.message, exc.hint)
+            error_line(prefix + exc.message, hints.hint(exc))
         finally:
             root.meta["settings"] = base
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import chain
 from ..credentials import Secret
-from ..errors import EXIT_TEMPFAIL, ConfigError, HpcBridgeError, StageError
+from ..errors import EXIT_TEMPFAIL, ConfigError, HpcBridgeError, StageError, Step
 from ..jobs import Job, refresh, submit_script
 from ..ledger import JobRow, JobState
 from ..schedulers.base import State
@@ -78,14 +78,16 @@ class Chained:
         except ConfigError as exc:
             raise ConfigError(
                 f"run {ctx.run.id}: {exc.message}",
-                hint=f"{exc.hint}; then `hpcbridge sync {ctx.run.id}` goes on",
+                hint=exc.hint,
+                step=Step.SYNC_AFTER,
+                run_id=ctx.run.id,
             ) from None
         if mismatch:
             report.errors.append(mismatch)
         try:
             _ensure_token(ctx, report)
         except HpcBridgeError as exc:
-            report.errors.append(f"no chains submitted: {exc}")  # with its hint: what to do
+            report.errors.append(replace(exc, message=f"no chains submitted: {exc.message}"))
             return False
         return True
 

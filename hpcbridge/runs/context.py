@@ -161,7 +161,7 @@ class SyncReport:
     submitted: list[JobRow] = field(default_factory=list)
     uploaded: list[JobRow] = field(default_factory=list)
     failed: list[JobRow] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[str | HpcBridgeError] = field(default_factory=list)  # the CLI words those
     counts: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import chain
 from ..config import Settings
-from ..errors import ConfigError, StageError
+from ..errors import ConfigError, StageError, Step
 from ..ledger import Ledger, Run, RunState
 from ..recipes import Recipe, find, render_script, scan_variables
 from ..stagein import safe_name, scan_folder
@@ -153,7 +153,8 @@ def _scans(
         raise StageError(
             f"no scan below {address} matches "
             + (", ".join([*request.scan_ids, *types]) or "the recipe's scan types"),
-            hint=f"`hpcbridge ls {address}` shows what is there",
+            step=Step.LS,
+            address=str(address),
         )
     return scans
 

@@ -161,7 +161,7 @@ class BatchScheduler(Scheduler):
         result = self._run(argv)
         self.status_calls += 1
         if not result.ok and not self.is_unknown(result.stderr, result.exit_code):
-            raise SchedulerError(f"{argv[0]} failed: {result.said()}")
+            raise SchedulerError.failed(result)
         try:
             return result, self.statuses_from(argv, result.stdout)
         except SchedulerError as exc:
@@ -189,12 +189,12 @@ class BatchScheduler(Scheduler):
             return unknown
         if len(ids) > 1:
             return [i for native_id in ids for i in self._cancel_group([native_id])]
-        raise SchedulerError(f"{argv[0]} failed: {result.said()}")
+        raise SchedulerError.failed(result)
 
     def find_jobs(self, *, name: str, work_dir: str | None = None) -> list[str]:
         self._ready()
         argv = self.find_command(name)
         result = self._run(argv)
         if not result.ok:
-            raise SchedulerError(f"{argv[0]} could not look up jobs named {name}: {result.said()}")
+            raise SchedulerError.failed(result, f"could not look up jobs named {name}")
         return self.found_from(result.stdout)

@@ -78,6 +78,7 @@ class PbsScheduler(BatchScheduler):
                 "qstat is not installed where jobs are submitted",
                 hint="is this a PBS login node? set `scheduler` in the profile "
                 "(pbs, slurm or local)",
+                result=result,
             )
         flavour = self._set_flavour(detect_flavour(result.stdout + result.stderr, result.exit_code))
         log.debug("PBS flavour: %s", flavour)
@@ -123,6 +124,7 @@ class PbsScheduler(BatchScheduler):
         return SchedulerError(
             f"qsub refused the job: {result.said()}",
             hint="check the resource requests (walltime, memory, queue, project) in the script",
+            result=result,
         )
 
     job_id_from = staticmethod(parse_submit)

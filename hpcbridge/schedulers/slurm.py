@@ -82,10 +82,12 @@ class SlurmScheduler(SqueueHooks):
                 "sbatch is not installed where jobs are submitted",
                 hint="is this a Slurm login node? set `scheduler` in the profile "
                 "(pbs, slurm or local)",
+                result=result,
             )
         return SchedulerError(
             f"sbatch refused the job: {result.said()}",
             hint="check the resource requests (time, memory, partition, account) in the script",
+            result=result,
         )
 
     job_id_from = staticmethod(parse_submit)
@@ -102,4 +104,4 @@ class SlurmScheduler(SqueueHooks):
         # scancel acts on each id of its list alone, so a failed call is not repeated per id.
         if unknown_job(result.stderr, result.exit_code):
             return []
-        raise SchedulerError(f"scancel failed: {result.said()}")
+        raise SchedulerError.failed(result)

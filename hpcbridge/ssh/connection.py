@@ -13,11 +13,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import paramiko
 
-from ..errors import SshConnectionError, TransportError
+from ..errors import SshConnectionError, Step, TransportError
 from ..transport import Result
 from .auth import authenticate
 from .base import CHUNK, CONNECTION_ERRORS, Dropped, reason
@@ -69,7 +70,7 @@ class Connection:
                     raise SshConnectionError(
                         f"lost the connection to {self.address} while `{what}` was running; "
                         "the command may or may not have run",
-                        hint="check with `hpcbridge jobs` before submitting again",
+                        step=Step.CHECK_JOBS_FIRST,
                     ) from None
                 if reconnects == 0:
                     raise SshConnectionError(
@@ -183,10 +184,8 @@ class Connection:
         try:
             return self._connect()
         except SshConnectionError as exc:
-            raise SshConnectionError(
-                f"lost the connection to {self.address} and could not reconnect: {exc.message}",
-                hint=exc.hint,
-            ) from None
+            why = f"lost the connection to {self.address} and could not reconnect: {exc.message}"
+            raise replace(exc, message=why) from None  # its hint and facts still hold
 
     def _connect(self) -> paramiko.Transport:
         opened: list[paramiko.Transport] = []

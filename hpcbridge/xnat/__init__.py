@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import Settings, check_xnat_url
 from ..credentials import LoginRefusals, Secret, SessionCache, TokenStore, resolve
-from ..errors import ConfigError, CredentialError
+from ..errors import ConfigError, CredentialError, Step
 from .address import Address
 from .client import XnatClient, raise_for_response
 
@@ -18,11 +18,7 @@ def server_url(settings: Settings) -> str:
     store = TokenStore.under(settings.home)
     url = store.default_server()
     if not url:
-        raise ConfigError(
-            "no XNAT server configured",
-            hint="run `hpcbridge login --xnat URL`, use `--profile sandbox` after "
-            "`hpcbridge sandbox start`, or set HPCBRIDGE_XNAT",
-        )
+        raise ConfigError("no XNAT server configured", step=Step.CHOOSE_SERVER)
     # A login by an older hpcbridge may have stored a URL today's rules refuse.
     return check_xnat_url(
         url,
@@ -49,11 +45,7 @@ def connect(
     if secret is None:
         secret = resolve(url, user=settings.user, home=settings.home)
     if secret is None:
-        raise CredentialError(
-            f"no credentials for {url}",
-            hint=f"run `hpcbridge login --xnat {url}`, set HPCBRIDGE_USER and "
-            "HPCBRIDGE_PASSWORD, or add the host to ~/.netrc",
-        )
+        raise CredentialError(f"no credentials for {url}", step=Step.LOGIN_AT, url=url)
     cache = SessionCache.under(settings.home) if cache_session else None
     return XnatClient(
         url,

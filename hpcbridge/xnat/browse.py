@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import AddressError, XnatNotFoundError, XnatServerError
+from ..errors import AddressError, Step, XnatNotFoundError, XnatServerError
 from .address import Address
 from .client import XnatClient
 from .model import Experiment, FileEntry, Project, Resource, Scan, ScanRef, Subject
@@ -217,10 +217,10 @@ def require(client: XnatClient, address: Address) -> None:
         try:
             client.request("GET", path, str(a), params={"format": "json"})
         except XnatNotFoundError:
-            above = f"hpcbridge ls {str(a).rsplit('/', 1)[0]}" if a.depth > 1 else "hpcbridge ls"
             raise XnatNotFoundError(
                 f"not found: {a} ({missing})",
-                hint=f"`{above}` lists what is there",
+                step=Step.LS_ABOVE if a.depth > 1 else Step.LS_TOP,
+                address=str(a).rsplit("/", 1)[0],
                 status=404,
             ) from None
 

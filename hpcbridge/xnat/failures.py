@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import requests
 
 from ..errors import (
+    Step,
     XnatAuthError,
     XnatConflictError,
     XnatConnectionError,
@@ -28,7 +29,6 @@ from ..errors import (
 )
 
 RETRY_STATUSES = (502, 503, 504)
-LOGIN_HINT = "run `hpcbridge login`"
 TLS_HELP = "see docs/troubleshooting.md#tls"
 
 
@@ -66,7 +66,7 @@ def raise_for_response(resp: requests.Response, what: str) -> None:
     if status == 401 or (status < 300 and login_page):
         raise XnatAuthError(
             f"XNAT refused the session or credentials ({what})",
-            hint=LOGIN_HINT,
+            step=Step.LOGIN,
             status=status,
             url=url,
         )
@@ -75,8 +75,7 @@ def raise_for_response(resp: requests.Response, what: str) -> None:
     if status == 403:
         raise XnatPermissionError(
             f"not allowed: {what}{detail}",
-            hint="`hpcbridge whoami` shows who you are logged in as; ask the project's owner "
-            "for access",
+            step=Step.WHOAMI,
             status=status,
             url=url,
         )

@@ -16,7 +16,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from ..config import check_xnat_url, display_url
-from ..errors import XnatConnectionError, XnatError, XnatServerError
+from ..errors import Step, XnatConnectionError, XnatError, XnatServerError
 from .failures import RETRY_STATUSES, _reason, _tls_error
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,7 @@ class HttpBase:
                     continue
                 raise XnatConnectionError(
                     f"cannot reach XNAT at {self.base}: {_reason(exc)}",
-                    hint="check the URL with `hpcbridge config show`, and that this machine "
-                    "can reach the server",
+                    step=Step.CHECK_URL,
                     url=self.base,
                 ) from None
             except requests.Timeout:

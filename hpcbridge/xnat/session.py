@@ -14,8 +14,8 @@ import requests
 
 from ..config import insecure_http
 from ..credentials import LoginRefusals, Secret, SessionCache
-from ..errors import XnatAuthError, XnatError, XnatServerError
-from .failures import LOGIN_HINT, looks_like_login_page, raise_for_response
+from ..errors import Step, XnatAuthError, XnatError, XnatServerError
+from .failures import looks_like_login_page, raise_for_response
 from .http import HttpBase
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class SessionBase(HttpBase):
         """
         creds = self.credentials
         if creds is None:
-            raise XnatAuthError(f"no credentials for {self.base}", hint=LOGIN_HINT)
+            raise XnatAuthError(f"no credentials for {self.base}", step=Step.LOGIN)
         if self.refusals is not None and not retry_refused:
             refused = self.refusals.get(self.base, creds.user, creds.secret)
             if refused is not None:
@@ -137,7 +137,7 @@ class SessionBase(HttpBase):
                     f"XNAT refused the {_credential_kind(creds)} for {_who(creds)} at "
                     f"{self.base} {_when(refused.refused_at)}; not trying again, to keep XNAT "
                     "from locking the account",
-                    hint=LOGIN_HINT,
+                    step=Step.LOGIN,
                     url=self.base,
                 )
         self._warn_clear_text()
@@ -177,7 +177,7 @@ class SessionBase(HttpBase):
                 f"XNAT at {self.base} refused the credentials of {creds.user} (from "
                 f"{creds.source}); wrong password, locked account, or too many open sessions"
             )
-        return XnatAuthError(why, hint=LOGIN_HINT, status=status, url=self.base)
+        return XnatAuthError(why, step=Step.LOGIN, status=status, url=self.base)
 
     def logout(self) -> None:
         """End the server session now, cached or not, and forget it."""

@@ -37,6 +37,7 @@ from test_runs import (  # noqa: F401  (fixtures are found by name)
     write_recipe,
 )
 
+from hpcbridge.cli import hints
 from hpcbridge.config import load_settings
 from hpcbridge.errors import ConfigError
 from hpcbridge.ledger import Ledger
@@ -537,8 +538,9 @@ def test_sync_submits_no_chain_once_a_pbs_profile_lacks_its_transfer_queue(
             f"run {plan.run.id}: run --chain on the pbs scheduler needs the profile's "
             "transfer_queue"
         )
-        assert stopped.value.hint is not None
-        assert stopped.value.hint.endswith(f"then `hpcbridge sync {plan.run.id}` goes on")
+        hint = hints.hint(stopped.value)
+        assert hint is not None
+        assert hint.endswith(f"then `hpcbridge sync {plan.run.id}` goes on")
         assert {job.state.value for job in ledger.jobs(plan.run.id)} == {"planned"}
     assert local_jobs(isolated_home) == []
 

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from hpcbridge import recipes
+from hpcbridge.cli import hints
 from hpcbridge.errors import SchedulerError
 from hpcbridge.jobs import Job, JobStore, cancel_jobs, refresh, submit_script, wait_for
 from hpcbridge.schedulers.base import JobStatus, State
@@ -571,7 +572,8 @@ def test_a_work_folder_in_use_is_refused(
     with pytest.raises(SchedulerError, match=f"belongs to job {first.native_id}") as err:
         submit_script(store, sched, second)
     assert str(work) in err.value.message
-    assert err.value.hint and "cancel" in err.value.hint
+    hint = hints.hint(err.value)
+    assert hint and "cancel" in hint
     # The running job was not disturbed: its started file is still there.
     assert (work / ".hpcbridge" / "started.json").exists()
     assert [j.native_id for j in store.all()] == [first.native_id]

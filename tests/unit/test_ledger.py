@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from hpcbridge import ledger as ledger_mod
+from hpcbridge.cli import hints
 from hpcbridge.config import load_settings
 from hpcbridge.errors import HpcBridgeError, LedgerError
 from hpcbridge.ledger import (
@@ -218,7 +219,8 @@ def test_runs_round_trip_their_json(ledger: Ledger) -> None:
 def test_an_unknown_run_says_where_to_look(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="no run 42") as err:
         ledger.run(42)
-    assert "`hpcbridge runs` lists the runs" in (err.value.hint or "")
+    assert err.value.run_id == 42
+    assert "`hpcbridge runs` lists the runs" in (hints.hint(err.value) or "")
     with pytest.raises(LedgerError, match="no run 42"):
         ledger.set_run_state(42, "done")
     with pytest.raises(LedgerError, match="no run 42"):
