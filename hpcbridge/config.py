@@ -43,7 +43,7 @@ from .config_values import (  # noqa: F401 - config's API before config_values h
     ssh_destination,
     xnat_url,
 )
-from .errors import ConfigError
+from .errors import ConfigError, Step
 
 ENV_PREFIX = "HPCBRIDGE_"
 
@@ -229,7 +229,8 @@ def _profile_table(data: dict[str, Any], name: str, path: Path, explicit: bool) 
         known = sorted(set(profiles) | set(BUILTIN_PROFILES))
         raise ConfigError(
             f"no profile named {name!r} in {path}",
-            hint=f"known profiles: {', '.join(known)}" if known else "run `hpcbridge config init`",
+            hint=f"known profiles: {', '.join(known)}" if known else None,
+            step=None if known else Step.CONFIG_INIT,
         )
     return {}
 

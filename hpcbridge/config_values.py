@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigError, HpcBridgeError
+from .errors import ConfigError, HpcBridgeError, Step
 
 SCHEDULERS = ("local", "pbs", "torque", "slurm")
 
@@ -20,10 +20,11 @@ class Unfit(ValueError):
     """A value refused with a message of its own, for when "KEY must be ..., not VALUE" would
     quote a secret (a password in a URL) or not say what is wrong (a missing file)."""
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, step: Step | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.step = step
 
 
 def _to_bool(value: Any) -> bool:
@@ -132,12 +133,6 @@ def display_url(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
 
 
-CREDENTIALS_IN_URL_HINT = (
-    "give the user name with --user or the profile's `user`, and the password to "
-    "`hpcbridge login`, which asks for it"
-)
-
-
 def ssh_destination(value: Any) -> str:
     """An SSH destination as settings accept it: ``[user@]host[:port]``, a Host alias or
     ``ssh://[user@]host[:port]``, never with a password (hpcbridge logs in with keys only, and
@@ -166,9 +161,7 @@ def xnat_url(value: Any) -> str:
     if text == "sandbox":
         return text
     if redact_url(text) != text:
-        raise Unfit(
-            f"the XNAT URL {display_url(text)} contains credentials", hint=CREDENTIALS_IN_URL_HINT
-        )
+        raise Unfit(f"the XNAT URL {display_url(text)} contains credentials", step=Step.LOGIN_ASKS)
     if "?" in text or "#" in text:
         raise Unfit(
             f"the XNAT URL {display_url(text)} has a query or fragment (?... or #...)",
@@ -209,7 +202,7 @@ def check_xnat_url(url: str, *, allow_insecure_http: bool, origin: str | None = 
     try:
         text = xnat_url(url)
     except Unfit as exc:
-        raise ConfigError(where + exc.message, hint=exc.hint) from None
+        raise ConfigError(where + exc.message, hint=exc.hint, step=exc.step) from None
     except (TypeError, ValueError):
         raise ConfigError(f"{where}xnat must be {_URL_WANTED}, not {url!r}") from None
     if insecure_http(text) and not allow_insecure_http:
@@ -253,6 +246,6 @@ def convert_setting(key: str, value: Any, origin: str) -> Any:
     try:
         return convert(value)
     except Unfit as exc:
-        raise ConfigError(f"{origin}: {exc.message}", hint=exc.hint) from None
+        raise ConfigError(f"{origin}: {exc.message}", hint=exc.hint, step=exc.step) from None
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{origin}: {key} must be {wanted}, not {value!r}") from None

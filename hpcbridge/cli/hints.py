@@ -29,6 +29,11 @@ WORDS = {
     "another folder",
     Step.LIST_JOBS: "`hpcbridge jobs` lists the jobs this profile submitted",
     Step.CHECK_JOBS_LATER: "they keep running; check later with `hpcbridge jobs`",
+    Step.LOGIN_ASKS: "give the user name with --user or the profile's `user`, and the password to "
+    "`hpcbridge login`, which asks for it",
+    Step.CONFIG_INIT: "run `hpcbridge config init`",
+    Step.LIST_RECIPES: "{e.hint}; see `hpcbridge recipes list`",
+    Step.RECIPES_WHY: "`hpcbridge recipes list` shows why",
     Step.CHECK_JOBS_FIRST: "check with `hpcbridge jobs` before submitting again",
 }
 

@@ -25,6 +25,7 @@ import click
 
 from ..text import printable
 from ..units import human_size
+from .hints import WORDS
 
 # Erase from the cursor to the end of the line: a shorter progress line must not leave the
 # tail of a longer one behind.
@@ -129,7 +130,9 @@ class PrintableFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         # "hpcbridge: warning: ..." as warn() prints it, whichever of the two a warning took
         shown = logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()})
-        return printable(super().formatMessage(shown))
+        step = getattr(record, "step", None)
+        words = f"; {WORDS[step]}" if step is not None else ""
+        return printable(super().formatMessage(shown) + words)
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
         return printable(super().formatException(ei), multiline=True)

@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from ..errors import RecipeError
+from ..errors import RecipeError, Step
 from .model import PARAM_TYPES, Output, Parameter, Recipe, one_line, read_resources, unknown_keys
 from .render import builtin_dir, check_render, check_template
 
@@ -349,8 +349,9 @@ def _report_broken(broken: list[BrokenRecipe]) -> None:
         log.warning("skipped a broken recipe: %s", new[0].error)
     elif new:
         paths = ", ".join(str(b.path) for b in new)
+        # The command line adds the step's words (cli/output.py).
         log.warning(
-            "skipped %d broken recipes (%s); `hpcbridge recipes list` shows why", len(new), paths
+            "skipped %d broken recipes (%s)", len(new), paths, extra={"step": Step.RECIPES_WHY}
         )
 
 
@@ -371,7 +372,8 @@ def find(name: str, extra: list[Path] | None = None, home: Path | None = None) -
     if name not in recipes:
         raise RecipeError(
             f"no recipe named {name!r}",
-            hint=f"known: {', '.join(sorted(recipes)) or 'none'}; see `hpcbridge recipes list`",
+            hint=f"known: {', '.join(sorted(recipes)) or 'none'}",
+            step=Step.LIST_RECIPES,
         )
     recipe = recipes[name]
     check_render(recipe)

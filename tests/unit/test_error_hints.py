@@ -24,6 +24,7 @@ from hpcbridge.errors import (
     CredentialError,
     HpcBridgeError,
     LedgerError,
+    RecipeError,
     SchedulerError,
     Step,
     TransportError,
@@ -39,11 +40,6 @@ PACKAGE = Path(__file__).resolve().parents[2] / "hpcbridge"
 #: module is converted.
 ALLOWED = {
     ", hpcbridge run ",
-    "skipped %d broken recipes (%s); `hpcbridge recipes list` shows why",
-    "; see `hpcbridge recipes list`",
-    "give the user name with --user or the profile's `user`, and the password to "
-    "`hpcbridge login`, which asks for it",
-    "run `hpcbridge config init`",
 }
 
 
@@ -167,6 +163,23 @@ LINES = [
     (
         SchedulerError("jobs still running after 5 s: 7", step=Step.CHECK_JOBS_LATER),
         "jobs still running after 5 s: 7 (they keep running; check later with `hpcbridge jobs`)",
+    ),
+    (
+        ConfigError("the XNAT URL https://***@x contains credentials", step=Step.LOGIN_ASKS),
+        "the XNAT URL https://***@x contains credentials (give the user name with --user or the "
+        "profile's `user`, and the password to `hpcbridge login`, which asks for it)",
+    ),
+    (
+        ConfigError("no profile named 'lab' in /c.toml", step=Step.CONFIG_INIT),
+        "no profile named 'lab' in /c.toml (run `hpcbridge config init`)",
+    ),
+    (
+        RecipeError("no recipe named 'x'", hint="known: dcm2niix", step=Step.LIST_RECIPES),
+        "no recipe named 'x' (known: dcm2niix; see `hpcbridge recipes list`)",
+    ),
+    (
+        HpcBridgeError("skipped 2 broken recipes (a, b)", step=Step.RECIPES_WHY),
+        "skipped 2 broken recipes (a, b) (`hpcbridge recipes list` shows why)",
     ),
     (
         TransportError("lost the connection", step=Step.CHECK_JOBS_FIRST),

@@ -19,7 +19,8 @@ import jinja2.sandbox
 import pytest
 
 from hpcbridge import recipes
-from hpcbridge.errors import RecipeError
+from hpcbridge.cli import hints
+from hpcbridge.errors import RecipeError, Step
 
 NOT_CODE = "a recipe may use its variables, filters and tests, not Python's internals"
 PATHS = {"input_dir": "/w/in", "output_dir": "/w/out", "work_dir": "/w"}
@@ -321,9 +322,10 @@ def test_broken_recipes_are_kept_apart_and_reported_once(
     with caplog.at_level(logging.WARNING, logger="hpcbridge"):
         assert recipes.find("good", [lab]).name == "good"
         assert recipes.find("dcm2niix", [lab]).origin == "built-in"  # warned once, not again
-    assert [r.getMessage() for r in caplog.records] == [
-        f"skipped 2 broken recipes ({bad_toml}, {no_command}); `hpcbridge recipes list` shows why"
+    assert [(r.getMessage(), r.step) for r in caplog.records] == [
+        (f"skipped 2 broken recipes ({bad_toml}, {no_command})", Step.RECIPES_WHY)
     ]
+    assert hints.WORDS[Step.RECIPES_WHY] == "`hpcbridge recipes list` shows why"
     with pytest.raises(RecipeError) as err:
         recipes.find("nocmd", [lab])
     assert err.value.message == f"{no_command}: [run] command is missing"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpcbridge import recipes
+from hpcbridge.cli import hints
 from hpcbridge.errors import RecipeError
 
 if sys.version_info >= (3, 11):
@@ -330,7 +331,9 @@ def test_find_unknown_name(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as err:
         recipes.find("nosuch")
     assert err.value.message == "no recipe named 'nosuch'"
-    assert err.value.hint == ("known: dcm2niix, dicom-qc, fsl-bet; see `hpcbridge recipes list`")
+    assert (
+        hints.hint(err.value) == "known: dcm2niix, dicom-qc, fsl-bet; see `hpcbridge recipes list`"
+    )
 
 
 def test_find_by_path(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from hpcbridge.cli import hints
 from hpcbridge.config import display_url, load_settings
 from hpcbridge.errors import ConfigError
 
@@ -31,7 +32,8 @@ def _load(tmp_path: Path, env: dict[str, str] | None = None, toml: str | None = 
 def _refused(tmp_path: Path, env: dict[str, str] | None = None, toml: str | None = None) -> str:
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, env, toml)
-    text = str(caught.value)
+    # The line the command line prints: a next step that names a command is worded there.
+    text = hints.line(caught.value)
     assert "\n" not in text
     return text
 
