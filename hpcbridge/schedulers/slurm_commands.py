@@ -1,10 +1,8 @@
-"""Slurm's commands, pure: argv lists for sbatch/squeue/scancel and parsers for their output
-and scontrol's.
+"""Slurm's commands, pure: argv lists for sbatch/squeue/scancel and parsers for their output.
 
 Nothing here runs a command: :class:`~hpcbridge.schedulers.slurm.SlurmScheduler` hands the argv
 to its transport. Every option is passed as ``--name=value`` so each value is exactly one argv
-element. Facts come from ``schedulers.md`` and the Slurm man pages (squeue "JOB STATE CODES",
-scontrol "show job").
+element. Facts come from ``schedulers.md`` and the Slurm man pages (squeue "JOB STATE CODES").
 """
 
 from __future__ import annotations
@@ -192,52 +190,8 @@ def parse_squeue(text: str) -> dict[str, JobStatus]:
     return statuses
 
 
-def _field(text: str, key: str) -> str | None:
-    match = re.search(rf"(?:^|\s){key}=(\S*)", text)
-    return match.group(1) if match else None
-
-
-def parse_scontrol(text: str) -> JobStatus | None:
-    """Parse ``scontrol show job ID``; None when it shows no job (e.g. an invalid id).
-
-    Only the first record is read: an array parent prints one record per task.
-    """
-    record = text.strip().split("\n\n", 1)[0]
-    native_id = _field(record, "JobId")
-    if not native_id:
-        return None
-    raw = _field(record, "JobState") or ""
-    state = _map_state(raw, native_id)
-    exit_code = signal = None
-    exit_field = _field(record, "ExitCode")
-    if exit_field and re.match(r"^\d+:\d+$", exit_field):
-        exit_code, signal = (int(part) for part in exit_field.split(":"))
-        if signal != 0 and state is State.FINISHED:
-            state = State.FAILED  # killed by a signal even if Slurm calls it completed
-    # JobName is free text up to the next " Key=" on the same line.
-    name_match = re.search(r"(?:^|\s)JobName=(.*?)(?=\s+\w+=|$)", record, re.MULTILINE)
-    killed_by = _KILLED_BY.get(raw)
-    # Memory asked per node or per CPU, whichever the job used ("MinMemoryNode=2G").
-    memory = _field(record, "MinMemoryNode") or _field(record, "MinMemoryCPU") or ""
-    array_task = _field(record, "ArrayTaskId")
-    array_job = _field(record, "ArrayJobId")
-    if array_job and array_task and re.match(r"^\d+$", array_task):
-        native_id = f"{array_job}_{array_task}"  # the id squeue would show for the task
-    return JobStatus(
-        native_id=native_id,
-        state=state,
-        raw_state=raw,
-        exit_code=exit_code,
-        name=name_match.group(1) if name_match else "",
-        reason=_reason(_field(record, "Reason") or ""),
-        signal=signal or None,
-        killed_by=killed_by or ("signal" if signal else None),
-        limit=_limit(killed_by, _field(record, "TimeLimit") or "", memory),
-    )
-
-
 def unknown_job(stderr: str, returncode: int) -> bool:
-    """True when squeue/scontrol/scancel failed because Slurm no longer knows the job."""
+    """True when squeue/scancel failed because Slurm no longer knows the job."""
     return returncode != 0 and "invalid job id" in stderr.lower()
 
 

@@ -176,63 +176,6 @@ def test_parse_squeue_unlimited_time_is_no_limit() -> None:
     assert explain_kill(status).startswith("killed: walltime exceeded; ")
 
 
-def test_parse_scontrol_timeout_names_its_limit() -> None:
-    text = (
-        "JobId=7 JobName=a\n   JobState=TIMEOUT Reason=TimeLimit\n   ExitCode=0:15\n"
-        "   RunTime=00:20:01 TimeLimit=00:20:00 TimeMin=N/A\n   MinCPUsNode=1 MinMemoryNode=2G\n"
-    )
-    status = slurm.parse_scontrol(text)
-    assert status is not None
-    assert (status.state, status.killed_by, status.limit) == (State.FAILED, "walltime", "00:20:00")
-    oom = slurm.parse_scontrol(text.replace("TIMEOUT", "OUT_OF_MEMORY"))
-    assert oom is not None and (oom.killed_by, oom.limit) == ("memory", "2G")
-
-
-def test_parse_scontrol_failed() -> None:
-    status = slurm.parse_scontrol(_read("scontrol_failed.txt"))
-    assert status is not None
-    assert status.native_id == "4106"
-    assert status.state is State.FAILED
-    assert status.raw_state == "FAILED"
-    assert status.exit_code == 3
-    assert status.signal is None
-    assert status.reason == "NonZeroExitCode"
-    assert status.name == "align sub04"
-
-
-@pytest.mark.parametrize(
-    ("text", "state", "exit_code", "signal"),
-    [
-        ("JobId=7 JobName=a\n   JobState=COMPLETED Reason=None\n   ExitCode=0:0\n",
-         State.FINISHED, 0, None),
-        ("JobId=7 JobName=a\n   JobState=COMPLETED Reason=None\n   ExitCode=0:9\n",
-         State.FAILED, 0, 9),
-        ("JobId=7 JobName=a\n   JobState=CANCELLED Reason=None\n   ExitCode=0:15\n",
-         State.CANCELLED, 0, 15),
-        ("JobId=7 JobName=a\n   JobState=PENDING Reason=DependencyNeverSatisfied\n"
-         "   ExitCode=0:0\n", State.QUEUED, 0, None),
-        ("JobId=7 JobName=a\n   JobState=MYSTERY Reason=None\n", State.UNKNOWN, None, None),
-    ],
-)  # fmt: skip
-def test_parse_scontrol_table(
-    text: str, state: State, exit_code: int | None, signal: int | None
-) -> None:
-    status = slurm.parse_scontrol(text)
-    assert status is not None
-    assert (status.state, status.exit_code, status.signal) == (state, exit_code, signal)
-
-
-def test_parse_scontrol_array_task_uses_squeue_id() -> None:
-    text = "JobId=4124 ArrayJobId=4120 ArrayTaskId=4 JobName=b\n   JobState=RUNNING Reason=None\n"
-    status = slurm.parse_scontrol(text)
-    assert status is not None and status.native_id == "4120_4"
-
-
-@pytest.mark.parametrize("text", ["", "slurm_load_jobs error: Invalid job id specified\n"])
-def test_parse_scontrol_no_job(text: str) -> None:
-    assert slurm.parse_scontrol(text) is None
-
-
 @pytest.mark.parametrize(
     ("stderr", "rc", "unknown"),
     [
