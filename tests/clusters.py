@@ -143,6 +143,8 @@ def chain_settings(kind: str, request: pytest.FixtureRequest) -> str:
     PYTHONPATH."""
     import sys
 
+    if kind == "local":
+        return ""  # the local scheduler's defaults: this Python's hpcbridge, no queues
     if kind != "pbspro":
         bridge = shlex.join([sys.executable, "-m", "hpcbridge"])
         queue = "batch"

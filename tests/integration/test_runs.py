@@ -31,6 +31,7 @@ from clusters import EVERY_SCHEDULER, SchedulerQueue, scheduler_of
 from scenario import (
     PROVENANCE_FILE,
     RUN_T1,
+    SUBJECTS,
     T1_OUTPUTS,
     T1_SCANS,
     WAIT_LIMIT,
@@ -234,9 +235,13 @@ def bridge() -> Iterator[Callable[..., Bridge]]:
 # --- 1 and 2: the whole flow, one XNAT session, one status call per pass ----------------------
 
 
-def test_run_wait_converts_every_t1_and_records_provenance(xnat: Xnat, isolated_home: Path) -> None:
+@pytest.mark.parametrize("kind", EVERY_SCHEDULER, indirect=True)
+def test_run_wait_converts_every_t1_and_records_provenance(
+    kind: str, run_profile: Path, xnat: Xnat, scheduler_queue: SchedulerQueue
+) -> None:
+    limit, fast = (WAIT_LIMIT, FAST) if kind == "local" else (CLUSTER_WAIT_LIMIT, CLUSTER_FAST)
     before = xnat.stats()
-    done = hb(*RUN_T1, "--wait", *FAST)
+    done = hb(*RUN_T1, "--wait", *fast, timeout=limit)
     after = xnat.stats()
     assert done.returncode == 0, done.stderr
     assert done.stdout == "1\n"  # stdout is the run id, for scripts
@@ -260,7 +265,7 @@ def test_run_wait_converts_every_t1_and_records_provenance(xnat: Xnat, isolated_
         assert prov["run"] == 1
         assert prov["converter_version"]
         assert prov["converter_version"] == sidecar["ConversionSoftwareVersion"]
-        assert prov["job"]["scheduler"] == "local" and prov["job"]["exit_code"] == 0
+        assert prov["job"]["scheduler"] == scheduler_of(kind) and prov["job"]["exit_code"] == 0
         assert prov["files"] == ["Ax_3D_T1_4.json", "Ax_3D_T1_4.nii.gz"]
         # The source DICOM is untouched.
         assert len(xnat.files(scan, "DICOM")) == 12
@@ -274,7 +279,17 @@ def test_run_wait_converts_every_t1_and_records_provenance(xnat: Xnat, isolated_
         assert sorted(u["name"] for u in job["uploaded"]) == T1_OUTPUTS
         assert {u["resource"] for u in job["uploaded"]} == {"NIFTI"}
     assert data["counts"]["uploaded"] == 3
-    assert len(local_jobs(isolated_home)) == 3
+    assert all(j["job_id"] for j in data["jobs"])  # the scheduler's ids are recorded
+    for subject in SUBJECTS:
+        files = {u["name"] for j in data["jobs"] if subject in j["scan"] for u in j["uploaded"]}
+        assert {"Ax_3D_T1_4.nii.gz", "Ax_3D_T1_4.json", PROVENANCE_FILE} <= files
+    assert len(scheduler_queue.under(run_profile)) == 3
+    # the job ran on the scheduler's side of the transport, in the work_root
+    assert list(run_profile.glob("run-*/Haofei01_MR1/scans/4-*/out/Ax_3D_T1_4.nii.gz"))
+    # each job is in XNAT's history of its session, ended Complete, with the scheduler's id
+    entries = {w["jobID"]: w for w in xnat.workflows("hpcbridge/dcm2niix scan 4")}
+    for job in data["jobs"]:
+        assert entries[job["job_id"]]["status"] == "Complete"
 
     table = cli("status")
     assert table.exit_code == 0, table.output
@@ -284,9 +299,14 @@ def test_run_wait_converts_every_t1_and_records_provenance(xnat: Xnat, isolated_
     rows = [line.split() for line in lines[2:5]]
     assert [r[0] for r in rows] == T1_SCANS
     assert all(r[1] == "uploaded" and r[-2:] == ["0", "NIFTI"] for r in rows)
-    assert sorted(r[2] for r in rows) == ["1", "2", "3"]
+    assert sorted(r[2] for r in rows) == sorted(j["job_id"] for j in data["jobs"])
+    assert kind != "local" or sorted(r[2] for r in rows) == ["1", "2", "3"]
     assert lines[5:] == ["3 uploaded"]
     assert table.stderr == ""
+
+    # a second run finds nothing left to do
+    again = cli(*RUN_T1)
+    assert again.exit_code == 0 and "nothing to do" in again.stderr
 
 
 def test_one_scheduler_status_call_per_sync_pass_for_all_jobs(
