@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated HPCBRIDGE_HOME for every test, and sandbox servers on loopback."""
+"""Shared fixtures: an isolated HPCBRIDGE_HOME for every test, sandbox servers on loopback, the
+CI clusters, and (from clusters.py) a profile for each scheduler a scenario runs on."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import pytest
 import requests
 
 from hpcbridge.sandbox import AuthSettings, SandboxServer
+
+# Fixtures of the scenarios run on every scheduler, and of the job-environment tests.
+pytest_plugins = ["clusters", "jobenv"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # Read at import: the isolated_home fixture clears HPCBRIDGE_* variables for every test.

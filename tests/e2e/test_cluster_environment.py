@@ -1,5 +1,6 @@
 """No secret of the submitting environment reaches a job on the CI cluster: sbatch and qsub
-(Slurm's PBS wrappers), run on the login node itself and over SSH, through `hpcbridge submit`.
+(Slurm's PBS wrappers) over SSH, through `hpcbridge submit`. (Submitted on the login node
+itself: tests/integration/test_job_environment.py, one test for local, sbatch and qsub.)
 
 Random secrets are set under every name hpcbridge or xnatpy reads a secret from. On the login
 node they are in this process's environment, which sbatch exports by default. Over SSH the
@@ -12,7 +13,6 @@ canary variable that is no secret must arrive (the job does see the submitting e
 
 from __future__ import annotations
 
-import secrets
 import socket
 import subprocess
 import time
@@ -21,41 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
-
-from hpcbridge.cli import main
+from jobenv import (
+    assert_no_secret,
+    run_envdump,
+    write_profile,
+)
 
 pytestmark = pytest.mark.e2e
 
 SSHD = "/usr/sbin/sshd"
-SECRET_VARIABLES = ("HPCBRIDGE_PASSWORD", "XNAT_PASS", "XNATPY_PASS", "XNATPY_JSESSION", "NETRC")
 WAIT = ("--interval", "0.3", "--timeout", "120")
-
-ENV_RECIPE = """name = "envdump"
-description = "writes the environment the job was given"
-[run]
-command = '''
-env > {{ output_dir }}/env.txt
-tr '\\0' '\\n' < /proc/$$/environ > {{ output_dir }}/environ.txt
-'''
-[resources]
-memory = "100MB"
-walltime = "00:05:00"
-"""
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
-
-@pytest.fixture()
-def secret_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Random secrets under every secret-bearing name, and a canary, in this environment."""
-    values = {name: f"{name.lower()}-{secrets.token_hex(12)}" for name in SECRET_VARIABLES}
-    values["ENV_CANARY"] = f"canary-{secrets.token_hex(12)}"
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
 
 
 def _free_port() -> int:
@@ -127,64 +102,13 @@ SetEnv {setenv}
             proc.wait(timeout=10)
 
 
-def write_profile(home: Path, kind: str, ssh_config: Path | None) -> None:
-    home.mkdir(parents=True, exist_ok=True)
-    where = f'host = "secret-login"\nssh_config = "{ssh_config}"\n' if ssh_config else ""
-    (home / "config.toml").write_text(
-        f'default_profile = "ci"\n\n[profiles.ci]\n{where}scheduler = "{kind}"\n'
-        "poll_interval = 0.3\n"
-    )
-
-
-def run_envdump(kind: str, tmp_path: Path) -> tuple[str, str]:
-    """Render, submit and wait for the envdump job; what it wrote: (env, process environment)."""
-    recipes_dir = tmp_path / "recipes"
-    recipes_dir.mkdir()
-    (recipes_dir / "envdump.toml").write_text(ENV_RECIPE)
-    base = tmp_path / "envdump"
-    (base / "in").mkdir(parents=True)
-    script = base / "job.sh"
-    rendered = cli(
-        "render", "envdump", "--recipes", str(recipes_dir), "--scheduler", kind,
-        "--input", str(base / "in"), "--output", str(base / "out"), "--name", "envdump",
-        "-o", str(script),
-    )  # fmt: skip
-    assert rendered.exit_code == 0, rendered.output
-    submitted = cli("submit", str(script))
-    assert submitted.exit_code == 0, submitted.output
-    job_id = submitted.stdout.strip()
-    waited = cli("jobs", job_id, "--wait", *WAIT)
-    assert waited.exit_code == 0, waited.output
-    out = base / "out"
-    return (out / "env.txt").read_text(), (out / "environ.txt").read_text()
-
-
-def assert_no_secret(text: str, secret_env: dict[str, str], what: str) -> None:
-    assert secret_env["ENV_CANARY"] in text, f"{what} does not show the submitting environment"
-    leaked = [name for name in SECRET_VARIABLES if secret_env[name] in text]
-    assert not leaked, f"{what} holds the value of {', '.join(leaked)}"
-    leaked = [name for name in SECRET_VARIABLES if f"\n{name}=" in f"\n{text}"]
-    assert not leaked, f"{what} sets {', '.join(leaked)}"
-
-
-@pytest.mark.usefixtures("scheduler_queue")
-@pytest.mark.parametrize("kind", ["slurm", "pbs"])
-def test_job_submitted_on_the_login_node_gets_no_secret(
-    kind: str, tmp_path: Path, isolated_home: Path, secret_env: dict[str, str]
-) -> None:
-    write_profile(isolated_home, kind, None)
-    env, environ = run_envdump(kind, tmp_path)
-    assert_no_secret(env, secret_env, f"the env of a {kind} job")
-    assert_no_secret(environ, secret_env, f"the process environment of a {kind} job")
-
-
 @pytest.mark.usefixtures("scheduler_queue")
 @pytest.mark.parametrize("kind", ["slurm", "pbs"])
 def test_job_submitted_over_ssh_gets_no_secret_of_the_login_shell(
     kind: str, tmp_path: Path, isolated_home: Path, secret_env: dict[str, str], secret_sshd: Path
 ) -> None:
     write_profile(isolated_home, kind, secret_sshd)
-    env, environ = run_envdump(kind, tmp_path)
+    env, environ = run_envdump(kind, tmp_path, WAIT)
     assert_no_secret(env, secret_env, f"the env of a {kind} job over SSH")
     assert_no_secret(environ, secret_env, f"the process environment of a {kind} job over SSH")
 
@@ -198,6 +122,6 @@ def test_sbatch_export_policy_does_not_depend_on_the_site(
     # policy is explicit, so the canary arrives even where the default exports nothing.
     monkeypatch.setenv("SBATCH_EXPORT", "NONE")
     write_profile(isolated_home, "slurm", None)
-    env, environ = run_envdump("slurm", tmp_path)
+    env, environ = run_envdump("slurm", tmp_path, WAIT)
     assert_no_secret(env, secret_env, "the env of a job submitted with SBATCH_EXPORT=NONE")
     assert_no_secret(environ, secret_env, "the process environment of that job")

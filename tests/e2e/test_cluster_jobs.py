@@ -2,7 +2,9 @@
 sbatch on the single-node Slurm that tests/cluster/up.sh started, running the real dcm2niix.
 
 Every test goes through the command line a user types, with a profile that names the SSH host.
-The cluster and the test share one machine, so the job's files are checked directly.
+The cluster and the test share one machine, so the job's files are checked directly. (Whole
+runs, XNAT -> SSH -> the scheduler -> XNAT, are tests/integration/test_runs.py's and
+test_chains.py's, written once for the local scheduler and the clusters.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 import psutil
 import pytest
-import requests
 from click.testing import CliRunner, Result
 
 from hpcbridge.cli import main
@@ -339,36 +340,6 @@ def test_refused_key_is_an_authentication_error(
     assert "refused" in refused.stderr.lower()
     assert str(stranger) in refused.stderr
     assert "Traceback" not in refused.output
-
-
-# --- whole runs: XNAT (the sandbox) -> SSH -> the scheduler -> XNAT ---------------------------
-
-
-def test_run_converts_every_t1_scan_through_ssh(kind: str, run_profile: Path, sandbox: Any) -> None:
-    result = cli("run", "dcm2niix", "PTV000", "--scan-type", "*T1*", "--wait", "--interval", "0.3")
-    assert result.exit_code == 0, result.output
-    run_id = result.stdout.strip()
-    status = json.loads(cli("--json", "status", run_id).stdout)
-    assert [j["state"] for j in status["jobs"]] == ["uploaded"] * 3
-    assert all(j["job_id"] for j in status["jobs"])  # the scheduler's ids are recorded
-    for subject in ("Haofei01", "Haofei02", "Haofei03"):
-        files = {u["name"] for j in status["jobs"] if subject in j["scan"] for u in j["uploaded"]}
-        assert {"Ax_3D_T1_4.nii.gz", "Ax_3D_T1_4.json", "hpcbridge-provenance.json"} <= files
-    # the job ran on the cluster's side of the transport, in the work_root
-    assert list(run_profile.glob("run-*/Haofei01_MR1/scans/4-*/out/Ax_3D_T1_4.nii.gz"))
-    # each job is in XNAT's history of its session, ended Complete, with the scheduler's id
-    found = requests.get(
-        f"{sandbox.url}/data/workflows",
-        params={"format": "json", "wrk:workflowData/status": "Complete"},
-        auth=(sandbox.user, sandbox.password),
-        timeout=30,
-    ).json()["items"]
-    entries = {w["data_fields"]["jobID"]: w["data_fields"] for w in found}
-    for job in status["jobs"]:
-        assert entries[job["job_id"]]["pipeline_name"] == "hpcbridge/dcm2niix scan 4"
-    # a second run finds nothing left to do
-    again = cli("run", "dcm2niix", "PTV000", "--scan-type", "*T1*")
-    assert again.exit_code == 0 and "nothing to do" in again.stderr
 
 
 def test_a_hand_written_script_over_ssh_needs_a_work_folder(kind: str, tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """Job chains (`run --chain`) against a sandbox XNAT, the local scheduler and the real dcm2niix:
 per scan a stage-in job, the compute job after it and a stage-out job after that, the
 transfers done by `hpcbridge stage-in/stage-out` inside the jobs with a token from a private
-file. The helpers and fixtures are test_runs.py's.
+file. The helpers and fixtures are test_runs.py's. The whole chain of every T1 is written once
+for every scheduler: with the CI clusters (tests/cluster/) it runs on qsub (Slurm's PBS
+wrappers), sbatch and PBS Pro too, its transfer jobs on the cluster's side of SSH.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Any
 
 import pytest
 import requests
+from clusters import EVERY_SCHEDULER, SchedulerQueue
 from test_runs import (  # noqa: F401  (fixtures are found by name)
+    CLUSTER_FAST,
+    CLUSTER_WAIT_LIMIT,
     FAST,
     PROVENANCE_FILE,
     RUN_T1,
@@ -29,6 +34,7 @@ from test_runs import (  # noqa: F401  (fixtures are found by name)
     Xnat,
     cli,
     hb,
+    http_timeout,
     local_jobs,
     nothing_left_running,
     sleep_until,
@@ -52,15 +58,31 @@ PASSWORD = "Chain-Pa55word-never-on-disk"
 
 
 @pytest.fixture()
-def xnat(make_sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Xnat]:
-    """The default profile pointed at a fresh sandbox whose admin password is PASSWORD."""
-    server = make_sandbox(admin_password=PASSWORD)
-    monkeypatch.setenv("HPCBRIDGE_XNAT", server.url)
-    monkeypatch.setenv("HPCBRIDGE_USER", server.user)
+def sandbox(make_sandbox: Any) -> Any:
+    """This module's sandbox has an admin password worth searching for: PASSWORD."""
+    return make_sandbox(admin_password=PASSWORD)
+
+
+@pytest.fixture()
+def xnat(
+    sandbox: Any, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Xnat]:
+    """The default profile pointed at this test's sandbox, whose admin password is PASSWORD."""
+    monkeypatch.setenv("HPCBRIDGE_XNAT", sandbox.url)
+    monkeypatch.setenv("HPCBRIDGE_USER", sandbox.user)
     monkeypatch.setenv("HPCBRIDGE_PASSWORD", PASSWORD)
-    view = Xnat(server, monkeypatch)
+    view = Xnat(sandbox, monkeypatch, timeout=http_timeout(request))
     yield view
     view.http.close()
+
+
+@pytest.fixture()
+def chain_profile(run_profile: Path, isolated_home: Path, chain_settings: str) -> Path:
+    """The run profile, with the transfer jobs running this checkout's hpcbridge on a queue
+    whose nodes may reach XNAT (on a cluster kind)."""
+    config = isolated_home / "config.toml"
+    config.write_text(config.read_text() + chain_settings)
+    return run_profile
 
 
 STEPS = ["stage-in", "compute", "stage-out"]
@@ -97,34 +119,42 @@ def every_file_text(*folders: Path) -> str:
     return "\n".join(text)
 
 
+@pytest.mark.parametrize("kind", EVERY_SCHEDULER, indirect=True)
 def test_a_chain_converts_every_t1_with_transfers_done_by_jobs(
-    xnat: Xnat, isolated_home: Path
+    kind: str,
+    chain_profile: Path,
+    xnat: Xnat,
+    isolated_home: Path,
+    scheduler_queue: SchedulerQueue,
 ) -> None:
+    limit, fast = (WAIT_LIMIT, FAST) if kind == "local" else (CLUSTER_WAIT_LIMIT, CLUSTER_FAST)
     before = xnat.stats()
-    started = hb(*CHAIN_T1)  # one pass: plans and submits the chains
+    started = hb(*CHAIN_T1, timeout=limit)  # one pass: plans and submits the chains
     assert started.returncode == 0, started.stderr
     assert started.stdout == "1\n"
     assert started.stderr.count("(stage-in -> compute -> stage-out)") == 3
 
     # The token the jobs use is in a private file of the run's folder, not the password.
-    home = isolated_home / "work" / "run-1" / ".hpcbridge-chain"
+    home = chain_profile / "run-1" / ".hpcbridge-chain"
     creds = home / "credentials.json"
-    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    # (a setgid bit inherited from PBS Pro's group folder above it gives the group nothing)
+    assert stat.S_IMODE(home.stat().st_mode) & ~stat.S_ISGID == 0o700
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
     stored = json.loads(creds.read_text())
     token = next(iter(stored["servers"].values()))
     assert token["secret"] and token["secret"] != PASSWORD
     assert xnat.stats()["tokens_issued"] - before["tokens_issued"] == 1
 
-    # Three jobs per scan, each after the one before.
-    submitted = chains(isolated_home)
-    assert len(submitted) == 3
-    for jobs in submitted.values():
-        assert [step_of(j) for j in jobs] == STEPS
-        assert jobs[0]["after"] == []
-        assert jobs[1]["after"] == [jobs[0]["id"]] and jobs[2]["after"] == [jobs[1]["id"]]
+    # Three jobs per scan, each after the one before (the local scheduler's own records).
+    if kind == "local":
+        submitted = chains(isolated_home)
+        assert len(submitted) == 3
+        for jobs in submitted.values():
+            assert [step_of(j) for j in jobs] == STEPS
+            assert jobs[0]["after"] == []
+            assert jobs[1]["after"] == [jobs[0]["id"]] and jobs[2]["after"] == [jobs[1]["id"]]
 
-    done = hb("sync", "1", "--watch", *FAST)
+    done = hb("sync", "1", "--watch", *fast, timeout=limit)
     assert done.returncode == 0, done.stderr
     data = status_json(1)
     assert states(data) == dict.fromkeys(T1_SCANS, "uploaded")
@@ -136,11 +166,34 @@ def test_a_chain_converts_every_t1_with_transfers_done_by_jobs(
         assert prov["recipe"] == "dcm2niix" and prov["converter_version"]
         assert prov["ended"]  # from the compute job's own status file
         assert prov["submitted"] and prov["submitted"] <= prov["ended"]
+        assert xnat.files(scan, "NIFTI") == sorted(u["name"] for u in job["uploaded"])
+        # the stage-in and stage-out ran as jobs in the work_root, on the cluster's side
+        session = scan.split("/")[2]
+        folder = next(chain_profile.glob(f"run-*/{session}/scans/4-*"))
+        assert (folder / "resources" / "DICOM" / "manifest.json").is_file()
+        assert (folder / "chain" / "stage-in" / ".hpcbridge" / "status.json").is_file()
+        report = json.loads((folder / "chain" / "stage-out" / "uploaded.json").read_text())
+        assert report["uploaded"] == job["uploaded"]
     for job in data["jobs"]:
         assert sorted(u["name"] for u in job["uploaded"]) == T1_OUTPUTS
 
-    # The password appears in no script, spec, config, log or job record.
+    # Three jobs per scan went to the scheduler, once each; a cluster's scheduler knows them by
+    # hpcbridge's names (the local one by their scripts').
+    assert len(scheduler_queue.under(chain_profile)) == 9
+    if kind != "local":
+        run_prefix = data["jobs"][0]["name"].split("_", 1)[0]  # hb<run>-<tag>
+        assert run_prefix.startswith("hb1-")
+        names = sorted(j.name for j in scheduler_queue.all() if j.name.startswith(run_prefix + "_"))
+        assert len(names) == 9, names
+        assert sum(n.endswith("_in") for n in names) == 3
+        assert sum(n.endswith("_out") for n in names) == 3
+
+    # The password appears in no script, spec, config, log or job record, here or on the
+    # cluster's side.
     assert PASSWORD not in every_file_text(isolated_home)
+    for path in chain_profile.rglob("*"):
+        if path.is_file() and path.suffix not in (".dcm", ".gz"):
+            assert PASSWORD not in path.read_text(errors="replace"), path
     # Once the run is done, its token is gone from the cluster and refused by XNAT, and the
     # sessions the transfer jobs shared are ended: only the bridge's own (kept for its next
     # run) and this test's are live.

@@ -6,59 +6,31 @@ xnatpy reads a secret from (or a secret file's path). A job writes both what its
 (``env``) and the environment its process was started with (``/proc/$$/environ``, which an
 ``unset`` inside the script does not change), and neither may hold any of the values. A canary
 variable that is no secret must still arrive, so that the test sees the environment at all.
-(The cluster's schedulers, locally and over SSH: tests/e2e/test_cluster_environment.py.)
+A job submitted on this machine is checked on the local scheduler and, with the CI cluster,
+on sbatch and on qsub (Slurm's PBS wrappers); over SSH: tests/e2e/test_cluster_environment.py.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from clusters import on
+from jobenv import (
+    ENV_RECIPE,
+    SECRET_VARIABLES,
+    assert_no_secret,
+    run_envdump,
+    write_profile,
+)
 
 from hpcbridge import credentials, recipes, transport
-from hpcbridge.cli import main
 
-# Named here rather than taken from hpcbridge, so that a name dropped from the library's list
-# fails these tests instead of silently leaving their scope.
-SECRET_VARIABLES = ("HPCBRIDGE_PASSWORD", "XNAT_PASS", "XNATPY_PASS", "XNATPY_JSESSION", "NETRC")
-
-ENV_RECIPE = """name = "envdump"
-description = "writes the environment the job was given"
-[run]
-command = '''
-env > {{ output_dir }}/env.txt
-tr '\\0' '\\n' < /proc/$$/environ > {{ output_dir }}/environ.txt
-'''
-[resources]
-memory = "100MB"
-walltime = "00:05:00"
-"""
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
-
-@pytest.fixture()
-def secret_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Random secrets under every secret-bearing name, and a canary, in this environment."""
-    values = {name: f"{name.lower()}-{secrets.token_hex(12)}" for name in SECRET_VARIABLES}
-    values["ENV_CANARY"] = f"canary-{secrets.token_hex(12)}"
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
-
-
-def assert_no_secret(text: str, secret_env: dict[str, str], what: str) -> None:
-    assert secret_env["ENV_CANARY"] in text, f"{what} does not show the submitting environment"
-    leaked = [name for name in SECRET_VARIABLES if secret_env[name] in text]
-    assert not leaked, f"{what} holds the value of {', '.join(leaked)}"
-    leaked = [name for name in SECRET_VARIABLES if f"\n{name}=" in f"\n{text}"]
-    assert not leaked, f"{what} sets {', '.join(leaked)}"
+# jobs --wait's interval and timeout: the local scheduler's, and the CI clusters' longer ones
+WAIT = {"local": ("--interval", "0.1", "--timeout", "60")}
+CLUSTER_WAIT = ("--interval", "0.3", "--timeout", "120")
 
 
 def envdump_script(tmp_path: Path, scheduler: str, name: str = "envdump") -> Path:
@@ -108,14 +80,20 @@ def test_unset_secrets_clears_a_shell_that_has_them(secret_env: dict[str, str]) 
     assert_no_secret(done.stdout, secret_env, "a command run through unset_secrets")
 
 
-@pytest.mark.usefixtures("no_local_jobs_left")
-def test_local_scheduler_job_gets_no_secret(tmp_path: Path, secret_env: dict[str, str]) -> None:
-    script = envdump_script(tmp_path, "local")
-    submitted = cli("submit", str(script), "--wait", "--interval", "0.1", "--timeout", "60")
-    assert submitted.exit_code == 0, submitted.output
-    out = tmp_path / "envdump" / "out"
-    assert_no_secret((out / "env.txt").read_text(), secret_env, "the job's env")
-    assert_no_secret((out / "environ.txt").read_text(), secret_env, "the job's process environment")
+# The login node's own schedulers: PBS Pro's user submits over SSH only
+# (tests/e2e/test_cluster_environment.py has SSH and a login shell that exports the secrets).
+ON_THIS_MACHINE = on("local", "slurm", "pbs")
+
+
+@pytest.mark.usefixtures("scheduler_queue", "no_local_jobs_left")
+@pytest.mark.parametrize("kind", ON_THIS_MACHINE, indirect=True)
+def test_job_submitted_on_this_machine_gets_no_secret(
+    kind: str, tmp_path: Path, isolated_home: Path, secret_env: dict[str, str]
+) -> None:
+    write_profile(isolated_home, kind, None)
+    env, environ = run_envdump(kind, tmp_path, WAIT.get(kind, CLUSTER_WAIT))
+    assert_no_secret(env, secret_env, f"the env of a {kind} job")
+    assert_no_secret(environ, secret_env, f"the process environment of a {kind} job")
 
 
 @pytest.mark.parametrize("scheduler", recipes.SCHEDULERS)

@@ -1,5 +1,7 @@
 """Runs end to end: `run`, `status`, `sync`, `retry` and `cancel --run` against a sandbox XNAT,
-the local scheduler and the real dcm2niix.
+the local scheduler and the real dcm2niix. The dry run and a failing job with its retry are
+written once for every scheduler: with the CI clusters (tests/cluster/) they run on qsub
+(Slurm's PBS wrappers), sbatch and PBS Pro too, checked against the scheduler's own view.
 
 Commands that wait (`run --wait`, `sync --watch`) run as subprocesses with a timeout, so a
 run that never ends fails the test instead of hanging it; quick commands run in-process. Every
@@ -18,62 +20,50 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-import requests
-from click.testing import CliRunner, Result
+from click.testing import Result
+from clusters import EVERY_SCHEDULER, SchedulerQueue, scheduler_of
+from scenario import (
+    PROVENANCE_FILE,
+    RUN_T1,
+    SUBJECTS,
+    T1_OUTPUTS,
+    T1_SCANS,
+    WAIT_LIMIT,
+    T,
+    Xnat,
+    assert_run_1_uploaded_once,
+    cli,
+    delta,
+    hb,
+    ledger_dump,
+    per_folder,
+    states,
+    status_json,
+    tree,
+)
 
-from hpcbridge.cli import main
 from hpcbridge.config import load_settings
 from hpcbridge.ledger import Ledger, ledger_path
-from hpcbridge.outputs import PROVENANCE_FILE
 from hpcbridge.runs import RunRequest, start_run, wait_run
 from hpcbridge.runs.sync import sync
 from hpcbridge.sandbox import SandboxServer
 from hpcbridge.schedulers.local import LocalScheduler
 from hpcbridge.xnat import connect
 
-T = 10  # seconds for one HTTP request of the test itself
-WAIT_LIMIT = 60  # seconds a waiting command may take before the test fails
 FAST = ["--interval", "0.2"]
-SUBJECTS = ("Haofei01", "Haofei02", "Haofei03")
-T1_SCANS = [f"PTV000/{s}/{s}_MR1/4" for s in SUBJECTS]
-RUN_T1 = ["run", "dcm2niix", "PTV000", "--scan-type", "*T1*"]
-# dcm2niix names the outputs after the protocol and series (-f %p_%s).
-T1_OUTPUTS = ["Ax_3D_T1_4.json", "Ax_3D_T1_4.nii.gz", PROVENANCE_FILE]
+# The same for a scenario on a CI cluster, whose scheduler is slower to answer.
+CLUSTER_T = 30
+CLUSTER_WAIT_LIMIT = 120
+CLUSTER_FAST = ["--interval", "0.3"]
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def cli(*args: str) -> Result:
-    """A quick command, in-process."""
-    return CliRunner().invoke(main, list(args))
-
-
-@dataclass
-class Done:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def hb(*args: str, timeout: float = WAIT_LIMIT) -> Done:
-    """A command that may wait, as a subprocess that cannot outlive ``timeout``."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "hpcbridge", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=dict(os.environ),
-    )
-    return Done(proc.returncode, proc.stdout, proc.stderr)
 
 
 def one_line_error(result: Result, code: int) -> str:
@@ -102,17 +92,6 @@ def sleep_until(deadline: float) -> Callable[[float], None]:
         time.sleep(seconds)
 
     return sleep
-
-
-def status_json(run_id: int | None = None) -> dict[str, Any]:
-    result = cli("--json", "status", *([str(run_id)] if run_id is not None else []))
-    assert result.exit_code == 0, result.output
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
-
-
-def states(data: dict[str, Any]) -> dict[str, str]:
-    return {j["scan"]: j["state"] for j in data["jobs"]}
 
 
 def local_jobs(home: Path) -> list[dict[str, Any]]:
@@ -155,65 +134,6 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-class Xnat:
-    """The test's own view of the sandbox: one admin session (so it opens one server session)."""
-
-    def __init__(self, server: SandboxServer, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.server = server
-        # Files XNAT stored, counted by (resource id, name): the sandbox runs in this process.
-        self.stored: Counter[tuple[Any, str]] = Counter()
-        add_file = server.store.add_file
-
-        def counting(resource_id: Any, name: str, *args: Any, **kwargs: Any) -> Any:
-            stored = add_file(resource_id, name, *args, **kwargs)
-            if stored:
-                self.stored[(resource_id, name)] += 1
-            return stored
-
-        monkeypatch.setattr(server.store, "add_file", counting)
-        self.http = requests.Session()
-        self.http.auth = (server.user, server.password)
-        self.stats()  # opens this session now, before any count is taken
-
-    def stats(self) -> dict[str, Any]:
-        data: dict[str, Any] = self.http.get(self.server.url + "/sandbox/stats", timeout=T).json()
-        return data
-
-    def _scan(self, scan: str) -> str:
-        project, subject, experiment, scan_id = scan.split("/")
-        return (
-            f"{self.server.url}/data/projects/{project}/subjects/{subject}"
-            f"/experiments/{experiment}/scans/{scan_id}"
-        )
-
-    def files(self, scan: str, resource: str) -> list[str]:
-        """The file names in a scan's resource, duplicates kept; [] when it does not exist."""
-        resp = self.http.get(
-            f"{self._scan(scan)}/resources/{resource}/files", params={"format": "json"}, timeout=T
-        )
-        if resp.status_code == 404:
-            return []
-        resp.raise_for_status()
-        return sorted(r["Name"] for r in resp.json()["ResultSet"]["Result"])
-
-    def file(self, scan: str, resource: str, name: str) -> bytes:
-        resp = self.http.get(f"{self._scan(scan)}/resources/{resource}/files/{name}", timeout=T)
-        resp.raise_for_status()
-        return resp.content
-
-    def json_file(self, scan: str, resource: str, name: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.file(scan, resource, name))
-        return data
-
-
-def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
-    """Requests by method and sessions created between two stats snapshots."""
-    methods = set(before["requests"]) | set(after["requests"])
-    change = {m: after["requests"].get(m, 0) - before["requests"].get(m, 0) for m in methods}
-    change["sessions"] = after["sessions_created"] - before["sessions_created"]
-    return change
-
-
 def write_recipe(folder: Path, name: str, command: str, resource: str = "RESULT") -> Path:
     """A lab recipe reading DICOM, uploading ``*.txt`` from its output folder to ``resource``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -229,13 +149,23 @@ def write_recipe(folder: Path, name: str, command: str, resource: str = "RESULT"
 # --- fixtures --------------------------------------------------------------------------------
 
 
+def http_timeout(request: pytest.FixtureRequest) -> float:
+    """The test's HTTP timeout: the cluster's, for a scenario on a cluster kind."""
+    callspec = getattr(request.node, "callspec", None)
+    local = callspec is None or callspec.params.get("kind", "local") == "local"
+    return T if local else CLUSTER_T
+
+
 @pytest.fixture()
-def xnat(sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Xnat]:
-    """The default profile pointed at a fresh sandbox of this test's own."""
+def xnat(
+    sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Xnat]:
+    """The default profile pointed at a fresh sandbox of this test's own (a scenario on a
+    cluster kind gets the cluster's longer HTTP timeout)."""
     monkeypatch.setenv("HPCBRIDGE_XNAT", sandbox.url)
     monkeypatch.setenv("HPCBRIDGE_USER", sandbox.user)
     monkeypatch.setenv("HPCBRIDGE_PASSWORD", sandbox.password)
-    view = Xnat(sandbox, monkeypatch)
+    view = Xnat(sandbox, monkeypatch, timeout=http_timeout(request))
     yield view
     view.http.close()
 
@@ -305,9 +235,13 @@ def bridge() -> Iterator[Callable[..., Bridge]]:
 # --- 1 and 2: the whole flow, one XNAT session, one status call per pass ----------------------
 
 
-def test_run_wait_converts_every_t1_and_records_provenance(xnat: Xnat, isolated_home: Path) -> None:
+@pytest.mark.parametrize("kind", EVERY_SCHEDULER, indirect=True)
+def test_run_wait_converts_every_t1_and_records_provenance(
+    kind: str, run_profile: Path, xnat: Xnat, scheduler_queue: SchedulerQueue
+) -> None:
+    limit, fast = (WAIT_LIMIT, FAST) if kind == "local" else (CLUSTER_WAIT_LIMIT, CLUSTER_FAST)
     before = xnat.stats()
-    done = hb(*RUN_T1, "--wait", *FAST)
+    done = hb(*RUN_T1, "--wait", *fast, timeout=limit)
     after = xnat.stats()
     assert done.returncode == 0, done.stderr
     assert done.stdout == "1\n"  # stdout is the run id, for scripts
@@ -331,7 +265,7 @@ def test_run_wait_converts_every_t1_and_records_provenance(xnat: Xnat, isolated_
         assert prov["run"] == 1
         assert prov["converter_version"]
         assert prov["converter_version"] == sidecar["ConversionSoftwareVersion"]
-        assert prov["job"]["scheduler"] == "local" and prov["job"]["exit_code"] == 0
+        assert prov["job"]["scheduler"] == scheduler_of(kind) and prov["job"]["exit_code"] == 0
         assert prov["files"] == ["Ax_3D_T1_4.json", "Ax_3D_T1_4.nii.gz"]
         # The source DICOM is untouched.
         assert len(xnat.files(scan, "DICOM")) == 12
@@ -345,7 +279,17 @@ def test_run_wait_converts_every_t1_and_records_provenance(xnat: Xnat, isolated_
         assert sorted(u["name"] for u in job["uploaded"]) == T1_OUTPUTS
         assert {u["resource"] for u in job["uploaded"]} == {"NIFTI"}
     assert data["counts"]["uploaded"] == 3
-    assert len(local_jobs(isolated_home)) == 3
+    assert all(j["job_id"] for j in data["jobs"])  # the scheduler's ids are recorded
+    for subject in SUBJECTS:
+        files = {u["name"] for j in data["jobs"] if subject in j["scan"] for u in j["uploaded"]}
+        assert {"Ax_3D_T1_4.nii.gz", "Ax_3D_T1_4.json", PROVENANCE_FILE} <= files
+    assert len(scheduler_queue.under(run_profile)) == 3
+    # the job ran on the scheduler's side of the transport, in the work_root
+    assert list(run_profile.glob("run-*/Haofei01_MR1/scans/4-*/out/Ax_3D_T1_4.nii.gz"))
+    # each job is in XNAT's history of its session, ended Complete, with the scheduler's id
+    entries = {w["jobID"]: w for w in xnat.workflows("hpcbridge/dcm2niix scan 4")}
+    for job in data["jobs"]:
+        assert entries[job["job_id"]]["status"] == "Complete"
 
     table = cli("status")
     assert table.exit_code == 0, table.output
@@ -355,9 +299,14 @@ def test_run_wait_converts_every_t1_and_records_provenance(xnat: Xnat, isolated_
     rows = [line.split() for line in lines[2:5]]
     assert [r[0] for r in rows] == T1_SCANS
     assert all(r[1] == "uploaded" and r[-2:] == ["0", "NIFTI"] for r in rows)
-    assert sorted(r[2] for r in rows) == ["1", "2", "3"]
+    assert sorted(r[2] for r in rows) == sorted(j["job_id"] for j in data["jobs"])
+    assert kind != "local" or sorted(r[2] for r in rows) == ["1", "2", "3"]
     assert lines[5:] == ["3 uploaded"]
     assert table.stderr == ""
+
+    # a second run finds nothing left to do
+    again = cli(*RUN_T1)
+    assert again.exit_code == 0 and "nothing to do" in again.stderr
 
 
 def test_one_scheduler_status_call_per_sync_pass_for_all_jobs(
@@ -411,42 +360,101 @@ def test_one_scheduler_status_call_per_sync_pass_for_all_jobs(
     assert len(folder_reads) == 1, f"{len(folder_reads)} reads of all job records"
 
 
-# --- 3: --dry-run ----------------------------------------------------------------------------
+# --- 3: --dry-run, on every scheduler --------------------------------------------------------
 
 
-def test_dry_run_prints_the_plan_and_a_script_and_changes_nothing(
-    xnat: Xnat, isolated_home: Path
+def assert_dry_run_script(kind: str, script: str, work_root: Path, session: str) -> None:
+    assert script.startswith("#!/bin/bash\n")
+    assert script.count("#!/bin/bash") == 1  # one script, for the first scan to convert
+    name = f"hbN_{session}_4"
+    if kind in ("pbs", "pbspro"):
+        assert f"#PBS -N {name}\n" in script and "#SBATCH" not in script
+    elif kind == "slurm":
+        assert f"#SBATCH --job-name={name}\n" in script and "#PBS" not in script
+    else:
+        assert name in script and "#PBS" not in script and "#SBATCH" not in script
+    assert f"HPCBRIDGE_WORK={work_root}/run-N/{session}/scans/4-Ax_3D_T1\n" in script
+    assert "dcm2niix -z y -b y" in script
+
+
+@pytest.mark.parametrize("kind", EVERY_SCHEDULER, indirect=True)
+def test_dry_run_prints_the_plan_and_one_script_and_changes_nothing(
+    kind: str,
+    run_profile: Path,
+    xnat: Xnat,
+    isolated_home: Path,
+    scheduler_queue: SchedulerQueue,
+    tmp_path: Path,
 ) -> None:
     # Open (and cache) the XNAT session first, so that what follows is only the dry run.
     assert cli("ls", "PTV000").exit_code == 0
-    files_before = sorted(p.relative_to(isolated_home) for p in isolated_home.rglob("*"))
+    home_before = tree(isolated_home)
     before = xnat.stats()
-    result = cli(*RUN_T1, "--dry-run")
+    dry = cli(*RUN_T1, "--dry-run")
     after = xnat.stats()
-    assert result.exit_code == 0, result.output
-
-    lines = result.stdout.splitlines()
+    assert dry.exit_code == 0, dry.output
+    lines = dry.stdout.splitlines()
     assert lines[0].split() == ["SCAN", "TYPE", "ACTION"]
     assert [line.split()[0] for line in lines[1:4]] == T1_SCANS
     assert all(line.endswith("convert") for line in lines[1:4])
-    script = "\n".join(lines[4:])
-    assert script.startswith("#!/bin/bash")
-    assert "dcm2niix -z y -b y" in script
-    assert "hbN_Haofei01_MR1_4" in script
-    assert "3 scan(s) would be converted with dcm2niix on the local scheduler" in result.stderr
-    assert "nothing was changed" in result.stderr
+    assert_dry_run_script(kind, "\n".join(lines[4:]), run_profile, "Haofei01_MR1")
+    assert (
+        f"3 scan(s) would be converted with dcm2niix on the {scheduler_of(kind)} scheduler; "
+        "nothing was changed" in dry.stderr
+    )
+    assert "nothing was changed" in dry.stderr
+    assert f"# job script for {T1_SCANS[0]}:" in dry.stderr
 
-    # Nothing written anywhere: no ledger, no jobs, no work folder, no writes to XNAT.
+    # Nothing written: no ledger, no job records, no staging, no work folder...
     assert not ledger_path(load_settings()).exists()
     assert not (isolated_home / "local-jobs").exists()
     assert not (isolated_home / "work").exists()
     assert not (isolated_home / "jobs").exists()
-    assert sorted(p.relative_to(isolated_home) for p in isolated_home.rglob("*")) == files_before
+    assert tree(isolated_home) == home_before
+    assert not run_profile.exists()
+    # ...nothing submitted...
+    assert scheduler_queue.under(tmp_path) == []
+    # ...and nothing written to XNAT, in the session already open.
     change = delta(before, after)
     assert change["sessions"] == 0
     assert {m: n for m, n in change.items() if m in ("PUT", "POST", "DELETE") and n} == {}
     assert change["GET"] >= 1
     for scan in T1_SCANS:
+        assert xnat.files(scan, "NIFTI") == []
+    assert xnat.workflows("hpcbridge/dcm2niix scan 4") == []
+
+    # With a ledger holding a finished run: the dry run reads it and changes nothing in it.
+    limit, fast = (WAIT_LIMIT, FAST) if kind == "local" else (CLUSTER_WAIT_LIMIT, CLUSTER_FAST)
+    session = "PTV000/Haofei01/Haofei01_MR1"
+    first = hb("run", "dcm2niix", session, "--scan", "4", "--wait", *fast, timeout=limit)
+    assert first.returncode == 0, first.stderr
+    ledger_before = ledger_dump()
+    home_before = tree(isolated_home)
+    work_before = tree(run_profile)
+    queue_before = scheduler_queue.under(tmp_path)
+    assert len(queue_before) == 1
+    # A cluster's scheduler knows the job by hpcbridge's name; the local one by its script's.
+    assert kind == "local" or queue_before[0].name.endswith("_Haofei01_MR1_4")
+    workflows_before = xnat.workflows("hpcbridge/dcm2niix scan 4")
+    before = xnat.stats()
+    dry = cli(*RUN_T1, "--dry-run")
+    after = xnat.stats()
+    assert dry.exit_code == 0, dry.output
+    rows = {line.split()[0]: line for line in dry.stdout.splitlines()[1:4]}
+    assert rows[T1_SCANS[0]].endswith("already converted by run 1 (use --force to redo)")
+    assert rows[T1_SCANS[1]].endswith("convert") and rows[T1_SCANS[2]].endswith("convert")
+    assert_dry_run_script(kind, "\n".join(dry.stdout.splitlines()[4:]), run_profile, "Haofei02_MR1")
+    assert "2 scan(s) would be converted" in dry.stderr
+
+    assert ledger_dump() == ledger_before
+    assert tree(isolated_home) == home_before
+    assert tree(run_profile) == work_before
+    assert scheduler_queue.under(tmp_path) == queue_before
+    change = delta(before, after)
+    assert {m: n for m, n in change.items() if m in ("PUT", "POST", "DELETE") and n} == {}
+    assert xnat.workflows("hpcbridge/dcm2niix scan 4") == workflows_before
+    assert xnat.files(T1_SCANS[0], "NIFTI") == T1_OUTPUTS
+    for scan in T1_SCANS[1:]:
         assert xnat.files(scan, "NIFTI") == []
 
 
@@ -498,24 +506,11 @@ def test_a_second_run_skips_converted_scans_and_force_redoes_them(
 
 def assert_finished_exactly_once(xnat: Xnat, home: Path) -> None:
     """Every T1 uploaded once, by one job each, with nothing submitted or uploaded twice."""
-    data = status_json(1)
-    assert data["run"]["state"] == "done"
-    assert states(data) == dict.fromkeys(T1_SCANS, "uploaded")
+    data = assert_run_1_uploaded_once(xnat)
     submitted = local_jobs(home)
     assert len(submitted) == 3, submitted  # no duplicate submissions
     assert sorted(j["job_id"] for j in data["jobs"]) == sorted(j["id"] for j in submitted)
     assert sorted(j["work_dir"] for j in data["jobs"]) == sorted(j["work_dir"] for j in submitted)
-    with Ledger.for_settings(load_settings()) as ledger:
-        assert [r.id for r in ledger.runs()] == [1]
-        for job in ledger.jobs(1):
-            events = [str(e.to_state) for e in ledger.events(job.job_id)]
-            assert events.count("uploaded") == 1 and events.count("submitted") == 1, events
-    for scan in T1_SCANS:
-        assert xnat.files(scan, "NIFTI") == T1_OUTPUTS
-    # Each output file was stored by XNAT exactly once: what arrived before the kill was
-    # recognised (same size and MD5) and not sent again.
-    assert len(xnat.stored) == 3 * len(T1_OUTPUTS), xnat.stored
-    assert set(xnat.stored.values()) == {1}, xnat.stored
 
 
 @pytest.mark.parametrize(
@@ -630,25 +625,49 @@ def test_a_job_the_scheduler_took_but_no_record_of_ours_holds_is_found_in_the_sc
     assert_finished_exactly_once(xnat, isolated_home)
 
 
-# --- 6: a failing job and retry --------------------------------------------------------------
+# --- 6: a failing job and retry, on every scheduler ------------------------------------------
+
+# Fails its first attempt (leaving a marker in its work folder) and succeeds on the next.
+FLAKY_RECIPE = """name = "flaky"
+version = "7"
+description = "fails once per work folder, then lists its input"
+[inputs]
+resource = "DICOM"
+[[outputs]]
+glob = "*.txt"
+resource = "LISTING"
+[resources]
+memory = "100MB"
+walltime = "00:05:00"
+[run]
+command = '''
+if [ ! -e {{ work_dir }}/tried-once ]; then
+    touch {{ work_dir }}/tried-once
+    echo "flaky: first attempt fails on purpose" >&2
+    exit 3
+fi
+ls {{ input_dir }} > {{ output_dir }}/listing.txt
+'''
+"""
 
 
+@pytest.mark.parametrize("kind", EVERY_SCHEDULER, indirect=True)
 def test_a_failing_job_is_reported_with_its_log_and_retry_finishes_it(
-    xnat: Xnat, isolated_home: Path, tmp_path: Path
+    kind: str,
+    run_profile: Path,
+    xnat: Xnat,
+    scheduler_queue: SchedulerQueue,
+    tmp_path: Path,
 ) -> None:
-    marker = tmp_path / "fail-marker"
-    marker.touch()
-    recipes = write_recipe(
-        tmp_path / "recipes",
-        "flaky",
-        f"if [ -e '{marker}' ]; then echo \"flaky: the marker is there\" >&2; exit 3; fi\n"
-        "ls {{ input_dir }} > {{ output_dir }}/listing.txt",
-        resource="LISTING",
-    )
+    limit, fast = (WAIT_LIMIT, FAST) if kind == "local" else (CLUSTER_WAIT_LIMIT, CLUSTER_FAST)
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "flaky.toml").write_text(FLAKY_RECIPE)
     args = ["run", "flaky", "PTV000", "--scan-type", "*T1*", "--recipes", str(recipes)]
-    failed = hb(*args, "--wait", *FAST)
-    assert failed.returncode == 3, failed.stderr
+    failed = hb(*args, "--wait", *fast, timeout=limit)
+    assert failed.returncode == 3, failed.stderr  # partial success: scans failed
     assert failed.stdout == "1\n"
+    assert "Traceback" not in failed.stderr
     assert failed.stderr.splitlines()[-1] == (
         "hpcbridge: error: run 1 ended with 3 of 3 scan(s) failed or cancelled "
         "(`hpcbridge status 1` shows why; `hpcbridge retry 1` tries them again)"
@@ -657,32 +676,49 @@ def test_a_failing_job_is_reported_with_its_log_and_retry_finishes_it(
     data = status_json(1)
     assert data["run"]["state"] == "done"
     assert states(data) == dict.fromkeys(T1_SCANS, "failed")
+    first_ids = sorted(j["job_id"] for j in data["jobs"])
     for job in data["jobs"]:
         assert job["exit_code"] == 3
         assert job["error"] == "exit code 3"
-        assert "flaky: the marker is there" in job["log_tail"]
+        # the end of the job's log, read from the scheduler's side (over SSH on a cluster)
+        assert "flaky: first attempt fails on purpose" in job["log_tail"]
     table = cli("status", "1")
-    assert table.exit_code == 0
+    assert table.exit_code == 0, table.output
     assert table.stdout.splitlines()[-1] == "3 failed"
-    assert f"--- {T1_SCANS[0]}: exit code 3" in table.stderr
-    assert table.stderr.count("flaky: the marker is there") == 3
+    for scan in T1_SCANS:
+        assert f"--- {scan}: exit code 3" in table.stderr
+    assert table.stderr.count("flaky: first attempt fails on purpose") == 3
+    for scan in T1_SCANS:
+        assert xnat.files(scan, "LISTING") == []
 
-    marker.unlink()
+    # XNAT keys a History entry by launch time to the second, so a retry launched within the
+    # second of its failed attempt would update that entry (hpcbridge/runs/context.py); the
+    # local scheduler fails a job fast enough for that, a cluster's never does.
+    time.sleep(1)
     retried = cli("retry", "1")
     assert retried.exit_code == 0, retried.output
     assert "run 1: retrying 3 job(s)" in retried.stderr
     assert retried.stderr.count("submitted as job") == 3
-    done = hb("sync", "1", "--watch", *FAST)
+    done = hb("sync", "1", "--watch", *fast, timeout=limit)
     assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
 
     data = status_json(1)
     assert data["run"]["state"] == "done"
     assert states(data) == dict.fromkeys(T1_SCANS, "uploaded")
+    retry_ids = sorted(j["job_id"] for j in data["jobs"])
+    assert not set(retry_ids) & set(first_ids)
     for job in data["jobs"]:
         assert job["attempts"] == 1
         assert job["exit_code"] == 0 and job["error"] is None and job["log_tail"] is None
-    assert len(local_jobs(isolated_home)) == 6  # three that failed, three retries
-    for scan in T1_SCANS:
+    # The scheduler ran each scan twice: the failed attempt and the retry, nothing more.
+    seen = scheduler_queue.under(run_profile)
+    assert sorted((j.id, j.state) for j in seen) == sorted(
+        [(i, "FAILED") for i in first_ids] + [(i, "COMPLETED") for i in retry_ids]
+    ), seen
+    assert per_folder(seen) == {j["work_dir"]: 2 for j in data["jobs"]}, seen
+    for scan, job in zip(T1_SCANS, data["jobs"], strict=True):
+        assert job["scan"] == scan
         assert xnat.files(scan, "LISTING") == sorted(["listing.txt", PROVENANCE_FILE])
         assert xnat.file(scan, "LISTING", "listing.txt").decode().split() == [
             f"{i:04d}.dcm" for i in range(1, 13)
@@ -690,11 +726,22 @@ def test_a_failing_job_is_reported_with_its_log_and_retry_finishes_it(
         prov = xnat.json_file(scan, "LISTING", PROVENANCE_FILE)
         assert prov["recipe"] == "flaky" and prov["recipe_version"] == "7"
         assert prov["parameters"] == {} and prov["converter_version"] is None
+        assert prov["job"]["id"] == job["job_id"]
+        assert prov["job"]["scheduler"] == scheduler_of(kind)
+    # XNAT's History: each scan's failed attempt stays Failed, its retry is Complete.
+    entries = xnat.workflows("hpcbridge/flaky scan 4")
+    assert sorted((w["jobID"], w["status"]) for w in entries) == sorted(
+        [(i, "Failed") for i in first_ids] + [(i, "Complete") for i in retry_ids]
+    ), entries
+    for entry in entries:
+        if entry["status"] == "Failed":
+            assert "exit code 3" in entry["details"]
 
     # Nothing left to retry.
     nothing = cli("retry", "1")
     assert nothing.exit_code == 0
     assert "run 1 has no failed jobs to retry" in nothing.stderr
+    assert len(scheduler_queue.under(run_profile)) == 6  # three that failed, three retries
 
 
 def test_a_recipe_sees_the_scan_variables_its_docs_promise(

@@ -1,7 +1,8 @@
-"""Fixtures shared by the end-to-end tests: a profile that submits over SSH to a CI cluster
-(qsub through Slurm's PBS wrappers, sbatch, or qsub on real PBS Pro as a non-root user), the
-sandbox XNAT for whole runs, and the scheduler's own view of the jobs a test submitted
-(cancelled by id at teardown)."""
+"""Fixtures of the scenarios that run on every scheduler: a profile that submits to the local
+scheduler or over SSH to a CI cluster (qsub through Slurm's PBS wrappers, sbatch, or qsub on
+real PBS Pro as a non-root user), the sandbox XNAT for whole runs, and the scheduler's own view
+of the jobs a test submitted (cancelled by id at teardown). tests/conftest.py imports the
+fixtures, so that tests/integration and tests/e2e both reach them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from hpcbridge.schedulers.local import LocalScheduler
+
 #: Slurm states of jobs that have left the queue for good.
 ENDED = {
     "BOOT_FAIL",
@@ -37,6 +40,25 @@ ENDED = {
 #: The scheduler flavours every e2e scenario runs on: Slurm's PBS wrappers, Slurm itself, and
 #: real PBS Pro (OpenPBS). The first two share one cluster; PBS Pro has its own.
 KINDS = ["pbs", "slurm", "pbspro"]
+
+
+def on(*kinds: str) -> list[Any]:
+    """Parameters for a scenario written once for several schedulers: the local one runs
+    everywhere; the cluster kinds are e2e and skip without their cluster (except under
+    CI=true). Use with ``@pytest.mark.parametrize("kind", on(...), indirect=True)``."""
+    return [k if k == "local" else pytest.param(k, marks=pytest.mark.e2e) for k in kinds]
+
+
+EVERY_SCHEDULER = on("local", *KINDS)
+
+#: Local job states (hpcbridge/schedulers/local.py) in Slurm's words, as SchedulerJob has them.
+LOCAL_STATES = {
+    "queued": "PENDING",
+    "running": "RUNNING",
+    "finished": "COMPLETED",
+    "failed": "FAILED",
+    "cancelled": "CANCELLED",
+}
 
 
 def scheduler_of(kind: str) -> str:
@@ -78,22 +100,25 @@ def tmp_path(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
 
 @pytest.fixture(params=KINDS)
 def kind(request: pytest.FixtureRequest, isolated_home: Path, tmp_path: Path) -> Iterator[str]:
-    """A profile `ci` submitting over SSH to qsub (the PBS wrappers), to sbatch, or to qsub on
-    PBS Pro (as its non-root user, with a project, as Artemis requires)."""
+    """A profile `ci` submitting to the local scheduler, or over SSH to qsub (the PBS wrappers),
+    to sbatch, or to qsub on PBS Pro (as its non-root user, with a project, as Artemis
+    requires)."""
     flavour = str(request.param)
     umask = None
-    if flavour == "pbspro":
+    if flavour == "local":
+        where, extra = None, ""
+    elif flavour == "pbspro":
         pbspro = request.getfixturevalue("pbspro_cluster")
         umask = os.umask(0o002)  # what the test writes stays writable for the group
         where, extra = pbspro["ssh"], 'account = "PTV000"\n'
     else:
         where, extra = request.getfixturevalue("cluster")["ssh"], ""
     isolated_home.mkdir(parents=True, exist_ok=True)
+    login = f'host = "{where["alias"]}"\nssh_config = "{where["ssh_config"]}"\n' if where else ""
     (isolated_home / "config.toml").write_text(
         'default_profile = "ci"\n\n[profiles.ci]\n'
-        f'host = "{where["alias"]}"\n'
-        f'ssh_config = "{where["ssh_config"]}"\n'
-        f'scheduler = "{scheduler_of(flavour)}"\n'
+        + login
+        + f'scheduler = "{scheduler_of(flavour)}"\n'
         "poll_interval = 0.3\n" + extra
     )
     yield flavour
@@ -118,6 +143,8 @@ def chain_settings(kind: str, request: pytest.FixtureRequest) -> str:
     PYTHONPATH."""
     import sys
 
+    if kind == "local":
+        return ""  # the local scheduler's defaults: this Python's hpcbridge, no queues
     if kind != "pbspro":
         bridge = shlex.join([sys.executable, "-m", "hpcbridge"])
         queue = "batch"
@@ -125,7 +152,7 @@ def chain_settings(kind: str, request: pytest.FixtureRequest) -> str:
         pbspro = request.getfixturevalue("pbspro_cluster")
         # A copy in the test's shared folder: the checkout itself may lie where that user
         # cannot read (a clone under /root, say).
-        checkout = Path(__file__).resolve().parents[2]
+        checkout = Path(__file__).resolve().parents[1]
         code = request.getfixturevalue("tmp_path") / "hpcbridge-code"
         for package in ("hpcbridge", "templates"):
             shutil.copytree(
@@ -237,14 +264,42 @@ class PbsProQueue(SchedulerQueue):
         subprocess.run([str(self.bin / "qdel"), *ids], capture_output=True, timeout=30)
 
 
+class LocalQueue(SchedulerQueue):
+    """The local scheduler's view: what each job folder's job.json and state.json hold."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def all(self) -> list[SchedulerJob]:
+        jobs = []
+        for spec_file in self.root.glob("*/job.json"):
+            spec = json.loads(spec_file.read_text())
+            state_file = spec_file.parent / "state.json"
+            state = json.loads(state_file.read_text()) if state_file.exists() else {}
+            jobs.append(
+                SchedulerJob(
+                    spec_file.parent.name,
+                    spec["name"],
+                    LOCAL_STATES[state.get("state", "queued")],
+                    spec["script"],
+                )
+            )
+        return sorted(jobs, key=lambda j: int(j.id))
+
+    def cancel(self, ids: list[str]) -> None:
+        LocalScheduler(self.root).cancel(ids)
+
+
 @pytest.fixture()
 def scheduler_queue(
-    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+    kind: str, tmp_path: Path, isolated_home: Path, request: pytest.FixtureRequest
 ) -> Iterator[SchedulerQueue]:
     """The scheduler's view of the jobs; at teardown, this test's jobs still queued or running
     are cancelled (by id), so a failed test leaves nothing behind on the cluster."""
     queue: SchedulerQueue
-    if kind == "pbspro":
+    if kind == "local":
+        queue = LocalQueue(isolated_home / "local-jobs")
+    elif kind == "pbspro":
         queue = PbsProQueue(request.getfixturevalue("pbspro_cluster")["pbs"]["prefix"])
     else:
         if shutil.which("squeue") is None:
