@@ -17,7 +17,7 @@ from ..jobs import Job, refresh, submit_script
 from ..ledger import JobRow, JobState
 from ..schedulers.base import State
 from ..units import utc_stamp
-from .context import Pass, SyncReport, Trouble, ref_of, without
+from .context import Pass, SyncReport, Trouble, next_launch, ref_of, without
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,9 @@ class Chained:
             ids[step] = job.native_id
             row = ctx.ledger.update(row.job_id, extra=ChainState(ids, state.waited).into(row.extra))
             after = [job.native_id]
-        extra = dict(without(row.extra, "submitting"), launched=launched or utc_stamp())
+        extra = dict(
+            without(row.extra, "submitting"), launched=next_launch(row, launched or utc_stamp())
+        )
         submitted = ctx.ledger.transition(
             row.job_id, JobState.SUBMITTED, native_id=ids["compute"], work_dir=folder, extra=extra
         )

@@ -123,6 +123,16 @@ def without(extra: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in extra.items() if k not in keys}
 
 
+def next_launch(row: JobRow, submitted: str) -> str:
+    """An attempt's launch time: its submission, or a second after the attempt before it when
+    that one launched in the same second. XNAT finds a History entry by launch time to the
+    second, so a quick retry would otherwise overwrite its failed attempt's entry."""
+    before = row.extra.get("launched")
+    if isinstance(before, str) and before >= submitted:
+        return stamp(parse_utc_stamp(before).timestamp() + 1)
+    return submitted
+
+
 def describe_wait(record: dict[str, Any]) -> str:
     """``status``'s words for a waiting record."""
     step = WAIT_STEPS.get(str(record.get("step")), str(record.get("step")))

@@ -16,7 +16,7 @@ from ..schedulers.base import State
 from ..stagein import Selection, safe_name, stage_in
 from ..units import utc_stamp
 from ..xnat.address import Address
-from .context import Pass, SyncReport, without
+from .context import Pass, SyncReport, next_launch, without
 
 
 class SingleJob:
@@ -45,7 +45,7 @@ class SingleJob:
             row.job_id, script_hash=digest, extra=dict(row.extra, submitting=utc_stamp())
         )
         job = submit_script(ctx.store, ctx.scheduler, local, host=ctx.settings.host or "")
-        extra = dict(without(row.extra, "submitting"), launched=job.submitted)
+        extra = dict(without(row.extra, "submitting"), launched=next_launch(row, job.submitted))
         submitted = ctx.ledger.transition(
             row.job_id, JobState.SUBMITTED, native_id=job.native_id, extra=extra
         )

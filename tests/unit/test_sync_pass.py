@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import requests
@@ -219,3 +220,21 @@ def ids_of(argv: list[str]) -> list[str]:
     if argv[0] == "squeue":
         return argv[argv.index("-j") + 1].split(",")
     return [a for a in argv[1:] if not a.startswith("-") and a != "json"]
+
+
+def test_a_retry_launched_within_the_second_of_its_attempt_gets_its_own_history_entry(
+    tmp_path: Path,
+) -> None:
+    # XNAT finds a History entry by experiment, pipeline and launch time to the second.
+    from hpcbridge.ledger import Ledger
+    from hpcbridge.runs.context import next_launch
+
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        run = ledger.create_run(recipe="r", params={}, target="P", profile="p", options={})
+        row = ledger.add_job(
+            run.id, address="P/S/E/4", project="P", subject="S", experiment="E", scan="4", name="x"
+        )
+        first = ledger.update(row.job_id, extra={"launched": "2026-12-08T01:02:03Z"})
+    assert next_launch(row, "2026-12-08T01:02:03Z") == "2026-12-08T01:02:03Z"
+    assert next_launch(first, "2026-12-08T01:02:03Z") == "2026-12-08T01:02:04Z"
+    assert next_launch(first, "2026-12-08T01:05:00Z") == "2026-12-08T01:05:00Z"
