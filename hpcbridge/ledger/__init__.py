@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .database import MODES
-from .files import backup_folder, filesystem_type, ledger_backups, ledger_path
+# The names used outside the package.
+from .database import MODES  # noqa: F401
+from .files import backup_folder, filesystem_type, ledger_backups, ledger_path  # noqa: F401
 from .jobs import JobQueries
 from .runs import RunQueries
-from .schema import (
+from .schema import (  # noqa: F401
     FINAL_STATES,
     JOB_FIELDS,
     MIGRATIONS,
@@ -43,24 +44,6 @@ from .schema import (
 
 if TYPE_CHECKING:
     from ..config import Settings
-
-__all__ = [
-    "FINAL_STATES",
-    "JOB_FIELDS",
-    "MIGRATIONS",
-    "MODES",
-    "TRANSITIONS",
-    "Event",
-    "JobRow",
-    "JobState",
-    "Ledger",
-    "Run",
-    "RunState",
-    "backup_folder",
-    "filesystem_type",
-    "ledger_backups",
-    "ledger_path",
-]
 
 
 class Ledger(RunQueries, JobQueries):

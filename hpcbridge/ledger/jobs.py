@@ -134,11 +134,6 @@ class JobQueries(Database):
         with self._tx(write=False) as conn:
             return self._job(conn, job_id)
 
-    def job_by_name(self, name: str) -> JobRow | None:
-        with self._tx(write=False) as conn:
-            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE name = ?", (name,)).fetchone()
-        return JobRow.from_row(row) if row else None
-
     def jobs(self, run_id: int, states: Iterable[JobState | str] | None = None) -> list[JobRow]:
         sql = f"SELECT {_COLUMNS} FROM jobs WHERE run_id = ?"
         args: list[Any] = [run_id]
