@@ -12,8 +12,8 @@ command that is not safe to run twice (``run(..., retry=False)``, e.g. ``qsub``)
 connection broke after the command was sent: then nobody knows whether it ran, and the error
 says so instead of guessing.
 
-The parts, bottom up: ``hops`` (ssh config, ProxyJump), ``hostkeys``, ``auth``, ``connection``
-(and commands over it), ``transfer`` (SFTP); ``SshTransport`` here composes them.
+The parts, bottom up: ``hops`` (ssh config, ProxyJump, shared errors), ``hostkeys``, ``auth``,
+``connection`` (and commands over it), ``transfer`` (SFTP); ``SshTransport`` here composes them.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import paramiko
 from ..errors import TransportError
 from ..stageout import kind_of, link_refusal, refusal, replaced
 from ..transport import READ_LIMIT, part_path, remote_path
-from .base import CHUNK, reason, sftp_reason
 from .connection import Connection, T
+from .hops import CHUNK, reason, sftp_reason
 
 
 class SftpFiles:
@@ -245,11 +245,8 @@ def _fetch(
 
 
 def _same(a: paramiko.SFTPAttributes, b: paramiko.SFTPAttributes) -> bool:
-    return stat.S_ISREG(b.st_mode or 0) and (a.st_size, a.st_mtime, a.st_uid) == (
-        b.st_size,
-        b.st_mtime,
-        b.st_uid,
-    )
+    same = (a.st_size, a.st_mtime, a.st_uid) == (b.st_size, b.st_mtime, b.st_uid)
+    return stat.S_ISREG(b.st_mode or 0) and same
 
 
 def _check(
