@@ -34,10 +34,8 @@ import requests
 
 from ..closing import Closing
 from ..errors import XnatError, XnatServerError
-from .failures import raise_for_response, retry_after
-from .session import GUEST_USER, SessionBase, _user_of, expiry_text
-
-__all__ = ["XnatClient", "expiry_text", "raise_for_response", "retry_after"]
+from .failures import raise_for_response, retry_after  # noqa: F401
+from .session import GUEST_USER, SessionBase, _user_of, expiry_text  # noqa: F401
 
 log = logging.getLogger(__name__)
 
