@@ -75,9 +75,6 @@ class SshTransport(SftpFiles, Transport):
         self._connection.discard()
 
     def _run(self, args: tuple[str, ...], timeout: float, stdin: str | None, retry: bool) -> Result:
-        """Run ``args`` on the remote host through its login shell, each element quoted.
-
-        ``retry=False`` is for commands that must not run twice (``qsub``, ``sbatch``): if the
-        connection drops after the command was sent, the error says it may have run.
-        """
+        """Run ``args`` on the remote host through its login shell, each element quoted; with
+        ``retry=False``, a drop after the command was sent is an error saying it may have run."""
         return self._connection.execute(args, timeout, stdin, retry)

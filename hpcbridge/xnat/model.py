@@ -168,12 +168,10 @@ class Resource:
     def from_row(cls, row: Mapping[str, Any], files: tuple[FileEntry, ...] = ()) -> Resource:
         return cls(
             _int(row.get("xnat_abstractresource_id", 0)),
-            row.get("label", ""),
-            row.get("format", ""),
-            row.get("content", ""),
-            _int(row.get("file_count", 0)),
-            _int(row.get("file_size", 0)),
-            str(row.get("cat_id", "")),
-            files,
-            dict(row),
+            file_count=_int(row.get("file_count", 0)),
+            file_size=_int(row.get("file_size", 0)),
+            owner_id=str(row.get("cat_id", "")),
+            files=files,
+            raw=dict(row),
+            **_texts(row, label="label", format="format", content="content"),
         )
