@@ -223,9 +223,6 @@ def _cannot_write(dest: Path, exc: OSError) -> TransportError:
     return TransportError(f"cannot write {dest}: {reason(exc)}")
 
 
-# -- what a job wrote: copied back without following a link --------------------------------
-
-
 def _fetch(
     sftp: paramiko.SFTPClient, source: str, entry: paramiko.SFTPAttributes, dest: Path
 ) -> None:

@@ -326,7 +326,6 @@ def _plan(
     return _Plan(experiment_id, experiment_label, scan, resource, folder, staging, listing, address)
 
 
-# -- DICOM inventory -------------------------------------------------------------------------
 def summarise_dicom(files_dir: Path, entries: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Series UIDs, modality, instance count, description, manufacturer; non-DICOM files."""
     import pydicom

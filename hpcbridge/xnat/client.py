@@ -88,7 +88,6 @@ class XnatClient(SessionBase, Closing):
             raise XnatServerError(f"XNAT's answer for {what} has no ResultSet") from None
         return list(rows)
 
-    # -- who and tokens ------------------------------------------------------------------
     def whoami(self) -> str:
         """The XNAT user name of this session (``GET /data/auth``)."""
         for attempt in range(2):
