@@ -12,8 +12,8 @@ command that is not safe to run twice (``run(..., retry=False)``, e.g. ``qsub``)
 connection broke after the command was sent: then nobody knows whether it ran, and the error
 says so instead of guessing.
 
-The parts, bottom up: ``hops`` (ssh config, ProxyJump), ``hostkeys``, ``auth``, ``connection``
-(and commands over it), ``transfer`` (SFTP); ``SshTransport`` here composes them.
+The parts, bottom up: ``hops`` (ssh config, ProxyJump, shared errors), ``hostkeys``, ``auth``,
+``connection`` (and commands over it), ``transfer`` (SFTP); ``SshTransport`` here composes them.
 """
 
 from __future__ import annotations
@@ -75,9 +75,6 @@ class SshTransport(SftpFiles, Transport):
         self._connection.discard()
 
     def _run(self, args: tuple[str, ...], timeout: float, stdin: str | None, retry: bool) -> Result:
-        """Run ``args`` on the remote host through its login shell, each element quoted.
-
-        ``retry=False`` is for commands that must not run twice (``qsub``, ``sbatch``): if the
-        connection drops after the command was sent, the error says it may have run.
-        """
+        """Run ``args`` on the remote host through its login shell, each element quoted; with
+        ``retry=False``, a drop after the command was sent is an error saying it may have run."""
         return self._connection.execute(args, timeout, stdin, retry)

@@ -13,8 +13,7 @@ from pathlib import Path
 import paramiko
 
 from ..errors import SshAuthError, SshConnectionError, TransportError
-from .base import CONNECTION_ERRORS, reason
-from .hops import Hop
+from .hops import CONNECTION_ERRORS, Hop, reason
 
 
 def authenticate(transport: paramiko.Transport, hop: Hop) -> None:

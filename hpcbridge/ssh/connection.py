@@ -21,8 +21,7 @@ import paramiko
 from ..errors import SshConnectionError, Step, TransportError
 from ..transport import Result
 from .auth import authenticate
-from .base import CHUNK, CONNECTION_ERRORS, Dropped, reason
-from .hops import Hop
+from .hops import CHUNK, CONNECTION_ERRORS, Dropped, Hop, reason
 from .hostkeys import check_host_key, known_keys
 
 log = logging.getLogger(__name__)

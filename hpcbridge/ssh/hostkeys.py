@@ -13,8 +13,7 @@ from typing import Any
 import paramiko
 
 from ..errors import HostKeyError
-from .base import reason
-from .hops import SSH_PORT, Hop
+from .hops import SSH_PORT, Hop, reason
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import paramiko
 from ..errors import TransportError
 from ..stageout import kind_of, link_refusal, refusal, replaced
 from ..transport import READ_LIMIT, part_path, remote_path
-from .base import CHUNK, reason, sftp_reason
 from .connection import Connection, T
+from .hops import CHUNK, reason, sftp_reason
 
 
 class SftpFiles:
@@ -223,9 +223,6 @@ def _cannot_write(dest: Path, exc: OSError) -> TransportError:
     return TransportError(f"cannot write {dest}: {reason(exc)}")
 
 
-# -- what a job wrote: copied back without following a link --------------------------------
-
-
 def _fetch(
     sftp: paramiko.SFTPClient, source: str, entry: paramiko.SFTPAttributes, dest: Path
 ) -> None:
@@ -245,11 +242,8 @@ def _fetch(
 
 
 def _same(a: paramiko.SFTPAttributes, b: paramiko.SFTPAttributes) -> bool:
-    return stat.S_ISREG(b.st_mode or 0) and (a.st_size, a.st_mtime, a.st_uid) == (
-        b.st_size,
-        b.st_mtime,
-        b.st_uid,
-    )
+    same = (a.st_size, a.st_mtime, a.st_uid) == (b.st_size, b.st_mtime, b.st_uid)
+    return stat.S_ISREG(b.st_mode or 0) and same
 
 
 def _check(

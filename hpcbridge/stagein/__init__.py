@@ -31,8 +31,7 @@ from .layout import STAGING as STAGING
 from .layout import Limits, Progress, Selection, StagedScan, StageInReport
 from .layout import safe_name as safe_name
 from .layout import scan_folder as scan_folder
-from .unzip import md5_of as md5_of
-from .unzip import open_manifest as open_manifest
+from .unzip import md5_of, open_manifest  # noqa: F401
 
 #: The defaults of stage_in: every scan, and the limits' defaults (both frozen).
 EVERY_SCAN = Selection()

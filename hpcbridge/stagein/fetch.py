@@ -320,21 +320,12 @@ def _plan(
         f"/data/experiments/{experiment_id}/scans/{scan.id}/resources/{resource}/files",
         f"resource {resource} of {address}",
     )
+    listing = [FileEntry.from_row(r) for r in rows]
     folder = resource_folder(dest, experiment_label, scan, resource)
     staging = dest / STAGING / safe_name(experiment_label) / scan_folder(scan)
-    return _Plan(
-        experiment_id,
-        experiment_label,
-        scan,
-        resource,
-        folder,
-        staging,
-        [FileEntry.from_row(r) for r in rows],
-        address,
-    )
+    return _Plan(experiment_id, experiment_label, scan, resource, folder, staging, listing, address)
 
 
-# -- DICOM inventory -------------------------------------------------------------------------
 def summarise_dicom(files_dir: Path, entries: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Series UIDs, modality, instance count, description, manufacturer; non-DICOM files."""
     import pydicom

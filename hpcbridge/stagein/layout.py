@@ -92,11 +92,5 @@ def scan_folder(scan: Scan) -> str:
 
 
 def resource_folder(dest: Path, experiment_label: str, scan: Scan, resource: str) -> Path:
-    return (
-        Path(dest)
-        / safe_name(experiment_label)
-        / "scans"
-        / scan_folder(scan)
-        / "resources"
-        / safe_name(resource)
-    )
+    scan_dir = Path(dest) / safe_name(experiment_label) / "scans" / scan_folder(scan)
+    return scan_dir / "resources" / safe_name(resource)

@@ -15,15 +15,6 @@ send) and ``upload`` (the target, the requests and the verification).
 
 from __future__ import annotations
 
-from .files import LocalFile as LocalFile
-from .files import RefusedFileError as RefusedFileError
-from .files import collect as collect
-from .files import kind_of as kind_of
-from .files import link_refusal as link_refusal
-from .files import refusal as refusal
-from .files import replaced as replaced
-from .upload import StageOutReport as StageOutReport
-from .upload import Target as Target
-from .upload import remote_files as remote_files
-from .upload import resolve_target as resolve_target
-from .upload import stage_out as stage_out
+# The names used outside the package.
+from .files import RefusedFileError, collect, kind_of, link_refusal, refusal, replaced  # noqa: F401
+from .upload import resolve_target, stage_out  # noqa: F401

@@ -151,15 +151,6 @@ def open_folder(path: Path, *, below: Path | None = None, scope: str = UPLOAD) -
     return fd
 
 
-def open_subfolder(fd: int, name: str, path: Path, scope: str = UPLOAD) -> int:
-    """A descriptor of the folder ``name`` in the open folder ``fd``, not followed if it is a
-    link (``path`` is how messages name it)."""
-    try:
-        return os.open(name, _FOLDER, dir_fd=fd)
-    except OSError as exc:
-        raise _not_a_folder(name, path, fd, exc, scope) from None
-
-
 def _not_a_folder(
     name: str | Path, path: Path, dir_fd: int | None, exc: OSError, scope: str
 ) -> StageError:
@@ -244,8 +235,12 @@ def check_file(
 
 @contextmanager
 def subfolder(fd: int, name: str, path: Path, scope: str = UPLOAD) -> Iterator[int]:
-    """:func:`open_subfolder`, closed again when the block ends."""
-    sub = open_subfolder(fd, name, path, scope)
+    """A descriptor of the folder ``name`` in the open folder ``fd``, not followed if it is a
+    link (``path`` is how messages name it), closed again when the block ends."""
+    try:
+        sub = os.open(name, _FOLDER, dir_fd=fd)
+    except OSError as exc:
+        raise _not_a_folder(name, path, fd, exc, scope) from None
     try:
         yield sub
     finally:

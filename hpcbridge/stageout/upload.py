@@ -126,8 +126,7 @@ def remote_files(client: XnatClient, target: Target) -> dict[str, FileEntry] | N
         rows = client.listing(target.files_url, f"files of {target.label}")
     except XnatNotFoundError:
         return None
-    entries = [FileEntry.from_row(r) for r in rows]
-    return {e.path: e for e in entries}
+    return {e.path: e for e in map(FileEntry.from_row, rows)}
 
 
 def stage_out(
@@ -292,13 +291,12 @@ class _Counting:
 def _upload_one(
     client: XnatClient, target: Target, item: LocalFile, overwrite: bool, progress: Progress | None
 ) -> None:
-    url = f"{target.files_url}/{item.remote}"
     with item.open() as fh:
         body = _Counting(fh, progress)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(item.size)}
         resp = client.request(
             "PUT",
-            url,
+            f"{target.files_url}/{item.remote}",
             f"uploading {item.remote} to {target.label}",
             params=_upload_params(default_labels(item.remote), overwrite),
             data=body,
@@ -324,14 +322,13 @@ def _upload_zip(
         with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as zf:
             for item in todo:
                 _zip_one(zf, item)
-        params = _upload_params(labels, overwrite, extract=True)
         size = bundle.stat().st_size
         with open(bundle, "rb") as fh:
             resp = client.request(
                 "PUT",
                 f"{target.files_url}/upload.zip",
                 f"uploading {len(todo)} files to {target.label}",
-                params=params,
+                params=_upload_params(labels, overwrite, extract=True),
                 data=_Counting(fh, progress),
                 headers={"Content-Type": "application/zip", "Content-Length": str(size)},
             )

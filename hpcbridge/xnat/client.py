@@ -34,10 +34,8 @@ import requests
 
 from ..closing import Closing
 from ..errors import XnatError, XnatServerError
-from .failures import raise_for_response, retry_after
-from .session import GUEST_USER, SessionBase, _user_of, expiry_text
-
-__all__ = ["XnatClient", "expiry_text", "raise_for_response", "retry_after"]
+from .failures import raise_for_response, retry_after  # noqa: F401
+from .session import GUEST_USER, SessionBase, _user_of, expiry_text  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +88,6 @@ class XnatClient(SessionBase, Closing):
             raise XnatServerError(f"XNAT's answer for {what} has no ResultSet") from None
         return list(rows)
 
-    # -- who and tokens ------------------------------------------------------------------
     def whoami(self) -> str:
         """The XNAT user name of this session (``GET /data/auth``)."""
         for attempt in range(2):

@@ -74,10 +74,7 @@ def raise_for_response(resp: requests.Response, what: str) -> None:
     detail = f": {excerpt}" if excerpt else ""
     if status == 403:
         raise XnatPermissionError(
-            f"not allowed: {what}{detail}",
-            step=Step.WHOAMI,
-            status=status,
-            url=url,
+            f"not allowed: {what}{detail}", step=Step.WHOAMI, status=status, url=url
         )
     if status == 404:
         raise XnatNotFoundError(f"not found: {what}", status=status, url=url)

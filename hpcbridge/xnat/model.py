@@ -17,10 +17,6 @@ def _int(value: Any) -> int:
     return int(value) if isinstance(value, str) and value.isdigit() else 0
 
 
-def _raw(row: Mapping[str, Any]) -> Mapping[str, Any]:
-    return dict(row)
-
-
 def _texts(row: Mapping[str, Any], **keys: str) -> dict[str, Any]:
     """Fields from the row: each field's value under its key, "" where the row lacks it."""
     return {name: row.get(key, "") for name, key in keys.items()}
@@ -37,7 +33,7 @@ class Project:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Project:
         texts = _texts(row, name="name", description="description", secondary_id="secondary_ID")
-        return cls(row["ID"], raw=_raw(row), **texts)
+        return cls(row["ID"], raw=dict(row), **texts)
 
 
 @dataclass(frozen=True)
@@ -49,7 +45,7 @@ class Subject:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Subject:
-        return cls(row["ID"], row.get("label", ""), row.get("project", ""), _raw(row))
+        return cls(row["ID"], row.get("label", ""), row.get("project", ""), dict(row))
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ class Experiment:
         return cls(
             row["ID"],
             subject_id=row.get("subject_ID") or row.get("xnat:imagesessiondata/subject_id", ""),
-            raw=_raw(row),
+            raw=dict(row),
             **_texts(row, label="label", project="project", xsi_type="xsiType", date="date"),
             **_texts(row, subject_label="subject_label"),
         )
@@ -93,7 +89,7 @@ class Scan:
             experiment_id=experiment_id,
             file_count=_int(row.get("file_count", 0)),
             file_size=_int(row.get("file_size", 0)),
-            raw=_raw(row),
+            raw=dict(row),
             **_texts(row, type="type", quality="quality", xsi_type="xsiType"),
             **_texts(row, series_description="series_description"),
         )
@@ -152,7 +148,7 @@ class FileEntry:
             uri,
             row.get("collection", ""),
             _int(row.get("cat_ID", 0)),
-            _raw(row),
+            dict(row),
         )
 
 
@@ -172,12 +168,10 @@ class Resource:
     def from_row(cls, row: Mapping[str, Any], files: tuple[FileEntry, ...] = ()) -> Resource:
         return cls(
             _int(row.get("xnat_abstractresource_id", 0)),
-            row.get("label", ""),
-            row.get("format", ""),
-            row.get("content", ""),
-            _int(row.get("file_count", 0)),
-            _int(row.get("file_size", 0)),
-            str(row.get("cat_id", "")),
-            files,
-            _raw(row),
+            file_count=_int(row.get("file_count", 0)),
+            file_size=_int(row.get("file_size", 0)),
+            owner_id=str(row.get("cat_id", "")),
+            files=files,
+            raw=dict(row),
+            **_texts(row, label="label", format="format", content="content"),
         )

@@ -68,7 +68,6 @@ class SessionBase(HttpBase):
         self._warned_clear_text = False
         self.session_id: str | None = None
         self._proven_at: float | None = None  # time.monotonic() of the last proof
-        self.logins = 0  # server sessions this client opened
         #: Answers that cannot change while this client lives (an experiment's ID for its
         #: label), kept so that a run asks once per session, not once per scan and step.
         self.memo: dict[str, Any] = {}
@@ -157,7 +156,6 @@ class SessionBase(HttpBase):
             )
         self._use_session(session_id)
         self._proven_at = time.monotonic()
-        self.logins += 1
         if self.refusals is not None:
             self.refusals.clear(self.base, creds.user)
         if self.session_cache is not None:
