@@ -40,7 +40,7 @@ def _resolve_url(ctx: click.Context, url: str | None) -> tuple[str, bool]:
     return resolve_url(settings, url)
 
 
-@main.command("login")
+@main.command("login", short_help="Swap your password for a stored XNAT alias token.")
 @click.option("--xnat", "url", metavar="URL", help="XNAT server [default: the profile's].")
 @click.option("--user", metavar="NAME", help="XNAT user name [default: the profile's, or ask].")
 @click.option(
@@ -110,7 +110,7 @@ def login_command(
     echo(f"logged in to {url} as {owner}; alias token stored ({until})")
 
 
-@main.command("logout")
+@main.command("logout", short_help="Invalidate the stored token and forget it.")
 @click.pass_context
 def logout_command(ctx: click.Context) -> None:
     """Invalidate the stored token on the server and delete it and the cached session.
@@ -152,7 +152,7 @@ def logout_command(ctx: click.Context) -> None:
     echo(f"logged out of {url}: {what}")
 
 
-@main.command("whoami")
+@main.command("whoami", short_help="Server, XNAT user and token expiry.")
 @click.pass_context
 def whoami_command(ctx: click.Context) -> None:
     """Show the server, the XNAT user, and when the stored token expires.

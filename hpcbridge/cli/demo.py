@@ -20,7 +20,7 @@ DEMO_PROJECT = "PTV000"
 DEMO_SCAN_TYPE = "*T1*"
 
 
-@main.command("demo")
+@main.command("demo", short_help="Convert the sandbox's T1 scans and show where they landed.")
 @click.option(
     "--interval",
     type=SECONDS,

@@ -119,7 +119,7 @@ def _wait_options(func: F) -> F:
     return func
 
 
-@main.command("submit")
+@main.command("submit", short_help="Submit a job script; print its job id.")
 @click.argument("script", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--after",
@@ -191,7 +191,7 @@ def submit_command(
 RECENT = 24 * 3600
 
 
-@main.command("jobs")
+@main.command("jobs", short_help="States and exit codes of submitted jobs.")
 @click.argument("ids", nargs=-1, metavar="[JOBID]...")
 @click.option("--all", "show_all", is_flag=True, help="Include every job this profile submitted.")
 @click.option("--wait", is_flag=True, help="Poll until the jobs end; exit 3 if any failed.")
@@ -278,7 +278,7 @@ def _untracked(scheduler: Scheduler, ids: list[str]) -> None:
     )
 
 
-@main.command("cancel")
+@main.command("cancel", short_help="Cancel jobs, or a whole run (--run).")
 @click.argument("ids", nargs=-1, metavar="JOBID...")
 @click.option("--run", "run_id", type=int, metavar="RUN_ID", help="Cancel every job of a run.")
 @host_key_option

@@ -104,7 +104,7 @@ def _checked(lock: Any, on_pass: Any) -> Any:
     return check
 
 
-@main.command("run")
+@main.command("run", short_help="Convert every matching scan: stage in, submit, stage out.")
 @click.argument("recipe")
 @click.argument("address")
 @click.option("--scan", "scan_ids", multiple=True, metavar="ID", help="Only this scan ID.")

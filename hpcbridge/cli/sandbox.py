@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..sandbox import SandboxServer
 
 
-@main.group("sandbox")
+@main.group("sandbox", short_help="The XNAT-compatible sandbox server, for demos and tests.")
 def sandbox_group() -> None:
     """Run the XNAT-compatible sandbox server (for tests, demos and dry runs).
 

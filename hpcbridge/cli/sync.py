@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..runs import SyncReport
 
 
-@main.command("sync")
+@main.command("sync", short_help="Move a run on: poll, stage out, submit more (cron).")
 @click.argument("run_id", required=False, type=int)
 @click.option("--watch", is_flag=True, help="Keep syncing until the run (or every run) ends.")
 @click.option(
