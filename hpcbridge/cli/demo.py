@@ -11,7 +11,7 @@ import click
 from ..errors import HpcBridgeError, PartialFailure
 from .app import main, settings_for, settings_of
 from .output import echo, emit_json
-from .params import SECONDS
+from .params import seconds_option
 
 if TYPE_CHECKING:
     from ..runs import RunSession
@@ -21,13 +21,11 @@ DEMO_SCAN_TYPE = "*T1*"
 
 
 @main.command("demo", short_help="Convert the sandbox's T1 scans and show where they landed.")
-@click.option(
+@seconds_option(
     "--interval",
-    type=SECONDS,
+    "Seconds between passes while waiting for the jobs.",
     default=0.5,
     show_default=True,
-    metavar="SECONDS",
-    help="Seconds between passes while waiting for the jobs.",
 )
 @click.pass_context
 def demo_command(ctx: click.Context, interval: float) -> None:

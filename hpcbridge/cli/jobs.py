@@ -15,7 +15,7 @@ from . import hints
 from .app import main, settings_of
 from .handles import adopt_run_profile, host_key_option, session, take_run_lock
 from .output import echo, emit_json, emit_table, warn
-from .params import SECONDS
+from .params import seconds_option
 
 if TYPE_CHECKING:  # imported when a command runs, to start fast
     from ..jobstore import Job
@@ -103,20 +103,14 @@ def _wait_for(opened: Any, ids: list[str], interval: float | None, timeout: floa
 
 
 def _wait_options(func: F) -> F:
-    func = click.option(
-        "--timeout",
-        type=SECONDS,
-        metavar="SECONDS",
-        help="With --wait: give up waiting after this long (the jobs keep running).",
+    func = seconds_option(
+        "--timeout", "With --wait: give up waiting after this long (the jobs keep running)."
     )(func)
-    func = click.option(
+    return seconds_option(
         "--interval",
-        type=SECONDS,
-        metavar="SECONDS",
-        help="With --wait: seconds between polls, growing while nothing changes "
+        "With --wait: seconds between polls, growing while nothing changes "
         "[default: the profile's poll_interval, 30].",
     )(func)
-    return func
 
 
 @main.command("submit", short_help="Submit a job script; print its job id.")
