@@ -70,11 +70,7 @@ def _shown_default(name: str, default: Any, kind: Any, text: str) -> Any:
     help="Scan type glob, e.g. '*T1*' (repeatable).",
 )
 @click.option(
-    "--series",
-    "series",
-    multiple=True,
-    metavar="GLOB",
-    help="Series description glob (repeatable).",
+    "--series", multiple=True, metavar="GLOB", help="Series description glob (repeatable)."
 )
 @click.option("--resource", default="DICOM", show_default=True, help="Resource to download.")
 @click.option(

@@ -71,8 +71,7 @@ def demo_command(ctx: click.Context, interval: float) -> None:
         _tell(info["url"], landed)
     if report is not None and (report.counts.get("failed") or report.counts.get("cancelled")):
         raise PartialFailure(
-            "some demo scans did not convert",
-            hint="`hpcbridge --profile sandbox status` shows why",
+            "some demo scans did not convert", hint="`hpcbridge --profile sandbox status` shows why"
         )
 
 
