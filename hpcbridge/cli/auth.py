@@ -92,8 +92,7 @@ def login_command(
             token = client.issue_token()
             owner, token_alias, token_secret = secret.user, token["alias"], token["secret"]
             expires = token.get("estimatedExpirationTime")
-    store = TokenStore.under(settings.home)
-    store.put(
+    TokenStore.under(settings.home).put(
         url,
         user=owner,
         alias=token_alias,
@@ -163,9 +162,7 @@ def whoami_command(ctx: click.Context) -> None:
     """
     settings = settings_of(ctx)
     with connect(settings) as client:
-        user = client.whoami()
-        creds = client.credentials
-        server = client.base
+        user, creds, server = client.whoami(), client.credentials, client.base
     expires = creds.expires_ms if creds is not None and creds.is_token else None
     source = creds.source if creds is not None else "none"
     auth = {
