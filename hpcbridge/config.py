@@ -31,18 +31,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from .config_values import (  # noqa: F401 - config's API before config_values had its own module
-    SCHEDULERS,
-    Unfit,
-    check_xnat_url,
-    convert_setting,
-    display_url,
-    insecure_http,
-    is_loopback,
-    redact_url,
-    ssh_destination,
-    xnat_url,
-)
+# config's API before config_values had its own module
+from .config_values import check_xnat_url, convert_setting, display_url, insecure_http, redact_url  # noqa: F401
 from .errors import ConfigError, Step
 
 ENV_PREFIX = "HPCBRIDGE_"

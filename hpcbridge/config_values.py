@@ -168,11 +168,7 @@ def xnat_url(value: Any) -> str:
             hint="give the server's address only, such as https://xnat.example.org/xnat",
         )
     parts = urlsplit(text)
-    if (
-        parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or any(c.isspace() for c in text)
-    ):
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(map(str.isspace, text)):
         raise ValueError(value)
     _ = parts.port  # raises ValueError for a port that is not a number in range
     return text

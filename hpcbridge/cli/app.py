@@ -66,16 +66,10 @@ def settings_for(ctx: click.Context, profile: str | None) -> Settings:
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING
-    if quiet:
-        level = logging.ERROR
-    elif verbose >= 2:
-        level = logging.DEBUG
-    elif verbose == 1:
-        level = logging.INFO
+    by_verbosity = (logging.WARNING, logging.INFO, logging.DEBUG)  # no -v, -v, -vv or more
     root = logging.getLogger("hpcbridge")
     root.handlers[:] = [log_handler()]
-    root.setLevel(level)
+    root.setLevel(logging.ERROR if quiet else by_verbosity[min(verbose, 2)])
 
 
 @click.group(cls=BridgeGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -40,7 +40,7 @@ def _resolve_url(ctx: click.Context, url: str | None) -> tuple[str, bool]:
     return resolve_url(settings, url)
 
 
-@main.command("login")
+@main.command("login", short_help="Swap your password for a stored XNAT alias token.")
 @click.option("--xnat", "url", metavar="URL", help="XNAT server [default: the profile's].")
 @click.option("--user", metavar="NAME", help="XNAT user name [default: the profile's, or ask].")
 @click.option(
@@ -92,8 +92,7 @@ def login_command(
             token = client.issue_token()
             owner, token_alias, token_secret = secret.user, token["alias"], token["secret"]
             expires = token.get("estimatedExpirationTime")
-    store = TokenStore.under(settings.home)
-    store.put(
+    TokenStore.under(settings.home).put(
         url,
         user=owner,
         alias=token_alias,
@@ -110,7 +109,7 @@ def login_command(
     echo(f"logged in to {url} as {owner}; alias token stored ({until})")
 
 
-@main.command("logout")
+@main.command("logout", short_help="Invalidate the stored token and forget it.")
 @click.pass_context
 def logout_command(ctx: click.Context) -> None:
     """Invalidate the stored token on the server and delete it and the cached session.
@@ -152,7 +151,7 @@ def logout_command(ctx: click.Context) -> None:
     echo(f"logged out of {url}: {what}")
 
 
-@main.command("whoami")
+@main.command("whoami", short_help="Server, XNAT user and token expiry.")
 @click.pass_context
 def whoami_command(ctx: click.Context) -> None:
     """Show the server, the XNAT user, and when the stored token expires.
@@ -163,9 +162,7 @@ def whoami_command(ctx: click.Context) -> None:
     """
     settings = settings_of(ctx)
     with connect(settings) as client:
-        user = client.whoami()
-        creds = client.credentials
-        server = client.base
+        user, creds, server = client.whoami(), client.credentials, client.base
     expires = creds.expires_ms if creds is not None and creds.is_token else None
     source = creds.source if creds is not None else "none"
     auth = {

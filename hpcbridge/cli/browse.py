@@ -30,7 +30,7 @@ LS_COLUMNS = {
 }
 
 
-@main.command("ls")
+@main.command("ls", short_help="Browse projects, subjects, sessions, scans and files.")
 @click.argument("address", required=False, default="")
 @click.option(
     "--scans",

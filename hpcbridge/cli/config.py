@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from ..config import SCHEDULERS, Unfit, check_xnat_url, read_config_file, write_profile, xnat_url
+from ..config import read_config_file, write_profile
+from ..config_values import SCHEDULERS, Unfit, check_xnat_url, xnat_url
 from ..credentials import resolve
 from ..errors import ConfigError, HpcBridgeError
 from ..xnat.client import expiry_text
@@ -17,7 +18,7 @@ from .app import main, settings_of
 from .output import echo, emit_json, emit_table
 
 
-@main.group("config")
+@main.group("config", short_help="Write and inspect profiles.")
 def config_group() -> None:
     """Write and inspect profiles (config file: ~/.config/hpcbridge/config.toml).
 

@@ -59,7 +59,7 @@ def _shown_default(name: str, default: Any, kind: Any, text: str) -> Any:
     return click.option(name, default=default, show_default=True, type=kind, help=text)
 
 
-@main.command("stage-in")
+@main.command("stage-in", short_help="Download scans, verify and unpack them, with a manifest.")
 @click.argument("address")
 @click.option("--scan", "scan_ids", multiple=True, metavar="ID", help="Scan ID (repeatable).")
 @click.option(
@@ -70,11 +70,7 @@ def _shown_default(name: str, default: Any, kind: Any, text: str) -> Any:
     help="Scan type glob, e.g. '*T1*' (repeatable).",
 )
 @click.option(
-    "--series",
-    "series",
-    multiple=True,
-    metavar="GLOB",
-    help="Series description glob (repeatable).",
+    "--series", multiple=True, metavar="GLOB", help="Series description glob (repeatable)."
 )
 @click.option("--resource", default="DICOM", show_default=True, help="Resource to download.")
 @click.option(
@@ -208,7 +204,7 @@ def _finish(failed: list, total: int) -> None:
     raise PartialFailure(f"{len(failed)} of {total} scans failed")
 
 
-@main.command("stage-out")
+@main.command("stage-out", short_help="Upload files into a scan's resource, verified.")
 @click.argument("address")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--resource", metavar="LABEL", help="Target resource, e.g. NIFTI.")

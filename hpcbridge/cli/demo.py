@@ -11,7 +11,7 @@ import click
 from ..errors import HpcBridgeError, PartialFailure
 from .app import main, settings_for, settings_of
 from .output import echo, emit_json
-from .params import SECONDS
+from .params import seconds_option
 
 if TYPE_CHECKING:
     from ..runs import RunSession
@@ -20,14 +20,12 @@ DEMO_PROJECT = "PTV000"
 DEMO_SCAN_TYPE = "*T1*"
 
 
-@main.command("demo")
-@click.option(
+@main.command("demo", short_help="Convert the sandbox's T1 scans and show where they landed.")
+@seconds_option(
     "--interval",
-    type=SECONDS,
+    "Seconds between passes while waiting for the jobs.",
     default=0.5,
     show_default=True,
-    metavar="SECONDS",
-    help="Seconds between passes while waiting for the jobs.",
 )
 @click.pass_context
 def demo_command(ctx: click.Context, interval: float) -> None:
@@ -73,8 +71,7 @@ def demo_command(ctx: click.Context, interval: float) -> None:
         _tell(info["url"], landed)
     if report is not None and (report.counts.get("failed") or report.counts.get("cancelled")):
         raise PartialFailure(
-            "some demo scans did not convert",
-            hint="`hpcbridge --profile sandbox status` shows why",
+            "some demo scans did not convert", hint="`hpcbridge --profile sandbox status` shows why"
         )
 
 

@@ -15,7 +15,7 @@ from . import hints
 from .app import main, settings_of
 from .handles import adopt_run_profile, host_key_option, session, take_run_lock
 from .output import echo, emit_json, emit_table, warn
-from .params import SECONDS
+from .params import seconds_option
 
 if TYPE_CHECKING:  # imported when a command runs, to start fast
     from ..jobstore import Job
@@ -103,23 +103,17 @@ def _wait_for(opened: Any, ids: list[str], interval: float | None, timeout: floa
 
 
 def _wait_options(func: F) -> F:
-    func = click.option(
-        "--timeout",
-        type=SECONDS,
-        metavar="SECONDS",
-        help="With --wait: give up waiting after this long (the jobs keep running).",
+    func = seconds_option(
+        "--timeout", "With --wait: give up waiting after this long (the jobs keep running)."
     )(func)
-    func = click.option(
+    return seconds_option(
         "--interval",
-        type=SECONDS,
-        metavar="SECONDS",
-        help="With --wait: seconds between polls, growing while nothing changes "
+        "With --wait: seconds between polls, growing while nothing changes "
         "[default: the profile's poll_interval, 30].",
     )(func)
-    return func
 
 
-@main.command("submit")
+@main.command("submit", short_help="Submit a job script; print its job id.")
 @click.argument("script", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--after",
@@ -191,7 +185,7 @@ def submit_command(
 RECENT = 24 * 3600
 
 
-@main.command("jobs")
+@main.command("jobs", short_help="States and exit codes of submitted jobs.")
 @click.argument("ids", nargs=-1, metavar="[JOBID]...")
 @click.option("--all", "show_all", is_flag=True, help="Include every job this profile submitted.")
 @click.option("--wait", is_flag=True, help="Poll until the jobs end; exit 3 if any failed.")
@@ -278,7 +272,7 @@ def _untracked(scheduler: Scheduler, ids: list[str]) -> None:
     )
 
 
-@main.command("cancel")
+@main.command("cancel", short_help="Cancel jobs, or a whole run (--run).")
 @click.argument("ids", nargs=-1, metavar="JOBID...")
 @click.option("--run", "run_id", type=int, metavar="RUN_ID", help="Cancel every job of a run.")
 @host_key_option

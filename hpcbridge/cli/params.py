@@ -42,3 +42,8 @@ def _float_or_zero(text: str) -> float:
 
 #: Seconds of waiting or polling: above zero, finite, at most a year.
 SECONDS = Number(min=0, min_open=True)
+
+
+def seconds_option(flag: str, help: str, **kwargs: Any) -> Any:
+    """An option of :data:`SECONDS`, such as ``--interval``."""
+    return click.option(flag, type=SECONDS, metavar="SECONDS", help=help, **kwargs)

@@ -15,7 +15,7 @@ from . import hints
 from .app import main, settings_of
 from .handles import busy, host_key_option, say, session, take_run_lock
 from .output import echo, emit_json, emit_table, status_line, warn
-from .params import SECONDS
+from .params import seconds_option
 from .recipes import _set_values, recipes_option
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def _checked(lock: Any, on_pass: Any) -> Any:
     return check
 
 
-@main.command("run")
+@main.command("run", short_help="Convert every matching scan: stage in, submit, stage out.")
 @click.argument("recipe")
 @click.argument("address")
 @click.option("--scan", "scan_ids", multiple=True, metavar="ID", help="Only this scan ID.")
@@ -128,11 +128,8 @@ def _checked(lock: Any, on_pass: Any) -> Any:
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan and one job script; change nothing.")
 @click.option("--wait", is_flag=True, help="Keep syncing until the run ends, with progress.")
-@click.option(
-    "--interval",
-    type=SECONDS,
-    metavar="SECONDS",
-    help="With --wait: seconds between passes [default: the profile's poll_interval].",
+@seconds_option(
+    "--interval", "With --wait: seconds between passes [default: the profile's poll_interval]."
 )
 @recipes_option
 @host_key_option

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..sandbox import SandboxServer
 
 
-@main.group("sandbox")
+@main.group("sandbox", short_help="The XNAT-compatible sandbox server, for demos and tests.")
 def sandbox_group() -> None:
     """Run the XNAT-compatible sandbox server (for tests, demos and dry runs).
 
@@ -217,12 +217,8 @@ def sandbox_status(ctx: click.Context) -> None:
     settings = settings_of(ctx)
     info = running(SandboxPaths.under(settings.home))
     if settings.json:
-        emit_json(
-            {
-                "running": info is not None,
-                **({k: info[k] for k in ("url", "pid", "data")} if info else {}),
-            }
-        )
+        about = {k: info[k] for k in ("url", "pid", "data")} if info else {}
+        emit_json({"running": info is not None, **about})
         if info is None:
             ctx.exit(EXIT_ERROR)  # as without --json: scripts may test the exit code alone
         return

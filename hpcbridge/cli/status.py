@@ -17,7 +17,7 @@ _STATUS_KEYS = ("scan", "state", "job", "submitted", "ended", "exit", "output")
 _STATUS_COLUMNS = [(k, k.upper()) for k in _STATUS_KEYS]
 
 
-@main.command("status")
+@main.command("status", short_help="A run's scans, their states and a summary.")
 @click.argument("run_id", required=False, type=int)
 @click.pass_context
 def status_command(ctx: click.Context, run_id: int | None) -> None:
@@ -114,7 +114,7 @@ _RUNS_COLUMNS = (
 )
 
 
-@main.command("runs")
+@main.command("runs", short_help="The runs, newest first, with their states.")
 @click.option("--all", "show_all", is_flag=True, help="Every run, not only the newest 20.")
 @click.option(
     "--limit", type=click.IntRange(min=1), metavar="N", help="The N newest runs [default: 20]."

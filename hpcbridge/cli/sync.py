@@ -21,7 +21,7 @@ from .handles import (
     take_run_lock,
 )
 from .output import echo, emit_json, error_line
-from .params import SECONDS
+from .params import seconds_option
 from .runs import _finish, move_on, summary
 
 if TYPE_CHECKING:
@@ -30,14 +30,11 @@ if TYPE_CHECKING:
     from ..runs import SyncReport
 
 
-@main.command("sync")
+@main.command("sync", short_help="Move a run on: poll, stage out, submit more (cron).")
 @click.argument("run_id", required=False, type=int)
 @click.option("--watch", is_flag=True, help="Keep syncing until the run (or every run) ends.")
-@click.option(
-    "--interval",
-    type=SECONDS,
-    metavar="SECONDS",
-    help="With --watch: seconds between passes [default: the profile's poll_interval].",
+@seconds_option(
+    "--interval", "With --watch: seconds between passes [default: the profile's poll_interval]."
 )
 @host_key_option
 @click.pass_context

@@ -26,21 +26,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 # The names used outside the package.
-from .database import MODES  # noqa: F401
-from .files import backup_folder, filesystem_type, ledger_backups, ledger_path  # noqa: F401
+from .files import backup_folder, ledger_backups, ledger_path  # noqa: F401
 from .jobs import JobQueries
 from .runs import RunQueries
-from .schema import (  # noqa: F401
-    FINAL_STATES,
-    JOB_FIELDS,
-    MIGRATIONS,
-    TRANSITIONS,
-    Event,
-    JobRow,
-    JobState,
-    Run,
-    RunState,
-)
+from .schema import FINAL_STATES, MIGRATIONS, TRANSITIONS, Event, JobRow, JobState, Run, RunState  # noqa: F401
 
 if TYPE_CHECKING:
     from ..config import Settings

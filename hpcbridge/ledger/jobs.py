@@ -68,8 +68,7 @@ def _set(
     if retry:
         assignments.append("attempts = attempts + 1")
     conn.execute(
-        f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?",
-        [*values.values(), now, job_id],
+        f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?", [*values.values(), now, job_id]
     )
 
 

@@ -147,14 +147,7 @@ def _outputs(items: Any, where: str) -> tuple[Output, ...]:
             raise RecipeError(
                 f"{at}: resource {item['resource']!r} must be letters, digits, '_' or '-'"
             )
-        outs.append(
-            Output(
-                str(item["glob"]),
-                str(item["resource"]),
-                str(item.get("format", "")),
-                str(item.get("content", "")),
-            )
-        )
+        outs.append(Output(**{key: str(value) for key, value in item.items()}))
     return tuple(outs)
 
 

@@ -365,9 +365,8 @@ def _job_spec(
 
 
 def scheduler_environment() -> jinja2.Environment:
-    base = builtin_dir().parent / "schedulers"
     env = command_environment()
-    env.loader = jinja2.FileSystemLoader(str(base))
+    env.loader = jinja2.FileSystemLoader(str(builtin_dir().parent / "schedulers"))
     return env
 
 
