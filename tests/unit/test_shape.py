@@ -19,7 +19,7 @@ DEBT: dict[str, int] = {}
 TOTAL_LINES_BEFORE = 19894
 #: The reshape's split into packages cost module headers and docstrings: the total may only
 #: shrink from here, towards TOTAL_LINES_BEFORE.
-TOTAL_LINES_BUDGET = 21038
+TOTAL_LINES_BUDGET = 20893
 
 MEASURED = shape.measure()
 
